@@ -1,0 +1,1 @@
+"""Functional model definitions: pure functions over parameter pytrees."""

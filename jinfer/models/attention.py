@@ -1,0 +1,41 @@
+"""Attention over a dense per-sequence KV cache: the plain-`jnp` backend of the reference loop.
+
+Cache layout: k_cache, v_cache: [B, S, K, H] per layer (stacked [L, B, S, K, H] across layers).
+A query at position p sees the keys at positions 0..p of its own row. Slots past a row's length may hold
+stale values (from padding or an earlier, longer request); the causal mask by position hides them, since
+every position a query can see was written before it in the same step or an earlier one.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
+    shape = (num_layers, batch, max_len, num_kv_heads, head_dim)
+    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+
+
+def gqa_attention(q, k, v, mask):
+    """q: [B, T, N, H], k/v: [B, S, K, H], mask: bool[B, T, S] -> [B, T, N, H], softmax in float32."""
+    B, T, N, H = q.shape
+    K = k.shape[2]
+    qg = q.reshape(B, T, K, N // K, H)
+    scores = jnp.einsum("BTKGH,BSKH->BKGTS", qg, k, preferred_element_type=jnp.float32) * (H ** -0.5)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)
+    probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)
+    out = jnp.einsum("BKGTS,BSKH->BTKGH", probs, v)
+    return out.reshape(B, T, N, H)
+
+
+def dense_cache_attention(q, k, v, k_cache, v_cache, positions, attn_meta=None):
+    """Writes k/v ([B, T, K, H]) at `positions` (i32[B, T]) into the layer's cache, then attends causally."""
+    del attn_meta  # the dense cache needs nothing beyond the positions
+    B, S = k_cache.shape[:2]
+    rows = jnp.arange(B)[:, None]
+    # Positions past the cache (padding of a prompt bucket) are dropped rather than wrapped.
+    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
+    return gqa_attention(q, k_cache, v_cache, mask), k_cache, v_cache

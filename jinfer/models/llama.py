@@ -1,0 +1,155 @@
+"""The Llama-family decoder (Llama 2/3, SmolLM, Mistral, Qwen2) as pure functions over a params pytree.
+
+Params (layers stacked on a leading axis L, run with `lax.scan` so compile time does not grow with depth):
+
+    embed       [V, D]
+    layers:
+      attn_norm [L, D]        wq [L, D, N, H]    wk, wv [L, D, K, H]    wo [L, N, H, D]
+      bq [L, N, H], bk, bv [L, K, H]             (only when config.attention_bias)
+      mlp_norm  [L, D]        w_gate, w_up [L, D, F]                    w_down [L, F, D]
+    final_norm  [D]
+    lm_head     [D, V]        (absent when config.tie_word_embeddings)
+
+`param_axes` gives the logical axis names of every leaf; the sharding table maps them to mesh axes.
+The KV cache goes in and comes back out of `forward`; how it is laid out and read is the business of the
+attention backend passed in (`jinfer.models.attention`).
+"""
+
+from __future__ import annotations
+
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.config import ModelConfig
+from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
+
+Params = dict
+
+
+def param_shapes(config: ModelConfig) -> dict:
+    """The params pytree with a shape tuple at every leaf."""
+    c = config
+    V, D, L, N, K, H, F = (c.vocab_size, c.hidden_size, c.num_layers, c.num_heads,
+                           c.num_kv_heads, c.head_dim, c.intermediate_size)
+    layers = {
+        "attn_norm": (L, D),
+        "wq": (L, D, N, H),
+        "wk": (L, D, K, H),
+        "wv": (L, D, K, H),
+        "wo": (L, N, H, D),
+        "mlp_norm": (L, D),
+        "w_gate": (L, D, F),
+        "w_up": (L, D, F),
+        "w_down": (L, F, D),
+    }
+    if c.attention_bias:
+        layers.update(bq=(L, N, H), bk=(L, K, H), bv=(L, K, H))
+    shapes = {"embed": (V, D), "layers": layers, "final_norm": (D,)}
+    if not c.tie_word_embeddings:
+        shapes["lm_head"] = (D, V)
+    return shapes
+
+
+_LAYER_AXES = {
+    "attn_norm": ("layers", "embed"),
+    "wq": ("layers", "embed", "q_heads", "head_dim"),
+    "wk": ("layers", "embed", "kv_heads", "head_dim"),
+    "wv": ("layers", "embed", "kv_heads", "head_dim"),
+    "wo": ("layers", "q_heads", "head_dim", "embed"),
+    "bq": ("layers", "q_heads", "head_dim"),
+    "bk": ("layers", "kv_heads", "head_dim"),
+    "bv": ("layers", "kv_heads", "head_dim"),
+    "mlp_norm": ("layers", "embed"),
+    "w_gate": ("layers", "embed", "mlp"),
+    "w_up": ("layers", "embed", "mlp"),
+    "w_down": ("layers", "mlp", "embed"),
+}
+
+
+def param_axes(config: ModelConfig) -> dict:
+    """The params pytree with a tuple of logical axis names at every leaf (same structure as params)."""
+    shapes = param_shapes(config)
+    axes = {
+        "embed": ("vocab", "embed"),
+        "layers": {k: _LAYER_AXES[k] for k in shapes["layers"]},
+        "final_norm": ("embed",),
+    }
+    if "lm_head" in shapes:
+        axes["lm_head"] = ("embed", "vocab")
+    return axes
+
+
+def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Params:
+    """Random weights of the right shapes and scales (for tests and benchmarks of real-shaped models)."""
+    c = config
+    # Each matmul weight is scaled by 1/sqrt(fan-in) so activations keep unit scale through depth.
+    fan_in = {"wq": c.hidden_size, "wk": c.hidden_size, "wv": c.hidden_size, "wo": c.num_heads * c.head_dim,
+              "w_gate": c.hidden_size, "w_up": c.hidden_size, "w_down": c.intermediate_size,
+              "lm_head": c.hidden_size, "embed": 1.0, "bq": 400.0, "bk": 400.0, "bv": 400.0}
+    flat, treedef = jax.tree_util.tree_flatten_with_path(param_shapes(c), is_leaf=lambda s: isinstance(s, tuple))
+    keys = jax.random.split(key, len(flat))
+    leaves = []
+    for (path, shape), k in zip(flat, keys):
+        name = path[-1].key
+        noise = jax.random.normal(k, shape, jnp.float32)
+        leaves.append(1.0 + 0.1 * noise if name.endswith("norm") else noise * fan_in[name] ** -0.5)
+    return jax.tree_util.tree_unflatten(treedef, [x.astype(dtype) for x in leaves])
+
+
+AttentionFn = Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]
+
+
+def forward(
+    params: Params,
+    tokens: jnp.ndarray,  # i32[B, T]
+    positions: jnp.ndarray,  # i32[B, T]
+    kv_cache: tuple[jnp.ndarray, jnp.ndarray],  # (k, v), each [L, ...] as the attention backend lays it out
+    attn_meta,  # per-step metadata for `attention`; opaque to the model
+    *,
+    config: ModelConfig,
+    attention: AttentionFn,
+) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
+    """Runs the decoder; returns the final-normed hidden states [B, T, D] and the updated cache.
+
+    `attention(q, k, v, k_cache, v_cache, positions, attn_meta) -> (out, k_cache, v_cache)` writes the
+    new K/V into one layer's cache and attends; q: [B, T, N, H], k/v: [B, T, K, H].
+    """
+    c = config
+    inv_freq = rope_inv_freq(c)
+    x = params["embed"][tokens]  # [B, T, D]
+
+    def layer(x, inputs):
+        p, k_cache, v_cache = inputs
+        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+        q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
+        k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
+        v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"])
+        if c.attention_bias:
+            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q = apply_rope(q, positions, inv_freq)
+        k = apply_rope(k, positions, inv_freq)
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, positions, attn_meta)
+        x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
+        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
+        up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
+        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"])
+        return x, (k_cache, v_cache)
+
+    x, kv_cache = jax.lax.scan(layer, x, (params["layers"], *kv_cache))
+    return rms_norm(x, params["final_norm"], c.rms_norm_eps), kv_cache
+
+
+def logits_from_hidden(params: Params, h: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
+    """h: [..., D] -> f32[..., V]."""
+    if config.tie_word_embeddings:
+        return jnp.einsum("...D,VD->...V", h, params["embed"], preferred_element_type=jnp.float32)
+    return jnp.einsum("...D,DV->...V", h, params["lm_head"], preferred_element_type=jnp.float32)
+
+
+def num_params(config: ModelConfig) -> int:
+    return int(sum(np.prod(s) for s in jax.tree_util.tree_leaves(
+        param_shapes(config), is_leaf=lambda s: isinstance(s, tuple))))
