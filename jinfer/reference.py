@@ -73,7 +73,8 @@ class DenseRun:
     """
 
     def __init__(self, params, config: ModelConfig, prompts: Sequence[Sequence[int]],
-                 sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None):
+                 sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None,
+                 eos_token_ids: Sequence[int] | None = None):
         if len(prompts) != len(sampling):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling)} SamplingParams")
         if not prompts:
@@ -100,7 +101,8 @@ class DenseRun:
         for i, sp in enumerate(sampling):
             self.temperature[i], self.top_k[i], self.top_p[i] = sp.temperature, sp.top_k, sp.top_p
             self.seeds[i] = sp.seed if sp.seed is not None else rng.integers(0, 2**32)
-        self.stop_ids = [set(sp.stop_token_ids) | (set() if sp.ignore_eos else set(config.eos_token_ids))
+        eos = set(config.eos_token_ids if eos_token_ids is None else eos_token_ids)
+        self.stop_ids = [set(sp.stop_token_ids) | (set() if sp.ignore_eos else eos)
                          for sp in sampling]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         cache = dense_kv_cache(config.num_layers, B, S, config.num_kv_heads, config.head_dim, dtype)
@@ -147,8 +149,9 @@ class DenseRun:
 
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
-             sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None) -> list[Generation]:
-    run = DenseRun(params, config, prompts, sampling, rng)
+             sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None,
+             eos_token_ids: Sequence[int] | None = None) -> list[Generation]:
+    run = DenseRun(params, config, prompts, sampling, rng, eos_token_ids)
     while not run.done:
         run.step()
     return run.outputs

@@ -1,0 +1,74 @@
+"""Load a model from whatever the user names: a registered name, a GGUF file, an HF directory, an orbax
+checkpoint, or (where a network allows) a Hugging Face hub id. Every path ends in the same triple:
+(ModelConfig, params pytree, Tokenizer).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import os
+from pathlib import Path
+
+import numpy as np
+
+from checkpoints.errors import CheckpointError
+from jinfer.config import ModelConfig
+
+
+@dataclasses.dataclass
+class LoadedModel:
+    config: ModelConfig
+    params: dict  # numpy or jax arrays in the layout of jinfer.models.llama
+    tokenizer: object  # jinfer.tokenizer.Tokenizer
+
+
+def is_gguf_file(path: Path) -> bool:
+    if not path.is_file():
+        return False
+    with open(path, "rb") as f:
+        return f.read(4) == b"GGUF"
+
+
+def load(model: str | os.PathLike, dtype=np.float32, progress=None) -> LoadedModel:
+    from checkpoints.registry import MODELS
+    from jinfer.tokenizer import Tokenizer
+
+    path = Path(model)
+    if not path.exists() and str(model) in MODELS:
+        from checkpoints.pull import pull
+
+        path = pull(str(model))
+    if path.is_file():
+        if not is_gguf_file(path):
+            raise CheckpointError(f"{str(path)!r} is not a GGUF file (no GGUF magic bytes)")
+        from checkpoints.gguf_import import load_gguf
+
+        config, params, fields = load_gguf(path, dtype=dtype, progress=progress)
+        return LoadedModel(config, params, Tokenizer.from_gguf_fields(fields))
+    if path.is_dir():
+        if (path / "params").is_dir():
+            from checkpoints.orbax_io import restore_orbax
+
+            config, params = restore_orbax(path, dtype=dtype)
+            return LoadedModel(config, params, Tokenizer.from_dir(path))
+        if (path / "config.json").is_file():
+            from checkpoints.safetensors_io import load_hf_dir
+
+            config, params = load_hf_dir(path, dtype=dtype)
+            return LoadedModel(config, params, Tokenizer.from_dir(path))
+        raise CheckpointError(
+            f"directory {str(path)!r} is neither an orbax checkpoint (params/) nor an HF model (config.json)")
+    if "/" in str(model) and not str(model).startswith((".", "/")) and str(model).count("/") == 1:
+        return load(_hub_snapshot(str(model)), dtype=dtype, progress=progress)
+    raise CheckpointError(f"model {str(model)!r} is not a registered name ({sorted(MODELS)}), a file or a directory")
+
+
+def _hub_snapshot(repo_id: str) -> Path:
+    try:
+        from huggingface_hub import snapshot_download
+    except ImportError as e:
+        raise CheckpointError(f"{repo_id!r} looks like a hub id, but huggingface_hub is not installed") from e
+    try:
+        return Path(snapshot_download(repo_id, allow_patterns=["*.json", "*.safetensors", "tokenizer*"]))
+    except Exception as e:
+        raise CheckpointError(f"could not download {repo_id!r} from the Hugging Face hub: {e}") from e

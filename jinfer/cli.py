@@ -1,0 +1,101 @@
+"""The `jinfer` command line: `generate`, `convert`, `pull`."""
+
+from __future__ import annotations
+
+import argparse
+import sys
+
+
+def _enable_compile_cache() -> None:
+    """XLA's persistent compilation cache, so a second start skips compiling the same step functions."""
+    import jax
+
+    from checkpoints.registry import cache_dir
+
+    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+
+
+def cmd_generate(args) -> int:
+    from jinfer.llm import LLM
+    from jinfer.sampling_params import SamplingParams
+
+    _enable_compile_cache()
+    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
+                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
+    llm = LLM(args.model, dtype=args.dtype)
+    if args.chat:
+        _, prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+    else:
+        prompt = args.prompt
+    if not args.chat:
+        sys.stdout.write(args.prompt)
+    for delta in llm.stream(prompt, params):
+        sys.stdout.write(delta)
+        sys.stdout.flush()
+    sys.stdout.write("\n")
+    return 0
+
+
+def cmd_convert(args) -> int:
+    from checkpoints.convert import convert
+
+    out = convert(args.src, args.dst, overwrite=args.force)
+    print(f"wrote {out}")
+    return 0
+
+
+def cmd_pull(args) -> int:
+    from checkpoints.pull import pull
+
+    print(pull(args.name, force=args.force))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="jinfer", description="A compiled LLM inference engine on JAX.")
+    sub = p.add_subparsers(dest="command", required=True)
+
+    g = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    g.add_argument("prompt")
+    g.add_argument("--model", default="smollm2",
+                   help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint")
+    g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
+    g.add_argument("--max-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.7)
+    g.add_argument("--top-k", type=int, default=0)
+    g.add_argument("--top-p", type=float, default=0.95)
+    g.add_argument("--seed", type=int, default=None)
+    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    g.set_defaults(fn=cmd_generate)
+
+    c = sub.add_parser("convert", help="convert a GGUF file or HF directory to an orbax checkpoint")
+    c.add_argument("src")
+    c.add_argument("dst")
+    c.add_argument("--force", action="store_true", help="replace an existing destination")
+    c.set_defaults(fn=cmd_convert)
+
+    pl = sub.add_parser("pull", help="download and convert a registered model (e.g. smollm2)")
+    pl.add_argument("name", nargs="?", default="smollm2")
+    pl.add_argument("--force", action="store_true", help="convert again even if cached")
+    pl.set_defaults(fn=cmd_pull)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    from checkpoints.errors import CheckpointError
+    from jinfer.config import ConfigError
+
+    try:
+        return args.fn(args)
+    except (CheckpointError, ConfigError, ValueError) as e:
+        print(f"jinfer {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())
