@@ -29,13 +29,14 @@ def gqa_attention(q, k, v, mask):
     return out.reshape(B, T, N, H)
 
 
-def dense_cache_attention(q, k, v, k_cache, v_cache, positions, attn_meta=None):
-    """Writes k/v ([B, T, K, H]) at `positions` (i32[B, T]) into the layer's cache, then attends causally."""
+def dense_cache_attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta=None):
+    """Writes k/v ([B, T, K, H]) of `layer` at `positions` (i32[B, T]) into the stacked caches
+    ([L, B, S, K, H]), then attends causally over that layer's rows."""
     del attn_meta  # the dense cache needs nothing beyond the positions
-    B, S = k_cache.shape[:2]
+    B, S = k_cache.shape[1:3]
     rows = jnp.arange(B)[:, None]
     # Positions past the cache (padding of a prompt bucket) are dropped rather than wrapped.
-    k_cache = k_cache.at[rows, positions].set(k.astype(k_cache.dtype), mode="drop")
-    v_cache = v_cache.at[rows, positions].set(v.astype(v_cache.dtype), mode="drop")
+    k_cache = k_cache.at[layer, rows, positions].set(k.astype(k_cache.dtype), mode="drop")
+    v_cache = v_cache.at[layer, rows, positions].set(v.astype(v_cache.dtype), mode="drop")
     mask = jnp.arange(S)[None, None, :] <= positions[:, :, None]
-    return gqa_attention(q, k_cache, v_cache, mask), k_cache, v_cache
+    return gqa_attention(q, k_cache[layer], v_cache[layer], mask), k_cache, v_cache

@@ -114,15 +114,18 @@ def forward(
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """Runs the decoder; returns the final-normed hidden states [B, T, D] and the updated cache.
 
-    `attention(q, k, v, k_cache, v_cache, positions, attn_meta) -> (out, k_cache, v_cache)` writes the
-    new K/V into one layer's cache and attends; q: [B, T, N, H], k/v: [B, T, K, H].
+    `attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta) -> (out, k_cache, v_cache)` writes
+    the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H].
+    The whole cache rides in the scan carry (not sliced per layer as scan inputs/outputs), so XLA updates
+    it in place instead of copying every layer's cache on every step.
     """
     c = config
     inv_freq = rope_inv_freq(c)
     x = params["embed"][tokens]  # [B, T, D]
 
-    def layer(x, inputs):
-        p, k_cache, v_cache = inputs
+    def layer(carry, inputs):
+        x, k_cache, v_cache = carry
+        p, i = inputs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
         q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
         k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
@@ -131,16 +134,17 @@ def forward(
             q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
-        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, positions, attn_meta)
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta)
         x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
         up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
         x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"])
-        return x, (k_cache, v_cache)
+        return (x, k_cache, v_cache), None
 
-    x, kv_cache = jax.lax.scan(layer, x, (params["layers"], *kv_cache))
-    return rms_norm(x, params["final_norm"], c.rms_norm_eps), kv_cache
+    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    (x, *kv_cache), _ = jax.lax.scan(layer, (x, *kv_cache), (params["layers"], layer_ids))
+    return rms_norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
 
 
 def logits_from_hidden(params: Params, h: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:
