@@ -1,5 +1,18 @@
-"""jinfer: a compiled LLM inference engine on JAX."""
+"""jinfer: a compiled LLM inference engine on JAX.
+
+The public API is imported lazily, so host-only modules (the scheduler, configs) load without jax.
+"""
 
 from jinfer.config import ConfigError, ModelConfig, RopeScaling
+from jinfer.outputs import RequestOutput
+from jinfer.sampling_params import SamplingParams
 
-__all__ = ["ConfigError", "ModelConfig", "RopeScaling"]
+__all__ = ["LLM", "ConfigError", "ModelConfig", "RequestOutput", "RopeScaling", "SamplingParams"]
+
+
+def __getattr__(name):
+    if name == "LLM":
+        from jinfer.llm import LLM
+
+        return LLM
+    raise AttributeError(f"module 'jinfer' has no attribute {name!r}")
