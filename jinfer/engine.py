@@ -1,0 +1,195 @@
+"""The engine: continuous batching of many requests over one model, one step at a time.
+
+`add_request` tokenizes and queues; each `step()` asks the scheduler for a plan, dispatches it on the
+device, and only then reads the previous step's tokens (so the device runs step N+1 while the host
+detokenizes step N), updates the scheduler, and returns one `StepEvent` per request that progressed.
+Stop strings are matched here, on detokenized text; everything token-level lives in the scheduler.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import itertools
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.config import ModelConfig
+from jinfer.engine_config import EngineConfig
+from jinfer.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from jinfer.request import Request
+from jinfer.runner import Runner
+from jinfer.sampling_params import SamplingParams
+from jinfer.scheduler import Scheduler
+from jinfer.stop_strings import StopStringMatcher
+
+
+@dataclasses.dataclass
+class StepEvent:
+    request_id: str
+    new_token_ids: list[int]
+    text_delta: str
+    output: RequestOutput  # cumulative; finish_reason set once finished
+
+
+def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig) -> int:
+    if engine_config.num_pages is not None:
+        return engine_config.num_pages
+    stats = jax.local_devices()[0].memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return engine_config.cpu_default_pages
+    c = model_config
+    page_bytes = 2 * c.num_layers * engine_config.page_size * c.num_kv_heads * c.head_dim * jnp.dtype(engine_config.dtype).itemsize
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(2, int(free * engine_config.memory_fraction // page_bytes))
+
+
+@dataclasses.dataclass
+class _Stream:
+    """Per-request text state: incremental detokenizer, stop strings, the output being built."""
+
+    detok: object
+    stops: StopStringMatcher
+    output: RequestOutput
+
+
+class Engine:
+    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
+                 attention_impl=None, seed: int | None = None):
+        self.config = engine_config or EngineConfig()
+        self.model_config = model_config
+        self.tokenizer = tokenizer
+        self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
+                                 model_config.max_position_embeddings)
+        self.num_pages = resolve_num_pages(self.config, model_config)
+        tok_eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
+        self.eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | set(tok_eos)))
+        self.scheduler = Scheduler(self.config, self.max_model_len, self.num_pages, self.eos_token_ids)
+        dtype = jnp.dtype(self.config.dtype)
+        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+        kw = {} if attention_impl is None else {"attention_impl": attention_impl}
+        self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq, **kw)
+        self._inflight = None  # (plan, StepOutput) dispatched but not yet read
+        self._streams: dict[str, _Stream] = {}
+        self._ids = itertools.count()
+        self._rng = np.random.default_rng(seed)
+        self.warmed_up = False
+
+    def warmup(self) -> None:
+        self.runner.warmup()
+        self.warmed_up = True
+
+    # ---- requests ------------------------------------------------------------------------------
+
+    def encode_prompt(self, prompt: str | Sequence[int], field: str = "prompt") -> tuple[str | None, list[int]]:
+        V = self.model_config.vocab_size
+        if isinstance(prompt, str):
+            if not prompt:
+                raise ValueError(f"{field} is an empty string")
+            text, ids = prompt, self.tokenizer.encode(prompt)
+        else:
+            text, ids = None, list(prompt)
+            for j, t in enumerate(ids):
+                if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < V:
+                    raise ValueError(f"{field}[{j}]={t!r} is not a token id in the vocabulary [0, {V})")
+            ids = [int(t) for t in ids]
+        if not ids:
+            raise ValueError(f"{field} has no tokens")
+        if len(ids) >= self.max_model_len:
+            raise ValueError(f"{field} has {len(ids)} tokens; the context is {self.max_model_len} and at "
+                             "least one position must remain for generation")
+        return text, ids
+
+    def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
+                    request_id: str | None = None, field: str = "prompt") -> str:
+        sampling = sampling or SamplingParams()
+        if not isinstance(sampling, SamplingParams):
+            raise TypeError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
+        if sampling.logprobs is not None and sampling.logprobs > self.config.max_logprobs:
+            raise ValueError(f"logprobs={sampling.logprobs} exceeds the engine's max_logprobs={self.config.max_logprobs}")
+        text, ids = self.encode_prompt(prompt, field)
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
+        req = self.scheduler.add(request_id, ids, sampling, seed)
+        from jinfer.detokenizer import IncrementalDetokenizer
+
+        out = RequestOutput(text, ids, [], "", None, request_id=request_id,
+                            logprobs=[] if sampling.logprobs is not None else None,
+                            metrics=RequestMetrics(arrival_time=req.arrival_time))
+        self._streams[request_id] = _Stream(IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
+                                            StopStringMatcher(sampling.stop), out)
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        """Ends a request at once; its slot and pages return to the pool before the next step."""
+        stream = self._streams.pop(request_id, None)
+        found = self.scheduler.cancel(request_id)
+        if stream is not None:
+            stream.output.finish_reason = "cancelled"
+        return found
+
+    @property
+    def has_work(self) -> bool:
+        return self.scheduler.has_work or self._inflight is not None
+
+    # ---- the loop ------------------------------------------------------------------------------
+
+    def step(self) -> list[StepEvent]:
+        plan = self.scheduler.schedule()
+        launched = None
+        if plan is not None:
+            want_lp = any(s.request.sampling.logprobs is not None for s in plan.scheduled)
+            launched = (plan, self.runner.dispatch(plan, want_lp))
+        events: list[StepEvent] = []
+        if self._inflight is not None:
+            prev_plan, prev_out = self._inflight
+            sampled, lp = prev_out.fetch()
+            touched = self.scheduler.update(prev_plan, sampled, self._logprob_reader(lp))
+            events = [e for e in (self._emit(r) for r in touched) if e is not None]
+        self._inflight = launched
+        return events
+
+    def _logprob_reader(self, lp):
+        if lp is None:
+            return None
+        chosen, ids, vals = lp
+
+        def read(slot: int) -> tuple:
+            return float(chosen[slot]), ids[slot], vals[slot]
+
+        return read
+
+    def _emit(self, req: Request) -> StepEvent | None:
+        stream = self._streams.get(req.request_id)
+        if stream is None:
+            return None
+        out = stream.output
+        tok = req.output_ids[-1]
+        out.token_ids.append(tok)
+        m = out.metrics
+        m.token_times.append(req.token_times[-1])
+        if m.first_token_time is None:
+            m.first_token_time = req.token_times[-1]
+        if out.logprobs is not None and req.logprobs:
+            lp, ids, vals = req.logprobs[-1]
+            n = req.sampling.logprobs
+            out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
+        ended_by_token = req.finished and req.finish_reason == "stop"
+        delta = "" if ended_by_token else stream.stops.feed(stream.detok.push(tok))
+        if stream.stops.stopped and not req.finished:
+            self.scheduler.finish(req, "stop")
+        if req.finished:
+            if not stream.stops.stopped:
+                delta += stream.stops.feed(stream.detok.flush()) + stream.stops.flush()
+            out.finish_reason = req.finish_reason
+            out.num_cached_tokens = req.num_cached_prompt
+            m.finished_time = req.token_times[-1]
+            del self._streams[req.request_id]
+        out.text += delta
+        return StepEvent(req.request_id, [tok], delta, out)
+
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()

@@ -1,0 +1,57 @@
+"""Request: one generation's host-side state, owned by the scheduler (no jax here)."""
+
+from __future__ import annotations
+
+import dataclasses
+import enum
+import time
+
+from jinfer.sampling_params import SamplingParams
+
+
+class Status(enum.Enum):
+    WAITING = "waiting"  # queued, or preempted and waiting to be recomputed
+    RUNNING = "running"  # holds a slot and pages
+    FINISHED = "finished"
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    request_id: str
+    prompt_ids: list[int]
+    sampling: SamplingParams
+    stop_ids: frozenset[int]  # token ids that end the request (EOS unless ignore_eos, plus stop_token_ids)
+    seed: int
+    arrival: int  # admission order; preemption takes the newest
+    status: Status = Status.WAITING
+    output_ids: list[int] = dataclasses.field(default_factory=list)  # tokens whose values reached the host
+    num_sampled: int = 0  # tokens sampled so far, including ones still in flight on the device
+    num_computed: int = 0  # tokens whose KV is in the cache (or scheduled into it)
+    num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
+    pages: list[int] = dataclasses.field(default_factory=list)
+    num_indexed_pages: int = 0  # leading pages already offered to the prefix cache
+    slot: int | None = None
+    finish_reason: str | None = None
+    num_preemptions: int = 0
+    logprobs: list = dataclasses.field(default_factory=list)  # per output token, when asked for
+    arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
+    token_times: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def num_tokens(self) -> int:
+        """Prompt plus sampled tokens, known or in flight."""
+        return len(self.prompt_ids) + self.num_sampled
+
+    @property
+    def finished(self) -> bool:
+        return self.status is Status.FINISHED
+
+    def token_at(self, i: int) -> int | None:
+        """The id at sequence position i, or None while it is still on the device."""
+        p = len(self.prompt_ids)
+        if i < p:
+            return self.prompt_ids[i]
+        return self.output_ids[i - p] if i - p < len(self.output_ids) else None
+
+    def known_ids(self) -> list[int]:
+        return self.prompt_ids + self.output_ids

@@ -1,0 +1,158 @@
+"""The runner: device state and the compiled step functions of the engine.
+
+It owns the params, the paged KV cache, the last token each slot sampled, and the per-slot penalty
+counts, all on the device. `dispatch(plan)` pads a StepPlan to its bucket and launches the one jitted
+step for that bucket (state donated, so XLA updates the cache in place); it returns at once with device
+arrays, and `fetch()` later brings the sampled tokens to the host.
+
+Buckets: token counts pad up to one of EngineConfig.token_buckets; the query width per slot is 1 for
+decode-only steps and min(bucket, max_prefill_chunk) otherwise. `warmup()` compiles all of them, and
+`num_compilations` counts traces so a test can prove serving never compiles again.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jinfer.config import ModelConfig
+from jinfer.engine_config import EngineConfig
+from jinfer.models import llama
+from jinfer.models.paged_cache import PagedMeta, make_paged_attention, paged_kv_cache
+from jinfer.sampling import apply_penalties, sample, step_keys
+from jinfer.step_plan import StepPlan
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+
+
+@dataclasses.dataclass
+class StepOutput:
+    """Device arrays of one dispatched step; `fetch` copies what the host needs."""
+
+    sampled: jax.Array  # i32[S]
+    logprob: jax.Array  # f32[S]: of the sampled token
+    top_ids: jax.Array  # i32[S, max_logprobs]
+    top_logprobs: jax.Array  # f32[S, max_logprobs]
+    want_logprobs: bool
+
+    def fetch(self):
+        if not self.want_logprobs:
+            return np.asarray(self.sampled), None
+        sampled, lp, ids, lps = jax.device_get((self.sampled, self.logprob, self.top_ids, self.top_logprobs))
+        return sampled, (lp, ids, lps)
+
+
+class Runner:
+    def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
+                 max_pages_per_seq: int, attention_impl: Callable = ragged_paged_attention_reference):
+        self.model_config = model_config
+        self.config = engine_config
+        self.params = params
+        self.max_pages_per_seq = max_pages_per_seq
+        self.attention_impl = attention_impl
+        dtype = jnp.dtype(engine_config.dtype)
+        c, S = model_config, engine_config.max_slots
+        self.kv = paged_kv_cache(c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim, dtype)
+        self.last_sampled = jnp.zeros(S, jnp.int32)
+        self.output_counts = jnp.zeros((S, c.vocab_size), jnp.int32)
+        self.prompt_mask = jnp.zeros((S, c.vocab_size), bool)
+        self.num_compilations = 0
+        self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4))
+
+    # ---- shapes --------------------------------------------------------------------------------
+
+    def bucket(self, num_tokens: int) -> int:
+        for b in self.config.token_buckets:
+            if num_tokens <= b:
+                return b
+        raise ValueError(f"a step of {num_tokens} tokens exceeds the largest bucket {self.config.token_buckets[-1]}")
+
+    def query_width(self, bucket: int, max_query_len: int) -> int:
+        return 1 if max_query_len <= 1 else min(bucket, self.config.max_prefill_chunk)
+
+    def all_shapes(self) -> list[tuple[int, int]]:
+        return sorted({(b, self.query_width(b, q)) for b in self.config.token_buckets for q in (1, 2)})
+
+    # ---- the step ------------------------------------------------------------------------------
+
+    def _step_impl(self, params, kv, last_sampled, output_counts, prompt_mask, batch, *, max_query_len):
+        self.num_compilations += 1  # runs only while tracing, i.e. once per compiled shape
+        c = self.model_config
+        S = last_sampled.shape[0]
+        valid = batch["token_valid"]
+        slot = batch["token_slot"]
+        tokens = jnp.where(batch["from_prev"], last_sampled[slot], batch["tokens"])
+        # Penalty state: a token counts once it enters the cache (prompt tokens, then each generated
+        # token as it is fed back), so a recomputed (preempted) request rebuilds the same counts.
+        reset = batch["reset"][:, None]
+        output_counts = jnp.where(reset, 0, output_counts)
+        prompt_mask = jnp.where(reset, False, prompt_mask)
+        out_tok = valid & batch["is_output"]
+        output_counts = output_counts.at[slot, tokens].add(out_tok.astype(jnp.int32))
+        prompt_mask = prompt_mask.at[slot, tokens].max(valid & ~batch["is_output"])
+
+        meta = PagedMeta(slot, valid, batch["page_table"], batch["kv_len"], batch["query_start"], batch["query_len"])
+        attention = make_paged_attention(max_query_len, self.attention_impl)
+        h, kv = llama.forward(params, tokens[None], batch["positions"][None], kv, meta, config=c, attention=attention)
+        last = jnp.maximum(batch["query_start"] + batch["query_len"] - 1, 0)
+        logits = llama.logits_from_hidden(params, h[0, last], c)  # f32[S, V]
+
+        logprobs = jax.nn.log_softmax(logits, axis=-1)
+        penalized = apply_penalties(logits, output_counts, prompt_mask, batch["repetition_penalty"],
+                                    batch["presence_penalty"], batch["frequency_penalty"])
+        keys = step_keys(batch["seed"], batch["gen_index"])
+        new = sample(penalized, batch["temperature"], batch["top_k"], batch["top_p"], keys, batch["min_p"])
+        last_sampled = jnp.where(batch["sample"], new, last_sampled)
+        n = self.config.max_logprobs
+        top_lp, top_ids = jax.lax.top_k(logprobs, n) if n else (jnp.zeros((S, 0)), jnp.zeros((S, 0), jnp.int32))
+        chosen = jnp.take_along_axis(logprobs, new[:, None], axis=-1)[:, 0]
+        return kv, last_sampled, output_counts, prompt_mask, (new, chosen, top_ids, top_lp)
+
+    def _batch(self, plan: StepPlan, bucket: int) -> dict:
+        pad = bucket - plan.num_tokens
+
+        def tok(a, fill=0):
+            return np.concatenate([a, np.full(pad, fill, a.dtype)])
+
+        return {
+            "tokens": tok(plan.tokens), "positions": tok(plan.positions), "token_slot": tok(plan.token_slot),
+            "from_prev": tok(plan.from_prev, False), "is_output": tok(plan.is_output, False),
+            "token_valid": np.arange(bucket) < plan.num_tokens,
+            "query_start": plan.query_start, "query_len": plan.query_len, "kv_len": plan.kv_len,
+            "page_table": plan.page_table, "sample": plan.sample, "gen_index": plan.gen_index, "reset": plan.reset,
+            "temperature": plan.temperature, "top_k": plan.top_k, "top_p": plan.top_p, "min_p": plan.min_p,
+            "repetition_penalty": plan.repetition_penalty, "presence_penalty": plan.presence_penalty,
+            "frequency_penalty": plan.frequency_penalty, "seed": plan.seed,
+        }
+
+    def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> StepOutput:
+        bucket = self.bucket(plan.num_tokens)
+        width = self.query_width(bucket, plan.max_query_len)
+        batch = self._batch(plan, bucket)
+        self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
+            self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
+            max_query_len=width)
+        return StepOutput(*out, want_logprobs=want_logprobs)
+
+    def warmup(self) -> None:
+        """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""
+        S = self.config.max_slots
+        for bucket, width in self.all_shapes():
+            z = np.zeros(S, np.int32)
+            plan = StepPlan(
+                tokens=np.zeros(0, np.int32), positions=np.zeros(0, np.int32), token_slot=np.zeros(0, np.int32),
+                from_prev=np.zeros(0, bool), is_output=np.zeros(0, bool), query_start=z, query_len=z, kv_len=z,
+                page_table=np.zeros((S, self.max_pages_per_seq), np.int32), sample=np.zeros(S, bool),
+                gen_index=z, reset=np.zeros(S, bool), temperature=np.zeros(S, np.float32), top_k=z,
+                top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32),
+                repetition_penalty=np.ones(S, np.float32), presence_penalty=np.zeros(S, np.float32),
+                frequency_penalty=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32), scheduled=())
+            batch = self._batch(plan, bucket)
+            self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
+                self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
+                max_query_len=width)
+        jax.block_until_ready(self.kv)
