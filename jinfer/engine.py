@@ -56,6 +56,8 @@ class _Stream:
 
 
 class Engine:
+    """`tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks."""
+
     def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
                  attention_impl=None, seed: int | None = None):
         self.config = engine_config or EngineConfig()
@@ -88,6 +90,8 @@ class Engine:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"{field} is an empty string")
+            if self.tokenizer is None:
+                raise ValueError(f"{field} is text, but this engine has no tokenizer: pass token ids")
             text, ids = prompt, self.tokenizer.encode(prompt)
         else:
             text, ids = None, list(prompt)
@@ -113,13 +117,15 @@ class Engine:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
         req = self.scheduler.add(request_id, ids, sampling, seed)
-        from jinfer.detokenizer import IncrementalDetokenizer
-
         out = RequestOutput(text, ids, [], "", None, request_id=request_id,
                             logprobs=[] if sampling.logprobs is not None else None,
                             metrics=RequestMetrics(arrival_time=req.arrival_time))
-        self._streams[request_id] = _Stream(IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True),
-                                            StopStringMatcher(sampling.stop), out)
+        detok = None
+        if self.tokenizer is not None:
+            from jinfer.detokenizer import IncrementalDetokenizer
+
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
+        self._streams[request_id] = _Stream(detok, StopStringMatcher(sampling.stop), out)
         return request_id
 
     def cancel(self, request_id: str) -> bool:
@@ -177,11 +183,12 @@ class Engine:
             n = req.sampling.logprobs
             out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
         ended_by_token = req.finished and req.finish_reason == "stop"
-        delta = "" if ended_by_token else stream.stops.feed(stream.detok.push(tok))
+        text_mode = stream.detok is not None
+        delta = "" if ended_by_token or not text_mode else stream.stops.feed(stream.detok.push(tok))
         if stream.stops.stopped and not req.finished:
             self.scheduler.finish(req, "stop")
         if req.finished:
-            if not stream.stops.stopped:
+            if text_mode and not stream.stops.stopped:
                 delta += stream.stops.feed(stream.detok.flush()) + stream.stops.flush()
             out.finish_reason = req.finish_reason
             out.num_cached_tokens = req.num_cached_prompt

@@ -1,0 +1,29 @@
+"""A tiny random-weight Llama and a matching tokenizer, for engine tests that run in seconds."""
+
+from __future__ import annotations
+
+import jax
+
+from jinfer.config import ModelConfig
+from jinfer.models import llama
+
+TINY = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
+                   intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
+
+
+def tiny_params(seed: int = 0, config: ModelConfig = TINY):
+    return llama.init_params(config, jax.random.key(seed))
+
+
+def tiny_tokenizer(vocab_size: int = TINY.vocab_size):
+    """A word-level tokenizer whose token i is the word 'w{i}' (so any id decodes to text)."""
+    from tokenizers import Tokenizer as HFTokenizer
+    from tokenizers import decoders, models, pre_tokenizers
+
+    from jinfer.tokenizer import Tokenizer
+
+    vocab = {f"w{i}": i for i in range(vocab_size)}
+    hf = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))
+    hf.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    hf.decoder = decoders.WordPiece(prefix="##")  # joins words with spaces
+    return Tokenizer(hf)
