@@ -39,8 +39,8 @@ def make_paged_attention(max_query_len: int, impl: Callable = ragged_paged_atten
         offset = jnp.where(meta.token_valid, pos % ps, 0)
         k_pages = k_pages.at[layer, page, offset].set(k[0].astype(k_pages.dtype))
         v_pages = v_pages.at[layer, page, offset].set(v[0].astype(v_pages.dtype))
-        out = impl(q[0], k_pages[layer], v_pages[layer], meta.page_table, meta.kv_len, meta.query_start,
-                   meta.query_len, max_query_len=max_query_len)
+        out = impl(q[0], k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start,
+                   meta.query_len, max_query_len=max_query_len, layer=layer)
         return out[None], k_pages, v_pages
 
     return attention

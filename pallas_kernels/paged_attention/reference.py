@@ -16,8 +16,8 @@ import jax.numpy as jnp
 
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [P, page_size, K, H]
-    v_pages: jax.Array,  # [P, page_size, K, H]
+    k_pages: jax.Array,  # [P, page_size, K, H], or [L, P, page_size, K, H] with `layer`
+    v_pages: jax.Array,  # likewise
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]
     query_start: jax.Array,  # i32[S]
@@ -25,10 +25,11 @@ def ragged_paged_attention_reference(
     *,
     max_query_len: int,  # static: no slot has more queries than this
     sm_scale: float | None = None,
+    layer: jax.Array | None = None,  # i32[]: which layer of stacked pages (read in place, never sliced out)
 ) -> jax.Array:  # [T, N, H]; rows no slot owns are zero
     T, N, H = q.shape
     S = page_table.shape[0]
-    P, ps, K, _ = k_pages.shape
+    P, ps, K, _ = k_pages.shape[-4:]
     G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
     j = jnp.arange(max_query_len)
@@ -39,8 +40,12 @@ def ragged_paged_attention_reference(
 
     ctx = page_table.shape[1] * ps
     key_pos = jnp.arange(ctx)
-    k = k_pages[page_table].reshape(S, ctx, K, H)
-    v = v_pages[page_table].reshape(S, ctx, K, H)
+    if layer is None:
+        k, v = k_pages[page_table], v_pages[page_table]
+    else:  # one gather from the stacked cache: slicing the layer out first would copy its whole pool
+        k, v = k_pages[layer, page_table], v_pages[layer, page_table]
+    k = k.reshape(S, ctx, K, H)
+    v = v.reshape(S, ctx, K, H)
     # Positions past kv_len may hold anything (stale or NaN pages): zero them so 0 * NaN cannot leak.
     key_valid = key_pos[None, :] < kv_len[:, None]  # [S, ctx]
     k = jnp.where(key_valid[:, :, None, None], k, 0)
