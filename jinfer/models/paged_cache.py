@@ -1,6 +1,7 @@
 """The engine's attention backend: K/V written into a paged cache, then ragged paged attention.
 
-Cache layout: k_pages, v_pages: [L, P, page_size, K, H]. The model runs on one flattened ragged batch
+Cache layout: k_pages, v_pages: [L, K, P, page_size, H], KV-head major so that each (layer, head, page)
+is one contiguous [page_size, H] tile for the kernels to load, and so a mesh can split heads. The model runs on one flattened ragged batch
 of tokens ([1, T] with per-token slots); `PagedMeta` says which slot owns each token and where each
 slot's pages are. Page 0 is reserved: padding tokens write there and no request reads it.
 """
@@ -25,7 +26,7 @@ class PagedMeta(NamedTuple):
 
 
 def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype):
-    shape = (num_layers, num_pages, page_size, num_kv_heads, head_dim)
+    shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
@@ -33,12 +34,12 @@ def make_paged_attention(max_query_len: int, impl: Callable = ragged_paged_atten
     """The `attention` callable of `llama.forward` for one compiled step shape."""
 
     def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
-        ps = k_pages.shape[2]
+        ps = k_pages.shape[3]
         pos = positions[0]
         page = jnp.where(meta.token_valid, meta.page_table[meta.token_slot, pos // ps], 0)
         offset = jnp.where(meta.token_valid, pos % ps, 0)
-        k_pages = k_pages.at[layer, page, offset].set(k[0].astype(k_pages.dtype))
-        v_pages = v_pages.at[layer, page, offset].set(v[0].astype(v_pages.dtype))
+        k_pages = k_pages.at[layer, :, page, offset].set(k[0].astype(k_pages.dtype))
+        v_pages = v_pages.at[layer, :, page, offset].set(v[0].astype(v_pages.dtype))
         out = impl(q[0], k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start,
                    meta.query_len, max_query_len=max_query_len, layer=layer)
         return out[None], k_pages, v_pages

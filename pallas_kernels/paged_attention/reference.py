@@ -4,8 +4,9 @@ the engine uses where no kernel applies.
 Layout. Queries of all requests are flattened: q [T, N, H]; request (slot) s owns the rows
 query_start[s] .. query_start[s] + query_len[s] - 1, which are the last query_len[s] tokens of its
 sequence of kv_len[s] tokens (so decode is query_len 1, a prefill chunk is query_len > 1 starting at
-an offset into a longer cached context). Its K/V live in pages: token i of slot s is at
-pages[page_table[s, i // page_size], i % page_size]. Causal: a query at position p sees keys 0..p.
+an offset into a longer cached context). Its K/V live in pages, KV-head major so that one head's page
+is one contiguous [page_size, head_dim] tile: token i of slot s, head h is at
+pages[h, page_table[s, i // page_size], i % page_size]. Causal: a query at position p sees keys 0..p.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ import jax.numpy as jnp
 
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [P, page_size, K, H], or [L, P, page_size, K, H] with `layer`
+    k_pages: jax.Array,  # [K, P, page_size, H], or [L, K, P, page_size, H] with `layer`
     v_pages: jax.Array,  # likewise
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]
@@ -29,7 +30,7 @@ def ragged_paged_attention_reference(
 ) -> jax.Array:  # [T, N, H]; rows no slot owns are zero
     T, N, H = q.shape
     S = page_table.shape[0]
-    P, ps, K, _ = k_pages.shape[-4:]
+    K, P, ps, _ = k_pages.shape[-4:]
     G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
     j = jnp.arange(max_query_len)
@@ -41,11 +42,14 @@ def ragged_paged_attention_reference(
     ctx = page_table.shape[1] * ps
     key_pos = jnp.arange(ctx)
     if layer is None:
-        k, v = k_pages[page_table], v_pages[page_table]
+        k, v = k_pages[:, page_table], v_pages[:, page_table]
     else:  # one gather from the stacked cache: slicing the layer out first would copy its whole pool
-        k, v = k_pages[layer, page_table], v_pages[layer, page_table]
-    k = k.reshape(S, ctx, K, H)
-    v = v.reshape(S, ctx, K, H)
+        k, v = k_pages[layer, :, page_table], v_pages[layer, :, page_table]
+    # [K, S, max_pages, ps, H] (or [S, max_pages, K, ps, H] after mixed indexing) -> [S, ctx, K, H]
+    if layer is None:
+        k, v = (jnp.moveaxis(x, 0, 3).reshape(S, ctx, K, H) for x in (k, v))
+    else:
+        k, v = (jnp.swapaxes(x, 2, 3).reshape(S, ctx, K, H) for x in (k, v))
     # Positions past kv_len may hold anything (stale or NaN pages): zero them so 0 * NaN cannot leak.
     key_valid = key_pos[None, :] < kv_len[:, None]  # [S, ctx]
     k = jnp.where(key_valid[:, :, None, None], k, 0)
