@@ -59,7 +59,7 @@ class Engine:
     """`tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks."""
 
     def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
-                 attention_impl=None, seed: int | None = None):
+                 attention_backend=None, seed: int | None = None):
         self.config = engine_config or EngineConfig()
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -71,8 +71,8 @@ class Engine:
         self.scheduler = Scheduler(self.config, self.max_model_len, self.num_pages, self.eos_token_ids)
         dtype = jnp.dtype(self.config.dtype)
         params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
-        kw = {} if attention_impl is None else {"attention_impl": attention_impl}
-        self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq, **kw)
+        self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq,
+                             attention_backend)
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()

@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +25,6 @@ from jinfer.models import llama
 from jinfer.models.paged_cache import PagedMeta, make_paged_attention, paged_kv_cache
 from jinfer.sampling import apply_penalties, sample, step_keys
 from jinfer.step_plan import StepPlan
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 
 @dataclasses.dataclass
@@ -48,12 +46,15 @@ class StepOutput:
 
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
-                 max_pages_per_seq: int, attention_impl: Callable = ragged_paged_attention_reference):
+                 max_pages_per_seq: int, attention_backend=None):
+        from jinfer.attention_backend import default_backend
+
         self.model_config = model_config
         self.config = engine_config
         self.params = params
         self.max_pages_per_seq = max_pages_per_seq
-        self.attention_impl = attention_impl
+        c = model_config
+        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, engine_config.max_slots)
         dtype = jnp.dtype(engine_config.dtype)
         c, S = model_config, engine_config.max_slots
         self.kv = paged_kv_cache(c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim, dtype)
@@ -95,8 +96,9 @@ class Runner:
         output_counts = output_counts.at[slot, tokens].add(out_tok.astype(jnp.int32))
         prompt_mask = prompt_mask.at[slot, tokens].max(valid & ~batch["is_output"])
 
-        meta = PagedMeta(slot, valid, batch["page_table"], batch["kv_len"], batch["query_start"], batch["query_len"])
-        attention = make_paged_attention(max_query_len, self.attention_impl)
+        meta = PagedMeta(slot, valid, batch["page_table"], batch["kv_len"], batch["query_start"], batch["query_len"],
+                         batch["attn"])
+        attention = make_paged_attention(max_query_len, self.attention)
         h, kv = llama.forward(params, tokens[None], batch["positions"][None], kv, meta, config=c, attention=attention)
         last = jnp.maximum(batch["query_start"] + batch["query_len"] - 1, 0)
         logits = llama.logits_from_hidden(params, h[0, last], c)  # f32[S, V]
@@ -112,7 +114,7 @@ class Runner:
         chosen = jnp.take_along_axis(logprobs, new[:, None], axis=-1)[:, 0]
         return kv, last_sampled, output_counts, prompt_mask, (new, chosen, top_ids, top_lp)
 
-    def _batch(self, plan: StepPlan, bucket: int) -> dict:
+    def _batch(self, plan: StepPlan, bucket: int, width: int) -> dict:
         pad = bucket - plan.num_tokens
 
         def tok(a, fill=0):
@@ -127,12 +129,13 @@ class Runner:
             "temperature": plan.temperature, "top_k": plan.top_k, "top_p": plan.top_p, "min_p": plan.min_p,
             "repetition_penalty": plan.repetition_penalty, "presence_penalty": plan.presence_penalty,
             "frequency_penalty": plan.frequency_penalty, "seed": plan.seed,
+            "attn": self.attention.step_inputs(plan.query_start, plan.query_len, bucket, width, self.config.max_slots),
         }
 
     def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> StepOutput:
         bucket = self.bucket(plan.num_tokens)
         width = self.query_width(bucket, plan.max_query_len)
-        batch = self._batch(plan, bucket)
+        batch = self._batch(plan, bucket, width)
         self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
             self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
             max_query_len=width)
@@ -151,7 +154,7 @@ class Runner:
                 top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32),
                 repetition_penalty=np.ones(S, np.float32), presence_penalty=np.zeros(S, np.float32),
                 frequency_penalty=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32), scheduled=())
-            batch = self._batch(plan, bucket)
+            batch = self._batch(plan, bucket, width)
             self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
                 self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
                 max_query_len=width)

@@ -8,12 +8,10 @@ slot's pages are. Page 0 is reserved: padding tokens write there and no request 
 
 from __future__ import annotations
 
-from typing import Callable, NamedTuple
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
-
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
 
 
 class PagedMeta(NamedTuple):
@@ -23,6 +21,7 @@ class PagedMeta(NamedTuple):
     kv_len: jax.Array  # i32[S]: after this step's tokens
     query_start: jax.Array  # i32[S]
     query_len: jax.Array  # i32[S]
+    extra: dict  # the attention backend's own per-step arrays
 
 
 def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype):
@@ -30,8 +29,9 @@ def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads
     return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
 
 
-def make_paged_attention(max_query_len: int, impl: Callable = ragged_paged_attention_reference):
-    """The `attention` callable of `llama.forward` for one compiled step shape."""
+def make_paged_attention(width: int, backend):
+    """The `attention` callable of `llama.forward` for one compiled step shape (`width`: the most
+    queries one slot has in the step; see jinfer.attention_backend)."""
 
     def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
         ps = k_pages.shape[3]
@@ -40,8 +40,7 @@ def make_paged_attention(max_query_len: int, impl: Callable = ragged_paged_atten
         offset = jnp.where(meta.token_valid, pos % ps, 0)
         k_pages = k_pages.at[layer, :, page, offset].set(k[0].astype(k_pages.dtype))
         v_pages = v_pages.at[layer, :, page, offset].set(v[0].astype(v_pages.dtype))
-        out = impl(q[0], k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start,
-                   meta.query_len, max_query_len=max_query_len, layer=layer)
+        out = backend.attend(q[0], k_pages, v_pages, layer, meta, meta.extra, width)
         return out[None], k_pages, v_pages
 
     return attention

@@ -1,0 +1,78 @@
+"""Attention backends of the engine: how one step's ragged queries attend to the paged KV cache.
+
+A backend adds its own per-step host arrays (`step_inputs`, numpy) to the step's batch and computes
+attention inside the jitted step (`attend`). The runner and model are the same for every backend:
+a new kernel plugs in here. `default_backend()` picks the Pallas kernel on GPU and the `jnp`
+reference elsewhere (the kernel also runs on the CPU in interpret mode, for tests).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
+
+
+class ReferenceBackend:
+    """Gathers each slot's pages and attends with plain `jnp` (query width padded to `width`)."""
+
+    name = "reference"
+
+    def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
+        return {}
+
+    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
+        return ragged_paged_attention_reference(
+            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len,
+            max_query_len=width, layer=layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class PallasBackend:
+    """The Pallas ragged paged attention kernel. Decode-only steps (width 1) use `decode` block sizes
+    (context split over many programs); steps with prefill chunks use `prefill`."""
+
+    decode: BlockSizes = BlockSizes(block_q=4, pages_per_block=8, num_splits=8)
+    prefill: BlockSizes = BlockSizes(block_q=16, pages_per_block=4, num_splits=1)
+    interpret: bool = False
+    name: str = "pallas"
+
+    def sizes(self, width: int) -> BlockSizes:
+        return self.decode if width <= 1 else self.prefill
+
+    def num_blocks(self, num_tokens: int, width: int, max_slots: int) -> int:
+        return -(-num_tokens // self.sizes(width).block_q) + max_slots
+
+    def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
+        bs = self.sizes(width)
+        blocks, (tok_block, tok_row) = query_blocks(query_start, query_len, bs.block_q,
+                                                    self.num_blocks(num_tokens, width, max_slots), num_tokens)
+        return {"blocks": blocks, "tok_block": tok_block, "tok_row": tok_row}
+
+    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
+        num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
+        return ragged_paged_attention_blocks(
+            q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]),
+            extra["tok_block"], extra["tok_row"], num_blocks=self.num_blocks(num_tokens, width, max_slots),
+            block_sizes=self.sizes(width), interpret=self.interpret)
+
+
+def default_backend(num_kv_heads: int, num_heads: int, max_slots: int):
+    if jax.devices()[0].platform != "gpu":
+        return ReferenceBackend()
+    return pallas_backend(num_kv_heads, num_heads, max_slots)
+
+
+def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, interpret: bool = False) -> PallasBackend:
+    G = num_heads // num_kv_heads
+    Gp = 1 << (G - 1).bit_length()
+    block_q = max(1, 16 // Gp)
+    # Enough programs to fill the GPU's ~132 multiprocessors twice over, even with few slots.
+    splits = int(np.clip(-(-264 // (max_slots * num_kv_heads)), 1, 16))
+    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=8, num_splits=splits),
+                         prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=4, num_splits=1),
+                         interpret=interpret)

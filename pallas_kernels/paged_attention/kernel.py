@@ -1,0 +1,209 @@
+"""Ragged paged attention as a Pallas kernel (GPU Triton lowering; the CPU runs it in interpret mode).
+
+Work is cut into *query blocks*: up to `block_q` consecutive queries of one slot. Each program takes one
+query block, one KV head (all `G` query heads of that group together, so each K/V tile is read once
+for the whole group) and one split of the context (Flash-Decoding: a long context alone still spreads
+over many programs). It walks the slot's pages `pages_per_block` at a time with an online softmax and
+writes an unnormalized partial output plus its running max and sum; `combine_splits` merges the splits.
+
+The host lays the query blocks out (`query_blocks`), so the kernel grid is static: `num_blocks` =
+tokens / block_q + slots covers any step of at most that many tokens.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax import lax
+from jax.experimental import pallas as pl
+
+NEG_INF = float("-inf")
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """block_q: queries of one slot per program (block_q x the group size padded to a power of two
+    makes the rows of each matrix product; they must be >= 16). pages_per_block: pages loaded per inner step. num_splits: context splits per query
+    block (Flash-Decoding; 1 for prefill-heavy steps). num_warps, num_stages: Triton launch options."""
+
+    block_q: int = 4
+    pages_per_block: int = 8
+    num_splits: int = 1
+    num_warps: int = 4
+    num_stages: int = 2
+
+
+def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, num_blocks: int, num_tokens: int):
+    """Host-side layout of the query blocks of one step (numpy).
+
+    Returns (blk_slot, blk_row0, blk_len, blk_qoff) i32[num_blocks] — the slot, first token row, number of
+    queries and offset of the first query within the slot's chunk — and (tok_block, tok_row) i32[T]
+    locating each token's output (T = num_tokens, padding included). Unused blocks have length 0.
+    """
+    slots = np.flatnonzero(query_len > 0)
+    counts = -(-query_len[slots] // block_q)
+    total = int(counts.sum())
+    if total > num_blocks:
+        raise ValueError(f"{total} query blocks exceed the kernel grid of {num_blocks=}")
+    blk_slot = np.zeros(num_blocks, np.int32)
+    blk_row0 = np.zeros(num_blocks, np.int32)
+    blk_len = np.zeros(num_blocks, np.int32)
+    blk_qoff = np.zeros(num_blocks, np.int32)
+    tok_block = np.zeros(num_tokens, np.int32)
+    tok_row = np.zeros(num_tokens, np.int32)
+    b = 0
+    for s, n in zip(slots, counts):
+        for c in range(n):
+            qoff = c * block_q
+            length = min(block_q, int(query_len[s]) - qoff)
+            row0 = int(query_start[s]) + qoff
+            blk_slot[b], blk_row0[b], blk_len[b], blk_qoff[b] = s, row0, length, qoff
+            tok_block[row0:row0 + length] = b
+            tok_row[row0:row0 + length] = np.arange(length)
+            b += 1
+    return (blk_slot, blk_row0, blk_len, blk_qoff), (tok_block, tok_row)
+
+
+def _kernel(
+    # scalar-ish inputs (whole arrays)
+    layer_ref, blk_slot_ref, blk_row0_ref, blk_len_ref, blk_qoff_ref, kv_len_ref, query_len_ref, page_table_ref,
+    # tensors
+    q_ref,  # [T_pad, Gp, H] for this program's KV head
+    k_ref, v_ref,  # [L * K * P, page_size, H]: every page of every layer and head
+    # outputs, this program's block
+    o_ref,  # [block_q, Gp, H]
+    m_ref, l_ref,  # [block_q, Gp]
+    *, num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
+    sm_scale: float, group: int,
+):
+    b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    _, Gp, H = q_ref.shape
+    ps = k_ref.shape[1]
+    rows = block_q * Gp
+    block_k = pages_per_block * ps
+
+    slot = blk_slot_ref[b]
+    n_q = blk_len_ref[b]
+    kv_len = kv_len_ref[slot]
+    # Positions of this block's queries: the slot's chunk is the last query_len tokens of kv_len.
+    first_pos = kv_len - query_len_ref[slot] + blk_qoff_ref[b]
+    kv_end = jnp.where(n_q > 0, first_pos + n_q, 0)  # keys this block can see: [0, kv_end)
+    n_pages = pl.cdiv(kv_end, ps)
+    per_split = pl.cdiv(pl.cdiv(n_pages, num_splits), pages_per_block) * pages_per_block
+    p_begin = sp * per_split
+    p_end = jnp.minimum(n_pages, p_begin + per_split)
+    n_iter = jnp.maximum(pl.cdiv(p_end - p_begin, pages_per_block), 0)
+
+    q = q_ref[pl.ds(blk_row0_ref[b], block_q)].reshape(rows, H)
+    q_pos = first_pos + lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0).reshape(rows)
+    q_ok = (lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0) < n_q).reshape(rows)
+    base = (layer_ref[0] * num_kv_heads + kh) * num_pages
+
+    # float32 caches get full-precision products (Triton would otherwise use tf32), so the engine's
+    # float32 outputs stay token-exact against the reference.
+    prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
+
+    def body(i, carry):
+        o, m, l = carry
+        p0 = p_begin + i * pages_per_block
+        ids = page_table_ref[slot, pl.ds(p0, pages_per_block)]
+        k = k_ref[base + ids].reshape(block_k, H)
+        v = v_ref[base + ids].reshape(block_k, H)
+        s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=prec) * sm_scale
+        k_pos = p0 * ps + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+        visible = (k_pos <= q_pos[:, None]) & (k_pos < kv_end) & q_ok[:, None]
+        s = jnp.where(visible, s, NEG_INF)
+        m_new = jnp.maximum(m, s.max(axis=-1))
+        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows that saw no key yet keep exp(.) = 0
+        p = jnp.exp(s - m_safe[:, None])
+        alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
+        l = alpha * l + p.sum(axis=-1)
+        # Keys past kv_len may be stale or NaN: zero V there so 0 * NaN cannot reach the output.
+        v = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (block_k, H), 0)) < kv_end, v, 0)
+        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+        return o, m_new, l
+
+    init = (jnp.zeros((rows, H), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
+    o, m, l = lax.fori_loop(0, n_iter, body, init)
+    if num_splits == 1:  # normalize here; no combine pass follows
+        o = o / jnp.where(l == 0, 1.0, l)[:, None]
+    o_ref[...] = o.reshape(block_q, Gp, H).astype(o_ref.dtype)
+    m_ref[...] = m.reshape(block_q, Gp)
+    l_ref[...] = l.reshape(block_q, Gp)
+
+
+@functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
+def ragged_paged_attention_blocks(
+    q: jax.Array,  # [T, N, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    v_pages: jax.Array,
+    layer: jax.Array,  # i32[]
+    page_table: jax.Array,  # i32[S, max_pages]
+    kv_len: jax.Array,  # i32[S]
+    query_len: jax.Array,  # i32[S]
+    blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff), each i32[num_blocks]
+    tok_block: jax.Array,  # i32[T]
+    tok_row: jax.Array,  # i32[T]
+    *,
+    num_blocks: int,
+    block_sizes: BlockSizes,
+    interpret: bool,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [T, N, H]
+    T, N, H = q.shape
+    L, K, P, ps, _ = k_pages.shape
+    G = N // K
+    Gp = max(1, 1 << (G - 1).bit_length())  # Triton tiles want powers of two
+    bs = block_sizes
+    bq, ppb, splits = bs.block_q, bs.pages_per_block, bs.num_splits
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    if bq * Gp < 16:
+        raise ValueError(f"block_q={bq} x padded group size {Gp} = {bq * Gp} rows; the matrix units need >= 16")
+
+    q4 = q.reshape(T, K, G, H)
+    q4 = jnp.pad(q4, ((0, bq), (0, 0), (0, Gp - G), (0, 0)))  # rows past T are read, never used
+    max_pages = page_table.shape[1]
+    # Whole page blocks only, plus one spare block so a split that starts past the table stays inside.
+    width = (-(-max_pages // ppb) + 1) * ppb
+    page_table = jnp.pad(page_table, ((0, 0), (0, width - max_pages)))
+    k_flat = k_pages.reshape(L * K * P, ps, H)
+    v_flat = v_pages.reshape(L * K * P, ps, H)
+    out_dtype = q.dtype if splits == 1 else jnp.float32
+
+    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)
+    scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
+    kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
+                               num_splits=splits, sm_scale=scale, group=G)
+    from jax.experimental.pallas import triton as plgpu
+
+    o, m, l = pl.pallas_call(
+        kernel,
+        grid=(num_blocks, K, splits),
+        in_specs=[*(whole(x) for x in scalars),
+                  pl.BlockSpec((T + bq, None, Gp, H), lambda b, h, s: (0, h, 0, 0)),
+                  whole(k_flat), whole(v_flat)],
+        out_specs=[pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
+                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
+                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp, H), out_dtype),
+                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
+                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32)],
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
+        name="ragged_paged_attention",
+    )(*scalars, q4, k_flat, v_flat)
+
+    # Gather each token's row (and, with splits, merge the partial softmaxes first).
+    o, m, l = o[:, tok_block, tok_row], m[:, tok_block, tok_row], l[:, tok_block, tok_row]  # [splits, T, K, Gp, ...]
+    if splits > 1:
+        m_all = m.max(axis=0)
+        w = jnp.where(m == NEG_INF, 0.0, jnp.exp(m - jnp.where(m_all == NEG_INF, 0.0, m_all)))
+        l_all = (w * l).sum(axis=0)
+        o = (w[..., None] * o).sum(axis=0) / jnp.where(l_all == 0, 1.0, l_all)[..., None]
+    else:
+        o = o[0]
+    return o[:, :, :G].reshape(T, N, H).astype(q.dtype)
