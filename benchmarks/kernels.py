@@ -60,7 +60,7 @@ def decode_case(B, ctx, page_size, iters, rng):
     qs, ql = np.arange(B, dtype=np.int32), np.ones(B, np.int32)
     layer = jnp.int32(0)
 
-    backend = pallas_backend(KV_HEADS, N_HEADS, B)
+    backend = pallas_backend(KV_HEADS, N_HEADS, B, page_size)
     bs = backend.decode
     nb = backend.num_blocks(B, 1, B)
     blocks, (tb, tr) = query_blocks(qs, ql, bs.block_q, nb, B)

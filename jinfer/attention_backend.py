@@ -61,18 +61,21 @@ class PallasBackend:
             block_sizes=self.sizes(width), interpret=self.interpret)
 
 
-def default_backend(num_kv_heads: int, num_heads: int, max_slots: int):
+def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int):
     if jax.devices()[0].platform != "gpu":
         return ReferenceBackend()
-    return pallas_backend(num_kv_heads, num_heads, max_slots)
+    return pallas_backend(num_kv_heads, num_heads, max_slots, page_size)
 
 
-def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, interpret: bool = False) -> PallasBackend:
+def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,
+                   interpret: bool = False) -> PallasBackend:
     G = num_heads // num_kv_heads
     Gp = 1 << (G - 1).bit_length()
     block_q = max(1, 16 // Gp)
     # Enough programs to fill the GPU's ~132 multiprocessors twice over, even with few slots.
     splits = int(np.clip(-(-264 // (max_slots * num_kv_heads)), 1, 16))
-    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=8, num_splits=splits),
-                         prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=4, num_splits=1),
+    # 128 keys per inner step for decode, 64 beside the larger query tile of prefill (shared memory).
+    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 128 // page_size), num_splits=splits),
+                         prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=max(1, 64 // page_size),
+                                            num_splits=1),
                          interpret=interpret)

@@ -54,7 +54,8 @@ class Runner:
         self.params = params
         self.max_pages_per_seq = max_pages_per_seq
         c = model_config
-        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, engine_config.max_slots)
+        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, engine_config.max_slots,
+                                                                engine_config.page_size)
         dtype = jnp.dtype(engine_config.dtype)
         c, S = model_config, engine_config.max_slots
         self.kv = paged_kv_cache(c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim, dtype)

@@ -35,8 +35,14 @@ def sample(
     keys: jnp.ndarray,  # key[B]: one typed PRNG key per row, already folded with the step
     min_p: jnp.ndarray | None = None,  # f32[B]; 0 = off
 ) -> jnp.ndarray:  # i32[B]
-    V = logits.shape[-1]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    # An all-greedy batch skips the vocabulary sort entirely (a runtime branch, not a recompile).
+    return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
+                        lambda: _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
+
+
+def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
+    V = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
     order = jnp.argsort(-scaled, axis=-1)
     sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)  # descending
