@@ -20,6 +20,10 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
+    from jinfer.xla_flags import apply_gpu_flags
+
+    apply_gpu_flags()
 
 
 def percentiles(xs, ps=(50, 90, 99)):

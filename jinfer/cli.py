@@ -8,6 +8,9 @@ import sys
 
 def _enable_compile_cache() -> None:
     """XLA's persistent compilation cache, so a second start skips compiling the same step functions."""
+    from jinfer.xla_flags import apply_gpu_flags
+
+    apply_gpu_flags()
     import jax
 
     from checkpoints.registry import cache_dir
