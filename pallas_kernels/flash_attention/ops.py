@@ -1,0 +1,49 @@
+"""The public flash attention: validates inputs, picks block sizes, runs the kernel (interpret mode on
+the CPU, where Pallas has no native GPU lowering)."""
+
+from __future__ import annotations
+
+import jax
+
+from pallas_kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
+
+
+def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
+    gp = 1 << (group - 1).bit_length()
+    # ~128 rows of queries per program; fewer keys per step for wide heads (shared memory).
+    return BlockSizes(block_q=max(1, 128 // gp), block_k=64 if head_dim <= 128 else 32)
+
+
+def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_ids=None, kv_segment_ids=None,
+                    window: int | None = None, softcap: float | None = None, sm_scale: float | None = None,
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+    """q: [B, Sq, N, H]; k, v: [B, Sk, K, H]; q_offset: i32[B] (query i sits at q_offset + i);
+    segment ids: i32[B, Sq] and i32[B, Sk] (a query sees keys of its own segment only)."""
+    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
+        raise ValueError(f"expected q [B, Sq, N, H] and k, v [B, Sk, K, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
+    B, Sq, N, H = q.shape
+    if k.shape[0] != B or k.shape[3] != H:
+        raise ValueError(f"{k.shape=} does not match {q.shape=} in batch or head_dim")
+    K = k.shape[2]
+    if N % K:
+        raise ValueError(f"query heads N={N} must be a multiple of KV heads K={K}")
+    if H not in (64, 128, 256) and not (interpret or jax.devices()[0].platform == "cpu"):
+        raise ValueError(f"head_dim={H} is not one of 64, 128, 256")
+    if (q_segment_ids is None) != (kv_segment_ids is None):
+        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
+    if q_segment_ids is not None and (q_segment_ids.shape != (B, Sq) or kv_segment_ids.shape != (B, k.shape[1])):
+        raise ValueError(f"{q_segment_ids.shape=} must be {(B, Sq)} and {kv_segment_ids.shape=} {(B, k.shape[1])}")
+    if q_offset is not None and q_offset.shape != (B,):
+        raise ValueError(f"{q_offset.shape=} must be ({B},)")
+    if window is not None and window <= 0:
+        raise ValueError(f"{window=} must be positive")
+    if softcap is not None and softcap <= 0:
+        raise ValueError(f"{softcap=} must be positive")
+    bs = block_sizes or default_block_sizes(H, N // K)
+    gp = 1 << (N // K - 1).bit_length()
+    if bs.block_q * gp < 16:
+        raise ValueError(f"block_q={bs.block_q} x padded group {gp} must give at least 16 rows")
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "gpu"
+    return flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, causal=causal, window=window,
+                                  softcap=softcap, sm_scale=sm_scale, block_sizes=bs, interpret=interpret)
