@@ -1,0 +1,126 @@
+"""The Pallas ragged paged attention kernel (interpret mode on the CPU) against the `jnp` reference, and
+the reference against a dense attention rebuilt from the pages. Unused pages hold NaN: a stray read fails."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from pallas_kernels.flash_attention import flash_attention_reference
+from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
+
+TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
+
+
+def make_case(rng, *, kv_lens, q_lens, K, G, H, page_size, dtype, layers=2, spare_pages=5):
+    """Scattered pages for each slot in a NaN-filled pool; returns everything both functions need."""
+    S = len(kv_lens)
+    need = [-(-n // page_size) for n in kv_lens]
+    max_pages = max(max(need), 1) + 1
+    P = sum(need) + spare_pages + 1
+    order = rng.permutation(np.arange(1, P))
+    page_table = np.zeros((S, max_pages), np.int32)
+    k = np.full((layers, K, P, page_size, H), np.nan, np.float32)
+    v = np.full((layers, K, P, page_size, H), np.nan, np.float32)
+    used = 0
+    for s, n in enumerate(need):
+        page_table[s, :n] = order[used:used + n]
+        used += n
+        for i in range(kv_lens[s]):  # only written positions get numbers; the rest of each page stays NaN
+            pg, off = page_table[s, i // page_size], i % page_size
+            k[:, :, pg, off] = rng.normal(size=(layers, K, H))
+            v[:, :, pg, off] = rng.normal(size=(layers, K, H))
+    q_start = np.concatenate([[0], np.cumsum(q_lens)[:-1]]).astype(np.int32)
+    T = int(sum(q_lens))
+    q = rng.normal(size=(max(T, 1), K * G, H))
+    return dict(q=jnp.asarray(q, dtype), k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype), page_table=page_table,
+                kv_len=np.asarray(kv_lens, np.int32), q_start=q_start, q_len=np.asarray(q_lens, np.int32), T=T)
+
+
+def dense_from_pages(c, layer):
+    """Per slot: plain attention over the slot's K/V read back from its pages (an independent path)."""
+    outs = []
+    ps = c["k"].shape[3]
+    for s in range(len(c["kv_len"])):
+        n, ql = int(c["kv_len"][s]), int(c["q_len"][s])
+        if ql == 0:
+            continue
+        idx = np.arange(n)
+        pages, offs = c["page_table"][s, idx // ps], idx % ps
+        k = c["k"][layer][:, pages, offs].transpose(1, 0, 2)[None]  # [1, n, K, H]
+        v = c["v"][layer][:, pages, offs].transpose(1, 0, 2)[None]
+        q = c["q"][c["q_start"][s]:c["q_start"][s] + ql][None]
+        outs.append(flash_attention_reference(q, k, v, causal=True, q_offset=jnp.array([n - ql]))[0])
+    return jnp.concatenate(outs) if outs else jnp.zeros((0,) + c["q"].shape[1:], c["q"].dtype)
+
+
+def run_kernel(c, layer, bs):
+    T = c["q"].shape[0]
+    nb = -(-T // bs.block_q) + len(c["kv_len"])
+    blocks, (tb, tr) = query_blocks(c["q_start"], c["q_len"], bs.block_q, nb, T)
+    return ragged_paged_attention_blocks(
+        c["q"], c["k"], c["v"], jnp.int32(layer), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
+        jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr), num_blocks=nb,
+        block_sizes=bs, interpret=True)
+
+
+def run_reference(c, layer):
+    return ragged_paged_attention_reference(
+        c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]), jnp.asarray(c["q_start"]),
+        jnp.asarray(c["q_len"]), max_query_len=max(1, int(c["q_len"].max())), layer=jnp.int32(layer))
+
+
+def rel(a, b):
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+CASES = [
+    # (kv_lens, q_lens): decode, edge lengths around the page size, a chunk at an offset, idle slots
+    ([1, 7, 8, 9, 16, 17], [1, 1, 1, 1, 1, 1]),
+    ([13, 0, 30, 5], [13, 0, 4, 1]),
+    ([31, 2], [31, 1]),
+]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("G", [1, 4, 8])
+@pytest.mark.parametrize("page_size", [4, 8])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_kernel_matches_reference(dtype, G, page_size, case):
+    rng = np.random.default_rng(hash((G, page_size, case)) % 2**32)
+    kv_lens, q_lens = CASES[case]
+    c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
+    layer = 1
+    want = run_reference(c, layer)
+    assert not np.isnan(np.asarray(want[:c["T"]], np.float32)).any(), "the reference read a NaN page"
+    splits = 3 if max(q_lens) == 1 else 1
+    bs = BlockSizes(block_q=max(2, 16 // G) if G < 16 else 1, pages_per_block=2, num_splits=splits)
+    got = run_kernel(c, layer, bs)
+    assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("head_dim", [64, 128])
+def test_reference_matches_dense_attention_rebuilt_from_pages(head_dim):
+    rng = np.random.default_rng(head_dim)
+    c = make_case(rng, kv_lens=[5, 23, 16], q_lens=[5, 3, 1], K=2, G=4, H=head_dim, page_size=8, dtype=jnp.float32)
+    got = run_reference(c, 0)[:c["T"]]
+    want = dense_from_pages({**c, "k": np.asarray(c["k"]), "v": np.asarray(c["v"])}, 0)
+    assert rel(got, want) < 1e-5
+
+
+def test_no_queries_at_all():
+    rng = np.random.default_rng(3)
+    c = make_case(rng, kv_lens=[0, 0], q_lens=[0, 0], K=2, G=4, H=32, page_size=4, dtype=jnp.float32)
+    out = run_kernel(c, 0, BlockSizes(block_q=4, pages_per_block=1, num_splits=1))
+    assert out.shape == c["q"].shape
+
+
+def test_too_few_rows_for_the_matrix_units_is_refused():
+    rng = np.random.default_rng(4)
+    c = make_case(rng, kv_lens=[3], q_lens=[1], K=2, G=2, H=32, page_size=4, dtype=jnp.float32)
+    with pytest.raises(ValueError, match="block_q=2 x padded group size 2"):
+        run_kernel(c, 0, BlockSizes(block_q=2, pages_per_block=1, num_splits=1))
