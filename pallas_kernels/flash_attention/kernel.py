@@ -31,8 +31,8 @@ class BlockSizes:
     num_stages: int = 2
 
 
-def _kernel(q_off_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, *, block_q, block_k, seq_k, causal,
-            window, softcap, sm_scale, use_segments):
+def _kernel(q_off_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, block_q, block_k, seq_k,
+            causal, window, softcap, sm_scale, use_segments):
     b, qi = pl.program_id(0), pl.program_id(2)
     _, Gp, H = q_ref.shape
     rows = block_q * Gp
@@ -76,11 +76,14 @@ def _kernel(q_off_ref, q_seg_ref, kv_seg_ref, q_ref, k_ref, v_ref, o_ref, *, blo
     o, m, l = lax.fori_loop(lo, jnp.maximum(hi, lo), body, init)
     o = o / jnp.where(l == 0, 1.0, l)[:, None]
     o_ref[...] = o.reshape(block_q, Gp, H).astype(o_ref.dtype)
+    # log-sum-exp of each row's scores (-inf where no key was visible), for merging partial results
+    lse_ref[...] = jnp.where(l == 0, NEG_INF, m + jnp.log(jnp.where(l == 0, 1.0, l))).reshape(block_q, Gp)
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "softcap", "sm_scale", "block_sizes", "interpret"))
 def flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, *, causal: bool, window, softcap,
                            sm_scale, block_sizes: BlockSizes, interpret: bool):
+    """Returns (out [B, Sq, N, H], lse f32[B, Sq, N])."""
     B, Sq, N, H = q.shape
     Sk, K = k.shape[1], k.shape[2]
     G = N // K
@@ -101,7 +104,7 @@ def flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, *, 
                                use_segments=use_segments)
     from jax.experimental.pallas import triton as plgpu
 
-    out = pl.pallas_call(
+    out, lse = pl.pallas_call(
         kernel,
         grid=(B, K, Sq_p // bq),
         in_specs=[
@@ -112,11 +115,12 @@ def flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, *, 
             pl.BlockSpec((None, Sk_p, None, H), lambda b, h, i: (b, 0, h, 0)),
             pl.BlockSpec((None, Sk_p, None, H), lambda b, h, i: (b, 0, h, 0)),
         ],
-        out_specs=pl.BlockSpec((None, bq, None, Gp, H), lambda b, h, i: (b, i, h, 0, 0)),
-        out_shape=jax.ShapeDtypeStruct(q5.shape, q.dtype),
+        out_specs=[pl.BlockSpec((None, bq, None, Gp, H), lambda b, h, i: (b, i, h, 0, 0)),
+                   pl.BlockSpec((None, bq, None, Gp), lambda b, h, i: (b, i, h, 0))],
+        out_shape=[jax.ShapeDtypeStruct(q5.shape, q.dtype), jax.ShapeDtypeStruct(q5.shape[:-1], jnp.float32)],
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=block_sizes.num_warps,
                                                                    num_stages=block_sizes.num_stages),
         name="flash_attention",
     )(q_off, q_seg, kv_seg, q5, k, v)
-    return out[:, :Sq, :, :G].reshape(B, Sq, N, H)
+    return out[:, :Sq, :, :G].reshape(B, Sq, N, H), lse[:, :Sq, :, :G].reshape(B, Sq, N)

@@ -16,9 +16,10 @@ def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
 
 def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_ids=None, kv_segment_ids=None,
                     window: int | None = None, softcap: float | None = None, sm_scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None):
+                    block_sizes: BlockSizes | None = None, interpret: bool | None = None, return_lse: bool = False):
     """q: [B, Sq, N, H]; k, v: [B, Sk, K, H]; q_offset: i32[B] (query i sits at q_offset + i);
-    segment ids: i32[B, Sq] and i32[B, Sk] (a query sees keys of its own segment only)."""
+    segment ids: i32[B, Sq] and i32[B, Sk] (a query sees keys of its own segment only).
+    With return_lse, also the log-sum-exp of each query's scores, f32[B, Sq, N] (-inf if it saw no key)."""
     if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
         raise ValueError(f"expected q [B, Sq, N, H] and k, v [B, Sk, K, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
     B, Sq, N, H = q.shape
@@ -45,5 +46,7 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_id
         raise ValueError(f"block_q={bs.block_q} x padded group {gp} must give at least 16 rows")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    return flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, causal=causal, window=window,
-                                  softcap=softcap, sm_scale=sm_scale, block_sizes=bs, interpret=interpret)
+    out, lse = flash_attention_pallas(q, k, v, q_offset, q_segment_ids, kv_segment_ids, causal=causal,
+                                      window=window, softcap=softcap, sm_scale=sm_scale, block_sizes=bs,
+                                      interpret=interpret)
+    return (out, lse) if return_lse else out

@@ -1,0 +1,43 @@
+"""Run by tests/test_ring_attention.py in a fresh process (it needs 8 CPU devices before jax starts):
+ring attention over n devices against unsharded attention; prints one line per case, exits 1 on a miss."""
+
+import os
+import sys
+
+os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
+os.environ["JAX_PLATFORMS"] = "cpu"
+
+import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
+import numpy as np  # noqa: E402
+from jax.sharding import Mesh, NamedSharding, PartitionSpec as Ps  # noqa: E402
+
+from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
+from pallas_kernels.flash_attention.kernel import BlockSizes  # noqa: E402
+from pallas_kernels.ring_attention import ring_attention, zigzag_order  # noqa: E402
+
+
+def main():
+    rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    bad = 0
+    for n in (4, 8):
+        mesh = Mesh(np.array(jax.devices()[:n]), ("seq",))
+        B, S, N, K, H = 2, 8 * n, 8, 2, 32
+        q, k, v = (jnp.asarray(rng.normal(size=(B, S, h, H)), jnp.float32) for h in (N, K, K))
+        for causal in (True, False):
+            order = zigzag_order(S, n) if causal else rng.permutation(S)
+            shard = NamedSharding(mesh, Ps(None, "seq", None, None))
+            args = [jax.device_put(x[:, order], shard) for x in (q, k, v)]
+            out = ring_attention(*args, mesh, "seq", causal=causal, block_sizes=BlockSizes(block_q=4, block_k=8))
+            assert out.sharding.spec == shard.spec, out.sharding
+            out = np.asarray(out)[:, np.argsort(order)]
+            ref = np.asarray(flash_attention_reference(q, k, v, causal=causal))
+            err = float(np.abs(out - ref).max() / np.abs(ref).max())
+            ok = err < 1e-5
+            bad += not ok
+            print(f"devices={n} causal={causal} max relative error {err:.1e} {'ok' if ok else 'MISMATCH'}")
+    sys.exit(1 if bad else 0)
+
+
+if __name__ == "__main__":
+    main()
