@@ -181,3 +181,22 @@ def test_request_that_cannot_fit_the_pool_is_refused(params, tok):
     eng = make_engine(params, tok, num_pages=6)
     with pytest.raises(ValueError, match="needs 8 KV pages; the pool has 5"):
         eng.add_request(list(range(20)), greedy(12))
+
+
+def test_exact_with_the_pallas_kernel_in_interpret_mode(params, tok):
+    from jinfer.attention_backend import PallasBackend
+    from pallas_kernels.paged_attention.kernel import BlockSizes
+
+    backend = PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
+                            prefill=BlockSizes(block_q=8, pages_per_block=2, num_splits=1), interpret=True)
+    eng = Engine(TINY, params, tok, EngineConfig(max_slots=4, page_size=4, num_pages=20, token_buckets=(8, 32),
+                                                 max_prefill_chunk=16), attention_backend=backend)
+    eng.warmup()
+    rng = np.random.default_rng(21)
+    arrivals = [(int(rng.integers(0, 6)), BASE[:int(rng.integers(0, 30))] + list(rng.integers(0, 128, int(rng.integers(1, 20)))),
+                 greedy(int(rng.integers(1, 16)))) for _ in range(8)]
+    outs = run_workload(eng, arrivals)
+    want = reference.generate(params, TINY, [a[1] for a in arrivals], [a[2] for a in arrivals])
+    assert [outs[i].token_ids for i in range(8)] == [w.token_ids for w in want]
+    assert eng.scheduler.num_preemptions > 0
+    assert_pages_all_returned(eng)
