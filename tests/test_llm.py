@@ -63,7 +63,7 @@ def test_chat_ends_its_turn(llm):
     ([], r"prompts\[0\] has no tokens"),
     ([5, 49152], r"prompts\[0\]\[1\]=49152 is not a token id"),
     ([5, -1], r"prompts\[0\]\[1\]=-1"),
-    ([1] * 9000, "9000 tokens; the model's context is 8192"),
+    ([1] * 9000, "9000 tokens; the context is 8192"),
 ])
 def test_bad_prompts_raise(llm, prompt, match):
     with pytest.raises(ValueError, match=match):

@@ -1,0 +1,136 @@
+"""jinfer's own checkpoint format: an orbax checkpoint of the params pytree, with config.json beside it.
+
+Layout of a checkpoint directory:
+
+    config.json                         ModelConfig.to_hf_config(), as an HF directory would carry it
+    params/                             the params pytree, written by orbax's StandardCheckpointer
+    tokenizer.json, tokenizer_config.json   (when a tokenizer was given to save_orbax)
+
+`restore_orbax` builds the abstract target from `param_shapes(config)` and the stored dtypes, so orbax
+reads each leaf straight into device arrays, onto the given shardings when a mesh is in use (every host
+reads only its shards; nothing is gathered). Values come back bit-identical unless a dtype is asked for.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+
+import jax
+import numpy as np
+
+from checkpoints.errors import CheckpointError
+from checkpoints.safetensors_io import read_hf_config
+from jinfer.config import ModelConfig
+from jinfer.models.llama import param_shapes
+
+PARAMS_DIR = "params"
+
+
+def save_orbax(path: str | os.PathLike, config: ModelConfig, params: dict, tokenizer=None) -> None:
+    """Writes config.json, params/ (replacing an earlier params/ there) and, if given, the tokenizer."""
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()  # orbax wants absolute paths
+    _check_params(config, params)
+    path.mkdir(parents=True, exist_ok=True)
+    (path / "config.json").write_text(json.dumps(config.to_hf_config(), indent=2) + "\n")
+    with ocp.StandardCheckpointer() as ckptr:
+        ckptr.save(path / PARAMS_DIR, params, force=True)
+        ckptr.wait_until_finished()  # the save is asynchronous; return only once it is on disk
+    if tokenizer is not None:
+        tokenizer.save(path)
+
+
+def _check_params(config: ModelConfig, params: dict) -> None:
+    want = param_shapes(config)
+    flat_want = dict(_flatten(want))
+    try:
+        flat_got = dict(_flatten(params))
+    except AttributeError as e:
+        raise CheckpointError(f"params must be a nested dict of arrays: {e}") from e
+    if flat_got.keys() != flat_want.keys():
+        raise CheckpointError(f"params leaves {sorted(flat_got)} differ from the config's {sorted(flat_want)}")
+    for name, shape in flat_want.items():
+        if tuple(flat_got[name].shape) != shape:
+            raise CheckpointError(f"params leaf {name!r} has shape {list(flat_got[name].shape)}; "
+                                  f"the config implies {list(shape)}")
+
+
+def _flatten(tree: dict, prefix: str = ""):
+    """Yields ('layers/wq', leaf) pairs; tuples (shapes) count as leaves."""
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            yield from _flatten(value, f"{prefix}{key}/")
+        else:
+            yield f"{prefix}{key}", value
+
+
+def restore_orbax(path: str | os.PathLike, dtype=None, shardings=None) -> tuple[ModelConfig, dict]:
+    """Reads a checkpoint written by save_orbax -> (config, params of jax arrays).
+
+    dtype: cast every leaf to it while reading (None keeps the stored dtypes, bit for bit).
+    shardings: a jax.sharding.Sharding for every leaf, or a pytree of them shaped like params; None puts
+    everything on the default device.
+    """
+    import orbax.checkpoint as ocp
+
+    path = Path(path).absolute()
+    params_dir = path / PARAMS_DIR
+    if not path.is_dir():
+        raise CheckpointError(f"orbax checkpoint directory {str(path)!r} does not exist")
+    config = read_hf_config(path)
+    if not params_dir.is_dir():
+        raise CheckpointError(f"{str(params_dir)!r} does not exist (not an orbax checkpoint written by save_orbax)")
+
+    shapes = param_shapes(config)
+    if shardings is None:
+        shardings = jax.sharding.SingleDeviceSharding(jax.devices()[0])
+    if isinstance(shardings, jax.sharding.Sharding):
+        shardings = jax.tree.map(lambda _: shardings, shapes, is_leaf=_is_shape)
+    cast = None if dtype is None else np.dtype(dtype)
+
+    with ocp.StandardCheckpointer() as ckptr:
+        stored = _stored_metadata(ckptr, params_dir)
+
+        def target(name, shape, sharding):
+            meta = stored.get(name)
+            if meta is None:
+                raise CheckpointError(f"{str(params_dir)!r} lacks the leaf {name!r} that config.json implies")
+            if tuple(meta.shape) != shape:
+                raise CheckpointError(f"leaf {name!r} in {str(params_dir)!r} has shape {list(meta.shape)}; "
+                                      f"config.json implies {list(shape)}")
+            return jax.ShapeDtypeStruct(shape, meta.dtype if cast is None else cast, sharding=sharding)
+
+        flat_shapes, treedef = jax.tree_util.tree_flatten_with_path(shapes, is_leaf=_is_shape)
+        try:
+            flat_shardings = treedef.flatten_up_to(shardings)
+        except (ValueError, TypeError) as e:
+            raise CheckpointError(f"shardings do not match the params tree of {str(path)!r}: {e}") from e
+        abstract = treedef.unflatten([
+            target("/".join(k.key for k in key_path), shape, sharding)
+            for (key_path, shape), sharding in zip(flat_shapes, flat_shardings)])
+        try:
+            params = ckptr.restore(params_dir, abstract)
+        except Exception as e:  # tensorstore raises ValueError/OSError on truncated or corrupt chunks
+            raise CheckpointError(f"could not restore {str(params_dir)!r}: {e}") from e
+    return config, params
+
+
+def _is_shape(x) -> bool:
+    return isinstance(x, tuple)
+
+
+def _stored_metadata(ckptr, params_dir: Path) -> dict:
+    """'layers/wq' -> the stored array's metadata (shape, dtype), read without reading the arrays."""
+    try:
+        meta = ckptr.metadata(params_dir)
+    except Exception as e:
+        raise CheckpointError(f"{str(params_dir)!r} has no readable orbax metadata: {e}") from e
+    # Checkpointer.metadata returns StepMetadata whose item_metadata is a TreeMetadata (orbax >= 0.11).
+    tree = getattr(meta, "item_metadata", meta)
+    tree = getattr(tree, "tree", tree)
+    if not isinstance(tree, dict):
+        raise CheckpointError(f"{str(params_dir)!r} has no readable orbax metadata (got {type(tree).__name__})")
+    return dict(_flatten(tree))
