@@ -1,0 +1,225 @@
+"""Load benchmark of the gRPC server: concurrent streaming clients at a sweep of request rates.
+
+Starts `python -m serve.main` in a subprocess (or uses `--target` of a running server), then for each rate
+sends `--num-requests` streaming Generate calls with Poisson arrivals (rate `inf`: all at once) from
+`--clients` channels, and reports throughput and client-side time to first token / inter-token latency
+percentiles. Every request is accounted for: it completed, or it failed with a gRPC status; the script
+exits 1 if any is neither (lost).
+
+    python benchmarks/serve_bench.py --model tiny-random --rates 5,10,20,40,inf --num-requests 64
+    python benchmarks/serve_bench.py --model smollm2 --rates 1,2,4,inf --num-requests 16 --output-len 32 \
+        --server-args "--max-slots 8 --num-pages 512"
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import collections
+import dataclasses
+import json
+import os
+import shlex
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+
+@dataclasses.dataclass
+class Result:
+    sent: float
+    first: float | None = None  # first token's arrival
+    end: float | None = None
+    token_gaps: list[float] = dataclasses.field(default_factory=list)  # per token after the first
+    num_tokens: int = 0
+    status: str = "LOST"  # OK, or the gRPC status code's name
+
+
+async def one_request(client, prompt: list[int], output_len: int, result: Result) -> None:
+    import grpc
+
+    last = None
+    try:
+        async for msg in client.stream(prompt, max_tokens=output_len, temperature=0.0, ignore_eos=True):
+            now = time.perf_counter()
+            k = len(msg.token_ids)
+            if k:
+                if result.first is None:
+                    result.first = now
+                    k -= 1
+                    last = now
+                # Tokens that arrive together in one message share the gap since the last message.
+                result.token_gaps += [(now - last) / k] * k if k else []
+                last = now
+                result.num_tokens += len(msg.token_ids)
+        result.status = "OK"
+    except grpc.RpcError as e:
+        result.status = e.code().name
+    except Exception as e:  # noqa: BLE001 - counted, never lost
+        result.status = f"CLIENT_ERROR:{type(e).__name__}"
+    result.end = time.perf_counter()
+
+
+async def run_rate(target: str, rate: float, args, rng) -> list[Result]:
+    from serve.client import AsyncJinferClient
+
+    clients = [AsyncJinferClient(target, timeout=args.timeout) for _ in range(args.clients)]
+    try:
+        lo, hi = args.input_len
+        prompts = [[int(t) for t in rng.integers(0, args.vocab_size, int(rng.integers(lo, hi + 1)))]
+                   for _ in range(args.num_requests)]
+        gaps = np.zeros(args.num_requests) if rate == float("inf") else rng.exponential(1 / rate, args.num_requests)
+        results, tasks = [], []
+        for i, prompt in enumerate(prompts):
+            await asyncio.sleep(gaps[i])
+            r = Result(sent=time.perf_counter())
+            results.append(r)
+            tasks.append(asyncio.create_task(one_request(clients[i % len(clients)], prompt, args.output_len, r)))
+        await asyncio.gather(*tasks)
+        return results
+    finally:
+        for c in clients:
+            await c.close()
+
+
+def summarize(rate: float, results: list[Result]) -> dict:
+    ok = [r for r in results if r.status == "OK"]
+    statuses = collections.Counter(r.status for r in results)
+    span = max(r.end for r in results) - min(r.sent for r in results)
+    ttft = [r.first - r.sent for r in ok if r.first is not None]
+    itl = [g for r in ok for g in r.token_gaps]
+
+    def pct(xs, p):
+        return float(np.percentile(xs, p) * 1e3) if xs else float("nan")
+
+    return dict(
+        rate=rate, sent=len(results), completed=len(ok),
+        failed={k: v for k, v in statuses.items() if k not in ("OK", "LOST")}, lost=statuses.get("LOST", 0),
+        duration_s=span, req_per_s=len(ok) / span, out_tok_per_s=sum(r.num_tokens for r in ok) / span,
+        ttft_ms={p: pct(ttft, p) for p in (50, 90, 99)}, itl_ms={p: pct(itl, p) for p in (50, 90, 99)})
+
+
+def markdown(rows: list[dict]) -> str:
+    out = ["| rate (req/s) | sent | completed | failed (status) | lost | req/s | out tok/s | TTFT p50 / p90 / p99 (ms) "
+           "| ITL p50 / p90 / p99 (ms) |",
+           "| --- | --- | --- | --- | --- | --- | --- | --- | --- |"]
+    for r in rows:
+        failed = ", ".join(f"{k} {v}" for k, v in r["failed"].items()) or "0"
+        t, i = r["ttft_ms"], r["itl_ms"]
+        out.append(f"| {r['rate']:g} | {r['sent']} | {r['completed']} | {failed} | {r['lost']} | {r['req_per_s']:.2f} "
+                   f"| {r['out_tok_per_s']:.1f} | {t[50]:.1f} / {t[90]:.1f} / {t[99]:.1f} "
+                   f"| {i[50]:.2f} / {i[90]:.2f} / {i[99]:.2f} |")
+    return "\n".join(out)
+
+
+class ServerProcess:
+    """`python -m serve.main` on an OS-picked loopback port; its log goes to a temporary file."""
+
+    def __init__(self, model: str, extra: list[str]):
+        self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="serve_bench_", delete=False)
+        root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+        self.proc = subprocess.Popen([sys.executable, "-m", "serve.main", "--model", model, "--port", "0", *extra],
+                                     cwd=root, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
+
+    def port(self, timeout: float = 900.0) -> int:
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"the server exited with {self.proc.returncode}; see {self.log.name}")
+            with open(self.log.name) as f:
+                for line in f:
+                    if line.startswith("{") and '"listening"' in line:
+                        return json.loads(line)["port"]
+            time.sleep(0.2)
+        raise TimeoutError(f"the server did not bind within {timeout}s; see {self.log.name}")
+
+    def stop(self) -> int:
+        self.proc.send_signal(signal.SIGTERM)
+        try:
+            return self.proc.wait(120)
+        except subprocess.TimeoutExpired:
+            self.proc.kill()
+            return self.proc.wait()
+
+
+def wait_serving(target: str, timeout: float) -> None:
+    import grpc
+
+    from serve.client import JinferClient
+
+    deadline = time.monotonic() + timeout
+    with JinferClient(target) as c:
+        while time.monotonic() < deadline:
+            try:
+                if c.health(timeout=2) == "SERVING":
+                    return
+            except grpc.RpcError:
+                pass
+            time.sleep(0.2)
+    raise TimeoutError(f"{target} not SERVING after {timeout}s")
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    p.add_argument("--model", default="tiny-random")
+    p.add_argument("--target", help="host:port of a running server (else one is started)")
+    p.add_argument("--server-args", default="", help="extra flags for `python -m serve.main`")
+    p.add_argument("--rates", default="5,10,20,40,inf", help="comma-separated request rates (req/s); inf = all at once")
+    p.add_argument("--num-requests", type=int, default=64, help="per rate")
+    p.add_argument("--clients", type=int, default=16, help="gRPC channels the requests are spread over")
+    p.add_argument("--input-len", type=int, nargs=2, default=[16, 96], metavar=("MIN", "MAX"))
+    p.add_argument("--output-len", type=int, default=64)
+    p.add_argument("--timeout", type=float, default=600.0, help="deadline of each call (s)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", help="also write the rows as JSON here")
+    args = p.parse_args()
+
+    server = None
+    target = args.target
+    if target is None:
+        server = ServerProcess(args.model, shlex.split(args.server_args))
+        target = f"127.0.0.1:{server.port()}"
+    try:
+        t0 = time.perf_counter()
+        wait_serving(target, 900)
+        print(f"server {target} serving (warm-up {time.perf_counter() - t0:.1f}s after bind)", flush=True)
+        from serve.client import JinferClient
+
+        with JinferClient(target) as c:
+            info = c.model_info()
+        args.vocab_size = info.config.vocab_size
+        print(f"model {info.model}: vocab {info.config.vocab_size}, context {info.max_context}, "
+              f"slots {info.limits.max_slots}, pages {info.limits.num_pages}x{info.limits.page_size}", flush=True)
+        rng = np.random.default_rng(args.seed)
+        rows = []
+        for rate in [float(x) for x in args.rates.split(",")]:
+            results = asyncio.run(run_rate(target, rate, args, rng))
+            rows.append(summarize(rate, results))
+            r = rows[-1]
+            print(f"rate {rate:g}: {r['completed']}/{r['sent']} ok, failed {r['failed']}, lost {r['lost']}, "
+                  f"{r['out_tok_per_s']:.1f} out tok/s, TTFT p50 {r['ttft_ms'][50]:.1f} ms, "
+                  f"ITL p50 {r['itl_ms'][50]:.2f} ms", flush=True)
+    finally:
+        if server is not None:
+            code = server.stop()
+            print(f"server exited {code} after SIGTERM; log: {server.log.name}")
+    print(markdown(rows))
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    lost = sum(r["lost"] for r in rows)
+    accounted = all(r["completed"] + sum(r["failed"].values()) + r["lost"] == r["sent"] for r in rows)
+    if lost or not accounted:
+        print(f"ERROR: {lost} requests lost", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,169 @@
+"""`jinfer serve` (also `python -m serve.main`): load a model, warm up, serve gRPC, drain on SIGTERM.
+
+The port is bound before the warm-up, with the health service reporting NOT_SERVING until the warm-up
+ends. SIGTERM (or SIGINT) starts the drain: NOT_SERVING again, new calls refused, calls in flight given
+`--drain-grace` seconds to finish; then the process exits 0. Logs are JSON lines on stderr: one when the
+port is bound (`listening`, with the port, so `--port 0` is usable), one when serving starts, one per
+finished request, and the drain's.
+
+`--model tiny-random` serves the tiny random-weight model of tests/tiny.py (from a source checkout), for
+tests and benchmarks of the server itself.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import os
+import signal
+import sys
+
+log = logging.getLogger("jinfer.serve")
+
+TINY_RANDOM = "tiny-random"
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--model", default="smollm2",
+                   help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint; "
+                        f"'{TINY_RANDOM}' for the tiny test model")
+    p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or :: for every interface)")
+    p.add_argument("--port", type=int, default=50051, help="0: let the OS pick (the 'listening' log line has it)")
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
+    e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
+    e.add_argument("--page-size", type=int, default=None)
+    e.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    e.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
+    e.add_argument("--token-buckets", default=None, help="comma-separated tokens-per-step buckets, e.g. 16,64,256")
+    e.add_argument("--max-prefill-chunk", type=int, default=None)
+    e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--seed", type=int, default=None, help="seed of requests that set none")
+    s = p.add_argument_group("security")
+    s.add_argument("--tls-cert", help="PEM certificate chain file; with --tls-key the server speaks TLS only")
+    s.add_argument("--tls-key", help="PEM private key file")
+    s.add_argument("--auth-token-file",
+                   help="file of bearer tokens, one per line (or set JINFER_AUTH_TOKEN); calls without one get "
+                        "UNAUTHENTICATED")
+    s.add_argument("--max-message-bytes", type=int, default=4 * 1024 * 1024)
+    o = p.add_argument_group("operations")
+    o.add_argument("--metrics-port", type=int, default=None, help="serve Prometheus /metrics on this port")
+    o.add_argument("--metrics-host", default="127.0.0.1")
+    o.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
+    o.add_argument("--no-compile-cache", action="store_true", help="do not use XLA's persistent compile cache")
+    o.add_argument("--log-level", default="INFO")
+
+
+def engine_config(args, dtype: str):
+    from jinfer.engine_config import EngineConfig
+
+    kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
+              max_waiting=args.max_waiting, max_model_len=args.max_model_len,
+              max_prefill_chunk=args.max_prefill_chunk)
+    kw = {k: v for k, v in kw.items() if v is not None}
+    if args.token_buckets:
+        try:
+            kw["token_buckets"] = tuple(int(x) for x in args.token_buckets.split(","))
+        except ValueError:
+            raise ValueError(f"--token-buckets={args.token_buckets!r} must be comma-separated integers") from None
+    if args.no_prefix_caching:
+        kw["enable_prefix_caching"] = False
+    return EngineConfig(dtype=dtype, **kw)
+
+
+def build_engine(args):
+    from jinfer.engine import Engine
+
+    cfg = engine_config(args, args.dtype)
+    if args.model == TINY_RANDOM:
+        try:
+            from tests.tiny import TINY, tiny_params, tiny_tokenizer
+        except ImportError as e:
+            raise ValueError(f"--model {TINY_RANDOM} needs the jinfer source checkout (tests/tiny.py)") from e
+        return Engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
+    from jinfer.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, engine_config=cfg, seed=args.seed, warmup=False).engine
+
+
+def read_tokens(path: str | None) -> tuple[str, ...]:
+    tokens = []
+    if path:
+        with open(path) as f:
+            tokens = [line.strip() for line in f if line.strip() and not line.startswith("#")]
+        if not tokens:
+            raise ValueError(f"--auth-token-file {path!r} holds no token")
+    if os.environ.get("JINFER_AUTH_TOKEN", "").strip():
+        tokens.append(os.environ["JINFER_AUTH_TOKEN"].strip())
+    return tuple(tokens)
+
+
+def options(args):
+    from serve.app import ServeOptions
+
+    if bool(args.tls_cert) != bool(args.tls_key):
+        raise ValueError("--tls-cert and --tls-key go together")
+    cert = key = None
+    if args.tls_cert:
+        with open(args.tls_cert, "rb") as f:
+            cert = f.read()
+        with open(args.tls_key, "rb") as f:
+            key = f.read()
+    return ServeOptions(host=args.host, port=args.port, model_name=args.model, tls_cert_chain=cert,
+                        tls_private_key=key, auth_tokens=read_tokens(args.auth_token_file),
+                        max_message_bytes=args.max_message_bytes, metrics_host=args.metrics_host,
+                        metrics_port=args.metrics_port, drain_grace_s=args.drain_grace)
+
+
+async def serve(engine, opts) -> int:
+    from serve.app import ServeApp
+
+    app = ServeApp(engine, opts)
+    port = await app.start()
+    log.info(json.dumps({"event": "listening", "host": opts.host, "port": port, "tls": opts.tls_cert_chain is not None,
+                         "auth": bool(opts.auth_tokens), "metrics_port": app.metrics_port, "model": opts.model_name}))
+    stop = asyncio.Event()
+    loop = asyncio.get_running_loop()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    ready = asyncio.ensure_future(app.wait_ready())
+    stopping = asyncio.ensure_future(stop.wait())
+    await asyncio.wait([ready, stopping], return_when=asyncio.FIRST_COMPLETED)
+    if ready.done() and ready.result():
+        log.info(json.dumps({"event": "serving", "port": port}))
+        failed = asyncio.ensure_future(app.failed.wait())
+        await asyncio.wait([stopping, failed], return_when=asyncio.FIRST_COMPLETED)
+        failed.cancel()
+    ready.cancel()
+    stopping.cancel()
+    await app.drain()
+    return 1 if app.failed.is_set() else 0
+
+
+def run(args) -> int:
+    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
+    if not args.no_compile_cache:
+        from jinfer.cli import _enable_compile_cache
+
+        _enable_compile_cache()
+    opts = options(args)  # before loading the model, so a bad flag fails fast
+    engine = build_engine(args)
+    return asyncio.run(serve(engine, opts))
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m serve.main", description=__doc__.split("\n")[0])
+    add_arguments(p)
+    args = p.parse_args(argv)
+    try:
+        return run(args)
+    except (ValueError, OSError) as e:
+        print(f"jinfer serve: error: {e}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,1 @@
+"""Generated code of the jinfer gRPC protocol (see serve/proto/generate.sh)."""

@@ -1,0 +1,76 @@
+"""The jinfer.v1 protocol without a server: the committed generated code matches the .proto, every
+SamplingParams field crosses the wire unchanged, and client requests are built as documented."""
+
+from __future__ import annotations
+
+import dataclasses
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from google.protobuf import descriptor_pb2
+
+from jinfer.sampling_params import SamplingParams
+from serve import convert
+from serve.client import build_request
+from serve.proto.jinfer.v1 import jinfer_pb2 as pb
+
+ROOT = Path(__file__).resolve().parents[1]
+PROTO = "serve/proto/jinfer/v1/jinfer.proto"
+
+
+def test_generated_code_matches_the_proto(tmp_path):
+    pytest.importorskip("grpc_tools")
+    out = tmp_path / "descriptor.pb"
+    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--descriptor_set_out={out}", PROTO],
+                         cwd=ROOT, capture_output=True, text=True)
+    assert res.returncode == 0, res.stderr
+    fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
+    for message in fresh.message_type:  # json_name is protoc's annotation; the Python gencode leaves it out
+        for field in message.field:
+            field.ClearField("json_name")
+    committed = descriptor_pb2.FileDescriptorProto()
+    pb.DESCRIPTOR.CopyToProto(committed)
+    assert committed == fresh, "serve/proto is stale: run serve/proto/generate.sh"
+
+
+def test_every_sampling_field_is_in_the_proto():
+    proto_fields = set(pb.SamplingParams.DESCRIPTOR.fields_by_name)
+    assert {f.name for f in dataclasses.fields(SamplingParams)} == proto_fields
+
+
+def test_sampling_params_round_trip_every_field():
+    want = SamplingParams(max_tokens=7, temperature=0.3, top_k=5, top_p=0.85, min_p=0.02, repetition_penalty=1.1,
+                          presence_penalty=-0.5, frequency_penalty=1.5, seed=2**32 - 1, stop=("a", "bc"),
+                          stop_token_ids=(3, 4), ignore_eos=True, logprobs=2)
+    msg = build_request([1, 2], **dataclasses.asdict(want)).sampling
+    assert convert.sampling_params(msg, max_logprobs=5) == want
+    # Unset fields take SamplingParams' defaults; -1 means no top-k cut, as in SamplingParams.
+    assert convert.sampling_params(pb.SamplingParams(), 5) == SamplingParams()
+    assert convert.sampling_params(pb.SamplingParams(top_k=-1), 5) == SamplingParams(top_k=0)
+    assert convert.sampling_params(pb.SamplingParams(temperature=0.0), 5).temperature == 0.0
+
+
+def test_build_request():
+    assert build_request("hi", stop="x").text == "hi"
+    assert list(build_request("hi", stop="x").sampling.stop) == ["x"]
+    assert list(build_request([5, 6]).token_ids.ids) == [5, 6]
+    chat = build_request(messages=[{"role": "user", "content": "hey"}], request_id="r1")
+    assert chat.WhichOneof("prompt") == "chat" and chat.chat.messages[0].content == "hey" and chat.request_id == "r1"
+    assert not build_request("hi", seed=None).sampling.HasField("seed")
+    with pytest.raises(ValueError, match="exactly one of prompt or messages"):
+        build_request("hi", messages=[])
+    with pytest.raises(TypeError, match="unknown sampling argument"):
+        build_request("hi", temprature=0.5)
+
+
+def test_chat_without_a_template_is_refused_naming_the_field():
+    import types
+
+    from tests.tiny import tiny_tokenizer
+
+    engine = types.SimpleNamespace(tokenizer=tiny_tokenizer())
+    chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="w1")])
+    with pytest.raises(ValueError, match="chat: this server's model has no chat template"):
+        convert.render_chat(engine, chat, "chat")
