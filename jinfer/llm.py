@@ -33,11 +33,12 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 
 class LLM:
-    """A model plus an engine. `engine_config` sets slots, pages, buckets (see EngineConfig)."""
+    """A model plus an engine. `model` is anything `checkpoints.load.load` takes, or a LoadedModel already in
+    memory; `engine_config` sets slots, pages, buckets (see EngineConfig)."""
 
-    def __init__(self, model: str = "smollm2", dtype="float32", engine_config=None, seed: int | None = None,
+    def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True):
-        from checkpoints.load import load
+        from checkpoints.load import LoadedModel, load
         from jinfer.engine import Engine
         from jinfer.engine_config import EngineConfig
 
@@ -45,7 +46,7 @@ class LLM:
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))
         if jnp.dtype(engine_config.dtype) != self.dtype:
             engine_config = dataclasses.replace(engine_config, dtype=str(self.dtype))
-        loaded = load(model)
+        loaded = model if isinstance(model, LoadedModel) else load(model)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)

@@ -1,0 +1,185 @@
+"""`jinfer batch IN.jsonl OUT.jsonl`: offline batch inference over the engine.
+
+Each input line is one JSON object: a prompt (`"prompt"`: text or token ids, or `"messages"`: a chat),
+any `SamplingParams` field, and an optional `"id"` that is echoed back. Output line i answers input line
+i (results that finish out of order wait in memory until the lines before them are written), so the
+output is always a prefix of the answers, and a rerun resumes after the last complete line. A bad line
+becomes an output record with an `"error"` that names the problem; the run goes on.
+
+The engine is fed a window of lines at a time (its slots plus a waiting queue), never the whole file.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from pathlib import Path
+from jinfer.outputs import RequestOutput
+from jinfer.sampling_params import SamplingParams
+
+SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+RECORD_FIELDS = ("id", "prompt", "messages")
+
+
+@dataclasses.dataclass(frozen=True)
+class BatchLine:
+    index: int
+    record_id: object  # the line's "id", echoed; None when absent
+    prompt: list[int]
+    sampling: SamplingParams
+
+
+def parse_line(llm, index: int, line: str) -> BatchLine:
+    """One input line -> a BatchLine, or ValueError naming the bad field."""
+    try:
+        obj = json.loads(line)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON: {e}") from None
+    if not isinstance(obj, dict):
+        raise ValueError(f"a line must be a JSON object, not {type(obj).__name__}")
+    unknown = sorted(set(obj) - set(SAMPLING_FIELDS) - set(RECORD_FIELDS))
+    if unknown:
+        raise ValueError(f"unknown field(s) {unknown}; expected prompt or messages, id, and sampling fields "
+                         f"{list(SAMPLING_FIELDS)}")
+    if ("prompt" in obj) == ("messages" in obj):
+        raise ValueError("give exactly one of 'prompt' (text or token ids) and 'messages' (a chat)")
+    if "messages" in obj:
+        messages = obj["messages"]
+        if not isinstance(messages, list) or not messages or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in messages):
+            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
+        try:
+            _, ids = llm.chat_prompt(messages)
+        except Exception as e:  # noqa: BLE001 - no template, or the template's own raise_exception
+            raise ValueError(f"messages: {e}") from None
+        _, ids = llm.engine.encode_prompt(ids, field="messages (rendered)")
+    else:
+        prompt = obj["prompt"]
+        if not isinstance(prompt, (str, list)):
+            raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
+        _, ids = llm.engine.encode_prompt(prompt, field="prompt")
+    kw = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    for k in ("stop", "stop_token_ids"):
+        if k in kw and isinstance(kw[k], list):
+            kw[k] = tuple(kw[k])
+    try:
+        sampling = SamplingParams(**kw)
+    except TypeError as e:  # a field of the wrong JSON type deep in validation
+        raise ValueError(str(e)) from None
+    return BatchLine(index, obj.get("id"), ids, sampling)
+
+
+def output_record(line: BatchLine, out: RequestOutput) -> dict:
+    rec = {"index": line.index, "id": line.record_id, "text": out.text, "token_ids": out.token_ids,
+           "finish_reason": out.finish_reason,
+           "usage": {"prompt_tokens": len(out.prompt_token_ids), "completion_tokens": len(out.token_ids),
+                     "cached_prompt_tokens": out.num_cached_tokens}}
+    if out.logprobs is not None:
+        rec["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
+                            "top": [[t, v] for t, v in lp.top.items()]} for lp in out.logprobs]
+    m = out.metrics
+    if m is not None and m.time_to_first_token is not None:
+        rec["time_to_first_token_s"] = m.time_to_first_token
+    return rec
+
+
+def error_record(index: int, line: str, error: Exception) -> dict:
+    record_id = None
+    try:
+        obj = json.loads(line)
+        record_id = obj.get("id") if isinstance(obj, dict) else None
+    except json.JSONDecodeError:
+        pass
+    return {"index": index, "id": record_id, "error": str(error)}
+
+
+def count_done(out_path: Path) -> int:
+    """Complete output lines (a partial last line from an interrupted run is cut off and redone)."""
+    if not out_path.exists():
+        return 0
+    data = out_path.read_bytes()
+    end = data.rfind(b"\n") + 1
+    if end < len(data):
+        with open(out_path, "r+b") as f:
+            f.truncate(end)
+    done = data[:end].count(b"\n")
+    for i, raw in enumerate(data[:end].splitlines()):
+        try:
+            rec = json.loads(raw)
+        except json.JSONDecodeError:
+            raise ValueError(f"{out_path}: line {i + 1} is not JSON; it is not an output of this command") from None
+        if not isinstance(rec, dict) or rec.get("index") != i:
+            raise ValueError(f"{out_path}: line {i + 1} is not record {i}; it is not an output of this command")
+    return done
+
+
+def read_lines(in_path: Path) -> list[str]:
+    with open(in_path, encoding="utf-8") as f:
+        lines = f.read().split("\n")
+    if lines and lines[-1] == "":
+        lines.pop()  # the file's final newline
+    return lines
+
+
+def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool = True) -> dict:
+    """Answers every line of `in_path` not yet answered in `out_path`; returns counts of what it did."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    if not in_path.is_file():
+        raise FileNotFoundError(f"input file {in_path} does not exist")
+    lines = read_lines(in_path)
+    done = count_done(out_path)
+    if done > len(lines):
+        raise ValueError(f"{out_path} has {done} records but {in_path} has only {len(lines)} lines")
+    engine = llm.engine
+    # Enough lines to keep every slot busy, never more than the waiting queue takes.
+    window = window or min(engine.config.max_waiting, 5 * engine.config.max_slots)
+    bar = None
+    if progress:
+        from tqdm import tqdm
+
+        bar = tqdm(total=len(lines), initial=done, desc="batch", unit="line")
+    counts = {"skipped": done, "completed": 0, "errors": 0}
+    ready: dict[int, dict] = {}  # finished records waiting for the lines before them
+    inflight: dict[str, BatchLine] = {}
+    todo = iter(range(done, len(lines)))
+    next_out = done
+    with open(out_path, "a", encoding="utf-8") as out:
+        try:
+            exhausted = False
+            while True:
+                while not exhausted and len(inflight) + len(ready) < window:
+                    i = next(todo, None)
+                    if i is None:
+                        exhausted = True
+                        break
+                    try:
+                        line = parse_line(llm, i, lines[i])
+                        rid = engine.add_request(line.prompt, line.sampling, request_id=f"batch-{i}")
+                        inflight[rid] = line
+                    except Exception as e:  # noqa: BLE001 - any bad line (even a template's own error) is reported
+                        ready[i] = error_record(i, lines[i], e)
+                        counts["errors"] += 1
+                if not inflight and not ready:
+                    break
+                if inflight:
+                    for ev in engine.step():
+                        if ev.output.finished and ev.request_id in inflight:
+                            line = inflight.pop(ev.request_id)
+                            ready[line.index] = output_record(line, ev.output)
+                            counts["completed"] += 1
+                while next_out in ready:
+                    out.write(json.dumps(ready.pop(next_out), ensure_ascii=False) + "\n")
+                    next_out += 1
+                    if bar:
+                        bar.update(1)
+                out.flush()
+        finally:
+            for rid in inflight:
+                engine.cancel(rid)
+            engine.run_until_done()  # the step already dispatched for cancelled requests
+            os.fsync(out.fileno())
+            if bar:
+                bar.close()
+    return counts
