@@ -1,4 +1,4 @@
-"""The `jinfer` command line: `generate`, `convert`, `pull`."""
+"""The `jinfer` command line: `generate`, `batch`, `convert`, `pull`, `serve`, `client`."""
 
 from __future__ import annotations
 
@@ -40,6 +40,18 @@ def cmd_generate(args) -> int:
     return 0
 
 
+def cmd_batch(args) -> int:
+    from jinfer.batch import run_batch
+    from jinfer.llm import LLM
+
+    _enable_compile_cache()
+    llm = LLM(args.model, dtype=args.dtype)
+    counts = run_batch(llm, args.input, args.output)
+    print(f"jinfer batch: {counts['completed']} completed, {counts['errors']} errors, "
+          f"{counts['skipped']} already done", file=sys.stderr)
+    return 0
+
+
 def cmd_convert(args) -> int:
     from checkpoints.convert import convert
 
@@ -53,6 +65,18 @@ def cmd_pull(args) -> int:
 
     print(pull(args.name, force=args.force))
     return 0
+
+
+def cmd_serve(args) -> int:
+    from serve.main import run
+
+    return run(args)
+
+
+def cmd_client(args) -> int:
+    from serve.client_cli import run
+
+    return run(args)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -73,6 +97,13 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     g.set_defaults(fn=cmd_generate)
 
+    b = sub.add_parser("batch", help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
+    b.add_argument("input", help="one JSON object a line: prompt or messages, sampling fields, optional id")
+    b.add_argument("output", help="one result a line, in input order; a rerun skips the lines already there")
+    b.add_argument("--model", default="smollm2")
+    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.set_defaults(fn=cmd_batch)
+
     c = sub.add_parser("convert", help="convert a GGUF file or HF directory to an orbax checkpoint")
     c.add_argument("src")
     c.add_argument("dst")
@@ -83,6 +114,17 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("name", nargs="?", default="smollm2")
     pl.add_argument("--force", action="store_true", help="convert again even if cached")
     pl.set_defaults(fn=cmd_pull)
+
+    from serve import client_cli
+    from serve import main as serve_main
+
+    sv = sub.add_parser("serve", help="serve a model over gRPC (warm-up, then serve; SIGTERM drains)")
+    serve_main.add_arguments(sv)
+    sv.set_defaults(fn=cmd_serve)
+
+    cl = sub.add_parser("client", help="stream a generation from a jinfer server to the terminal")
+    client_cli.add_arguments(cl)
+    cl.set_defaults(fn=cmd_client)
     return p
 
 
@@ -93,7 +135,7 @@ def main(argv: list[str] | None = None) -> int:
 
     try:
         return args.fn(args)
-    except (CheckpointError, ConfigError, ValueError) as e:
+    except (CheckpointError, ConfigError, ValueError, FileNotFoundError) as e:
         print(f"jinfer {args.command}: error: {e}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
