@@ -42,24 +42,59 @@ def sample(
 
 
 def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
+    # No vocabulary sort: the top-k and nucleus cuts are thresholds found by bisection (32 masked
+    # reductions over the vocabulary each), which is far cheaper than a sort on every backend (an
+    # XLA CPU sort of 8 x 49k logits took 0.2 s). Ties at a threshold are all kept.
     V = logits.shape[-1]
     scaled = logits / jnp.maximum(temperature, 1e-6)[:, None]
-    order = jnp.argsort(-scaled, axis=-1)
-    sorted_logits = jnp.take_along_axis(scaled, order, axis=-1)  # descending
-    rank = jnp.arange(V)[None, :]
-    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)[:, None]
-    keep = rank < k
-    probs = jax.nn.softmax(jnp.where(keep, sorted_logits, -jnp.inf), axis=-1)
-    # Nucleus: keep a token if the mass strictly before it is below top_p (so the top token always stays).
-    mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = keep & (mass_before < top_p[:, None])
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, V), V)
+    keep = _ordered_key(scaled) >= _kth_largest_key(scaled, k)[:, None]
+    probs = jax.nn.softmax(jnp.where(keep, scaled, -jnp.inf), axis=-1)
+    # Nucleus: keep a token if the mass of the tokens more likely than it is below top_p (the most likely
+    # token always stays).
+    keep = keep & (_ordered_key(probs) >= _nucleus_key(probs, top_p)[:, None])
     if min_p is not None:
-        # probs is sorted, so probs[:, :1] is each row's most likely token.
-        keep = keep & (probs >= min_p[:, None] * probs[:, :1])
-    masked = jnp.where(keep, sorted_logits, -jnp.inf)
-    choice = jax.vmap(jax.random.categorical)(keys, masked)
-    sampled = jnp.take_along_axis(order, choice[:, None], axis=-1)[:, 0].astype(jnp.int32)
-    return jnp.where(temperature > 0, sampled, greedy)
+        keep = keep & (probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True))
+    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
+    return jnp.where(temperature > 0, choice, greedy)
+
+
+def _ordered_key(x: jnp.ndarray) -> jnp.ndarray:
+    """f32 -> u32 whose unsigned order is the float order (negative floats reversed under the sign bit)."""
+    bits = jax.lax.bitcast_convert_type(x.astype(jnp.float32), jnp.uint32)
+    return jnp.where(bits >> 31 == 1, ~bits, bits | jnp.uint32(0x80000000))
+
+
+def _kth_largest_key(x: jnp.ndarray, k: jnp.ndarray) -> jnp.ndarray:
+    """u32[B]: the ordered key of each row's k-th largest value (k: i32[B] in [1, V])."""
+    keys = _ordered_key(x)
+
+    def body(_, lohi):  # invariant: count(keys >= lo) >= k; the answer is in [lo, hi]
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2 + (hi > lo).astype(jnp.uint32)
+        ok = (keys >= mid[:, None]).sum(-1) >= k
+        return jnp.where(ok, mid, lo), jnp.where(ok, hi, mid - 1)
+
+    B = x.shape[0]
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.zeros(B, jnp.uint32), jnp.full(B, 0xFFFFFFFF, jnp.uint32)))
+    return lo
+
+
+def _nucleus_key(probs: jnp.ndarray, top_p: jnp.ndarray) -> jnp.ndarray:
+    """u32[B]: the smallest ordered key T with mass(probs whose key > T) < top_p; tokens at or above it
+    are the nucleus (those whose strictly-more-likely mass is below top_p)."""
+    keys = _ordered_key(probs)
+
+    def body(_, lohi):
+        lo, hi = lohi
+        mid = lo + (hi - lo) // 2
+        ok = jnp.where(keys > mid[:, None], probs, 0).sum(-1) < top_p
+        return jnp.where(ok, lo, mid + 1), jnp.where(ok, mid, hi)
+
+    B = probs.shape[0]
+    one = _ordered_key(jnp.ones(B, jnp.float32))  # no probability exceeds 1, so T = key(1) qualifies
+    lo, _ = jax.lax.fori_loop(0, 32, body, (jnp.full(B, 0x80000000, jnp.uint32), one))
+    return lo
 
 
 def step_keys(seeds: jnp.ndarray, step: jnp.ndarray) -> jnp.ndarray:
