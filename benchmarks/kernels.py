@@ -1,7 +1,9 @@
 """Attention kernels at full size on the GPU: correctness against the `jnp` reference, then time beside
 peers in the same run (cuDNN through jax.nn.dot_product_attention; JAX's own Pallas paged kernel).
 
-    python benchmarks/kernels.py [--decode-only] [--iters 50]
+    python benchmarks/kernels.py [--decode-only | --prefill-only] [--iters 50]
+
+Prefill: bf16 causal, 32 query / 8 KV heads, head dim 128; TFLOP/s = 4 * B * S^2 * N * H / 2 / time.
 
 Decode: bf16, 32 query / 8 KV heads, head dim 128, pages of --page-size tokens scattered in the pool.
 Figure: GB/s of K/V read (2 * B * ctx * KV * D * 2 bytes), against the device copy rate (~2.9 TB/s).
@@ -23,6 +25,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DECODE_SHAPES = [(64, 4096), (8, 32768), (1, 4096)]
+PREFILL_SHAPES = [(4, 4096), (1, 16384), (16, 1024)]
+# Block sizes tried for the prefill kernel (block_q, block_k, num_warps, num_stages); the fastest is reported.
+PREFILL_BLOCKS = [(32, 64, 4, 2), (32, 64, 8, 3), (32, 128, 8, 2), (16, 64, 4, 3), (64, 64, 8, 2), (32, 32, 4, 3)]
 
 
 def timeit(fn, iters: int) -> float:
@@ -109,13 +114,67 @@ def decode_case(B, ctx, page_size, iters, rng):
     return B, ctx, t_ours, bytes_kv / t_ours, best_peer
 
 
+def prefill_case(B, S, iters, rng):
+    from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
+    from pallas_kernels.flash_attention.kernel import BlockSizes
+
+    k1, k2, k3 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
+    q = jax.random.normal(k1, (B, S, N_HEADS, HEAD_DIM), jnp.bfloat16)
+    k = jax.random.normal(k2, (B, S, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    v = jax.random.normal(k3, (B, S, KV_HEADS, HEAD_DIM), jnp.bfloat16)
+    flops = 4 * B * S * S * N_HEADS * HEAD_DIM / 2
+    rows = []
+    for bq, bk, w, st in PREFILL_BLOCKS:
+        bs = BlockSizes(block_q=bq, block_k=bk, num_warps=w, num_stages=st)
+        try:
+            f = jax.jit(lambda q, k, v, bs=bs: flash_attention(q, k, v, causal=True, block_sizes=bs))
+            rows.append((f"jinfer pallas {bq}x{bk} w{w} s{st}", timeit(lambda: f(q, k, v), iters), f))
+        except Exception as e:  # noqa: BLE001 - a block size that does not fit is skipped
+            print(f"  blocks {bs} failed: {type(e).__name__}: {str(e)[:100]}")
+    ours_name, t_ours, ours = min(rows, key=lambda r: r[1])
+    # Correctness: against the jnp reference on the last 512 queries of row 0 (the full reference would
+    # hold B x N x S^2 scores), and against cuDNN on everything.
+    tail = slice(S - 512, S)
+    ref = flash_attention_reference(q[:1, tail], k[:1], v[:1], causal=True, q_offset=jnp.array([S - 512]))
+    out = ours(q, k, v)
+    err = rel_err(out[:1, tail], ref)
+    peers = []
+    try:
+        cudnn = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=True, implementation="cudnn"))
+        peers.append(("cuDNN", timeit(lambda: cudnn(q, k, v), iters)))
+        err_cudnn = rel_err(out, cudnn(q, k, v))
+    except Exception as e:  # noqa: BLE001
+        print(f"  cuDNN peer failed: {type(e).__name__}: {str(e)[:120]}")
+        err_cudnn = float("nan")
+    try:
+        from jax.experimental.pallas.ops.gpu import attention as jfa
+
+        jf = jax.jit(lambda q, k, v: jfa.mha(q, jnp.repeat(k, N_HEADS // KV_HEADS, 2),
+                                             jnp.repeat(v, N_HEADS // KV_HEADS, 2), None, causal=True))
+        peers.append(("JAX pallas mha", timeit(lambda: jf(q, k, v), iters)))
+    except Exception as e:  # noqa: BLE001
+        print(f"  JAX Pallas peer failed: {type(e).__name__}: {str(e)[:120]}")
+    print(f"prefill causal B={B} S={S} (rel err vs reference {err:.1e}, vs cuDNN {err_cudnn:.1e}):")
+    for name, t, *_ in sorted(rows, key=lambda r: r[1])[:3] + [(n, t) for n, t in peers]:
+        print(f"  {name:<28} {t * 1e3:8.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s")
+    best_peer = min((t for _, t in peers), default=float("nan"))
+    print(f"  ratio best peer / jinfer ({ours_name}): {best_peer / t_ours:.2f}")
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=30)
     ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--decode-only", action="store_true")
+    ap.add_argument("--prefill-only", action="store_true")
     args = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     rng = np.random.default_rng(0)
+    if not args.decode_only:
+        for B, S in PREFILL_SHAPES:
+            prefill_case(B, S, args.iters, rng)
+    if args.prefill_only:
+        return
     for B, ctx in DECODE_SHAPES:
         decode_case(B, ctx, args.page_size, args.iters, rng)
 

@@ -1,5 +1,6 @@
 """Run by tests/test_ring_attention.py in a fresh process (it needs 8 CPU devices before jax starts):
-ring attention over n devices against unsharded attention; prints one line per case, exits 1 on a miss."""
+ring attention over n devices (the arguments; default 4 and 8) against unsharded attention; prints one
+line per case, exits 1 on a miss."""
 
 import os
 import sys
@@ -18,9 +19,10 @@ from pallas_kernels.ring_attention import ring_attention, zigzag_order  # noqa: 
 
 
 def main():
-    rng = np.random.default_rng(int(sys.argv[1]) if len(sys.argv) > 1 else 0)
+    devices = [int(a) for a in sys.argv[1:]] or [4, 8]
+    rng = np.random.default_rng(sum(devices))
     bad = 0
-    for n in (4, 8):
+    for n in devices:
         mesh = Mesh(np.array(jax.devices()[:n]), ("seq",))
         B, S, N, K, H = 2, 8 * n, 8, 2, 32
         q, k, v = (jnp.asarray(rng.normal(size=(B, S, h, H)), jnp.float32) for h in (N, K, K))

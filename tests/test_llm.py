@@ -30,7 +30,7 @@ def test_greedy_text_matches_transformers_generate(llm, hf_smollm2):
 
 
 def test_stream_deltas_concatenate_to_generate_text(llm):
-    params = SamplingParams(max_tokens=40, temperature=0.8, seed=11)
+    params = SamplingParams(max_tokens=40, temperature=0.8, seed=12)  # seed 11 draws EOS at once
     deltas = list(llm.stream("Write a haiku about the sea.", params))
     assert len(deltas) > 1
     assert "".join(deltas) == llm.generate("Write a haiku about the sea.", params)[0].text

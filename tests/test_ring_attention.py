@@ -16,11 +16,15 @@ from pallas_kernels.ring_attention import zigzag_order
 def test_ring_attention_equals_unsharded_attention():
     root = Path(__file__).resolve().parent.parent
     env = {**os.environ, "PYTHONPATH": str(root)}
-    res = subprocess.run([sys.executable, str(root / "tests" / "ring_check.py")], capture_output=True, text=True,
-                         env=env, timeout=600)
-    print(res.stdout)
-    assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count(" ok") == 4
+    # One process per device count, side by side: each is mostly single-threaded compilation of the
+    # interpret-mode kernels.
+    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "ring_check.py"), str(n)], env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in (4, 8)]
+    for p in procs:
+        out, err = p.communicate(timeout=600)
+        print(out)
+        assert p.returncode == 0, out + err
+        assert out.count(" ok") == 2
 
 
 def test_zigzag_order_balances_chunks():
