@@ -69,8 +69,6 @@ class Engine:
         tok_eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | set(tok_eos)))
         self.scheduler = Scheduler(self.config, self.max_model_len, self.num_pages, self.eos_token_ids)
-        dtype = jnp.dtype(self.config.dtype)
-        params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
         self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq,
                              attention_backend)
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read

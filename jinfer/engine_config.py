@@ -24,9 +24,11 @@ class EngineConfig:
     max_waiting: int = 4096  # requests queued before new ones are refused
     dtype: str = "float32"
     max_logprobs: int = 5  # top-n logprobs a request may ask for (a static width of the sampler)
+    tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.sharding); 1: one device
 
     def __post_init__(self):
-        for name in ("max_slots", "page_size", "max_prefill_chunk", "max_waiting", "cpu_default_pages"):
+        for name in ("max_slots", "page_size", "max_prefill_chunk", "max_waiting", "cpu_default_pages",
+                     "tensor_parallel"):
             v = getattr(self, name)
             if not isinstance(v, int) or v <= 0:
                 raise ValueError(f"EngineConfig.{name}={v!r} must be a positive integer")

@@ -49,21 +49,39 @@ class Runner:
                  max_pages_per_seq: int, attention_backend=None):
         from jinfer.attention_backend import default_backend
 
+        from jinfer import sharding
+
         self.model_config = model_config
         self.config = engine_config
-        self.params = params
+        dtype = jnp.dtype(engine_config.dtype)
+        # One device, or a (model=tensor_parallel) mesh whose shardings jit propagates through the step.
+        self.mesh = sharding.make_mesh(model=engine_config.tensor_parallel) if engine_config.tensor_parallel > 1 else None
+        if self.mesh is None:
+            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+        else:  # each device receives its shard only, then casts it
+            self.params = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s).astype(dtype), params,
+                                                 sharding.param_shardings(model_config, self.mesh))
         self.max_pages_per_seq = max_pages_per_seq
         c = model_config
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, engine_config.max_slots,
                                                                 engine_config.page_size)
-        dtype = jnp.dtype(engine_config.dtype)
         c, S = model_config, engine_config.max_slots
         self.kv = paged_kv_cache(c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim, dtype)
         self.last_sampled = jnp.zeros(S, jnp.int32)
         self.output_counts = jnp.zeros((S, c.vocab_size), jnp.int32)
         self.prompt_mask = jnp.zeros((S, c.vocab_size), bool)
+        if self.mesh is not None:
+            kv_sharding = sharding.kv_cache_sharding(self.kv[0].shape, self.mesh)
+            self.kv = tuple(jax.device_put(x, kv_sharding) for x in self.kv)
+            rep = sharding.replicated(self.mesh)
+            self.last_sampled, self.output_counts, self.prompt_mask = (
+                jax.device_put(x, rep) for x in (self.last_sampled, self.output_counts, self.prompt_mask))
         self.num_compilations = 0
-        self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4))
+        out_shardings = None
+        if self.mesh is not None:  # pinned, so that the donated state comes back as it went in (no recompile)
+            out_shardings = ((kv_sharding, kv_sharding), rep, rep, rep, rep)
+        self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
+                             out_shardings=out_shardings)
 
     # ---- shapes --------------------------------------------------------------------------------
 

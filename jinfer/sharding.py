@@ -1,0 +1,84 @@
+"""Sharding as data: the mesh, and one table from logical axis names to mesh axes.
+
+Every parameter leaf carries logical axis names (`llama.param_axes`), and so does the KV cache
+(`KV_CACHE_AXES`). `RULES` maps each name to a mesh axis (or None: replicated); the model code never
+mentions a device. Arrays are placed with these shardings and `jit` propagates them through the step.
+
+Tensor parallelism (the `model` axis) is Megatron's: Q/K/V/gate/up are split by output column (heads,
+MLP width), O/down by input row, so each layer needs one all-reduce after attention and one after the
+MLP; the embedding and LM head are split over the vocabulary. The KV cache is split over KV heads like
+K/V themselves, so each device keeps the cache of the heads it computes. An axis whose size does not
+divide by its mesh axis (fewer KV heads than model shards) is replicated instead.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import jax
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jinfer.config import ModelConfig
+
+MESH_AXES = ("data", "model", "seq")
+
+RULES: dict[str, str | None] = {
+    "vocab": "model",
+    "embed": None,
+    "q_heads": "model",
+    "kv_heads": "model",
+    "head_dim": None,
+    "mlp": "model",
+    "layers": None,
+    "pages": None,
+    "page_slot": None,
+}
+
+KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slot", "head_dim")  # [L, K, P, page_size, H]
+
+
+def make_mesh(data: int = 1, model: int = 1, seq: int = 1, devices=None) -> Mesh:
+    """A (data, model, seq) mesh over the first data x model x seq devices (all local devices by default)."""
+    for name, n in (("data", data), ("model", model), ("seq", seq)):
+        if not isinstance(n, int) or n < 1:
+            raise ValueError(f"mesh axis {name}={n!r} must be a positive integer")
+    devices = list(jax.devices() if devices is None else devices)
+    need = data * model * seq
+    if need > len(devices):
+        raise ValueError(f"a mesh of data={data} x model={model} x seq={seq} needs {need} devices; "
+                         f"{len(devices)} are available")
+    return Mesh(np.array(devices[:need]).reshape(data, model, seq), MESH_AXES)
+
+
+def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) -> PartitionSpec:
+    spec = []
+    for name, size in zip(axes, shape):
+        if name not in RULES:
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to jinfer.sharding.RULES")
+        mesh_axis = RULES[name]
+        if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
+            mesh_axis = None  # nothing to split, or it does not split evenly: replicate
+        spec.append(mesh_axis)
+    return PartitionSpec(*spec)
+
+
+def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
+    """NamedShardings with the structure of the params pytree."""
+    from jinfer.models import llama
+
+    axes, shapes = llama.param_axes(config), llama.param_shapes(config)
+    is_axes = lambda x: isinstance(x, tuple)  # noqa: E731 - tuples of names are leaves here
+    return jax.tree_util.tree_map(lambda a, s: NamedSharding(mesh, partition_spec(a, s, mesh)), axes, shapes,
+                                  is_leaf=is_axes)
+
+
+def kv_cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, partition_spec(KV_CACHE_AXES, shape, mesh))
+
+
+def replicated(mesh: Mesh) -> NamedSharding:
+    return NamedSharding(mesh, PartitionSpec())
+
+
+def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
+    """Places each leaf on the mesh by the rules (each device receives only its own shard)."""
+    return jax.tree_util.tree_map(jax.device_put, params, param_shardings(config, mesh))

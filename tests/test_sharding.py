@@ -1,0 +1,52 @@
+"""Tensor parallelism: the sharding rules, and the engine on model=2 and model=4 meshes of CPU devices
+giving the single-device greedy outputs token for token."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import jax
+import pytest
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as P
+
+from jinfer import sharding
+
+
+class FakeMesh:
+    """partition_spec reads only the axis sizes, so rules can be checked without 8 devices."""
+
+    def __init__(self, **shape):
+        self.shape = shape
+
+
+def test_rules_split_heads_mlp_and_vocab_and_replicate_what_does_not_divide():
+    mesh = FakeMesh(data=1, model=4, seq=1)
+    assert sharding.partition_spec(("layers", "embed", "q_heads", "head_dim"), (2, 64, 8, 16), mesh) == \
+        P(None, None, "model", None)
+    assert sharding.partition_spec(("layers", "mlp", "embed"), (2, 128, 64), mesh) == P(None, "model", None)
+    # 2 KV heads cannot split 4 ways: replicated, so each device keeps the whole cache of those heads.
+    assert sharding.partition_spec(sharding.KV_CACHE_AXES, (2, 2, 10, 4, 16), mesh) == P(*[None] * 5)
+    assert sharding.partition_spec(("vocab", "embed"), (128, 64), FakeMesh(data=1, model=1, seq=1)) == P(None, None)
+    with pytest.raises(KeyError, match="'nonsense' has no sharding rule"):
+        sharding.partition_spec(("nonsense",), (4,), mesh)
+
+
+def test_make_mesh_names_the_bad_axis():
+    assert isinstance(sharding.make_mesh(), Mesh)
+    with pytest.raises(ValueError, match="model=0 must be a positive integer"):
+        sharding.make_mesh(model=0)
+    with pytest.raises(ValueError, match=f"needs {len(jax.devices()) + 1} devices"):
+        sharding.make_mesh(model=len(jax.devices()) + 1)
+
+
+def test_tensor_parallel_engine_equals_one_device():
+    root = Path(__file__).resolve().parent.parent
+    res = subprocess.run([sys.executable, str(root / "tests" / "tp_check.py")], capture_output=True, text=True,
+                         env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(": ok") == 2
