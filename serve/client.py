@@ -57,16 +57,17 @@ def _channel_args(target: str, root_certificates: bytes | None, tls: bool, max_m
     return target, creds, options
 
 
-class JinferClient:
-    """`root_certificates` (PEM bytes) or `tls=True` (the system's roots) for a TLS server; `token` for a
-    server that wants a bearer token; `timeout` (seconds) is every call's default deadline."""
+class _Client:
+    """What the blocking and the asyncio client share: the channel, the stubs, the call options."""
+
+    _channels = (grpc.insecure_channel, grpc.secure_channel)
 
     def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
                  tls: bool = False, timeout: float | None = None,
                  max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str | None = None):
         target, creds, options = _channel_args(target, root_certificates, tls, max_message_bytes, server_name)
-        self.channel = (grpc.secure_channel(target, creds, options) if creds is not None
-                        else grpc.insecure_channel(target, options))
+        insecure, secure = self._channels
+        self.channel = secure(target, creds, options) if creds is not None else insecure(target, options)
         self._stub = pb_grpc.GenerationStub(self.channel)
         self._health = health_pb2_grpc.HealthStub(self.channel)
         self._metadata = bearer_metadata(token)
@@ -80,6 +81,11 @@ class JinferClient:
         """The streaming call: iterate it for GenerateResponse messages; `.cancel()` ends it."""
         req = build_request(prompt, messages=messages, request_id=request_id, **sampling)
         return self._stub.Generate(req, **self._kw(timeout))
+
+
+class JinferClient(_Client):
+    """`root_certificates` (PEM bytes) or `tls=True` (the system's roots) for a TLS server; `token` for a
+    server that wants a bearer token; `timeout` (seconds) is every call's default deadline."""
 
     def generate(self, prompt=None, *, messages=None, request_id: str = "", timeout: float | None = None,
                  **sampling) -> pb.GenerateResponse:
@@ -119,27 +125,10 @@ class JinferClient:
         self.close()
 
 
-class AsyncJinferClient:
+class AsyncJinferClient(_Client):
     """The asyncio twin of JinferClient (same arguments); `stream` returns an async-iterable call."""
 
-    def __init__(self, target: str, *, token: str | None = None, root_certificates: bytes | None = None,
-                 tls: bool = False, timeout: float | None = None,
-                 max_message_bytes: int = DEFAULT_MAX_MESSAGE_BYTES, server_name: str | None = None):
-        target, creds, options = _channel_args(target, root_certificates, tls, max_message_bytes, server_name)
-        self.channel = (grpc.aio.secure_channel(target, creds, options) if creds is not None
-                        else grpc.aio.insecure_channel(target, options))
-        self._stub = pb_grpc.GenerationStub(self.channel)
-        self._health = health_pb2_grpc.HealthStub(self.channel)
-        self._metadata = bearer_metadata(token)
-        self.timeout = timeout
-
-    def _kw(self, timeout):
-        return dict(metadata=self._metadata, timeout=self.timeout if timeout is None else timeout)
-
-    def stream(self, prompt=None, *, messages=None, request_id: str = "", timeout: float | None = None,
-               **sampling):
-        req = build_request(prompt, messages=messages, request_id=request_id, **sampling)
-        return self._stub.Generate(req, **self._kw(timeout))
+    _channels = (grpc.aio.insecure_channel, grpc.aio.secure_channel)
 
     async def generate(self, prompt=None, *, messages=None, request_id: str = "", timeout: float | None = None,
                        **sampling) -> pb.GenerateResponse:
