@@ -134,7 +134,7 @@ def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool 
         raise ValueError(f"{out_path} has {done} records but {in_path} has only {len(lines)} lines")
     engine = llm.engine
     # Enough lines to keep every slot busy, never more than the waiting queue takes.
-    window = window or min(engine.config.max_waiting, 5 * engine.config.max_slots)
+    window = window or min(engine.config.max_waiting, 5 * engine.config.max_slots * engine.config.data_parallel)
     bar = None
     if progress:
         from tqdm import tqdm

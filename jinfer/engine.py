@@ -56,10 +56,11 @@ class _Stream:
 
 
 class Engine:
-    """`tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks."""
+    """`tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks.
+    `devices`: where this engine's mesh lives (a data-parallel replica's share); default the first ones."""
 
     def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
-                 attention_backend=None, seed: int | None = None):
+                 attention_backend=None, seed: int | None = None, devices=None):
         self.config = engine_config or EngineConfig()
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -70,7 +71,7 @@ class Engine:
         self.eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | set(tok_eos)))
         self.scheduler = Scheduler(self.config, self.max_model_len, self.num_pages, self.eos_token_ids)
         self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq,
-                             attention_backend)
+                             attention_backend, devices)
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()

@@ -39,7 +39,7 @@ class LLM:
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True):
         from checkpoints.load import LoadedModel, load
-        from jinfer.engine import Engine
+        from jinfer.data_parallel import make_engine
         from jinfer.engine_config import EngineConfig
 
         self.dtype = resolve_dtype(dtype)
@@ -49,8 +49,7 @@ class LLM:
         loaded = model if isinstance(model, LoadedModel) else load(model)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.engine = Engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)
-        self.params = self.engine.runner.params
+        self.engine = make_engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)
         self.eos_token_ids = self.engine.eos_token_ids
         if warmup:
             self.engine.warmup()

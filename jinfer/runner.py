@@ -46,7 +46,7 @@ class StepOutput:
 
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
-                 max_pages_per_seq: int, attention_backend=None):
+                 max_pages_per_seq: int, attention_backend=None, devices=None):
         from jinfer.attention_backend import default_backend
 
         from jinfer import sharding
@@ -54,8 +54,10 @@ class Runner:
         self.model_config = model_config
         self.config = engine_config
         dtype = jnp.dtype(engine_config.dtype)
-        # One device, or a (model=tensor_parallel) mesh whose shardings jit propagates through the step.
-        self.mesh = sharding.make_mesh(model=engine_config.tensor_parallel) if engine_config.tensor_parallel > 1 else None
+        # The default device, or a (model=tensor_parallel) mesh over `devices` (default: the first devices),
+        # whose shardings jit propagates through the step.
+        tp = engine_config.tensor_parallel
+        self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
         if self.mesh is None:
             self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
         else:  # each device receives its shard only, then casts it

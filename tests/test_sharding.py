@@ -1,5 +1,5 @@
-"""Tensor parallelism: the sharding rules, and the engine on model=2 and model=4 meshes of CPU devices
-giving the single-device greedy outputs token for token."""
+"""Tensor and data parallelism: the sharding rules, and the engine on (model=2), (model=4) and
+(data=2, model=2) meshes of CPU devices giving the single-device greedy outputs token for token."""
 
 from __future__ import annotations
 
@@ -43,10 +43,10 @@ def test_make_mesh_names_the_bad_axis():
         sharding.make_mesh(model=len(jax.devices()) + 1)
 
 
-def test_tensor_parallel_engine_equals_one_device():
+def test_parallel_engines_equal_one_device():
     root = Path(__file__).resolve().parent.parent
     res = subprocess.run([sys.executable, str(root / "tests" / "tp_check.py")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count(": ok") == 2
+    assert res.stdout.count(": ok") == 3

@@ -1,6 +1,7 @@
 """Run by tests/test_sharding.py in a fresh process (it needs 8 CPU devices before jax starts): the engine
-with tensor parallelism 2 and 4 gives the single-device greedy outputs token for token, with the shardings
-the rules say, and compiles nothing after warm-up. Prints one line per mesh; exits 1 on a miss."""
+on meshes (model=2), (model=4) and (data=2, model=2) gives the single-device greedy outputs token for token,
+with the shardings the rules say, and compiles nothing after warm-up. Prints one line per mesh; exits 1 on
+a miss."""
 
 import os
 import sys
@@ -13,7 +14,7 @@ import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
 from jinfer.config import ModelConfig  # noqa: E402
-from jinfer.engine import Engine  # noqa: E402
+from jinfer.data_parallel import make_engine  # noqa: E402
 from jinfer.engine_config import EngineConfig  # noqa: E402
 from jinfer.sampling_params import SamplingParams  # noqa: E402
 from tests.tiny import tiny_params  # noqa: E402
@@ -23,41 +24,46 @@ CONFIG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, 
                      intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
 
 
-def run(tp: int, params, prompts):
+def run(dp: int, tp: int, params, prompts):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), max_prefill_chunk=16,
-                       tensor_parallel=tp)
-    eng = Engine(CONFIG, params, None, cfg, seed=0)
+                       tensor_parallel=tp, data_parallel=dp)
+    eng = make_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
-    compiled = eng.runner.num_compilations
+    runners = [e.runner for e in getattr(eng, "replicas", [eng])]
+    compiled = [r.num_compilations for r in runners]
     ids = [eng.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
     outs = {}
     while eng.has_work:
         for ev in eng.step():
             if ev.output.finished:
                 outs[ev.request_id] = ev.output.token_ids
-    assert eng.runner.num_compilations == compiled, "compiled after warm-up"
-    return [outs[i] for i in ids], eng.runner
+    assert [r.num_compilations for r in runners] == compiled, "compiled after warm-up"
+    assert all(e.scheduler.num_computed_tokens > 0 for e in getattr(eng, "replicas", [eng])), "an idle replica"
+    return [outs[i] for i in ids], runners
 
 
 def main():
     params = tiny_params(4, CONFIG)
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, CONFIG.vocab_size, int(rng.integers(1, 30)))) for _ in range(6)]
-    want, _ = run(1, params, prompts)
+    want, _ = run(1, 1, params, prompts)
+    expect = {"wq": P(None, None, "model", None), "wo": P(None, "model", None, None),
+              "w_down": P(None, "model", None), "embed": P("model", None), "kv": P(None, "model", None, None, None)}
     bad = 0
-    for tp in (2, 4):
-        got, runner = run(tp, params, prompts)
-        specs = {
-            "wq": runner.params["layers"]["wq"].sharding.spec, "wo": runner.params["layers"]["wo"].sharding.spec,
-            "w_down": runner.params["layers"]["w_down"].sharding.spec, "embed": runner.params["embed"].sharding.spec,
-            "kv": runner.kv[0].sharding.spec,
-        }
-        expect = {"wq": P(None, None, "model", None), "wo": P(None, "model", None, None),
-                  "w_down": P(None, "model", None), "embed": P("model", None),
-                  "kv": P(None, "model", None, None, None)}
-        ok = got == want and specs == expect and runner.kv[0].sharding.mesh.shape["model"] == tp
+    for dp, tp in ((1, 2), (1, 4), (2, 2)):
+        got, runners = run(dp, tp, params, prompts)
+        ok = got == want
+        devices = set()
+        for runner in runners:
+            p = runner.params
+            specs = {"wq": p["layers"]["wq"].sharding.spec, "wo": p["layers"]["wo"].sharding.spec,
+                     "w_down": p["layers"]["w_down"].sharding.spec, "embed": p["embed"].sharding.spec,
+                     "kv": runner.kv[0].sharding.spec}
+            mine = set(runner.kv[0].sharding.device_set)
+            ok &= specs == expect and len(mine) == tp and not devices & mine  # replicas on their own devices
+            devices |= mine
         bad += not ok
-        print(f"model={tp}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
+        print(f"data={dp} model={tp}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
     sys.exit(1 if bad else 0)
 
 

@@ -1,0 +1,87 @@
+"""Data parallelism as engine replicas: each replica is a whole Engine (scheduler, pages, prefix cache,
+compiled steps) on its own `tensor_parallel` devices; a request lives on one replica from start to end.
+
+Why replicas rather than one scheduler over a data-sharded batch: page tables and prefix-cache pages
+then never cross devices (a request's pages are on the devices that read them), the scheduler stays the
+single-device one, and each replica's steps compile to the same few shapes. New requests go to the
+replica with the least work outstanding. `step()` steps every replica with work: each dispatches its
+next step before reading its previous one, so all replicas' devices are busy while the host reads.
+"""
+
+from __future__ import annotations
+
+import itertools
+from typing import Sequence
+
+import jax
+
+from jinfer.config import ModelConfig
+from jinfer.engine import Engine, StepEvent
+from jinfer.engine_config import EngineConfig
+from jinfer.sampling_params import SamplingParams
+
+
+class DataParallelEngine:
+    """The Engine API over `engine_config.data_parallel` replicas (each `tensor_parallel` devices wide)."""
+
+    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig,
+                 attention_backend=None, seed: int | None = None, devices=None):
+        dp, tp = engine_config.data_parallel, engine_config.tensor_parallel
+        devices = list(jax.devices() if devices is None else devices)
+        if dp * tp > len(devices):
+            raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
+                             f"{len(devices)} are available")
+        self.replicas = [
+            Engine(model_config, params, tokenizer, engine_config, attention_backend,
+                   seed=None if seed is None else seed + r, devices=devices[r * tp:(r + 1) * tp])
+            for r in range(dp)]
+        first = self.replicas[0]
+        self.config, self.model_config, self.tokenizer = engine_config, model_config, tokenizer
+        self.max_model_len, self.eos_token_ids = first.max_model_len, first.eos_token_ids
+        self._owner: dict[str, Engine] = {}
+        self._ids = itertools.count()
+
+    def warmup(self) -> None:
+        for e in self.replicas:
+            e.warmup()
+
+    def encode_prompt(self, prompt: str | Sequence[int], field: str = "prompt"):
+        return self.replicas[0].encode_prompt(prompt, field)
+
+    def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
+                    field: str = "prompt") -> str:
+        request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
+        if request_id in self._owner:
+            raise ValueError(f"request_id={request_id!r} is already in use")
+        replica = min(self.replicas, key=lambda e: len(e.scheduler.requests))
+        replica.add_request(prompt, sampling, request_id=request_id, field=field)
+        self._owner[request_id] = replica
+        return request_id
+
+    def cancel(self, request_id: str) -> bool:
+        replica = self._owner.pop(request_id, None)
+        return replica.cancel(request_id) if replica is not None else False
+
+    @property
+    def has_work(self) -> bool:
+        return any(e.has_work for e in self.replicas)
+
+    def step(self) -> list[StepEvent]:
+        events = []
+        for e in self.replicas:
+            if e.has_work:
+                events.extend(e.step())
+        for ev in events:
+            if ev.output.finished:
+                self._owner.pop(ev.request_id, None)
+        return events
+
+    def run_until_done(self) -> None:
+        while self.has_work:
+            self.step()
+
+
+def make_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig, **kw):
+    """An Engine, or a DataParallelEngine when the config asks for several replicas."""
+    cls = DataParallelEngine if engine_config.data_parallel > 1 else Engine
+    return cls(model_config, params, tokenizer, engine_config, **kw)
