@@ -95,8 +95,9 @@ def error_record(index: int, line: str, error: Exception) -> dict:
     return {"index": index, "id": record_id, "error": str(error)}
 
 
-def count_done(out_path: Path) -> int:
-    """Complete output lines (a partial last line from an interrupted run is cut off and redone)."""
+def count_done(out_path: Path, expected: list[int]) -> int:
+    """Complete records already in `out_path` (which must answer `expected` line indices in order); a
+    partial last line from an interrupted run is cut off and redone."""
     if not out_path.exists():
         return 0
     data = out_path.read_bytes()
@@ -104,15 +105,46 @@ def count_done(out_path: Path) -> int:
     if end < len(data):
         with open(out_path, "r+b") as f:
             f.truncate(end)
-    done = data[:end].count(b"\n")
-    for i, raw in enumerate(data[:end].splitlines()):
+    raw_lines = data[:end].splitlines()
+    if len(raw_lines) > len(expected):
+        raise ValueError(f"{out_path} has {len(raw_lines)} records but only {len(expected)} lines are its to answer")
+    for k, raw in enumerate(raw_lines):
         try:
             rec = json.loads(raw)
         except json.JSONDecodeError:
-            raise ValueError(f"{out_path}: line {i + 1} is not JSON; it is not an output of this command") from None
-        if not isinstance(rec, dict) or rec.get("index") != i:
-            raise ValueError(f"{out_path}: line {i + 1} is not record {i}; it is not an output of this command")
-    return done
+            raise ValueError(f"{out_path}: line {k + 1} is not JSON; it is not an output of this command") from None
+        if not isinstance(rec, dict) or rec.get("index") != expected[k]:
+            raise ValueError(f"{out_path}: line {k + 1} is not record {expected[k]}; it is not an output of "
+                             "this command")
+    return len(raw_lines)
+
+
+def host_path(out_path: Path, host: tuple[int, int]) -> Path:
+    """Where host `index` of `count` writes its share of the output (the whole output for one host)."""
+    index, count = host
+    return out_path if count == 1 else out_path.with_name(f"{out_path.name}.host{index}-of-{count}")
+
+
+def merge_host_outputs(in_path, out_path, count: int) -> None:
+    """Interleaves the hosts' shares (host h answered lines h, h + count, ...) into one output in input
+    order, atomically, then removes the shares. Run by one process once every host has finished."""
+    in_path, out_path = Path(in_path), Path(out_path)
+    n = len(read_lines(in_path))
+    shares = []
+    for h in range(count):
+        path = host_path(out_path, (h, count))
+        recs = path.read_text(encoding="utf-8").splitlines() if path.exists() else []
+        if len(recs) != len(range(h, n, count)):
+            raise ValueError(f"{path} has {len(recs)} records; host {h} of {count} should have written "
+                             f"{len(range(h, n, count))}")
+        shares.append(recs)
+    tmp = out_path.with_name(out_path.name + ".merging")
+    with open(tmp, "w", encoding="utf-8") as f:
+        for i in range(n):
+            f.write(shares[i % count][i // count] + "\n")
+    os.replace(tmp, out_path)
+    for h in range(count):
+        host_path(out_path, (h, count)).unlink()
 
 
 def read_lines(in_path: Path) -> list[str]:
@@ -123,15 +155,24 @@ def read_lines(in_path: Path) -> list[str]:
     return lines
 
 
-def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool = True) -> dict:
-    """Answers every line of `in_path` not yet answered in `out_path`; returns counts of what it did."""
+def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool = True,
+              host: tuple[int, int] = (0, 1)) -> dict:
+    """Answers every line of `in_path` not yet answered; returns counts of what it did. With
+    host=(index, count), answers lines index, index + count, ... into this host's share of the output
+    (see merge_host_outputs); a merged output from an earlier run means there is nothing left to do."""
     in_path, out_path = Path(in_path), Path(out_path)
     if not in_path.is_file():
         raise FileNotFoundError(f"input file {in_path} does not exist")
+    index, count = host
+    if not 0 <= index < count:
+        raise ValueError(f"host={host} must be (index, count) with 0 <= index < count")
     lines = read_lines(in_path)
-    done = count_done(out_path)
-    if done > len(lines):
-        raise ValueError(f"{out_path} has {done} records but {in_path} has only {len(lines)} lines")
+    mine = list(range(index, len(lines), count))
+    if count > 1 and out_path.exists():
+        count_done(out_path, list(range(len(lines))))  # it must be this input's merged output
+        return {"skipped": len(mine), "completed": 0, "errors": 0}
+    path = host_path(out_path, host)
+    done = count_done(path, mine)
     engine = llm.engine
     # Enough lines to keep every slot busy, never more than the waiting queue takes.
     window = window or min(engine.config.max_waiting, 5 * engine.config.max_slots * engine.config.data_parallel)
@@ -139,35 +180,36 @@ def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool 
     if progress:
         from tqdm import tqdm
 
-        bar = tqdm(total=len(lines), initial=done, desc="batch", unit="line")
+        bar = tqdm(total=len(mine), initial=done, desc="batch", unit="line")
     counts = {"skipped": done, "completed": 0, "errors": 0}
-    ready: dict[int, dict] = {}  # finished records waiting for the lines before them
-    inflight: dict[str, BatchLine] = {}
-    todo = iter(range(done, len(lines)))
+    ready: dict[int, dict] = {}  # position in `mine` -> a finished record waiting for those before it
+    inflight: dict[str, tuple[int, BatchLine]] = {}
+    todo = iter(range(done, len(mine)))
     next_out = done
-    with open(out_path, "a", encoding="utf-8") as out:
+    with open(path, "a", encoding="utf-8") as out:
         try:
             exhausted = False
             while True:
                 while not exhausted and len(inflight) + len(ready) < window:
-                    i = next(todo, None)
-                    if i is None:
+                    j = next(todo, None)
+                    if j is None:
                         exhausted = True
                         break
+                    i = mine[j]
                     try:
                         line = parse_line(llm, i, lines[i])
                         rid = engine.add_request(line.prompt, line.sampling, request_id=f"batch-{i}")
-                        inflight[rid] = line
+                        inflight[rid] = (j, line)
                     except Exception as e:  # noqa: BLE001 - any bad line (even a template's own error) is reported
-                        ready[i] = error_record(i, lines[i], e)
+                        ready[j] = error_record(i, lines[i], e)
                         counts["errors"] += 1
                 if not inflight and not ready:
                     break
                 if inflight:
                     for ev in engine.step():
                         if ev.output.finished and ev.request_id in inflight:
-                            line = inflight.pop(ev.request_id)
-                            ready[line.index] = output_record(line, ev.output)
+                            j, line = inflight.pop(ev.request_id)
+                            ready[j] = output_record(line, ev.output)
                             counts["completed"] += 1
                 while next_out in ready:
                     out.write(json.dumps(ready.pop(next_out), ensure_ascii=False) + "\n")

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 
 
@@ -41,14 +42,27 @@ def cmd_generate(args) -> int:
 
 
 def cmd_batch(args) -> int:
-    from jinfer.batch import run_batch
+    import jax
+
+    from jinfer import distributed
+    from jinfer.batch import merge_host_outputs, run_batch
+    from jinfer.engine_config import EngineConfig
     from jinfer.llm import LLM
 
+    distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _enable_compile_cache()
-    llm = LLM(args.model, dtype=args.dtype)
-    counts = run_batch(llm, args.input, args.output)
-    print(f"jinfer batch: {counts['completed']} completed, {counts['errors']} errors, "
+    # Each host runs its own engine on its own devices (tensor parallel inside the host) over its share.
+    cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
+    llm = LLM(args.model, dtype=args.dtype, engine_config=cfg)
+    host = (jax.process_index(), jax.process_count())
+    counts = run_batch(llm, args.input, args.output, host=host)
+    print(f"jinfer batch: host {host[0]} of {host[1]}: {counts['completed']} completed, {counts['errors']} errors, "
           f"{counts['skipped']} already done", file=sys.stderr)
+    if host[1] > 1:
+        distributed.barrier("jinfer-batch-written")
+        if host[0] == 0 and not os.path.exists(args.output):
+            merge_host_outputs(args.input, args.output, host[1])
+        distributed.barrier("jinfer-batch-merged")
     return 0
 
 
@@ -102,6 +116,12 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("output", help="one result a line, in input order; a rerun skips the lines already there")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    b.add_argument("--tensor-parallel", type=int, default=1, help="devices per engine (within this host)")
+    b.add_argument("--data-parallel", type=int, default=1, help="engine replicas on this host")
+    b.add_argument("--coordinator", default=None,
+                   help="host:port of process 0 for a multi-host job (or JINFER_COORDINATOR)")
+    b.add_argument("--num-processes", type=int, default=None, help="hosts in the job (or JINFER_NUM_PROCESSES)")
+    b.add_argument("--process-id", type=int, default=None, help="this host's index (or JINFER_PROCESS_ID)")
     b.set_defaults(fn=cmd_batch)
 
     c = sub.add_parser("convert", help="convert a GGUF file or HF directory to an orbax checkpoint")

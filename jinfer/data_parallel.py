@@ -27,7 +27,7 @@ class DataParallelEngine:
     def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig,
                  attention_backend=None, seed: int | None = None, devices=None):
         dp, tp = engine_config.data_parallel, engine_config.tensor_parallel
-        devices = list(jax.devices() if devices is None else devices)
+        devices = list(jax.local_devices() if devices is None else devices)
         if dp * tp > len(devices):
             raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
                              f"{len(devices)} are available")

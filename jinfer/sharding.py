@@ -37,11 +37,11 @@ KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slot", "head_dim")  # [L, 
 
 
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, devices=None) -> Mesh:
-    """A (data, model, seq) mesh over the first data x model x seq devices (all local devices by default)."""
+    """A (data, model, seq) mesh over the first data x model x seq of `devices` (default: this host's)."""
     for name, n in (("data", data), ("model", model), ("seq", seq)):
         if not isinstance(n, int) or n < 1:
             raise ValueError(f"mesh axis {name}={n!r} must be a positive integer")
-    devices = list(jax.devices() if devices is None else devices)
+    devices = list(jax.local_devices() if devices is None else devices)
     need = data * model * seq
     if need > len(devices):
         raise ValueError(f"a mesh of data={data} x model={model} x seq={seq} needs {need} devices; "
@@ -80,5 +80,11 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
-    """Places each leaf on the mesh by the rules (each device receives only its own shard)."""
-    return jax.tree_util.tree_map(jax.device_put, params, param_shardings(config, mesh))
+    """Places each leaf on the mesh by the rules. Each device receives only its own shard, and the mesh may
+    span hosts (every process passes the same host values; each places the shards of its own devices)."""
+
+    def place(x, s):
+        host = np.asarray(x)
+        return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
+
+    return jax.tree_util.tree_map(place, params, param_shardings(config, mesh))

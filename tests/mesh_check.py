@@ -14,15 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jinfer.config import ModelConfig  # noqa: E402
 from jinfer.data_parallel import make_engine  # noqa: E402
 from jinfer.engine_config import EngineConfig  # noqa: E402
 from jinfer.sampling_params import SamplingParams  # noqa: E402
+from tests.tiny import TINY_MESH as CONFIG  # noqa: E402
 from tests.tiny import tiny_params  # noqa: E402
-
-# 8 query heads over 4 KV heads: KV heads split over model=2 and 4; vocab and MLP width divide by 4.
-CONFIG = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
-                     intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
 
 
 def run(dp: int, tp: int, params, prompts):

@@ -10,6 +10,10 @@ from jinfer.models import llama
 TINY = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
 
+# 8 query heads over 4 KV heads, so KV heads split over model=2 and 4; vocab and MLP width divide by 4.
+TINY_MESH = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=8, num_kv_heads=4, head_dim=8,
+                        intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
+
 
 def tiny_params(seed: int = 0, config: ModelConfig = TINY):
     return llama.init_params(config, jax.random.key(seed))
