@@ -67,6 +67,28 @@ def check_orbax_reshard(params, tmp: str) -> bool:
     return bool(ok)
 
 
+def check_ring_prefill(params) -> bool:
+    import jax
+
+    from jinfer import reference, sharding
+    from jinfer.long_prefill import ring_prefill
+    from jinfer.models.attention import dense_kv_cache
+    from pallas_kernels.flash_attention.kernel import BlockSizes
+
+    mesh = sharding.make_mesh(seq=4)
+    tokens = list(np.random.default_rng(1).integers(0, CONFIG.vocab_size, 37))  # pads to 40 = 5 x (2 x 4)
+    logits, (k, v) = ring_prefill(params, CONFIG, tokens, mesh, block_sizes=BlockSizes(block_q=8, block_k=8))
+    want = reference.full_logits(params, CONFIG, tokens)
+    cache = dense_kv_cache(CONFIG.num_layers, 1, len(tokens), CONFIG.num_kv_heads, CONFIG.head_dim, np.float32)
+    _, (k_ref, v_ref) = reference._full_logits(params, np.asarray([tokens], np.int32), cache, CONFIG)
+    err = float(np.abs(np.asarray(logits) - want).max())
+    kv_err = max(float(np.abs(np.asarray(k) - np.asarray(k_ref[:, 0])).max()),
+                 float(np.abs(np.asarray(v) - np.asarray(v_ref[:, 0])).max()))
+    ok = err < 1e-4 and kv_err < 1e-5 and logits.shape == want.shape and len(jax.devices()) >= 4
+    print(f"ring prefill over seq=4: {'ok' if ok else 'MISMATCH'} (logits max abs diff {err:.1e}, K/V {kv_err:.1e})")
+    return ok
+
+
 def _at(tree, path):
     for k in path:
         tree = tree[k.key]
@@ -99,6 +121,7 @@ def main():
         print(f"data={dp} model={tp}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
     with tempfile.TemporaryDirectory() as tmp:
         bad += not check_orbax_reshard(params, tmp + "/ckpt")
+    bad += not check_ring_prefill(params)
     sys.exit(1 if bad else 0)
 
 

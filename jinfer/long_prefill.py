@@ -1,0 +1,60 @@
+"""Long prompts: a prefill whose sequence is split over the mesh's `seq` axis, attention by ring attention.
+
+A prompt too long for one device's activations is laid out in zig-zag order (so every device holds one
+early and one late chunk and the causal work is balanced), sharded over `seq`, and run through the same
+model function as always; only the attention callable differs: each layer's attention is
+`pallas_kernels.ring_attention` (K/V blocks passed around the ring while the flash kernel works on the
+current block). Returned: the logits of every position and every layer's K/V, both in natural order,
+sharded over `seq`, ready to be written into KV pages for decoding.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding, PartitionSpec
+
+from jinfer.config import ModelConfig
+from jinfer.models import llama
+from pallas_kernels.ring_attention import ring_attention, zigzag_order
+
+
+def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,
+                 interpret: bool | None = None):
+    """token_ids: T ints -> (logits f32[T, V], (k, v) each [L, T, K, H]); T is padded up to a multiple of
+    2 x mesh.shape[axis] internally (padding sits after the prompt, so causality hides it)."""
+    T = len(token_ids)
+    if T == 0:
+        raise ValueError("token_ids is empty")
+    n = mesh.shape[axis]
+    Tp = -(-T // (2 * n)) * (2 * n)
+    order = zigzag_order(Tp, n)
+    tokens = np.zeros(Tp, np.int32)
+    tokens[:T] = token_ids
+    seq = NamedSharding(mesh, PartitionSpec(None, axis))
+    tokens = jax.device_put(tokens[order][None], seq)
+    positions = jax.device_put(order[None].astype(np.int32), seq)
+    logits, k, v = _ring_forward(params, tokens, positions, config=config, mesh=mesh, axis=axis,
+                                 block_sizes=block_sizes, interpret=interpret)
+    natural = np.argsort(order)[:T]  # zig-zag slot of each natural position
+    return logits[natural], (k[:, natural], v[:, natural])
+
+
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "axis", "block_sizes", "interpret"))
+def _ring_forward(params, tokens, positions, *, config, mesh, axis, block_sizes, interpret):
+    c = config
+    L, Tp = c.num_layers, tokens.shape[1]
+    dtype = params["embed"].dtype
+
+    def attention(q, k, v, k_all, v_all, layer, positions, meta):
+        out = ring_attention(q, k, v, mesh, axis, causal=True, block_sizes=block_sizes, interpret=interpret)
+        return out, k_all.at[layer].set(k[0].astype(dtype)), v_all.at[layer].set(v[0].astype(dtype))
+
+    kv_sharding = NamedSharding(mesh, PartitionSpec(None, axis))
+    zeros = jax.lax.with_sharding_constraint(jnp.zeros((L, Tp, c.num_kv_heads, c.head_dim), dtype), kv_sharding)
+    h, (k_all, v_all) = llama.forward(params, tokens, positions, (zeros, zeros), None, config=c,
+                                      attention=attention)
+    return llama.logits_from_hidden(params, h, c)[0], k_all, v_all
