@@ -38,7 +38,6 @@ class DataParallelEngine:
         first = self.replicas[0]
         self.config, self.model_config, self.tokenizer = engine_config, model_config, tokenizer
         self.max_model_len, self.eos_token_ids = first.max_model_len, first.eos_token_ids
-        self._owner: dict[str, Engine] = {}
         self._ids = itertools.count()
 
     def warmup(self) -> None:
@@ -51,30 +50,20 @@ class DataParallelEngine:
     def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
                     field: str = "prompt") -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
-        if request_id in self._owner:
+        if any(request_id in e.scheduler.requests for e in self.replicas):
             raise ValueError(f"request_id={request_id!r} is already in use")
         replica = min(self.replicas, key=lambda e: len(e.scheduler.requests))
-        replica.add_request(prompt, sampling, request_id=request_id, field=field)
-        self._owner[request_id] = replica
-        return request_id
+        return replica.add_request(prompt, sampling, request_id=request_id, field=field)
 
     def cancel(self, request_id: str) -> bool:
-        replica = self._owner.pop(request_id, None)
-        return replica.cancel(request_id) if replica is not None else False
+        return any([e.cancel(request_id) for e in self.replicas])  # a list: every replica is asked
 
     @property
     def has_work(self) -> bool:
         return any(e.has_work for e in self.replicas)
 
     def step(self) -> list[StepEvent]:
-        events = []
-        for e in self.replicas:
-            if e.has_work:
-                events.extend(e.step())
-        for ev in events:
-            if ev.output.finished:
-                self._owner.pop(ev.request_id, None)
-        return events
+        return [ev for e in self.replicas if e.has_work for ev in e.step()]
 
     def run_until_done(self) -> None:
         while self.has_work:

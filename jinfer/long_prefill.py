@@ -4,8 +4,8 @@ A prompt too long for one device's activations is laid out in zig-zag order (so 
 early and one late chunk and the causal work is balanced), sharded over `seq`, and run through the same
 model function as always; only the attention callable differs: each layer's attention is
 `pallas_kernels.ring_attention` (K/V blocks passed around the ring while the flash kernel works on the
-current block). Returned: the logits of every position and every layer's K/V, both in natural order,
-sharded over `seq`, ready to be written into KV pages for decoding.
+current block). Returned: the logits of every position and every layer's K/V, both in natural order
+(writing them into the engine's KV pages so that decoding continues there is not done yet).
 """
 
 from __future__ import annotations

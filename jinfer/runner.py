@@ -44,6 +44,12 @@ class StepOutput:
         return sampled, (lp, ids, lps)
 
 
+def _initial_state(c: ModelConfig, S: int, num_pages: int, page_size: int, dtype):
+    """(KV pages, last sampled token i32[S], output token counts i32[S, V], prompt token mask bool[S, V])."""
+    kv = paged_kv_cache(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype)
+    return kv, jnp.zeros(S, jnp.int32), jnp.zeros((S, c.vocab_size), jnp.int32), jnp.zeros((S, c.vocab_size), bool)
+
+
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
                  max_pages_per_seq: int, attention_backend=None, devices=None):
@@ -54,34 +60,30 @@ class Runner:
         self.model_config = model_config
         self.config = engine_config
         dtype = jnp.dtype(engine_config.dtype)
-        # The default device, or a (model=tensor_parallel) mesh over `devices` (default: the first devices),
-        # whose shardings jit propagates through the step.
+        # The default device, or a (model=tensor_parallel) mesh over `devices` (default: this host's), whose
+        # shardings jit propagates through the step.
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
         if self.mesh is None:
             self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
         else:  # each device receives its shard only, then casts it
-            self.params = jax.tree_util.tree_map(lambda x, s: jax.device_put(x, s).astype(dtype), params,
-                                                 sharding.param_shardings(model_config, self.mesh))
+            self.params = jax.tree_util.tree_map(lambda x: x.astype(dtype),
+                                                 sharding.shard_params(params, model_config, self.mesh))
         self.max_pages_per_seq = max_pages_per_seq
-        c = model_config
-        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, engine_config.max_slots,
-                                                                engine_config.page_size)
         c, S = model_config, engine_config.max_slots
-        self.kv = paged_kv_cache(c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim, dtype)
-        self.last_sampled = jnp.zeros(S, jnp.int32)
-        self.output_counts = jnp.zeros((S, c.vocab_size), jnp.int32)
-        self.prompt_mask = jnp.zeros((S, c.vocab_size), bool)
-        if self.mesh is not None:
-            kv_sharding = sharding.kv_cache_sharding(self.kv[0].shape, self.mesh)
-            self.kv = tuple(jax.device_put(x, kv_sharding) for x in self.kv)
-            rep = sharding.replicated(self.mesh)
-            self.last_sampled, self.output_counts, self.prompt_mask = (
-                jax.device_put(x, rep) for x in (self.last_sampled, self.output_counts, self.prompt_mask))
-        self.num_compilations = 0
+        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
+        make_state = functools.partial(_initial_state, c, S, num_pages, engine_config.page_size, dtype)
         out_shardings = None
-        if self.mesh is not None:  # pinned, so that the donated state comes back as it went in (no recompile)
-            out_shardings = ((kv_sharding, kv_sharding), rep, rep, rep, rep)
+        if self.mesh is not None:
+            # Pinned, so the donated state comes back as it went in (no recompile), and created in place: the
+            # KV pool is never whole on one device.
+            kv = sharding.kv_cache_sharding((c.num_layers, c.num_kv_heads, num_pages, engine_config.page_size,
+                                             c.head_dim), self.mesh)
+            rep = sharding.replicated(self.mesh)
+            out_shardings = ((kv, kv), rep, rep, rep, rep)
+            make_state = jax.jit(make_state, out_shardings=out_shardings[:4])
+        self.kv, self.last_sampled, self.output_counts, self.prompt_mask = make_state()
+        self.num_compilations = 0
         self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
                              out_shardings=out_shardings)
 
