@@ -1,11 +1,17 @@
-"""The public flash attention: validates inputs, picks block sizes, runs the kernel (interpret mode on
-the CPU, where Pallas has no native GPU lowering)."""
+"""The public flash attention: validates inputs, picks the kernel and its block sizes.
+
+Dispatch: on a Hopper GPU, the Mosaic GPU kernel (`kernel_hopper.py`, wgmma + TMA) wherever its fast path
+applies; otherwise the Triton-lowered kernel (`kernel.py`), which covers every option, natively on GPUs
+and in interpret mode on the CPU (where Pallas has no native GPU lowering).
+"""
 
 from __future__ import annotations
 
 import jax
 
+from pallas_kernels.flash_attention import kernel_hopper
 from pallas_kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
+from pallas_kernels.flash_attention.tuning import hopper_block_sizes, is_hopper
 
 
 def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
@@ -40,6 +46,13 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_id
         raise ValueError(f"{window=} must be positive")
     if softcap is not None and softcap <= 0:
         raise ValueError(f"{softcap=} must be positive")
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    if block_sizes is None and not interpret and is_hopper():
+        hb = hopper_block_sizes(k.shape[1], return_lse)
+        if kernel_hopper.supported(q, k, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
+                                   window=window, softcap=softcap, block_sizes=hb) is None:
+            return kernel_hopper.flash_attention_hopper(q, k, v, causal=causal, sm_scale=scale, block_sizes=hb,
+                                                        return_lse=return_lse)
     bs = block_sizes or default_block_sizes(H, N // K)
     gp = 1 << (N // K - 1).bit_length()
     if bs.block_q * gp < 16:

@@ -1,0 +1,82 @@
+"""Block sizes of the paged decode kernel on the GPU, judged by device time (the sum of the GPU kernels
+of one call, from a profiler trace: inside the engine's jitted step there is no per-call host dispatch).
+
+    python benchmarks/decode_tune.py [--page-size 64]
+
+Prints, per (batch, context), every configuration's device time and TB/s of K/V read, best first, with
+the launches of the best one.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import os
+import sys
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from benchmarks.gpu_trace import kernel_times  # noqa: E402
+from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS  # noqa: E402
+from pallas_kernels.paged_attention import kernel as pk  # noqa: E402
+
+SWEEP = {  # (batch, context): context splits tried
+    (1, 4096): (8, 16, 32),
+    (8, 32768): (2, 4, 8),
+    (64, 4096): (1, 2, 4),
+}
+
+
+def device_us(fn) -> tuple[float, list]:
+    times = kernel_times(fn, iters=10)
+    return sum(us for _, us in times), times
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--page-size", type=int, default=64)
+    a = ap.parse_args()
+    ps = a.page_size
+    rng = np.random.default_rng(0)
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
+    for (B, ctx), split_options in SWEEP.items():
+        pages = ctx // ps
+        P = B * pages + 1
+        k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
+        kp = jax.random.normal(k1, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
+        vp = jax.random.normal(k2, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
+        q = jax.random.normal(k3, (B, N_HEADS, HEAD_DIM), jnp.bfloat16)
+        pt = jnp.asarray(rng.permutation(np.arange(1, P))[: B * pages].reshape(B, pages), jnp.int32)
+        kv_len = jnp.full((B,), ctx, jnp.int32)
+        ql = np.ones(B, np.int32)
+        bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
+        results = []
+        for splits, ppb, warps, stages in itertools.product(split_options, (2, 4), (4, 8), (2, 3)):
+            bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
+            nb = -(-B // bs.block_q) + B
+            blocks, (tb, tr) = pk.query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
+            blocks = tuple(jnp.asarray(x) for x in blocks)
+            f = jax.jit(lambda q, k, v, bs=bs, nb=nb, blocks=blocks, tb=jnp.asarray(tb), tr=jnp.asarray(tr):
+                        pk.ragged_paged_attention_blocks(q, k, v, jnp.int32(0), pt, kv_len, jnp.asarray(ql), blocks,
+                                                         tb, tr, num_blocks=nb, block_sizes=bs, interpret=False))
+            try:
+                us, launches = device_us(lambda: f(q, kp, vp))
+            except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
+                print(f"  {bs}: failed {type(e).__name__}: {str(e)[:100]}")
+                continue
+            results.append((us, bs, launches))
+        results.sort(key=lambda r: r[0])
+        print(f"decode B={B} ctx={ctx} page={ps}:")
+        for us, bs, _ in results[:6]:
+            print(f"  {us:8.1f} us device  {bytes_kv / us / 1e6:5.2f} TB/s  splits={bs.num_splits} "
+                  f"ppb={bs.pages_per_block} warps={bs.num_warps} stages={bs.num_stages}")
+        for name, us in results[0][2]:
+            print(f"      {us:7.1f} us  {name[:90]}")
+
+
+if __name__ == "__main__":
+    main()

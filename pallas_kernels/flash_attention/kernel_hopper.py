@@ -1,0 +1,274 @@
+"""Flash attention (prefill) for Hopper GPUs through Pallas' Mosaic GPU lowering: wgmma + TMA, warp-specialized.
+
+Each CTA runs three warpgroups. Two compute warpgroups each keep a `block_q` x head_dim output tile in
+registers; a third, memory warpgroup streams K/V tiles with TMA into a ring of `num_stages` shared-memory
+slots, refilling a slot once both compute warpgroups have released it (a barrier with two arrivals).
+
+GQA: when the group size is even, the two compute warpgroups take two query heads of the *same* KV group on
+the same queries, so every K/V tile in shared memory serves both heads (and, under the causal mask, both
+have the same amount of work). With an odd group they take two consecutive query blocks of one head.
+Query heads vary fastest over the grid, so the CTAs of one KV group run side by side and find the K/V
+tiles the other pair already read in L2.
+
+Ping-pong (the FlashAttention-3 schedule): a two-arrival barrier orders the warpgroups so that one
+computes its softmax while the other's matrix products occupy the tensor cores.
+
+Scope (the fast path `ops.flash_attention` takes when it applies): causal or full attention with queries
+and keys both starting at position 0, no segment ids, window or soft-cap, f16/bf16, head_dim 64 or 128,
+query length a multiple of the CTA's query rows and key length a multiple of `block_kv`. Everything else
+goes to the Triton kernel (`kernel.py`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+import math
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+LOG2E = math.log2(math.e)
+
+
+@dataclasses.dataclass(frozen=True)
+class HopperBlockSizes:
+    """block_q: query rows of each compute warpgroup (wgmma works on 64-row slabs). block_kv: keys per
+    tile. num_stages: K/V tiles in flight. pingpong: the FA3 warpgroup ordering."""
+
+    block_q: int = 64
+    block_kv: int = 128
+    num_stages: int = 2
+    pingpong: bool = True
+
+
+def supported(q, k, *, causal: bool, q_offset, q_segment_ids, window, softcap, block_sizes: HopperBlockSizes) -> str | None:
+    """None if this kernel applies, else the reason it does not (for the dispatcher and its tests)."""
+    B, Sq, N, H = q.shape
+    Sk, K = k.shape[1], k.shape[2]
+    G = N // K
+    rows = block_sizes.block_q * (1 if G % 2 == 0 else 2)
+    if q.dtype not in (jnp.bfloat16, jnp.float16) or k.dtype != q.dtype:
+        return f"dtype {q.dtype} (needs bf16/f16)"
+    if H not in (64, 128):
+        return f"head_dim={H}"
+    if q_offset is not None or q_segment_ids is not None or window is not None or softcap is not None:
+        return "q_offset, segments, window or softcap"
+    if Sq % rows or Sk % block_sizes.block_kv:
+        return f"{Sq=} not a multiple of {rows} or {Sk=} of block_kv={block_sizes.block_kv}"
+    if causal and Sk < Sq:
+        return f"causal with {Sk=} < {Sq=}"
+    return None
+
+
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "return_lse", "interpret"))
+def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_sizes: HopperBlockSizes,
+                           return_lse: bool = False, interpret: bool = False):
+    """q [B, Sq, N, H], k/v [B, Sk, K, H] -> out [B, Sq, N, H], and with return_lse also lse f32[B, Sq, N].
+    Check `supported` first. interpret: run on the CPU in Pallas' GPU interpret mode (simulated shared
+    memory, barriers and TMA)."""
+    import jax.experimental.pallas.mosaic_gpu as plgpu
+
+    B, Sq, N, H = q.shape
+    Sk, K = k.shape[1], k.shape[2]
+    G = N // K
+    bq, bkv = block_sizes.block_q, block_sizes.block_kv
+    n_kv = Sk // bkv
+    stages = max(1, min(block_sizes.num_stages, n_kv))
+    pair_heads = G % 2 == 0
+    pingpong = block_sizes.pingpong
+    dtype = q.dtype
+    scale2 = sm_scale * LOG2E  # scores in log2 units, so the softmax uses exp2
+
+    # grid = (query-head units, query blocks, batch); a unit is two heads (pair_heads) or one head.
+    grid = (N // 2, Sq // bq, B) if pair_heads else (N, Sq // (2 * bq), B)
+
+    def tile_of(unit, qi, w):
+        """(query head, first query) of compute warpgroup w. Under the causal mask the last query blocks
+        have the most work: they are launched first, so the short ones fill the tail of the schedule."""
+        if causal:
+            qi = grid[1] - 1 - qi
+        if pair_heads:
+            return unit * 2 + w, qi * bq
+        return unit, (qi * 2 + w) * bq
+
+    def kv_steps(q0):
+        """K/V tiles the queries [q0, q0 + bq) see (a Python int when it does not depend on q0)."""
+        if not causal:
+            return n_kv
+        return jnp.minimum(n_kv, lax.div(q0 + bq + bkv - 1, jnp.int32(bkv)))
+
+    # The GPU interpreter knows no register layouts: there, arrays stay plain.
+    def in_layout(x, layout):
+        return x if interpret else plgpu.layout_cast(x, layout)
+
+    def iota(shape, dim):
+        if interpret:
+            return lax.broadcasted_iota(jnp.int32, shape, dim)
+        return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
+
+    def body(q_ref, k_ref, v_ref, o_ref, lse_ref, q_smem, k_smem, v_smem, lse_smem,
+             q_bar, k_bar, v_bar, k_free, v_free, sched):  # lse_ref, lse_smem: None without return_lse
+        unit, qi, b = lax.axis_index("heads"), lax.axis_index("q"), lax.axis_index("batch")
+        wg = lax.axis_index("wg")
+        cta_steps = kv_steps(tile_of(unit, qi, 1)[1])  # warpgroup 1 reaches furthest under the mask
+
+        def sync():  # rendezvous of the two compute warpgroups
+            plgpu.barrier_arrive(sched)
+            plgpu.barrier_wait(sched)
+
+        @pl.when(wg < 2)
+        def _compute():
+            plgpu.set_max_registers(232, action="increase")
+            head, q0 = tile_of(unit, qi, wg)
+            steps = kv_steps(q0)
+            my_q = q_smem.at[wg]
+            plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), head], my_q, q_bar.at[wg])
+            plgpu.barrier_wait(q_bar.at[wg])
+
+            row_layout = plgpu.Layout.WGMMA.reduce(1)
+            o = in_layout(jnp.zeros((bq, H), jnp.float32), plgpu.Layout.WGMMA)
+            m = in_layout(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+            l = in_layout(jnp.zeros((bq,), jnp.float32), row_layout)
+            if pingpong:
+                pl.when(wg == 1)(sync)  # warpgroup 1 starts one phase behind
+
+            def step(j, carry, masked: bool):
+                o, m, l = carry
+                slot = lax.rem(j, jnp.int32(stages))
+
+                def qk(acc):
+                    plgpu.wgmma(acc, my_q, plgpu.transpose_ref(k_smem.at[slot], (1, 0)))
+                    if pingpong:
+                        sync()  # the other warpgroup may now issue its products
+                    return acc[...]
+
+                s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
+                plgpu.barrier_arrive(k_free.at[slot])
+                s = s * scale2
+                if masked:
+                    rows = iota((bq, bkv), 0)
+                    cols = iota((bq, bkv), 1)
+                    s = jnp.where(rows + q0 >= cols + j * bkv, s, -jnp.inf)
+                m_new = jnp.maximum(m, s.max(axis=1))
+                alpha = jnp.exp2(m - m_new)
+                p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                l = l * alpha + p.sum(axis=1)
+                o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
+                p = p.astype(dtype)
+                if pingpong:
+                    plgpu.barrier_arrive(sched)  # softmax done
+                plgpu.barrier_wait(v_bar.at[slot])
+                if pingpong:
+                    plgpu.barrier_wait(sched)  # tensor cores free of the other warpgroup's work
+
+                def pv(acc):
+                    plgpu.wgmma(acc, p, v_smem.at[slot])
+                    # wait for the next K tile while this product runs
+                    pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[lax.rem(j + 1, jnp.int32(stages))]))
+
+                if interpret:  # the GPU interpreter has no run_state: same sum, one more register pass
+                    o = o + pl.run_scoped(lambda acc: (pv(acc), acc[...])[1], plgpu.ACC((bq, H), jnp.float32))
+                else:
+                    o = pl.run_state(pv)(plgpu.ACC.init(o))
+                plgpu.barrier_arrive(v_free.at[slot])
+                return o, m_new, l
+
+            carry = (o, m, l)
+            if causal:
+                pl.when(steps > 0)(lambda: plgpu.barrier_wait(k_bar.at[0]))
+            else:  # n_kv >= 1: the key length is a positive multiple of block_kv
+                plgpu.barrier_wait(k_bar.at[0])
+            if causal:
+                # Tiles wholly below the diagonal need no mask; the last one or two straddle it.
+                unmasked = jnp.minimum(steps, lax.div(q0 + 1, jnp.int32(bkv)))
+                carry = lax.fori_loop(0, unmasked, functools.partial(step, masked=False), carry)
+                carry = lax.fori_loop(unmasked, steps, functools.partial(step, masked=True), carry)
+            else:
+                carry = lax.fori_loop(0, steps, functools.partial(step, masked=False), carry)
+            o, m, l = carry
+
+            @pl.loop(steps, cta_steps) if causal and not pair_heads else (lambda f: None)
+            def _release(j):  # tiles loaded for the other warpgroup only: release them, keep the rhythm
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_arrive(k_free.at[slot])
+                plgpu.barrier_arrive(v_free.at[slot])
+                if pingpong:
+                    sync()
+                    sync()
+
+            if pingpong:
+                pl.when(wg == 0)(sync)  # balance warpgroup 1's opening phase
+
+            o = o / lax.broadcast_in_dim(l, o.shape, [0])
+            my_q[...] = o.astype(dtype)
+            if return_lse:
+                lse_smem.at[wg][...] = (m + jnp.log2(l)) * (1.0 / LOG2E)
+            plgpu.commit_smem()
+            plgpu.copy_smem_to_gmem(my_q, o_ref.at[b, pl.ds(q0, bq), head])
+            if return_lse:
+                plgpu.copy_smem_to_gmem(lse_smem.at[wg], lse_ref.at[b, head, pl.ds(q0, bq)])
+            plgpu.wait_smem_to_gmem(0)
+
+        @pl.when(wg == 2)
+        def _memory():
+            plgpu.set_max_registers(40, action="decrease")
+            kv_head = lax.div(tile_of(unit, qi, 0)[0], jnp.int32(G))
+
+            def load(j, slot):
+                src = (b, pl.ds(j * bkv, bkv), kv_head)
+                plgpu.copy_gmem_to_smem(k_ref.at[src], k_smem.at[slot], k_bar.at[slot])
+                plgpu.copy_gmem_to_smem(v_ref.at[src], v_smem.at[slot], v_bar.at[slot])
+
+            for s in range(stages):
+                if isinstance(cta_steps, int):
+                    load(s, s)  # stages <= n_kv
+                else:
+                    pl.when(s < cta_steps)(functools.partial(load, s, s))
+
+            @pl.loop(stages, cta_steps)
+            def _refill(j):
+                slot = lax.rem(j, jnp.int32(stages))
+                plgpu.barrier_wait(k_free.at[slot])
+                plgpu.barrier_wait(v_free.at[slot])
+                load(j, slot)
+
+    def entry(q_ref, k_ref, v_ref, o_ref, lse_ref=None):
+        swizzled = dict(transforms=(plgpu.TilingTransform((8, 64)), plgpu.SwizzleTransform(128)))
+        pl.run_scoped(
+            functools.partial(body, q_ref, k_ref, v_ref, o_ref, lse_ref),
+            plgpu.SMEM((2, bq, H), dtype, **swizzled),
+            plgpu.SMEM((stages, bkv, H), dtype, **swizzled),
+            plgpu.SMEM((stages, bkv, H), dtype, **swizzled),
+            plgpu.SMEM((2, bq), jnp.float32) if return_lse else None,  # 512 bytes: room for a 3rd stage without
+            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2, num_barriers=stages),
+            plgpu.Barrier(num_arrivals=2),
+            collective_axes="wg",
+        )
+
+    out_type = [jax.ShapeDtypeStruct(q.shape, dtype)]
+    if return_lse:  # [B, N, Sq]: each warpgroup's 64 values are contiguous, one TMA store
+        out_type.append(jax.ShapeDtypeStruct((B, N, Sq), jnp.float32))
+    outs = plgpu.kernel(
+        entry,
+        out_type=tuple(out_type),
+        grid=grid,
+        grid_names=("heads", "q", "batch"),
+        num_threads=3,
+        thread_name="wg",
+        compiler_params=plgpu.CompilerParams(approx_math=True),
+        interpret=_interpret_params() if interpret else None,
+    )(q, k, v)
+    return (outs[0], jnp.swapaxes(outs[1], 1, 2)) if return_lse else outs[0]
+
+
+def _interpret_params():
+    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
+
+    return InterpretGPUParams()
