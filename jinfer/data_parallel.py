@@ -48,12 +48,12 @@ class DataParallelEngine:
         return self.replicas[0].encode_prompt(prompt, field)
 
     def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
-                    field: str = "prompt") -> str:
+                    field: str = "prompt", prefill=None) -> str:
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if any(request_id in e.scheduler.requests for e in self.replicas):
             raise ValueError(f"request_id={request_id!r} is already in use")
         replica = min(self.replicas, key=lambda e: len(e.scheduler.requests))
-        return replica.add_request(prompt, sampling, request_id=request_id, field=field)
+        return replica.add_request(prompt, sampling, request_id=request_id, field=field, prefill=prefill)
 
     def cancel(self, request_id: str) -> bool:
         return any([e.cancel(request_id) for e in self.replicas])  # a list: every replica is asked

@@ -4,13 +4,18 @@
 device, and only then reads the previous step's tokens (so the device runs step N+1 while the host
 detokenizes step N), updates the scheduler, and returns one `StepEvent` per request that progressed.
 Stop strings are matched here, on detokenized text; everything token-level lives in the scheduler.
+
+A request may bring a `prefill`: a callable that computes the K/V of all its prompt tokens but the last
+outside the engine's steps (`jinfer.long_prompt.RingPrefill`: ring attention over a mesh, for prompts too
+long for one device). The engine keeps those K/V until the scheduler admits the request, writes them into
+its pages, and the request continues as any other (its first step computes the last prompt token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -24,6 +29,11 @@ from jinfer.runner import Runner
 from jinfer.sampling_params import SamplingParams
 from jinfer.scheduler import Scheduler
 from jinfer.stop_strings import StopStringMatcher
+
+
+# Computes the K/V of a prompt prefix outside the engine's steps: n token ids -> (k, v), each [L, n, K, H]
+# in natural order, on any devices (jinfer.long_prompt.RingPrefill is one).
+PrefixPrefill = Callable[[list[int]], tuple[jax.Array, jax.Array]]
 
 
 @dataclasses.dataclass
@@ -73,6 +83,7 @@ class Engine:
         self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq,
                              attention_backend, devices)
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read
+        self._imports: dict[str, tuple[jax.Array, jax.Array]] = {}  # request id -> prefix K/V awaiting admission
         self._streams: dict[str, _Stream] = {}
         self._ids = itertools.count()
         self._rng = np.random.default_rng(seed)
@@ -106,7 +117,9 @@ class Engine:
         return text, ids
 
     def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, field: str = "prompt") -> str:
+                    request_id: str | None = None, field: str = "prompt", prefill: PrefixPrefill | None = None) -> str:
+        """Queues a request. `prefill`, if given, computes the K/V of every prompt token but the last (it is
+        called here, after the request is validated; its device work runs asynchronously)."""
         sampling = sampling or SamplingParams()
         if not isinstance(sampling, SamplingParams):
             raise TypeError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
@@ -115,7 +128,20 @@ class Engine:
         text, ids = self.encode_prompt(prompt, field)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
-        req = self.scheduler.add(request_id, ids, sampling, seed)
+        num_imported = len(ids) - 1 if prefill is not None else 0
+        req = self.scheduler.add(request_id, ids, sampling, seed, num_imported)
+        if num_imported:
+            try:
+                k, v = prefill(ids[:num_imported])
+                c = self.model_config
+                want = (c.num_layers, num_imported, c.num_kv_heads, c.head_dim)
+                if tuple(k.shape) != want or tuple(v.shape) != want:
+                    raise ValueError(f"prefill returned K/V of shapes k={tuple(k.shape)}, v={tuple(v.shape)}; "
+                                     f"expected [L, n, K, H] = {want} for the {num_imported} tokens it was given")
+            except BaseException:
+                self.scheduler.finish(req, "cancelled")
+                raise
+            self._imports[request_id] = (k, v)
         out = RequestOutput(text, ids, [], "", None, request_id=request_id,
                             logprobs=[] if sampling.logprobs is not None else None,
                             metrics=RequestMetrics(arrival_time=req.arrival_time))
@@ -130,6 +156,7 @@ class Engine:
     def cancel(self, request_id: str) -> bool:
         """Ends a request at once; its slot and pages return to the pool before the next step."""
         stream = self._streams.pop(request_id, None)
+        self._imports.pop(request_id, None)
         found = self.scheduler.cancel(request_id)
         if stream is not None:
             stream.output.finish_reason = "cancelled"
@@ -145,6 +172,11 @@ class Engine:
         plan = self.scheduler.schedule()
         launched = None
         if plan is not None:
+            for item in plan.scheduled:
+                if item.num_imported:
+                    k, v = self._imports.pop(item.request.request_id)
+                    self.runner.import_kv(k, v, item.request.pages, item.slot,
+                                          item.request.prompt_ids[:item.num_imported])
             want_lp = any(s.request.sampling.logprobs is not None for s in plan.scheduled)
             launched = (plan, self.runner.dispatch(plan, want_lp))
         events: list[StepEvent] = []

@@ -4,8 +4,10 @@ A prompt too long for one device's activations is laid out in zig-zag order (so 
 early and one late chunk and the causal work is balanced), sharded over `seq`, and run through the same
 model function as always; only the attention callable differs: each layer's attention is
 `pallas_kernels.ring_attention` (K/V blocks passed around the ring while the flash kernel works on the
-current block). Returned: the logits of every position and every layer's K/V, both in natural order
-(writing them into the engine's KV pages so that decoding continues there is not done yet).
+current block). `ring_prefill` returns the logits of every position and every layer's K/V, both in natural
+order; `ring_prefill_kv` returns the K/V alone (no [T, V] logits), which is what the engine takes:
+`jinfer.long_prompt.RingPrefill` hands them to `Engine.add_request`, which writes them into the request's
+KV pages so that decoding continues there.
 """
 
 from __future__ import annotations
@@ -26,9 +28,24 @@ def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str =
                  interpret: bool | None = None):
     """token_ids: T ints -> (logits f32[T, V], (k, v) each [L, T, K, H]); T is padded up to a multiple of
     2 x mesh.shape[axis] internally (padding sits after the prompt, so causality hides it)."""
+    natural, (logits, k, v) = _run(params, config, token_ids, mesh, axis, block_sizes, interpret, True)
+    return logits[natural], (k[:, natural], v[:, natural])
+
+
+def ring_prefill_kv(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,
+                    interpret: bool | None = None):
+    """token_ids: T ints -> (k, v) each [L, T, K, H] in natural order; no logits are computed."""
+    natural, (k, v) = _run(params, config, token_ids, mesh, axis, block_sizes, interpret, False)
+    return k[:, natural], v[:, natural]
+
+
+def _run(params, config, token_ids, mesh, axis, block_sizes, interpret, with_logits):
+    """-> (natural: i32[T], the zig-zag index of each natural position; the forward's outputs, zig-zag)."""
     T = len(token_ids)
     if T == 0:
         raise ValueError("token_ids is empty")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"the mesh has no axis {axis!r} to ring over (its axes: {mesh.axis_names})")
     n = mesh.shape[axis]
     Tp = -(-T // (2 * n)) * (2 * n)
     order = zigzag_order(Tp, n)
@@ -37,14 +54,13 @@ def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str =
     seq = NamedSharding(mesh, PartitionSpec(None, axis))
     tokens = jax.device_put(tokens[order][None], seq)
     positions = jax.device_put(order[None].astype(np.int32), seq)
-    logits, k, v = _ring_forward(params, tokens, positions, config=config, mesh=mesh, axis=axis,
-                                 block_sizes=block_sizes, interpret=interpret)
-    natural = np.argsort(order)[:T]  # zig-zag slot of each natural position
-    return logits[natural], (k[:, natural], v[:, natural])
+    out = _ring_forward(params, tokens, positions, config=config, mesh=mesh, axis=axis, block_sizes=block_sizes,
+                        interpret=interpret, with_logits=with_logits)
+    return np.argsort(order)[:T], out
 
 
-@functools.partial(jax.jit, static_argnames=("config", "mesh", "axis", "block_sizes", "interpret"))
-def _ring_forward(params, tokens, positions, *, config, mesh, axis, block_sizes, interpret):
+@functools.partial(jax.jit, static_argnames=("config", "mesh", "axis", "block_sizes", "interpret", "with_logits"))
+def _ring_forward(params, tokens, positions, *, config, mesh, axis, block_sizes, interpret, with_logits):
     c = config
     L, Tp = c.num_layers, tokens.shape[1]
     dtype = params["embed"].dtype
@@ -57,4 +73,6 @@ def _ring_forward(params, tokens, positions, *, config, mesh, axis, block_sizes,
     zeros = jax.lax.with_sharding_constraint(jnp.zeros((L, Tp, c.num_kv_heads, c.head_dim), dtype), kv_sharding)
     h, (k_all, v_all) = llama.forward(params, tokens, positions, (zeros, zeros), None, config=c,
                                       attention=attention)
+    if not with_logits:
+        return k_all, v_all
     return llama.logits_from_hidden(params, h, c)[0], k_all, v_all

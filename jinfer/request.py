@@ -28,6 +28,9 @@ class Request:
     num_sampled: int = 0  # tokens sampled so far, including ones still in flight on the device
     num_computed: int = 0  # tokens whose KV is in the cache (or scheduled into it)
     num_cached_prompt: int = 0  # prompt tokens served from the prefix cache at (first) admission
+    num_imported: int = 0  # leading prompt tokens whose KV arrived with the request (computed outside the
+    #   engine, e.g. by ring attention); written into its pages at first admission, then 0
+    kv_imported: bool = False  # its current pages hold imported KV: never offered to the prefix cache
     pages: list[int] = dataclasses.field(default_factory=list)
     num_indexed_pages: int = 0  # leading pages already offered to the prefix cache
     slot: int | None = None

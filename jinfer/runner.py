@@ -3,7 +3,8 @@
 It owns the params, the paged KV cache, the last token each slot sampled, and the per-slot penalty
 counts, all on the device. `dispatch(plan)` pads a StepPlan to its bucket and launches the one jitted
 step for that bucket (state donated, so XLA updates the cache in place); it returns at once with device
-arrays, and `fetch()` later brings the sampled tokens to the host.
+arrays, and `fetch()` later brings the sampled tokens to the host. `import_kv` writes K/V computed
+elsewhere (a long prompt's ring-attention prefill) into a request's pages before its first step.
 
 Buckets: token counts pad up to one of EngineConfig.token_buckets; the query width per slot is 1 for
 decode-only steps and min(bucket, max_prefill_chunk) otherwise. `warmup()` compiles all of them, and
@@ -50,6 +51,17 @@ def _initial_state(c: ModelConfig, S: int, num_pages: int, page_size: int, dtype
     return kv, jnp.zeros(S, jnp.int32), jnp.zeros((S, c.vocab_size), jnp.int32), jnp.zeros((S, c.vocab_size), bool)
 
 
+def _import_impl(kv, output_counts, prompt_mask, k, v, page, offset, slot, tokens):
+    """k, v: [L, n, K, H]; page, offset, tokens: i32[n]; slot: i32[]."""
+    k_pages, v_pages = kv
+    # Pages are [L, K, P, page_size, H]; the two index arrays side by side put n where they stand: [L, K, n, H].
+    k_pages = k_pages.at[:, :, page, offset].set(jnp.swapaxes(k, 1, 2).astype(k_pages.dtype))
+    v_pages = v_pages.at[:, :, page, offset].set(jnp.swapaxes(v, 1, 2).astype(v_pages.dtype))
+    output_counts = output_counts.at[slot].set(0)
+    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].set(True)
+    return (k_pages, v_pages), output_counts, prompt_mask
+
+
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
                  max_pages_per_seq: int, attention_backend=None, devices=None):
@@ -86,6 +98,8 @@ class Runner:
         self.num_compilations = 0
         self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
                              out_shardings=out_shardings)
+        self._import = jax.jit(_import_impl, donate_argnums=(0, 1, 2),
+                               out_shardings=None if out_shardings is None else out_shardings[:3])
 
     # ---- shapes --------------------------------------------------------------------------------
 
@@ -163,6 +177,34 @@ class Runner:
             self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
             max_query_len=width)
         return StepOutput(*out, want_logprobs=want_logprobs)
+
+    def import_kv(self, k, v, pages, slot: int, token_ids) -> None:
+        """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, n, K, H], on any
+        devices) into its `pages` (i32, enough for n tokens), and sets the slot's penalty state to a fresh
+        occupant whose prompt so far is `token_ids` (n ids): the plan does not reset such a slot.
+
+        Dispatched like a step (cache donated, no host sync), so it lands after the step in flight and
+        before the next. One compile per distinct n."""
+        c, ps = self.model_config, self.config.page_size
+        want = (c.num_layers, len(token_ids), c.num_kv_heads, c.head_dim)
+        if tuple(k.shape) != want or tuple(v.shape) != want:
+            raise ValueError(f"imported K/V have shapes k={tuple(k.shape)}, v={tuple(v.shape)}; expected "
+                             f"[L, n, K, H] = {want}")
+        if len(pages) * ps < len(token_ids):
+            raise ValueError(f"{len(pages)} pages of {ps} cannot hold {len(token_ids)} imported tokens")
+        pos = np.arange(len(token_ids))
+        page = np.asarray(pages, np.int32)[pos // ps]  # i32[n]
+        offset = (pos % ps).astype(np.int32)  # i32[n]
+        if self.mesh is None:
+            target = self.kv[0].sharding
+        else:
+            from jinfer import sharding
+
+            target = sharding.kv_import_sharding(want, self.mesh)
+        k, v = jax.device_put((k, v), target)
+        self.kv, self.output_counts, self.prompt_mask = self._import(
+            self.kv, self.output_counts, self.prompt_mask, k, v, page, offset, np.int32(slot),
+            np.asarray(token_ids, np.int32))
 
     def warmup(self) -> None:
         """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""

@@ -11,6 +11,10 @@ finishes requests on a stop token or a length limit.
 tokens): a request's token still on the device is counted in `num_sampled` and fed to the next step from
 the device (`from_prev`), and a request that turns out to have finished simply has that step's token
 discarded.
+
+A request may arrive with the KV of its first prompt tokens already computed (`num_imported`, e.g. a long
+prompt prefilled by ring attention): at admission its pages are allocated for them, the engine writes them
+in before the step runs (`Scheduled.num_imported`), and only the rest of the prompt is computed here.
 """
 
 from __future__ import annotations
@@ -54,7 +58,10 @@ class Scheduler:
 
     # ---- requests in and out -------------------------------------------------------------------
 
-    def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int) -> Request:
+    def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
+            num_imported: int = 0) -> Request:
+        """`num_imported`: leading prompt tokens whose KV the caller supplies (at least one token must remain,
+        whose logits give the first output token)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if len(self.waiting) >= self.config.max_waiting:
@@ -62,12 +69,16 @@ class Scheduler:
         if not 0 < len(prompt_ids) < self.max_model_len:
             raise ValueError(f"prompt has {len(prompt_ids)} tokens; it must have at least 1 and fewer than "
                              f"the context of {self.max_model_len}")
+        if not isinstance(num_imported, int) or not 0 <= num_imported < len(prompt_ids):
+            raise ValueError(f"num_imported={num_imported!r} must be an integer in [0, {len(prompt_ids)}) for a "
+                             f"prompt of {len(prompt_ids)} tokens")
         longest = min(len(prompt_ids) + sampling.max_tokens, self.max_model_len)
         if -(-longest // self.page_size) > self.allocator.usable_pages:
             raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens={sampling.max_tokens} needs "
                              f"{-(-longest // self.page_size)} KV pages; the pool has {self.allocator.usable_pages}")
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
-        req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals))
+        req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals),
+                      num_imported=num_imported)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -118,6 +129,9 @@ class Scheduler:
     def _preempt(self, victim: Request) -> None:
         self._release(victim)
         victim.num_indexed_pages = 0
+        # Imported KV (num_imported is already 0: it was written at admission) is lost with the pages: the
+        # request recomputes its whole prompt by ordinary chunked prefill, which is exact, only slower.
+        victim.kv_imported = False
         self.running.remove(victim)
         victim.status = Status.WAITING
         victim.num_computed = 0
@@ -136,6 +150,7 @@ class Scheduler:
         budget = cfg.max_step_tokens
         chunks: list[tuple[Request, int]] = []
         reset: set[int] = set()
+        imports: dict[int, int] = {}  # slot -> tokens of imported KV to write before this step
 
         # Running requests first, oldest first; the newest not yet scheduled are the preemption victims.
         for req in list(self.running):
@@ -163,36 +178,42 @@ class Scheduler:
             if len(req.output_ids) < req.num_sampled:
                 break  # preempted with a token still in flight; it is recomputed once that token is known
             known = req.known_ids()
+            imported = req.num_imported
             cached: list[int] = []
-            if cfg.enable_prefix_caching:
+            if cfg.enable_prefix_caching and not imported:
                 # Leave at least one token to compute: its logits give the next token.
                 cached = self.prefix_cache.match(known, (len(known) - 1) // self.page_size)
             num_cached = len(cached) * self.page_size
-            n = min(len(known) - num_cached, cfg.max_prefill_chunk, budget)
-            need = -(-(num_cached + n) // self.page_size) - len(cached)
+            start = max(num_cached, imported)
+            n = min(len(known) - start, cfg.max_prefill_chunk, budget)
+            need = -(-(start + n) // self.page_size) - len(cached)
             if not self._make_room(need):
                 for page in reversed(cached):
                     self.prefix_cache.release(page)
                 break
-            if cfg.enable_prefix_caching and req.num_preemptions == 0:
+            if cfg.enable_prefix_caching and req.num_preemptions == 0 and not imported:
                 self.prefix_cache.record_query(len(req.prompt_ids), min(num_cached, len(req.prompt_ids)))
                 req.num_cached_prompt = min(num_cached, len(req.prompt_ids))
             self.waiting.pop(0)
             req.pages = cached + self.allocator.allocate(need)
-            req.num_computed = num_cached
+            req.num_computed = start
             req.slot = self.slots.index(None)
             self.slots[req.slot] = req
             req.status = Status.RUNNING
             bisect.insort(self.running, req, key=lambda r: r.arrival)
-            reset.add(req.slot)
+            if imported:
+                imports[req.slot] = imported
+                req.num_imported, req.kv_imported = 0, True  # handed to the engine with this plan
+            else:
+                reset.add(req.slot)
             chunks.append((req, n))
             budget -= n
 
         if not chunks:
             return None
-        return self._build_plan(chunks, reset)
+        return self._build_plan(chunks, reset, imports)
 
-    def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int]) -> StepPlan:
+    def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int], imports: dict[int, int]) -> StepPlan:
         S = self.config.max_slots
         T = sum(n for _, n in chunks)
         tokens = np.zeros(T, np.int32)
@@ -230,7 +251,7 @@ class Scheduler:
                 sample[s] = True
                 gen_index[s] = req.num_sampled
                 req.num_sampled += 1
-            scheduled.append(Scheduled(req, s, n, samples))
+            scheduled.append(Scheduled(req, s, n, samples, imports.get(s, 0)))
             t += n
         params = [r.sampling if r is not None else None for r in self.slots]
 
@@ -275,7 +296,10 @@ class Scheduler:
                 elif (len(req.output_ids) >= req.sampling.max_tokens
                       or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
                     self.finish(req, "length")
-            if self.config.enable_prefix_caching and req.status is Status.RUNNING:
+            # Pages holding imported KV stay private: a cached page must hold what this engine computes for
+            # its tokens, and KV computed elsewhere (ring attention) agrees with that only to rounding, so
+            # a later request reusing it would no longer reproduce its uncached output exactly.
+            if self.config.enable_prefix_caching and req.status is Status.RUNNING and not req.kv_imported:
                 known = req.known_ids()
                 full = min(req.num_computed, len(known)) // self.page_size
                 if full > req.num_indexed_pages:

@@ -31,9 +31,11 @@ RULES: dict[str, str | None] = {
     "layers": None,
     "pages": None,
     "page_slot": None,
+    "tokens": None,
 }
 
 KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slot", "head_dim")  # [L, K, P, page_size, H]
+KV_IMPORT_AXES = ("layers", "tokens", "kv_heads", "head_dim")  # [L, T, K, H]: a prefix's K/V brought in
 
 
 def make_mesh(data: int = 1, model: int = 1, seq: int = 1, devices=None) -> Mesh:
@@ -73,6 +75,11 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
 
 def kv_cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
     return NamedSharding(mesh, partition_spec(KV_CACHE_AXES, shape, mesh))
+
+
+def kv_import_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
+    """K/V of a prompt prefix computed outside the engine, split over KV heads like the cache it joins."""
+    return NamedSharding(mesh, partition_spec(KV_IMPORT_AXES, shape, mesh))
 
 
 def replicated(mesh: Mesh) -> NamedSharding:

@@ -20,6 +20,8 @@ class Scheduled:
     slot: int
     num_tokens: int  # tokens this step computes for the request
     samples: bool  # the chunk reaches the end of the known sequence, so a token is sampled after it
+    num_imported: int = 0  # leading tokens whose KV arrived with the request: the engine writes them into
+    #   its pages (Runner.import_kv) before this step, its first, runs
 
 
 @dataclasses.dataclass(frozen=True)
@@ -37,7 +39,8 @@ class StepPlan:
     page_table: np.ndarray  # i32[S, max_pages]; padded with page 0
     sample: np.ndarray  # bool[S]
     gen_index: np.ndarray  # i32[S]: tokens the request had sampled before this one (folds into its key)
-    reset: np.ndarray  # bool[S]: the slot has a new occupant (clear its penalty counts)
+    reset: np.ndarray  # bool[S]: the slot has a new occupant (clear its penalty counts); not set for an
+    #   occupant with imported KV, whose counts the import sets to its imported prompt tokens
     temperature: np.ndarray  # f32[S]
     top_k: np.ndarray  # i32[S]
     top_p: np.ndarray  # f32[S]
