@@ -24,10 +24,10 @@ from benchmarks.gpu_trace import kernel_times  # noqa: E402
 from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS  # noqa: E402
 from pallas_kernels.paged_attention import kernel as pk  # noqa: E402
 
-SWEEP = {  # (batch, context): context splits tried
-    (1, 4096): (8, 16, 32),
-    (8, 32768): (2, 4, 8),
-    (64, 4096): (1, 2, 4),
+SWEEP = {  # (batch, context): (context splits, pages per inner step, warps) tried; stages 2 and 3 each
+    (1, 4096): ((8, 16, 32, 64), (1, 2, 4), (4, 8)),
+    (8, 32768): ((2, 4, 8), (1, 2), (4,)),
+    (64, 4096): ((1, 2), (1, 2, 4), (4,)),
 }
 
 
@@ -43,7 +43,7 @@ def main():
     ps = a.page_size
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for (B, ctx), split_options in SWEEP.items():
+    for (B, ctx), (split_options, ppb_options, warp_options) in SWEEP.items():
         pages = ctx // ps
         P = B * pages + 1
         k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
@@ -55,16 +55,17 @@ def main():
         ql = np.ones(B, np.int32)
         bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
         results = []
-        for splits, ppb, warps, stages in itertools.product(split_options, (2, 4), (4, 8), (2, 3)):
+        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (2, 3)):
             bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
             nb = -(-B // bs.block_q) + B
             blocks, (tb, tr) = pk.query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
-            blocks = tuple(jnp.asarray(x) for x in blocks)
-            f = jax.jit(lambda q, k, v, bs=bs, nb=nb, blocks=blocks, tb=jnp.asarray(tb), tr=jnp.asarray(tr):
-                        pk.ragged_paged_attention_blocks(q, k, v, jnp.int32(0), pt, kv_len, jnp.asarray(ql), blocks,
-                                                         tb, tr, num_blocks=nb, block_sizes=bs, interpret=False))
+            # step metadata as arguments, as in the engine's step (not constants folded into the call)
+            meta = (jnp.int32(0), pt, kv_len, jnp.asarray(ql), tuple(jnp.asarray(x) for x in blocks), jnp.asarray(tb),
+                    jnp.asarray(tr))
+            f = jax.jit(lambda q, k, v, meta, bs=bs, nb=nb: pk.ragged_paged_attention_blocks(
+                q, k, v, *meta, num_blocks=nb, block_sizes=bs, interpret=False))
             try:
-                us, launches = device_us(lambda: f(q, kp, vp))
+                us, launches = device_us(lambda: f(q, kp, vp, meta))
             except Exception as e:  # noqa: BLE001 - a configuration that does not compile is skipped
                 print(f"  {bs}: failed {type(e).__name__}: {str(e)[:100]}")
                 continue

@@ -72,10 +72,11 @@ def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size:
     G = num_heads // num_kv_heads
     Gp = 1 << (G - 1).bit_length()
     block_q = max(1, 16 // Gp)
-    # Enough programs to fill the GPU's ~132 multiprocessors twice over, even with few slots.
-    splits = int(np.clip(-(-264 // (max_slots * num_kv_heads)), 1, 16))
-    # 128 keys per inner step for decode, 64 beside the larger query tile of prefill (shared memory).
-    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 128 // page_size), num_splits=splits),
+    # ~512 programs (about four per multiprocessor of an H100), even with few slots, and 64 keys per inner
+    # step: the best of `python benchmarks/decode_tune.py` at batch 1, 8 and 64 (benchmarks/RESULTS.md).
+    splits = int(np.clip(-(-512 // (max_slots * num_kv_heads)), 1, 32))
+    splits = 1 << (splits.bit_length() - 1)  # a power of two: the combine kernel's tiles (Triton) need it
+    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 64 // page_size), num_splits=splits),
                          prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=max(1, 64 // page_size),
                                             num_splits=1),
                          interpret=interpret)

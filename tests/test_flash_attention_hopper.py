@@ -1,7 +1,8 @@
 """The Hopper (Mosaic GPU) flash attention kernel against the `jnp` reference.
 
 The kernel itself needs an H100-class GPU (wgmma, TMA): those tests run on the lent GPU
-(`python -m pytest tests/test_flash_attention_hopper.py`) and are skipped elsewhere. Which calls the
+(`JAX_PLATFORMS=cuda python -m pytest tests/test_flash_attention_hopper.py`; conftest picks the CPU
+otherwise) and are skipped elsewhere. Which calls the
 dispatcher sends to it is checked everywhere.
 """
 
@@ -51,7 +52,8 @@ def test_fast_path_scope_is_named():
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("bs", [HopperBlockSizes(), HopperBlockSizes(pingpong=False),
-                                HopperBlockSizes(block_kv=64, num_stages=4)], ids=["default", "no-pingpong", "kv64"])
+                                HopperBlockSizes(block_kv=64, num_stages=4), HopperBlockSizes(persistent=True)],
+                         ids=["default", "no-pingpong", "kv64", "persistent"])
 def test_matches_reference(N, K, H, causal, bs):
     q, k, v = inputs(N * H + causal, 2, 384, 384 if causal else 512, N, K, H)
     out, lse = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5, block_sizes=bs, return_lse=True)
@@ -67,10 +69,11 @@ def test_matches_reference(N, K, H, causal, bs):
 
 @on_hopper
 def test_three_stages_and_dispatch():
-    q, k, v = inputs(3, 1, 4096, 4096, 8, 2, 128)
-    got = flash_attention(q, k, v, causal=True)  # long enough for the 3-stage entry of the table
-    tail = slice(4096 - 256, 4096)
-    want = flash_attention_reference(q[:, tail], k, v, causal=True, q_offset=jnp.array([4096 - 256]))
+    S = 8192
+    q, k, v = inputs(3, 1, S, S, 8, 2, 128)
+    got = flash_attention(q, k, v, causal=True)  # long enough for the persistent 3-stage entry of the table
+    tail = slice(S - 256, S)
+    want = flash_attention_reference(q[:, tail], k, v, causal=True, q_offset=jnp.array([S - 256]))
     assert rel(got[:, tail], want) < 1e-2
     # options outside the fast path still work (Triton kernel)
     got_w = flash_attention(q[:, :512], k[:, :512], v[:, :512], causal=True, window=100)

@@ -4,7 +4,7 @@ Work is cut into *query blocks*: up to `block_q` consecutive queries of one slot
 query block, one KV head (all `G` query heads of that group together, so each K/V tile is read once
 for the whole group) and one split of the context (Flash-Decoding: a long context alone still spreads
 over many programs). It walks the slot's pages `pages_per_block` at a time with an online softmax and
-writes an unnormalized partial output plus its running max and sum; `combine_splits` merges the splits.
+writes an unnormalized partial output plus its running max and sum; `combine.combine_splits` merges the splits.
 
 The host lays the query blocks out (`query_blocks`), so the kernel grid is static: `num_blocks` =
 tokens / block_q + slots covers any step of at most that many tokens.
@@ -20,6 +20,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+
+from pallas_kernels.paged_attention.combine import combine_splits
 
 NEG_INF = float("-inf")
 
@@ -72,7 +74,7 @@ def _kernel(
     # scalar-ish inputs (whole arrays)
     layer_ref, blk_slot_ref, blk_row0_ref, blk_len_ref, blk_qoff_ref, kv_len_ref, query_len_ref, page_table_ref,
     # tensors
-    q_ref,  # [T_pad, Gp, H] for this program's KV head
+    q_ref,  # [T, Gp, H] for this program's KV head
     k_ref, v_ref,  # [L * K * P, page_size, H]: every page of every layer and head
     # outputs, this program's block
     o_ref,  # [block_q, Gp, H]
@@ -81,6 +83,7 @@ def _kernel(
     sm_scale: float, group: int,
 ):
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    max_pages = page_table_ref.shape[1]
     _, Gp, H = q_ref.shape
     ps = k_ref.shape[1]
     rows = block_q * Gp
@@ -98,7 +101,10 @@ def _kernel(
     p_end = jnp.minimum(n_pages, p_begin + per_split)
     n_iter = jnp.maximum(pl.cdiv(p_end - p_begin, pages_per_block), 0)
 
-    q = q_ref[pl.ds(blk_row0_ref[b], block_q)].reshape(rows, H)
+    # Rows past the last token are clamped onto it (read, never used): no padded copy of q per call.
+    n_tok = q_ref.shape[0]
+    q_rows = jnp.minimum(blk_row0_ref[b] + lax.broadcasted_iota(jnp.int32, (block_q,), 0), n_tok - 1)
+    q = q_ref[q_rows].reshape(rows, H)
     q_pos = first_pos + lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0).reshape(rows)
     q_ok = (lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0) < n_q).reshape(rows)
     base = (layer_ref[0] * num_kv_heads + kh) * num_pages
@@ -110,7 +116,9 @@ def _kernel(
     def body(i, carry):
         o, m, l = carry
         p0 = p_begin + i * pages_per_block
-        ids = page_table_ref[slot, pl.ds(p0, pages_per_block)]
+        # Columns past the table are clamped onto its last one: those keys are masked, and V is zeroed.
+        cols = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0), max_pages - 1)
+        ids = page_table_ref[slot, cols]
         k = k_ref[base + ids].reshape(block_k, H)
         v = v_ref[base + ids].reshape(block_k, H)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=prec) * sm_scale
@@ -165,11 +173,8 @@ def ragged_paged_attention_blocks(
         raise ValueError(f"block_q={bq} x padded group size {Gp} = {bq * Gp} rows; the matrix units need >= 16")
 
     q4 = q.reshape(T, K, G, H)
-    q4 = jnp.pad(q4, ((0, bq), (0, 0), (0, Gp - G), (0, 0)))  # rows past T are read, never used
-    max_pages = page_table.shape[1]
-    # Whole page blocks only, plus one spare block so a split that starts past the table stays inside.
-    width = (-(-max_pages // ppb) + 1) * ppb
-    page_table = jnp.pad(page_table, ((0, 0), (0, width - max_pages)))
+    if Gp != G:
+        q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     k_flat = k_pages.reshape(L * K * P, ps, H)
     v_flat = v_pages.reshape(L * K * P, ps, H)
     out_dtype = q.dtype if splits == 1 else jnp.float32
@@ -184,7 +189,7 @@ def ragged_paged_attention_blocks(
         kernel,
         grid=(num_blocks, K, splits),
         in_specs=[*(whole(x) for x in scalars),
-                  pl.BlockSpec((T + bq, None, Gp, H), lambda b, h, s: (0, h, 0, 0)),
+                  pl.BlockSpec((T, None, Gp, H), lambda b, h, s: (0, h, 0, 0)),
                   whole(k_flat), whole(v_flat)],
         out_specs=[pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
                    pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
@@ -197,13 +202,8 @@ def ragged_paged_attention_blocks(
         name="ragged_paged_attention",
     )(*scalars, q4, k_flat, v_flat)
 
-    # Gather each token's row (and, with splits, merge the partial softmaxes first).
-    o, m, l = o[:, tok_block, tok_row], m[:, tok_block, tok_row], l[:, tok_block, tok_row]  # [splits, T, K, Gp, ...]
-    if splits > 1:
-        m_all = m.max(axis=0)
-        w = jnp.where(m == NEG_INF, 0.0, jnp.exp(m - jnp.where(m_all == NEG_INF, 0.0, m_all)))
-        l_all = (w * l).sum(axis=0)
-        o = (w[..., None] * o).sum(axis=0) / jnp.where(l_all == 0, 1.0, l_all)[..., None]
-    else:
-        o = o[0]
+    if splits > 1:  # merge the partial softmaxes of each token's row
+        o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=q.dtype, interpret=interpret)
+    else:  # gather each token's row
+        o = o[0, tok_block, tok_row]  # [T, K, Gp, H]
     return o[:, :, :G].reshape(T, N, H).astype(q.dtype)
