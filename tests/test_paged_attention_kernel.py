@@ -12,6 +12,10 @@ from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
+# The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere. Known open problem:
+# natively on the H100, 25 of the 40 small cases here (head_dim 32, pages of 4-8 tokens) give wrong sums,
+# with the previous kernel too; the engine's shapes (head_dim 64/128, 64 keys per step) match the reference.
+NATIVE = jax.devices()[0].platform == "gpu"
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 
 
@@ -64,7 +68,7 @@ def run_kernel(c, layer, bs):
     return ragged_paged_attention_blocks(
         c["q"], c["k"], c["v"], jnp.int32(layer), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
         jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr), num_blocks=nb,
-        block_sizes=bs, interpret=jax.devices()[0].platform != "gpu")  # native on a GPU
+        block_sizes=bs, interpret=not NATIVE)
 
 
 def run_reference(c, layer):
