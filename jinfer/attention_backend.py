@@ -2,8 +2,9 @@
 
 A backend adds its own per-step host arrays (`step_inputs`, numpy) to the step's batch and computes
 attention inside the jitted step (`attend`). The runner and model are the same for every backend:
-a new kernel plugs in here. `default_backend()` picks the Pallas kernel on GPU and the `jnp`
-reference elsewhere (the kernel also runs on the CPU in interpret mode, for tests).
+a new kernel plugs in here. `default_backend()` picks the Pallas kernel on GPU and the blocked `jnp`
+attention elsewhere; the `jnp` reference is a backend too (the kernel also runs on the CPU in interpret
+mode, for tests).
 """
 
 from __future__ import annotations
@@ -14,6 +15,7 @@ import jax
 import numpy as np
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.blocked import ragged_paged_attention_blocked
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
 
@@ -29,6 +31,24 @@ class ReferenceBackend:
         return ragged_paged_attention_reference(
             q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len,
             max_query_len=width, layer=layer)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedBackend:
+    """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence: the default
+    where no Pallas kernel runs natively (the CPU). Query width padded to `width` as in the reference."""
+
+    keys_per_block: int = 256
+    name: str = "blocked"
+
+    def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
+        return {}
+
+    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
+        ps = k_pages.shape[-2]
+        return ragged_paged_attention_blocked(
+            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len, layer,
+            max_query_len=width, pages_per_block=max(1, self.keys_per_block // ps))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -63,7 +83,7 @@ class PallasBackend:
 
 def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int):
     if jax.devices()[0].platform != "gpu":
-        return ReferenceBackend()
+        return BlockedBackend()
     return pallas_backend(num_kv_heads, num_heads, max_slots, page_size)
 
 

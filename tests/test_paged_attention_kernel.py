@@ -10,6 +10,7 @@ import pytest
 
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
+from pallas_kernels.paged_attention.blocked import ragged_paged_attention_blocked
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
 # The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere.
@@ -107,6 +108,26 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
     bs = BlockSizes(block_q=max(2, 16 // G) if G < 16 else 1, pages_per_block=ppb, num_splits=splits)
     got = run_kernel(c, layer, bs)
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("G", [1, 4])
+@pytest.mark.parametrize("page_size, pages_per_block", [(4, 1), (8, 3)])
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_blocked_jnp_attention_matches_reference(dtype, G, page_size, pages_per_block, case):
+    """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence)."""
+    rng = np.random.default_rng(hash((G, page_size, pages_per_block, case)) % 2**32)
+    kv_lens, q_lens = CASES[case]
+    c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
+    want = run_reference(c, 1)
+    with jax.default_matmul_precision("highest"):
+        got = ragged_paged_attention_blocked(
+            c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]), jnp.asarray(c["q_start"]),
+            jnp.asarray(c["q_len"]), jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
+            pages_per_block=pages_per_block)
+    assert not np.isnan(np.asarray(got, np.float32)).any()
+    assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
+    assert not np.asarray(got[c["T"]:], np.float32).any()  # rows no slot owns stay zero
 
 
 @pytest.mark.parametrize("head_dim", [64, 128])
