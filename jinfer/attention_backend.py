@@ -15,7 +15,8 @@ import jax
 import numpy as np
 
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
-from pallas_kernels.paged_attention.blocked import ragged_paged_attention_blocked
+from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
+                                                    ragged_paged_attention_blocked_qblocks)
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
 
@@ -36,19 +37,33 @@ class ReferenceBackend:
 @dataclasses.dataclass(frozen=True)
 class BlockedBackend:
     """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence: the default
-    where no Pallas kernel runs natively (the CPU). Query width padded to `width` as in the reference."""
+    where no Pallas kernel runs natively (the CPU). Decode-only steps take one row per slot; steps with
+    prefill chunks take one row per query block of up to `block_q` queries of one slot (the layout of the
+    Pallas kernel), so the idle width of short rows is at most block_q - 1 per slot."""
 
     keys_per_block: int = 256
+    block_q: int = 16
     name: str = "blocked"
 
+    def num_blocks(self, num_tokens: int, max_slots: int) -> int:
+        return -(-num_tokens // self.block_q) + max_slots
+
     def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
-        return {}
+        if width <= 1:
+            return {}
+        blocks, _ = query_blocks(query_start, query_len, self.block_q, self.num_blocks(num_tokens, max_slots),
+                                 num_tokens)
+        return {"blocks": blocks}
 
     def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
-        ps = k_pages.shape[-2]
-        return ragged_paged_attention_blocked(
-            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len, layer,
-            max_query_len=width, pages_per_block=max(1, self.keys_per_block // ps))
+        ppb = max(1, self.keys_per_block // k_pages.shape[-2])
+        if width <= 1:
+            return ragged_paged_attention_blocked(
+                q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len, layer,
+                max_query_len=1, pages_per_block=ppb)
+        return ragged_paged_attention_blocked_qblocks(
+            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]), layer,
+            block_q=self.block_q, pages_per_block=ppb)
 
 
 @dataclasses.dataclass(frozen=True)

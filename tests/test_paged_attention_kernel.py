@@ -10,7 +10,8 @@ import pytest
 
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.paged_attention import ragged_paged_attention_reference
-from pallas_kernels.paged_attention.blocked import ragged_paged_attention_blocked
+from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
+                                                    ragged_paged_attention_blocked_qblocks)
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
 # The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere.
@@ -112,19 +113,27 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("page_size, pages_per_block", [(4, 1), (8, 3)])
+@pytest.mark.parametrize("layout", ["slots", "qblocks"])
 @pytest.mark.parametrize("case", range(len(CASES)))
-def test_blocked_jnp_attention_matches_reference(dtype, G, page_size, pages_per_block, case):
-    """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence)."""
-    rng = np.random.default_rng(hash((G, page_size, pages_per_block, case)) % 2**32)
+def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
+    """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence),
+    with one row of queries per slot (pages of 4, one per block) or per query block (pages of 8, three)."""
+    rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
     kv_lens, q_lens = CASES[case]
+    page_size, ppb = (4, 1) if layout == "slots" else (8, 3)
     c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
     want = run_reference(c, 1)
+    args = (c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]))
     with jax.default_matmul_precision("highest"):
-        got = ragged_paged_attention_blocked(
-            c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]), jnp.asarray(c["q_start"]),
-            jnp.asarray(c["q_len"]), jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
-            pages_per_block=pages_per_block)
+        if layout == "slots":
+            got = ragged_paged_attention_blocked(*args, jnp.asarray(c["q_start"]), jnp.asarray(c["q_len"]),
+                                                 jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
+                                                 pages_per_block=ppb)
+        else:
+            T, bq = c["q"].shape[0], 3
+            blocks, _ = query_blocks(c["q_start"], c["q_len"], bq, -(-T // bq) + len(kv_lens), T)
+            got = ragged_paged_attention_blocked_qblocks(*args, jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)),
+                                                         jnp.int32(1), block_q=bq, pages_per_block=ppb)
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
     assert not np.asarray(got[c["T"]:], np.float32).any()  # rows no slot owns stay zero
