@@ -16,7 +16,7 @@ from typing import Sequence
 import jax
 
 from jinfer.config import ModelConfig
-from jinfer.engine import Engine, StepEvent
+from jinfer.engine import Engine, EngineLoad, StepEvent
 from jinfer.engine_config import EngineConfig
 from jinfer.sampling_params import SamplingParams
 
@@ -61,6 +61,9 @@ class DataParallelEngine:
     @property
     def has_work(self) -> bool:
         return any(e.has_work for e in self.replicas)
+
+    def load(self) -> EngineLoad:
+        return sum((e.load() for e in self.replicas[1:]), self.replicas[0].load())
 
     def step(self) -> list[StepEvent]:
         return [ev for e in self.replicas if e.has_work for ev in e.step()]

@@ -56,6 +56,24 @@ def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig) ->
     return max(2, int(free * engine_config.memory_fraction // page_bytes))
 
 
+@dataclasses.dataclass(frozen=True)
+class EngineLoad:
+    waiting: int
+    running: int
+    pages_used: int  # held by requests
+    pages_cached: int  # free but holding a cached prefix
+    pages_total: int
+    prefix_queried_tokens: int
+    prefix_hit_tokens: int
+
+    @property
+    def prefix_hit_rate(self) -> float:
+        return self.prefix_hit_tokens / self.prefix_queried_tokens if self.prefix_queried_tokens else 0.0
+
+    def __add__(self, other: "EngineLoad") -> "EngineLoad":  # replicas' loads add up field by field
+        return EngineLoad(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
+
+
 @dataclasses.dataclass
 class _Stream:
     """Per-request text state: incremental detokenizer, stop strings, the output being built."""
@@ -165,6 +183,15 @@ class Engine:
     @property
     def has_work(self) -> bool:
         return self.scheduler.has_work or self._inflight is not None
+
+    def load(self) -> EngineLoad:
+        """Queue and KV-pool occupancy now (for metrics and admission; call it on the engine's thread)."""
+        s, a = self.scheduler, self.scheduler.allocator
+        cached = s.prefix_cache.num_evictable
+        st = s.prefix_cache.stats
+        return EngineLoad(waiting=len(s.waiting), running=len(s.running), pages_used=a.usable_pages - a.num_free - cached,
+                          pages_cached=cached, pages_total=a.usable_pages, prefix_queried_tokens=st.queried_tokens,
+                          prefix_hit_tokens=st.hit_tokens)
 
     # ---- the loop ------------------------------------------------------------------------------
 

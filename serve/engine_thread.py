@@ -176,7 +176,7 @@ class EngineThread:
         finally:
             with self._lock:
                 self._unadmitted -= 1
-                self._num_waiting = len(self.engine.scheduler.waiting)
+                self._num_waiting = self.engine.load().waiting
 
     def _dispatch(self, events: list[StepEvent]) -> None:
         batch = []
@@ -205,17 +205,14 @@ class EngineThread:
             self._post(lambda: [deliver(chunk) for deliver, chunk in batch])
 
     def _publish(self) -> None:
-        s = self.engine.scheduler
+        load = self.engine.load()  # an Engine or a DataParallelEngine: the sum over its replicas
         with self._lock:
-            self._num_waiting = len(s.waiting)
+            self._num_waiting = load.waiting
             queued = self._num_waiting + self._unadmitted
         if self._metrics is not None:
-            a = s.allocator
             self._metrics.set_engine_state(
-                waiting=queued, running=len(s.running),
-                pages_used=a.usable_pages - a.num_free - s.prefix_cache.num_evictable,
-                pages_cached=s.prefix_cache.num_evictable, pages_total=a.usable_pages,
-                prefix_hit_rate=s.prefix_cache.stats.hit_rate, now=time.perf_counter())
+                waiting=queued, running=load.running, pages_used=load.pages_used, pages_cached=load.pages_cached,
+                pages_total=load.pages_total, prefix_hit_rate=load.prefix_hit_rate, now=time.perf_counter())
 
     def _fail(self, e: BaseException) -> None:
         log.exception("the engine thread failed", exc_info=e)

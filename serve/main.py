@@ -41,6 +41,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--token-buckets", default=None, help="comma-separated tokens-per-step buckets, e.g. 16,64,256")
     e.add_argument("--max-prefill-chunk", type=int, default=None)
     e.add_argument("--no-prefix-caching", action="store_true")
+    e.add_argument("--tensor-parallel", type=int, default=1, help="devices each model replica is split over")
+    e.add_argument("--data-parallel", type=int, default=1,
+                   help="engine replicas, each with its own slots and pages; a request stays on one")
     e.add_argument("--seed", type=int, default=None, help="seed of requests that set none")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", help="PEM certificate chain file; with --tls-key the server speaks TLS only")
@@ -71,11 +74,12 @@ def engine_config(args, dtype: str):
             raise ValueError(f"--token-buckets={args.token_buckets!r} must be comma-separated integers") from None
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
-    return EngineConfig(dtype=dtype, **kw)
+    return EngineConfig(dtype=dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel, **kw)
 
 
 def build_engine(args):
-    from jinfer.engine import Engine
+    """An Engine, or a DataParallelEngine with --data-parallel > 1 (the server needs only their common API)."""
+    from jinfer.data_parallel import make_engine
 
     cfg = engine_config(args, args.dtype)
     if args.model == TINY_RANDOM:
@@ -83,7 +87,7 @@ def build_engine(args):
             from tests.tiny import TINY, tiny_params, tiny_tokenizer
         except ImportError as e:
             raise ValueError(f"--model {TINY_RANDOM} needs the jinfer source checkout (tests/tiny.py)") from e
-        return Engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
+        return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
     from jinfer.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, engine_config=cfg, seed=args.seed, warmup=False).engine

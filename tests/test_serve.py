@@ -249,6 +249,50 @@ def test_64_concurrent_streaming_clients_all_complete_correctly(server, expected
     assert_all_pages_returned(wait_engine_idle(server))
 
 
+def test_a_data_parallel_engine_behind_the_server(expected):
+    """`jinfer serve --data-parallel 2`: two engine replicas (here both on the one CPU device), each with its
+    own slots and pages, behind one server; concurrent streams give LLM.generate's outputs, requests spread
+    over both replicas, and the pool gauges add the replicas up."""
+    import jax
+
+    from jinfer.data_parallel import DataParallelEngine
+
+    cfg = EngineConfig(max_slots=8, page_size=4, num_pages=512, token_buckets=(8, 32), max_prefill_chunk=16,
+                       max_waiting=MAX_WAITING, data_parallel=2)
+    dev = jax.devices()[0]
+    dp = DataParallelEngine(TINY, tiny_params(), chat_tokenizer(), cfg, seed=0, devices=[dev, dev])
+    dp.warmup()
+    n = 24
+    admitted = [0, 0]
+    for r, replica in enumerate(dp.replicas):  # count what each replica is given
+        def counting(*args, _add=replica.add_request, _r=r, **kw):
+            admitted[_r] += 1
+            return _add(*args, **kw)
+        replica.add_request = counting
+
+    async def one(i: int):
+        prompt, kw = SPECS[i]
+        async with AsyncJinferClient(target(srv), timeout=120) as c:
+            return [m async for m in c.stream(prompt, request_id=f"dp{i}", **kw)]
+
+    async def all_of_them():
+        return await asyncio.gather(*(one(i) for i in range(n)))
+
+    with serving(dp) as srv:
+        assert srv.wait_ready(60)
+        results = asyncio.run(all_of_them())
+        for i, (msgs, want) in enumerate(zip(results, expected[:n])):
+            check_output(msgs, want, SPECS[i][1], f"dp{i}")
+        assert min(admitted) >= n // 4, f"requests per replica {admitted}: one replica took (nearly) all"
+        assert metric(srv, "jinfer_kv_pages_total") == sum(r.scheduler.allocator.usable_pages for r in dp.replicas)
+        load = srv.app.engine_thread.inspect(lambda e: e.load()).result(30)
+        deadline = time.monotonic() + 20
+        while (load.running or load.waiting) and time.monotonic() < deadline:
+            time.sleep(0.05)
+            load = srv.app.engine_thread.inspect(lambda e: e.load()).result(30)
+        assert load.running == load.waiting == load.pages_used == 0
+
+
 def test_token_counts_and_model_info(server):
     with client(server) as c:
         info = c.model_info()
