@@ -6,6 +6,7 @@ utilization; with --hf, also Hugging Face transformers' `generate` on the same b
     python benchmarks/throughput.py --model smollm2 --num-requests 16 --input-len 128 --output-len 64 --hf
     python benchmarks/throughput.py --shape llama-3.1-8b --dtype bfloat16 --num-requests 128 \
         --input-len 512 --output-len 256 --max-slots 128     # GPU, random weights
+    ... --tensor-parallel 2                                  # the same over a 2-device model mesh
 """
 
 from __future__ import annotations
@@ -40,7 +41,8 @@ def run_engine(config, params, tokenizer, args, prompts):
     max_len = args.input_len + args.output_len
     ec = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,
                       max_model_len=1 << (max_len - 1).bit_length(), token_buckets=tuple(args.buckets),
-                      max_prefill_chunk=args.chunk, dtype=args.dtype, enable_prefix_caching=False)
+                      max_prefill_chunk=args.chunk, dtype=args.dtype, enable_prefix_caching=False,
+                      tensor_parallel=args.tensor_parallel)
     eng = Engine(config, params, tokenizer, ec, seed=0)
     t = time.perf_counter()
     eng.warmup()
@@ -100,6 +102,7 @@ def main():
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--buckets", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.sharding)")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")
     args = ap.parse_args()
 
