@@ -33,6 +33,8 @@ from jinfer.stop_strings import StopStringMatcher
 
 # Computes the K/V of a prompt prefix outside the engine's steps: n token ids -> (k, v), each [L, n, K, H]
 # in natural order, on any devices (jinfer.long_prompt.RingPrefill is one).
+# n prompt token ids -> (k, v), each [L, m, K, H] with m >= n: rows past n are padding (a bucket, so that
+# the callable and the runner's import compile per bucket, not per prompt length)
 PrefixPrefill = Callable[[list[int]], tuple[jax.Array, jax.Array]]
 
 
@@ -153,9 +155,12 @@ class Engine:
                 k, v = prefill(ids[:num_imported])
                 c = self.model_config
                 want = (c.num_layers, num_imported, c.num_kv_heads, c.head_dim)
-                if tuple(k.shape) != want or tuple(v.shape) != want:
+                ok = lambda x: x.ndim == 4 and x.shape[1] >= num_imported and (x.shape[0], *x.shape[2:]) == (
+                    want[0], *want[2:])
+                if not ok(k) or not ok(v) or k.shape != v.shape:
                     raise ValueError(f"prefill returned K/V of shapes k={tuple(k.shape)}, v={tuple(v.shape)}; "
-                                     f"expected [L, n, K, H] = {want} for the {num_imported} tokens it was given")
+                                     f"expected [L, m, K, H] with L, K, H = {want[0]}, {want[2]}, {want[3]} and "
+                                     f"m >= {num_imported}, the tokens it was given")
             except BaseException:
                 self.scheduler.finish(req, "cancelled")
                 raise

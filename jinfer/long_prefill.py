@@ -26,17 +26,33 @@ from pallas_kernels.ring_attention import ring_attention, zigzag_order
 
 def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,
                  interpret: bool | None = None):
-    """token_ids: T ints -> (logits f32[T, V], (k, v) each [L, T, K, H]); T is padded up to a multiple of
-    2 x mesh.shape[axis] internally (padding sits after the prompt, so causality hides it)."""
+    """token_ids: T ints -> (logits f32[T, V], (k, v) each [L, T, K, H]); T is padded up to
+    `padded_length(T, n)` internally (padding sits after the prompt, so causality hides it)."""
     natural, (logits, k, v) = _run(params, config, token_ids, mesh, axis, block_sizes, interpret, True)
     return logits[natural], (k[:, natural], v[:, natural])
 
 
 def ring_prefill_kv(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,
                     interpret: bool | None = None):
-    """token_ids: T ints -> (k, v) each [L, T, K, H] in natural order; no logits are computed."""
-    natural, (k, v) = _run(params, config, token_ids, mesh, axis, block_sizes, interpret, False)
+    """token_ids: T ints -> (k, v) each [L, Tb, K, H] in natural order, Tb = `padded_length(T, n)` >= T (rows
+    past T are padding); no logits are computed. Shapes depend on the bucket only, so a stream of prompts
+    of any lengths compiles O(log max length) programs, none per length."""
+    T = len(token_ids)
+    _, out = _run(params, config, token_ids, mesh, axis, block_sizes, interpret, False)
+    Tb = out[0].shape[1]
+    return _to_natural(*out, np.argsort(zigzag_order(Tb, mesh.shape[axis])).astype(np.int32)) if T else out
+
+
+@jax.jit
+def _to_natural(k, v, natural):
     return k[:, natural], v[:, natural]
+
+
+def padded_length(T: int, n: int) -> int:
+    """The bucket a T-token prompt is padded to on an n-device ring: 2n x a power of two chunks (zig-zag
+    needs a multiple of 2n; powers of two keep the set of compiled lengths small, at most 2x the work)."""
+    units = -(-T // (2 * n))
+    return 2 * n * (1 << (units - 1).bit_length())
 
 
 def _run(params, config, token_ids, mesh, axis, block_sizes, interpret, with_logits):
@@ -47,7 +63,7 @@ def _run(params, config, token_ids, mesh, axis, block_sizes, interpret, with_log
     if axis not in mesh.axis_names:
         raise ValueError(f"the mesh has no axis {axis!r} to ring over (its axes: {mesh.axis_names})")
     n = mesh.shape[axis]
-    Tp = -(-T // (2 * n)) * (2 * n)
+    Tp = padded_length(T, n)
     order = zigzag_order(Tp, n)
     tokens = np.zeros(Tp, np.int32)
     tokens[:T] = token_ids

@@ -43,6 +43,7 @@ class RingPrefill:
                                      NamedSharding(mesh, PartitionSpec()))
 
     def __call__(self, token_ids: list[int]) -> tuple[jax.Array, jax.Array]:
-        """n token ids (positions 0..n-1) -> (k, v), each [L, n, K, H]."""
+        """n token ids (positions 0..n-1) -> (k, v), each [L, m, K, H]: m = long_prefill.padded_length(n, ring
+        size) >= n, rows past n padding (one compile per length bucket)."""
         return ring_prefill_kv(self.params, self.config, token_ids, self.mesh, self.axis, self.block_sizes,
                                self.interpret)

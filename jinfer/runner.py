@@ -52,13 +52,14 @@ def _initial_state(c: ModelConfig, S: int, num_pages: int, page_size: int, dtype
 
 
 def _import_impl(kv, output_counts, prompt_mask, k, v, page, offset, slot, tokens):
-    """k, v: [L, n, K, H]; page, offset, tokens: i32[n]; slot: i32[]."""
+    """k, v: [L, m, K, H]; page, offset, tokens: i32[m] (padding rows hold out-of-range page and token
+    indices, which the scatters drop); slot: i32[]."""
     k_pages, v_pages = kv
     # Pages are [L, K, P, page_size, H]; the two index arrays side by side put n where they stand: [L, K, n, H].
-    k_pages = k_pages.at[:, :, page, offset].set(jnp.swapaxes(k, 1, 2).astype(k_pages.dtype))
-    v_pages = v_pages.at[:, :, page, offset].set(jnp.swapaxes(v, 1, 2).astype(v_pages.dtype))
+    k_pages = k_pages.at[:, :, page, offset].set(jnp.swapaxes(k, 1, 2).astype(k_pages.dtype), mode="drop")
+    v_pages = v_pages.at[:, :, page, offset].set(jnp.swapaxes(v, 1, 2).astype(v_pages.dtype), mode="drop")
     output_counts = output_counts.at[slot].set(0)
-    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].set(True)
+    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].set(True, mode="drop")
     return (k_pages, v_pages), output_counts, prompt_mask
 
 
@@ -94,7 +95,12 @@ class Runner:
             rep = sharding.replicated(self.mesh)
             out_shardings = ((kv, kv), rep, rep, rep, rep)
             make_state = jax.jit(make_state, out_shardings=out_shardings[:4])
-        self.kv, self.last_sampled, self.output_counts, self.prompt_mask = make_state()
+        state = make_state()
+        if self.mesh is None:
+            # Committed to the device from the start: a K/V import (placed there explicitly) would otherwise
+            # turn uncommitted state into committed, and every jitted function would compile once more.
+            state = jax.device_put(state, jax.local_devices()[0])
+        self.kv, self.last_sampled, self.output_counts, self.prompt_mask = state
         self.num_compilations = 0
         self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
                              out_shardings=out_shardings)
@@ -184,17 +190,23 @@ class Runner:
         occupant whose prompt so far is `token_ids` (n ids): the plan does not reset such a slot.
 
         Dispatched like a step (cache donated, no host sync), so it lands after the step in flight and
-        before the next. One compile per distinct n."""
+        before the next. k, v may carry m >= n rows (a length bucket): one compile per distinct m."""
         c, ps = self.model_config, self.config.page_size
-        want = (c.num_layers, len(token_ids), c.num_kv_heads, c.head_dim)
-        if tuple(k.shape) != want or tuple(v.shape) != want:
+        n, m = len(token_ids), k.shape[1] if k.ndim == 4 else -1
+        want = (c.num_layers, m, c.num_kv_heads, c.head_dim)
+        if m < n or tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"imported K/V have shapes k={tuple(k.shape)}, v={tuple(v.shape)}; expected "
-                             f"[L, n, K, H] = {want}")
-        if len(pages) * ps < len(token_ids):
-            raise ValueError(f"{len(pages)} pages of {ps} cannot hold {len(token_ids)} imported tokens")
-        pos = np.arange(len(token_ids))
-        page = np.asarray(pages, np.int32)[pos // ps]  # i32[n]
-        offset = (pos % ps).astype(np.int32)  # i32[n]
+                             f"[L, m, K, H] = {(want[0], f'm>={n}', *want[2:])}")
+        if len(pages) * ps < n:
+            raise ValueError(f"{len(pages)} pages of {ps} cannot hold {n} imported tokens")
+        pos = np.arange(n)
+        # Rows n..m-1 are padding: they point past the pool and at no vocabulary entry, and are dropped.
+        page = np.full(m, self.kv[0].shape[2], np.int32)  # i32[m]
+        page[:n] = np.asarray(pages, np.int32)[pos // ps]
+        offset = np.zeros(m, np.int32)
+        offset[:n] = pos % ps
+        ids = np.full(m, c.vocab_size, np.int32)
+        ids[:n] = token_ids
         if self.mesh is None:
             target = self.kv[0].sharding
         else:
@@ -203,8 +215,7 @@ class Runner:
             target = sharding.kv_import_sharding(want, self.mesh)
         k, v = jax.device_put((k, v), target)
         self.kv, self.output_counts, self.prompt_mask = self._import(
-            self.kv, self.output_counts, self.prompt_mask, k, v, page, offset, np.int32(slot),
-            np.asarray(token_ids, np.int32))
+            self.kv, self.output_counts, self.prompt_mask, k, v, page, offset, np.int32(slot), ids)
 
     def warmup(self) -> None:
         """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""

@@ -72,7 +72,7 @@ def test_prefill_of_the_wrong_shape_is_refused_and_leaves_nothing_queued(engine)
         return z, z
 
     with pytest.raises(ValueError, match=r"prefill returned K/V of shapes k=\(2, 9, 2, 16\).*expected "
-                                         r"\[L, n, K, H\] = \(2, 10, 2, 16\)"):
+                                         r"\[L, m, K, H\] with L, K, H = 2, 2, 16 and m >= 10"):
         engine.add_request(list(range(11)), SamplingParams(max_tokens=4), request_id="r", prefill=short_by_one)
     assert not engine.scheduler.has_work and "r" not in engine.scheduler.requests
 
