@@ -3,8 +3,8 @@
 A backend adds its own per-step host arrays (`step_inputs`, numpy) to the step's batch and computes
 attention inside the jitted step (`attend`). The runner and model are the same for every backend:
 a new kernel plugs in here. `default_backend()` picks the Pallas kernel on GPU and the blocked `jnp`
-attention elsewhere; the `jnp` reference is a backend too (the kernel also runs on the CPU in interpret
-mode, for tests).
+attention elsewhere (the kernel also runs on the CPU in interpret mode, for tests). The plain `jnp`
+reference (`pallas_kernels.paged_attention.reference`) is the tests' oracle, not a backend.
 """
 
 from __future__ import annotations
@@ -14,24 +14,9 @@ import dataclasses
 import jax
 import numpy as np
 
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
 from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
                                                     ragged_paged_attention_blocked_qblocks)
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
-
-
-class ReferenceBackend:
-    """Gathers each slot's pages and attends with plain `jnp` (query width padded to `width`)."""
-
-    name = "reference"
-
-    def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
-        return {}
-
-    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
-        return ragged_paged_attention_reference(
-            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len,
-            max_query_len=width, layer=layer)
 
 
 @dataclasses.dataclass(frozen=True)

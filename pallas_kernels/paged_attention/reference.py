@@ -1,5 +1,5 @@
-"""Plain-`jnp` ragged paged attention: the reference every kernel is checked against, and the backend
-the engine uses where no kernel applies.
+"""Plain-`jnp` ragged paged attention: the reference every kernel (and the blocked `jnp` attention the
+engine uses off the GPU, `blocked.py`) is checked against.
 
 Layout. Queries of all requests are flattened: q [T, N, H]; request (slot) s owns the rows
 query_start[s] .. query_start[s] + query_len[s] - 1, which are the last query_len[s] tokens of its
