@@ -10,6 +10,7 @@ the launches of the best one.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import itertools
 import os
 import sys
@@ -24,10 +25,10 @@ from benchmarks.gpu_trace import kernel_times  # noqa: E402
 from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS  # noqa: E402
 from pallas_kernels.paged_attention import kernel as pk  # noqa: E402
 
-SWEEP = {  # (batch, context): (context splits, pages per inner step, warps) tried; stages 2 and 3 each
-    (1, 4096): ((8, 16, 32, 64), (1, 2, 4), (4, 8)),
-    (8, 32768): ((2, 4, 8), (1, 2), (4,)),
-    (64, 4096): ((1, 2), (1, 2, 4), (4,)),
+SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
+    (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),
+    (8, 32768): ((2, 4, 8), (64, 128), (4,)),
+    (64, 4096): ((1, 2), (64, 128, 256), (4,)),
 }
 
 
@@ -38,12 +39,15 @@ def device_us(fn) -> tuple[float, list]:
 
 def main():
     ap = argparse.ArgumentParser()
-    ap.add_argument("--page-size", type=int, default=64)
+    ap.add_argument("--page-size", type=int, nargs="+", default=[64])
+    ap.add_argument("--batch", type=int, nargs="*", help="only these batch sizes of the sweep")
     a = ap.parse_args()
-    ps = a.page_size
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
-    for (B, ctx), (split_options, ppb_options, warp_options) in SWEEP.items():
+    for ps, ((B, ctx), (split_options, kps_options, warp_options)) in itertools.product(a.page_size, SWEEP.items()):
+        if a.batch and B not in a.batch:
+            continue
+        ppb_options = sorted({max(1, k // ps) for k in kps_options})
         pages = ctx // ps
         P = B * pages + 1
         k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
@@ -55,9 +59,9 @@ def main():
         ql = np.ones(B, np.int32)
         bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
         results = []
-        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (2, 3)):
+        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (1, 2, 3)):
             bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
-            nb = -(-B // bs.block_q) + B
+            nb = B  # a decode step: one query block per slot (PallasBackend.num_blocks at width 1)
             blocks, (tb, tr) = pk.query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
             # step metadata as arguments, as in the engine's step (not constants folded into the call)
             meta = (jnp.int32(0), pt, kv_len, jnp.asarray(ql), tuple(jnp.asarray(x) for x in blocks), jnp.asarray(tb),
@@ -72,11 +76,19 @@ def main():
             results.append((us, bs, launches))
         results.sort(key=lambda r: r[0])
         print(f"decode B={B} ctx={ctx} page={ps}:")
-        for us, bs, _ in results[:6]:
+        for us, bs, _ in results[:8]:
             print(f"  {us:8.1f} us device  {bytes_kv / us / 1e6:5.2f} TB/s  splits={bs.num_splits} "
                   f"ppb={bs.pages_per_block} warps={bs.num_warps} stages={bs.num_stages}")
         for name, us in results[0][2]:
             print(f"      {us:7.1f} us  {name[:90]}")
+        best = results[0][1]
+        if best.num_splits > 1:  # the split combine's launch width, on the best configuration
+            for cw in (1, 2, 4, 8):
+                bs = dataclasses.replace(best, combine_warps=cw)
+                f = jax.jit(lambda q, k, v, meta, bs=bs: pk.ragged_paged_attention_blocks(
+                    q, k, v, *meta, num_blocks=B, block_sizes=bs, interpret=False))
+                us, launches = device_us(lambda: f(q, kp, vp, meta))
+                print(f"    combine_warps={cw}: {us:6.1f} us ({', '.join(f'{n[:24]} {t:.1f}' for n, t in launches)})")
 
 
 if __name__ == "__main__":

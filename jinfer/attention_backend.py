@@ -65,6 +65,8 @@ class PallasBackend:
         return self.decode if width <= 1 else self.prefill
 
     def num_blocks(self, num_tokens: int, width: int, max_slots: int) -> int:
+        if width <= 1:  # one query per slot: one block per slot that has a token
+            return min(num_tokens, max_slots)
         return -(-num_tokens // self.sizes(width).block_q) + max_slots
 
     def step_inputs(self, query_start, query_len, num_tokens: int, width: int, max_slots: int) -> dict:
@@ -94,9 +96,14 @@ def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size:
     block_q = max(1, 16 // Gp)
     # ~512 programs (about four per multiprocessor of an H100), even with few slots, and 64 keys per inner
     # step: the best of `python benchmarks/decode_tune.py` at batch 1, 8 and 64 (benchmarks/RESULTS.md).
-    splits = int(np.clip(-(-512 // (max_slots * num_kv_heads)), 1, 32))
+    splits = int(np.clip(-(-512 // (max_slots * num_kv_heads)), 1, 64))
     splits = 1 << (splits.bit_length() - 1)  # a power of two: the combine kernel's tiles (Triton) need it
-    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 64 // page_size), num_splits=splits),
+    # Cut that finely, a program sees a step or two of a 4k context: nothing to pipeline, and a second K/V
+    # buffer per program leaves a wave of programs unresident (batch 1: 6.6 us a call with one stage, 8.5
+    # with two). Longer shares (batch 8 and up) pipeline: two stages, 3% faster there.
+    stages = 1 if splits >= 32 else 2
+    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 64 // page_size), num_splits=splits,
+                                           num_stages=stages),
                          prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=max(1, 64 // page_size),
                                             num_splits=1),
                          interpret=interpret)

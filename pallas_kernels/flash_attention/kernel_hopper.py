@@ -175,12 +175,13 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
 
                     s = pl.run_scoped(qk, plgpu.ACC((bq, bkv), jnp.float32))
                     plgpu.barrier_arrive(k_free.at[slot])
-                    s = s * scale2
                     if masked:
                         s = jnp.where(iota((bq, bkv), 0) + q0 >= iota((bq, bkv), 1) + j * bkv, s, -jnp.inf)
-                    m_new = jnp.maximum(m, s.max(axis=1))
+                    # The scale enters with the subtraction (one fma per score, not a multiply and a
+                    # subtract): the softmax shares the SM's issue slots with the other warpgroup's.
+                    m_new = jnp.maximum(m, s.max(axis=1) * scale2)
                     alpha = jnp.exp2(m - m_new)
-                    p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+                    p = jnp.exp2(s * scale2 - lax.broadcast_in_dim(m_new, s.shape, [0]))
                     l = l * alpha + p.sum(axis=1)
                     o = o * lax.broadcast_in_dim(alpha, o.shape, [0])
                     p = p.astype(dtype)

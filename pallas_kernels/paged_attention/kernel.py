@@ -20,6 +20,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.combine import combine_splits
 
@@ -30,13 +31,15 @@ NEG_INF = float("-inf")
 class BlockSizes:
     """block_q: queries of one slot per program (block_q x the group size padded to a power of two
     makes the rows of each matrix product; they must be >= 16). pages_per_block: pages loaded per inner step. num_splits: context splits per query
-    block (Flash-Decoding; 1 for prefill-heavy steps). num_warps, num_stages: Triton launch options."""
+    block (Flash-Decoding; 1 for prefill-heavy steps). num_warps, num_stages: Triton launch options;
+    combine_warps: the split combine's."""
 
     block_q: int = 4
     pages_per_block: int = 8
     num_splits: int = 1
     num_warps: int = 4
     num_stages: int = 2
+    combine_warps: int = 4
 
 
 def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, num_blocks: int, num_tokens: int):
@@ -139,9 +142,13 @@ def _kernel(
     o, m, l = lax.fori_loop(0, n_iter, body, init)
     if num_splits == 1:  # normalize here; no combine pass follows
         o = o / jnp.where(l == 0, 1.0, l)[:, None]
-    o_ref[...] = o.reshape(block_q, Gp, H).astype(o_ref.dtype)
-    m_ref[...] = m.reshape(block_q, Gp)
-    l_ref[...] = l.reshape(block_q, Gp)
+    # Only the block's own rows are written (an empty block writes its first, as zeros, for the padding
+    # tokens that point at it): a decode block has one query in block_q rows, and at batch 1 the idle rows'
+    # float32 partials were a quarter as many bytes as the K/V the kernel reads.
+    live = lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0) < jnp.maximum(n_q, 1)
+    plgpu.store(o_ref, o.reshape(block_q, Gp, H).astype(o_ref.dtype), mask=jnp.broadcast_to(live[:, :, None], (block_q, Gp, H)))
+    plgpu.store(m_ref, m.reshape(block_q, Gp), mask=live)
+    plgpu.store(l_ref, l.reshape(block_q, Gp), mask=live)
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
@@ -187,8 +194,6 @@ def ragged_paged_attention_blocks(
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
                                num_splits=splits, sm_scale=scale, group=G)
-    from jax.experimental.pallas import triton as plgpu
-
     o, m, l = pl.pallas_call(
         kernel,
         grid=(num_blocks, K, splits),
@@ -207,7 +212,8 @@ def ragged_paged_attention_blocks(
     )(*scalars, q4, k_flat, v_flat)
 
     if splits > 1:  # merge the partial softmaxes of each token's row
-        o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=q.dtype, interpret=interpret)
+        o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=q.dtype, interpret=interpret,
+                           num_warps=bs.combine_warps)
     else:  # gather each token's row
         o = o[0, tok_block, tok_row]  # [T, K, Gp, H]
     return o[:, :, :G].reshape(T, N, H).astype(q.dtype)
