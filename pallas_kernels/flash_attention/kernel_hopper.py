@@ -65,12 +65,12 @@ def supported(q, k, *, causal: bool, q_offset, q_segment_ids, window, softcap, b
     return None
 
 
-@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "return_lse", "interpret"))
+@functools.partial(jax.jit, static_argnames=("causal", "sm_scale", "block_sizes", "return_lse"))
 def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_sizes: HopperBlockSizes,
-                           return_lse: bool = False, interpret: bool = False):
+                           return_lse: bool = False):
     """q [B, Sq, N, H], k/v [B, Sk, K, H] -> out [B, Sq, N, H], and with return_lse also lse f32[B, Sq, N].
-    Check `supported` first. interpret: run on the CPU in Pallas' GPU interpret mode (simulated shared
-    memory, barriers and TMA)."""
+    Check `supported` first. Native Hopper only: Pallas' GPU interpreter (jax 0.10/0.11) has no
+    `transpose_ref`, `run_state` or register layouts, so it cannot run this kernel; its tests run on the H100."""
     import jax.experimental.pallas.mosaic_gpu as plgpu
 
     B, Sq, N, H = q.shape
@@ -113,13 +113,7 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
             return n_kv
         return jnp.minimum(n_kv, lax.div(q0 + bq + bkv - 1, jnp.int32(bkv)))
 
-    # The GPU interpreter knows no register layouts: there, arrays stay plain.
-    def in_layout(x, layout):
-        return x if interpret else plgpu.layout_cast(x, layout)
-
     def iota(shape, dim):
-        if interpret:
-            return lax.broadcasted_iota(jnp.int32, shape, dim)
         return plgpu.broadcasted_iota(jnp.int32, shape, dim, layout=plgpu.Layout.WGMMA)
 
     def tiles(cta, fn):
@@ -157,9 +151,9 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
                 plgpu.barrier_wait(q_bar.at[wg])
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
-                o = in_layout(jnp.zeros((bq, H), jnp.float32), plgpu.Layout.WGMMA)
-                m = in_layout(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
-                l = in_layout(jnp.zeros((bq,), jnp.float32), row_layout)
+                o = plgpu.layout_cast(jnp.zeros((bq, H), jnp.float32), plgpu.Layout.WGMMA)
+                m = plgpu.layout_cast(jnp.full((bq,), -jnp.inf, jnp.float32), row_layout)
+                l = plgpu.layout_cast(jnp.zeros((bq,), jnp.float32), row_layout)
                 if pingpong:
                     pl.when(wg == 1)(sync)  # warpgroup 1 starts one phase behind
 
@@ -196,10 +190,7 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
                         # wait for the next K tile while this product runs
                         pl.when(j + 1 < steps)(lambda: plgpu.barrier_wait(k_bar.at[slot_of(g + j + 1)]))
 
-                    if interpret:  # the GPU interpreter has no run_state: same sum, one more register pass
-                        o = o + pl.run_scoped(lambda acc: (pv(acc), acc[...])[1], plgpu.ACC((bq, H), jnp.float32))
-                    else:
-                        o = pl.run_state(pv)(plgpu.ACC.init(o))
+                    o = pl.run_state(pv)(plgpu.ACC.init(o))
                     plgpu.barrier_arrive(v_free.at[slot])
                     return o, m_new, l
 
@@ -302,15 +293,8 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
         num_threads=3,
         thread_name="wg",
         compiler_params=plgpu.CompilerParams(approx_math=True),
-        interpret=_interpret_params() if interpret else None,
     )(q, k, v)
     return (outs[0], jnp.swapaxes(outs[1], 1, 2)) if return_lse else outs[0]
-
-
-def _interpret_params():
-    from jax._src.pallas.mosaic_gpu.interpret.params import InterpretGPUParams
-
-    return InterpretGPUParams()
 
 
 def _num_sms() -> int:
