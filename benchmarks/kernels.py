@@ -66,6 +66,16 @@ def timeit_interleaved(fns: dict, iters: int) -> dict:
     return {name: statistics.median(v) for name, v in samples.items()}
 
 
+def device_time_interleaved(fns: dict, rounds: int = 7, iters: int = 3) -> dict:
+    """Device time (the summed GPU kernels of one call, from profiler traces), the functions traced in turn
+    `rounds` times: {name: median seconds per call}."""
+    samples = {name: [] for name in fns}
+    for _ in range(rounds):
+        for name, fn in fns.items():
+            samples[name].append(sum(us for _, us in kernel_times(fn, iters=iters)) * 1e-6)
+    return {name: statistics.median(v) for name, v in samples.items()}
+
+
 def rel_err(x, ref):
     x, ref = np.asarray(x, np.float32), np.asarray(ref, np.float32)
     return float(np.linalg.norm(x - ref) / np.linalg.norm(ref))
@@ -189,6 +199,10 @@ def prefill_case(B, S, iters, rng):
         print(f"  {name:<28} {t * 1e3:8.3f} ms  {flops / t / 1e12:6.1f} TFLOP/s")
     best_peer = min((t for _, t in peers), default=float("nan"))
     print(f"  ratio best peer / jinfer: {best_peer / t_ours:.2f}")
+    # The same comparison by device time, traced in turn (host dispatch and clock drift out of the figure).
+    dev = device_time_interleaved({"jinfer (dispatch)": fns["jinfer (dispatch)"], "cuDNN": fns["cuDNN"]})
+    print("  device time: " + ", ".join(f"{n} {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s" for n, t in dev.items())
+          + f"; ratio cuDNN / jinfer {dev['cuDNN'] / dev['jinfer (dispatch)']:.3f}")
 
 
 def main():

@@ -15,6 +15,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec as Ps  # noqa: E402
 
 from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
 from pallas_kernels.flash_attention.kernel import BlockSizes  # noqa: E402
+from pallas_kernels.flash_attention.kernel_tpu import TPUBlockSizes  # noqa: E402
 from pallas_kernels.ring_attention import ring_attention, zigzag_order  # noqa: E402
 
 
@@ -26,18 +27,22 @@ def main():
         mesh = Mesh(np.array(jax.devices()[:n]), ("seq",))
         B, S, N, K, H = 2, 8 * n, 8, 2, 32
         q, k, v = (jnp.asarray(rng.normal(size=(B, S, h, H)), jnp.float32) for h in (N, K, K))
-        for causal in (True, False):
+        # The per-block kernel: the GPU (Triton) one interpreted, and on 4 devices also the TPU (Mosaic) one.
+        kernels = [("triton", BlockSizes(block_q=4, block_k=8))]
+        if n == 4:
+            kernels.append(("tpu", TPUBlockSizes(block_q=8, block_k=128)))
+        for (kernel, bs), causal in [(kb, c) for kb in kernels for c in (True, False)]:
             order = zigzag_order(S, n) if causal else rng.permutation(S)
             shard = NamedSharding(mesh, Ps(None, "seq", None, None))
             args = [jax.device_put(x[:, order], shard) for x in (q, k, v)]
-            out = ring_attention(*args, mesh, "seq", causal=causal, block_sizes=BlockSizes(block_q=4, block_k=8))
+            out = ring_attention(*args, mesh, "seq", causal=causal, block_sizes=bs)
             assert out.sharding.spec == shard.spec, out.sharding
             out = np.asarray(out)[:, np.argsort(order)]
             ref = np.asarray(flash_attention_reference(q, k, v, causal=causal))
             err = float(np.abs(out - ref).max() / np.abs(ref).max())
             ok = err < 1e-5
             bad += not ok
-            print(f"devices={n} causal={causal} max relative error {err:.1e} {'ok' if ok else 'MISMATCH'}")
+            print(f"devices={n} kernel={kernel} causal={causal} max relative error {err:.1e} {'ok' if ok else 'MISMATCH'}")
     sys.exit(1 if bad else 0)
 
 

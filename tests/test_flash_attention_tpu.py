@@ -166,3 +166,16 @@ def test_lowers_for_tpu(tpu_lowering, dtype, Sq, Sk, G, H, segments, window):
                           block_sizes=TPUBlockSizes(), interpret=False)
     lowered = jax.jit(f).trace(q, k, k, jax.ShapeDtypeStruct((B,), jnp.int32), seg(Sq), seg(Sk))
     assert "tpu_custom_call" in lowered.lower(lowering_platforms=("tpu",)).as_text()
+
+
+def test_the_dispatcher_takes_the_tpu_kernel_for_tpu_block_sizes():
+    """`flash_attention` with TPU block sizes runs this kernel (interpreted off a TPU), lse included."""
+    from pallas_kernels.flash_attention import flash_attention
+
+    rng = np.random.default_rng(7)
+    q, k, v = inputs(rng, 2, 40, 40, 8, 2, 64, jnp.float32)
+    out, lse = flash_attention(q, k, v, causal=True, block_sizes=TPUBlockSizes(block_q=8, block_k=128),
+                               return_lse=True)
+    assert rel(out, reference(q, k, v, None, None, None, causal=True, window=None, softcap=None)) < TOL[jnp.float32]
+    want = reference_lse(q, k, None, None, None, causal=True, window=None, softcap=None)
+    np.testing.assert_allclose(np.asarray(lse), np.asarray(want), atol=1e-4, rtol=0)

@@ -1,15 +1,16 @@
 """The public flash attention: validates inputs, picks the kernel and its block sizes.
 
-Dispatch: on a Hopper GPU, the Mosaic GPU kernel (`kernel_hopper.py`, wgmma + TMA) wherever its fast path
-applies; otherwise the Triton-lowered kernel (`kernel.py`), which covers every option, natively on GPUs
-and in interpret mode on the CPU (where Pallas has no native GPU lowering).
+Dispatch: on a TPU, the Mosaic TPU kernel (`kernel_tpu.py`; its tests run it in TPU interpret mode). On a
+Hopper GPU, the Mosaic GPU kernel (`kernel_hopper.py`, wgmma + TMA) wherever its fast path applies;
+otherwise the Triton-lowered kernel (`kernel.py`), which covers every option, natively on GPUs and in
+interpret mode on the CPU (where Pallas has no native GPU lowering).
 """
 
 from __future__ import annotations
 
 import jax
 
-from pallas_kernels.flash_attention import kernel_hopper
+from pallas_kernels.flash_attention import kernel_hopper, kernel_tpu
 from pallas_kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
 from pallas_kernels.flash_attention.tuning import hopper_block_sizes, is_hopper
 
@@ -22,7 +23,8 @@ def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
 
 def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_ids=None, kv_segment_ids=None,
                     window: int | None = None, softcap: float | None = None, sm_scale: float | None = None,
-                    block_sizes: BlockSizes | None = None, interpret: bool | None = None, return_lse: bool = False):
+                    block_sizes: BlockSizes | kernel_tpu.TPUBlockSizes | None = None, interpret: bool | None = None,
+                    return_lse: bool = False):
     """q: [B, Sq, N, H]; k, v: [B, Sk, K, H]; q_offset: i32[B] (query i sits at q_offset + i);
     segment ids: i32[B, Sq] and i32[B, Sk] (a query sees keys of its own segment only).
     With return_lse, also the log-sum-exp of each query's scores, f32[B, Sq, N] (-inf if it saw no key)."""
@@ -47,6 +49,16 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_id
     if softcap is not None and softcap <= 0:
         raise ValueError(f"{softcap=} must be positive")
     scale = H ** -0.5 if sm_scale is None else sm_scale
+    platform = jax.devices()[0].platform
+    # The TPU kernel on a TPU, or anywhere when asked for by its block sizes (interpreted off the TPU).
+    if platform == "tpu" or isinstance(block_sizes, kernel_tpu.TPUBlockSizes):
+        if block_sizes is not None and not isinstance(block_sizes, kernel_tpu.TPUBlockSizes):
+            raise ValueError(f"on a TPU, block_sizes must be TPUBlockSizes; got {block_sizes!r}")
+        out, lse = kernel_tpu.flash_attention_tpu(
+            q, k, v, q_offset, q_segment_ids, kv_segment_ids, causal=causal, window=window, softcap=softcap,
+            sm_scale=scale, block_sizes=block_sizes or kernel_tpu.TPUBlockSizes(),
+            interpret=platform != "tpu" if interpret is None else interpret)
+        return (out, lse) if return_lse else out
     if block_sizes is None and not interpret and is_hopper():
         hb = hopper_block_sizes(k.shape[1], return_lse)
         if kernel_hopper.supported(q, k, causal=causal, q_offset=q_offset, q_segment_ids=q_segment_ids,
