@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.flash_attention.validate import check_inputs
+
 NEG_INF = float("-inf")
 
 
@@ -102,30 +104,14 @@ def _kernel(q_off_ref, *refs, block_q, block_k, group, n_k, seq_k, causal, windo
 
 
 def _check(q, k, v, q_offset, q_segment_ids, kv_segment_ids, window, softcap, block_sizes):
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B, Sq, N, H] and k, v [B, Sk, K, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
-    B, Sq, N, H = q.shape
-    if k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(f"{k.shape=} does not match {q.shape=} in batch or head_dim")
-    if N % k.shape[2]:
-        raise ValueError(f"query heads N={N} must be a multiple of KV heads K={k.shape[2]}")
-    if Sq == 0 or k.shape[1] == 0:
+    check_inputs(q, k, v, q_offset, q_segment_ids, kv_segment_ids, window, softcap)
+    if q.shape[1] == 0 or k.shape[1] == 0:
         raise ValueError(f"empty sequence: {q.shape=}, {k.shape=}")
     bq, bk = block_sizes.block_q, block_sizes.block_k
     if bq <= 0 or bq % 8:
         raise ValueError(f"block_q={bq} must be a positive multiple of 8 (sublane tiling)")
     if bk <= 0 or bk % 128:
         raise ValueError(f"block_k={bk} must be a positive multiple of 128 (lane tiling)")
-    if q_offset is not None and q_offset.shape != (B,):
-        raise ValueError(f"{q_offset.shape=} must be ({B},)")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if q_segment_ids is not None and (q_segment_ids.shape != (B, Sq) or kv_segment_ids.shape != (B, k.shape[1])):
-        raise ValueError(f"{q_segment_ids.shape=} must be {(B, Sq)} and {kv_segment_ids.shape=} {(B, k.shape[1])}")
-    if window is not None and window <= 0:
-        raise ValueError(f"{window=} must be positive")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"{softcap=} must be positive")
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "softcap", "sm_scale", "block_sizes", "interpret"))

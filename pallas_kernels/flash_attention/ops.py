@@ -13,6 +13,7 @@ import jax
 from pallas_kernels.flash_attention import kernel_hopper, kernel_tpu
 from pallas_kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
 from pallas_kernels.flash_attention.tuning import hopper_block_sizes, is_hopper
+from pallas_kernels.flash_attention.validate import check_inputs
 
 
 def default_block_sizes(head_dim: int, group: int) -> BlockSizes:
@@ -28,26 +29,11 @@ def flash_attention(q, k, v, *, causal: bool = True, q_offset=None, q_segment_id
     """q: [B, Sq, N, H]; k, v: [B, Sk, K, H]; q_offset: i32[B] (query i sits at q_offset + i);
     segment ids: i32[B, Sq] and i32[B, Sk] (a query sees keys of its own segment only).
     With return_lse, also the log-sum-exp of each query's scores, f32[B, Sq, N] (-inf if it saw no key)."""
-    if q.ndim != 4 or k.ndim != 4 or v.shape != k.shape:
-        raise ValueError(f"expected q [B, Sq, N, H] and k, v [B, Sk, K, H]; got {q.shape=}, {k.shape=}, {v.shape=}")
+    check_inputs(q, k, v, q_offset, q_segment_ids, kv_segment_ids, window, softcap)
     B, Sq, N, H = q.shape
-    if k.shape[0] != B or k.shape[3] != H:
-        raise ValueError(f"{k.shape=} does not match {q.shape=} in batch or head_dim")
     K = k.shape[2]
-    if N % K:
-        raise ValueError(f"query heads N={N} must be a multiple of KV heads K={K}")
     if H not in (64, 128, 256) and not (interpret or jax.devices()[0].platform == "cpu"):
         raise ValueError(f"head_dim={H} is not one of 64, 128, 256")
-    if (q_segment_ids is None) != (kv_segment_ids is None):
-        raise ValueError("pass both q_segment_ids and kv_segment_ids, or neither")
-    if q_segment_ids is not None and (q_segment_ids.shape != (B, Sq) or kv_segment_ids.shape != (B, k.shape[1])):
-        raise ValueError(f"{q_segment_ids.shape=} must be {(B, Sq)} and {kv_segment_ids.shape=} {(B, k.shape[1])}")
-    if q_offset is not None and q_offset.shape != (B,):
-        raise ValueError(f"{q_offset.shape=} must be ({B},)")
-    if window is not None and window <= 0:
-        raise ValueError(f"{window=} must be positive")
-    if softcap is not None and softcap <= 0:
-        raise ValueError(f"{softcap=} must be positive")
     scale = H ** -0.5 if sm_scale is None else sm_scale
     platform = jax.devices()[0].platform
     # The TPU kernel on a TPU, or anywhere when asked for by its block sizes (interpreted off the TPU).
