@@ -2,8 +2,9 @@
 
 A backend adds its own per-step host arrays (`step_inputs`, numpy) to the step's batch and computes
 attention inside the jitted step (`attend`). The runner and model are the same for every backend:
-a new kernel plugs in here. `default_backend()` picks the Pallas kernel on GPU and the blocked `jnp`
-attention elsewhere (the kernel also runs on the CPU in interpret mode, for tests). The plain `jnp`
+a new kernel plugs in here. `default_backend()` picks the Pallas Triton kernel on GPU, the Pallas Mosaic
+kernel on TPU and the blocked `jnp` attention elsewhere (both kernels also run on the CPU in interpret mode,
+for tests). The plain `jnp`
 reference (`pallas_kernels.paged_attention.reference`) is the tests' oracle, not a backend.
 """
 
@@ -17,6 +18,7 @@ import numpy as np
 from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
                                                     ragged_paged_attention_blocked_qblocks)
 from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
+from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes, ragged_paged_attention_tpu
 
 
 @dataclasses.dataclass(frozen=True)
@@ -83,10 +85,38 @@ class PallasBackend:
             block_sizes=self.sizes(width), interpret=self.interpret)
 
 
+@dataclasses.dataclass(frozen=True)
+class TPUPallasBackend(PallasBackend):
+    """The Pallas Mosaic TPU ragged paged attention kernel: the same query blocks as `PallasBackend`, but one
+    program walks a block's whole context (no splits: a TPU has one or two large cores, not a hundred SMs)."""
+
+    decode: TPUBlockSizes = TPUBlockSizes()
+    prefill: TPUBlockSizes = TPUBlockSizes()
+    name: str = "pallas-tpu"
+
+    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
+        num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
+        return ragged_paged_attention_tpu(
+            q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]),
+            extra["tok_block"], extra["tok_row"], num_blocks=self.num_blocks(num_tokens, width, max_slots),
+            block_sizes=self.sizes(width), interpret=self.interpret)
+
+
 def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int):
-    if jax.devices()[0].platform != "gpu":
+    platform = jax.devices()[0].platform
+    if platform == "tpu":
+        return tpu_backend(page_size)
+    if platform != "gpu":
         return BlockedBackend()
     return pallas_backend(num_kv_heads, num_heads, max_slots, page_size)
+
+
+def tpu_backend(page_size: int, interpret: bool = False) -> TPUPallasBackend:
+    # 256 keys per inner step (the kernel's default at pages of 16); decode blocks of 8 rows hold one query
+    # each, prefill blocks 8 queries of a slot. Untuned: no TPU has run it yet.
+    ppb = max(1, 256 // page_size)
+    return TPUPallasBackend(decode=TPUBlockSizes(block_q=8, pages_per_block=ppb),
+                            prefill=TPUBlockSizes(block_q=8, pages_per_block=ppb), interpret=interpret)
 
 
 def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,

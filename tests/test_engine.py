@@ -183,12 +183,25 @@ def test_request_that_cannot_fit_the_pool_is_refused(params, tok):
         eng.add_request(list(range(20)), greedy(12))
 
 
-def test_exact_with_the_pallas_kernel_in_interpret_mode(params, tok):
+def _pallas_gpu_backend():
     from jinfer.attention_backend import PallasBackend
     from pallas_kernels.paged_attention.kernel import BlockSizes
 
-    backend = PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
-                            prefill=BlockSizes(block_q=8, pages_per_block=2, num_splits=1), interpret=True)
+    return PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
+                         prefill=BlockSizes(block_q=8, pages_per_block=2, num_splits=1), interpret=True)
+
+
+def _pallas_tpu_backend():
+    from jinfer.attention_backend import TPUPallasBackend
+    from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+
+    return TPUPallasBackend(decode=TPUBlockSizes(block_q=8, pages_per_block=2),
+                            prefill=TPUBlockSizes(block_q=8, pages_per_block=3), interpret=True)
+
+
+@pytest.mark.parametrize("make_backend", [_pallas_gpu_backend, _pallas_tpu_backend], ids=["triton", "mosaic-tpu"])
+def test_exact_with_the_pallas_kernel_in_interpret_mode(params, tok, make_backend):
+    backend = make_backend()
     eng = Engine(TINY, params, tok, EngineConfig(max_slots=4, page_size=4, num_pages=20, token_buckets=(8, 32),
                                                  max_prefill_chunk=16), attention_backend=backend)
     eng.warmup()

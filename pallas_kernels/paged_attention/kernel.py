@@ -23,6 +23,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 from pallas_kernels.paged_attention.combine import combine_splits
+from pallas_kernels.paged_attention.validate import check_inputs
 
 NEG_INF = float("-inf")
 
@@ -169,6 +170,7 @@ def ragged_paged_attention_blocks(
     interpret: bool,
     sm_scale: float | None = None,
 ) -> jax.Array:  # [T, N, H]
+    check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
     T, N, H = q.shape
     L, K, P, ps, _ = k_pages.shape
     G = N // K

@@ -19,6 +19,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
+from pallas_kernels.paged_attention.validate import check_inputs
+
 NEG_INF = float("-inf")
 
 
@@ -121,31 +123,8 @@ def _kernel(
 
 def _validate(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks,
               bs, interpret):
-    if q.ndim != 3 or k_pages.ndim != 5:
-        raise ValueError(f"q must be [T, N, H] and k_pages [L, K, P, page_size, H]; got {q.shape=} {k_pages.shape=}")
-    T, N, H = q.shape
-    L, K, P, ps, Hk = k_pages.shape
-    if v_pages.shape != k_pages.shape:
-        raise ValueError(f"{v_pages.shape=} must equal {k_pages.shape=}")
-    if not q.dtype == k_pages.dtype == v_pages.dtype:
-        raise ValueError(f"dtypes differ: {q.dtype=} {k_pages.dtype=} {v_pages.dtype=}")
-    if Hk != H or N % K:
-        raise ValueError(f"head dims {H=} vs {Hk=}, or query heads {N=} not a multiple of KV heads {K=}")
-    if T < 1 or num_blocks < 1:
-        raise ValueError(f"need at least one token row and one block: {q.shape=} {num_blocks=}")
-    if page_table.ndim != 2:
-        raise ValueError(f"page_table must be [S, max_pages]; got {page_table.shape=}")
-    S = page_table.shape[0]
-    for name, x, want in (("kv_len", kv_len, (S,)), ("query_len", query_len, (S,)),
-                          ("tok_block", tok_block, (T,)), ("tok_row", tok_row, (T,))):
-        if x.shape != want:
-            raise ValueError(f"{name} must have shape {want}; got {x.shape}")
-    if len(blocks) != 4 or any(x.shape != (num_blocks,) for x in blocks):
-        raise ValueError(f"blocks must be 4 arrays of shape ({num_blocks=},); got {[x.shape for x in blocks]}")
-    for name, x in (("page_table", page_table), ("kv_len", kv_len), ("query_len", query_len),
-                    ("blocks", blocks[0]), ("tok_block", tok_block), ("tok_row", tok_row)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must be an integer array; got {x.dtype}")
+    check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
+    ps = k_pages.shape[3]
     if bs.block_q < 1 or bs.pages_per_block < 1:
         raise ValueError(f"block sizes must be positive; got {bs.block_q=} {bs.pages_per_block=}")
     sublanes = 32 // jnp.dtype(q.dtype).itemsize  # one VMEM tile's rows: 8 f32, 16 bf16
