@@ -52,13 +52,19 @@ def test_fast_path_scope_is_named():
 @pytest.mark.parametrize("H", [64, 128])
 @pytest.mark.parametrize("causal", [True, False])
 @pytest.mark.parametrize("bs", [HopperBlockSizes(), HopperBlockSizes(pingpong=False),
-                                HopperBlockSizes(block_kv=64, num_stages=4), HopperBlockSizes(persistent=True)],
-                         ids=["default", "no-pingpong", "kv64", "persistent"])
+                                HopperBlockSizes(block_kv=64, num_stages=4), HopperBlockSizes(persistent=True),
+                                HopperBlockSizes(persistent=True, prefetch_q=True)],
+                         ids=["default", "no-pingpong", "kv64", "persistent", "prefetch-q"])
 def test_matches_reference(N, K, H, causal, bs):
     q, k, v = inputs(N * H + causal, 2, 384, 384 if causal else 512, N, K, H)
-    out, lse = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5, block_sizes=bs, return_lse=True)
+    # Prefetched queries take the shared memory the lse tile would need at head dim 128: no lse there.
+    with_lse = not bs.prefetch_q
+    res = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5, block_sizes=bs, return_lse=with_lse)
+    out, lse = res if with_lse else (res, None)
     want, want_lse = flash_attention_reference(q, k, v, causal=causal), None
     assert rel(out, want) < 1e-2
+    if not with_lse:
+        return
     s = jnp.einsum("bqngh,bsnh->bqngs", q.reshape(2, 384, K, N // K, H).astype(jnp.float32),
                    k.astype(jnp.float32)) * H ** -0.5
     if causal:
@@ -78,3 +84,23 @@ def test_three_stages_and_dispatch():
     # options outside the fast path still work (Triton kernel)
     got_w = flash_attention(q[:, :512], k[:, :512], v[:, :512], causal=True, window=100)
     assert rel(got_w, flash_attention_reference(q[:, :512], k[:, :512], v[:, :512], causal=True, window=100)) < 1e-2
+
+
+@on_hopper
+@pytest.mark.parametrize("causal", [True, False])
+def test_prefetched_queries_over_many_tiles_per_cta(causal):
+    """~8 tiles per CTA, so every CTA fills and reads both query buffers several times."""
+    B, S, N, K, H = 2, 4096, 16, 4, 128
+    q, k, v = inputs(11 + causal, B, S, S, N, K, H)
+    plain = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5,
+                                   block_sizes=HopperBlockSizes(persistent=True))
+    got = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5,
+                                 block_sizes=HopperBlockSizes(persistent=True, prefetch_q=True))
+    np.testing.assert_array_equal(np.asarray(got, np.float32), np.asarray(plain, np.float32))
+    tail = slice(S - 256, S)
+    want = flash_attention_reference(q[:, tail], k, v, causal=causal,
+                                      q_offset=jnp.array([S - 256] * B) if causal else None)
+    assert rel(got[:, tail], want) < 1e-2
+    with pytest.raises(ValueError, match="prefetch_q needs persistent"):
+        flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5,
+                               block_sizes=HopperBlockSizes(prefetch_q=True))

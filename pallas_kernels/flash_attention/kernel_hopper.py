@@ -37,13 +37,16 @@ LOG2E = math.log2(math.e)
 class HopperBlockSizes:
     """block_q: query rows of each compute warpgroup (wgmma works on 64-row slabs). block_kv: keys per
     tile. num_stages: K/V tiles in flight. pingpong: the FA3 warpgroup ordering. persistent: one CTA per
-    SM looping over work tiles."""
+    SM looping over work tiles. prefetch_q: each warpgroup loads its next tile's queries into a second
+    buffer while it works on this tile's (needs persistent, at most two stages and, at head dim 128, no
+    lse: shared memory)."""
 
     block_q: int = 64
     block_kv: int = 128
     num_stages: int = 2
     pingpong: bool = True
     persistent: bool = False
+    prefetch_q: bool = False
 
 
 def supported(q, k, *, causal: bool, q_offset, q_segment_ids, window, softcap, block_sizes: HopperBlockSizes) -> str | None:
@@ -94,6 +97,11 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
     # A separate output buffer lets the next tile's Q load start while the last output is stored, but it
     # takes the shared memory of a third K/V stage: with three stages, Q and O share one buffer.
     shared_qo = not persistent or stages >= 3
+    prefetch_q = block_sizes.prefetch_q
+    if prefetch_q and (not persistent or stages >= 3 or (return_lse and H >= 128)):
+        raise ValueError(f"prefetch_q needs persistent=True, num_stages <= 2 and, at head_dim={H}, no lse (shared "
+                         f"memory); got {block_sizes}, {return_lse=}")
+    q_bufs = 2 if prefetch_q else 1
 
     def tile_of(t, w):
         """(batch row, query head, first query) of compute warpgroup w in tile t. Units vary fastest (the
@@ -139,16 +147,29 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
         @pl.when(wg < 2)
         def _compute():
             plgpu.set_max_registers(232, action="increase")
-            my_q, my_o = q_smem.at[wg], o_smem.at[wg]
+            my_o = o_smem.at[wg, 0] if shared_qo else o_smem.at[wg]  # shared: o_smem is the Q buffer
+
+            def load_q(t, buf):
+                b, head, q0 = tile_of(t, wg)
+                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), head], q_smem.at[wg, buf],
+                                        q_bar.at[wg * q_bufs + buf])
 
             def tile(t, g):  # g: K/V steps of this CTA's earlier tiles
                 b, head, q0 = tile_of(t, wg)
                 steps = kv_steps(q0)
                 cta_steps = kv_steps(tile_of(t, 1)[2])  # warpgroup 1 reaches furthest under the mask
-                if persistent and shared_qo:  # the previous tile's output may still be leaving this buffer
-                    plgpu.wait_smem_to_gmem(0, wait_read_only=True)
-                plgpu.copy_gmem_to_smem(q_ref.at[b, pl.ds(q0, bq), head], my_q, q_bar.at[wg])
-                plgpu.barrier_wait(q_bar.at[wg])
+                if prefetch_q:  # tile i of this CTA reads buffer i % 2 and fills the other for tile i + 1
+                    i = lax.div(t - cta, jnp.int32(n_ctas))
+                    buf = lax.rem(i, jnp.int32(2))
+                    pl.when(i == 0)(lambda: load_q(t, buf))
+                    pl.when(t + n_ctas < total)(lambda: load_q(t + n_ctas, 1 - buf))
+                else:
+                    buf = 0
+                    if persistent and shared_qo:  # the previous tile's output may still be leaving this buffer
+                        plgpu.wait_smem_to_gmem(0, wait_read_only=True)
+                    load_q(t, buf)
+                my_q = q_smem.at[wg, buf]
+                plgpu.barrier_wait(q_bar.at[wg * q_bufs + buf])
 
                 row_layout = plgpu.Layout.WGMMA.reduce(1)
                 o = plgpu.layout_cast(jnp.zeros((bq, H), jnp.float32), plgpu.Layout.WGMMA)
@@ -268,12 +289,12 @@ def flash_attention_hopper(q, k, v, *, causal: bool, sm_scale: float, block_size
 
         pl.run_scoped(
             scoped,
-            plgpu.SMEM((2, bq, H), dtype, **swizzled),
+            plgpu.SMEM((2, q_bufs, bq, H), dtype, **swizzled),  # [warpgroup, buffer]
             None if shared_qo else plgpu.SMEM((2, bq, H), dtype, **swizzled),
             plgpu.SMEM((stages, bkv, H), dtype, **swizzled),
             plgpu.SMEM((stages, bkv, H), dtype, **swizzled),
             plgpu.SMEM((2, bq), jnp.float32) if return_lse else None,  # 512 bytes
-            plgpu.Barrier(num_barriers=2),
+            plgpu.Barrier(num_barriers=2 * q_bufs),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_barriers=stages),
             plgpu.Barrier(num_arrivals=2, num_barriers=stages),
