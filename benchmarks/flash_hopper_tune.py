@@ -1,7 +1,7 @@
 """Hopper (Mosaic GPU) flash attention: correctness against the jnp reference and cuDNN, and timings of
 block-size variants, on the lent H100.
 
-    python benchmarks/flash_hopper_tune.py [--iters 20]
+    python benchmarks/flash_hopper_tune.py [--iters 20] [--device-time]
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import rel_err, timeit_interleaved  # noqa: E402
+from benchmarks.kernels import device_time_interleaved, rel_err, timeit_interleaved  # noqa: E402
 from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
 from pallas_kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper  # noqa: E402
 
@@ -26,7 +26,8 @@ CHECKS = [  # (B, S, N, K, H, causal)
     (1, 512, 9, 3, 64, True), (2, 256, 8, 1, 128, False),
 ]
 VARIANTS = [HopperBlockSizes(persistent=True), HopperBlockSizes(), HopperBlockSizes(persistent=True, pingpong=False),
-            HopperBlockSizes(persistent=True, num_stages=3), HopperBlockSizes(num_stages=3)]
+            HopperBlockSizes(persistent=True, num_stages=3), HopperBlockSizes(num_stages=3),
+            HopperBlockSizes(persistent=True, prefetch_q=True)]
 CHECKED = 3  # the first variants are also checked for correctness
 SHAPES = [(4, 4096), (1, 16384), (16, 1024)]
 
@@ -45,7 +46,8 @@ def run_checks():
         lse_ref = jax.nn.logsumexp(s, -1).reshape(B, S, N)
         for bs in VARIANTS[:CHECKED]:
             try:
-                with_lse = bs.num_stages < 3  # else no shared memory is left for the lse tile
+                # else no shared memory is left for the lse tile
+                with_lse = bs.num_stages < 3 and not (bs.prefetch_q and H >= 128)
                 o = flash_attention_hopper(q, k, v, causal=causal, sm_scale=H ** -0.5, block_sizes=bs,
                                            return_lse=with_lse)
                 lse_err = float(jnp.abs(o[1] - lse_ref).max()) if with_lse else float("nan")
@@ -57,7 +59,7 @@ def run_checks():
                 traceback.print_exc(limit=3)
 
 
-def run_timings(iters):
+def run_timings(iters, device_time: bool):
     N, K, H = 32, 8, 128
     for B, S in SHAPES:
         ks = jax.random.split(jax.random.key(B * S), 3)
@@ -77,19 +79,22 @@ def run_timings(iters):
             except Exception as e:  # noqa: BLE001
                 print(f"  {bs}: FAILED {type(e).__name__}: {str(e)[:300]}")
         times = timeit_interleaved(fns, iters)
-        t_c = times.pop("cuDNN")
-        print(f"B={B} S={S}: cuDNN {t_c * 1e3:.3f} ms {flops / t_c / 1e12:.0f} TFLOP/s")
+        dev = device_time_interleaved(fns) if device_time else {}
+        t_c, d_c = times.pop("cuDNN"), dev.pop("cuDNN", float("nan"))
+        print(f"B={B} S={S}: cuDNN {t_c * 1e3:.3f} ms {flops / t_c / 1e12:.0f} TFLOP/s (device {d_c * 1e3:.3f} ms)")
         for bs, t in times.items():
+            d = dev.get(bs, float("nan"))
             print(f"  {bs}: {t * 1e3:.3f} ms {flops / t / 1e12:.0f} TFLOP/s  cuDNN/ours {t_c / t:.2f}  "
-                  f"err vs cuDNN {errs[bs]:.1e}")
+                  f"device {d * 1e3:.3f} ms, cuDNN/ours {d_c / d:.3f}  err vs cuDNN {errs[bs]:.1e}")
 
 
 if __name__ == "__main__":
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=20)
     ap.add_argument("--checks-only", action="store_true")
+    ap.add_argument("--device-time", action="store_true", help="also device time, traced in turn (profiler)")
     a = ap.parse_args()
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     run_checks()
     if not a.checks_only:
-        run_timings(a.iters)
+        run_timings(a.iters, a.device_time)
