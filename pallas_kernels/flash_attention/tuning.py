@@ -20,11 +20,13 @@ def is_hopper(device=None) -> bool:
 
 
 def hopper_block_sizes(seq_k: int, return_lse: bool) -> HopperBlockSizes:
-    # Persistent CTAs everywhere (H100, causal, 32/8 heads: 1.08x cuDNN at B16 S1024 against 0.92 without).
-    # A third K/V stage pays from ~8k keys on (610 vs 569 TFLOP/s at 16k, equal at 4k, worse at 1k), and
-    # needs the 512 bytes of shared memory the lse tile would take.
-    # Shorter sequences take two stages and prefetch each warpgroup's next query tile instead (its second
-    # buffer needs the third stage's shared memory, and the lse tile's at head dim 128): 1.07x at B16 S1024,
-    # 1.01x at B4 S4096, level at 16k, against two stages without it.
-    stages = 3 if seq_k >= 8192 and not return_lse else 2
-    return HopperBlockSizes(num_stages=stages, persistent=True, prefetch_q=stages == 2 and not return_lse)
+    # H100, causal, 32/8 heads, device time against cuDNN (`python benchmarks/flash_hopper_tune.py
+    # --device-time`, benchmarks/RESULTS.md). Below 8k keys: persistent CTAs (one per SM, round-robin over
+    # tiles; B16 S1024 1.13x against 0.98x without) that prefetch each warpgroup's next query tile
+    # (1.21x at B16 S1024, 1.07x at B4 S4096); the second query buffer takes the shared memory of the lse
+    # tile at head dim 128, so not with lse. From 8k keys on, causal tiles differ up to a hundredfold in
+    # work, and the hardware's dynamic CTA scheduler balances them better than a fixed round-robin:
+    # one CTA per tile, 1.02x at B1 S16384 against 1.00x persistent (two or three stages alike).
+    if seq_k >= 8192:
+        return HopperBlockSizes(num_stages=2, persistent=False)
+    return HopperBlockSizes(num_stages=2, persistent=True, prefetch_q=not return_lse)
