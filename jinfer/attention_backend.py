@@ -77,9 +77,13 @@ class PallasBackend:
                                                     self.num_blocks(num_tokens, width, max_slots), num_tokens)
         return {"blocks": blocks, "tok_block": tok_block, "tok_row": tok_row}
 
+    @staticmethod
+    def kernel():
+        return ragged_paged_attention_blocks
+
     def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
         num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
-        return ragged_paged_attention_blocks(
+        return self.kernel()(
             q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]),
             extra["tok_block"], extra["tok_row"], num_blocks=self.num_blocks(num_tokens, width, max_slots),
             block_sizes=self.sizes(width), interpret=self.interpret)
@@ -94,12 +98,9 @@ class TPUPallasBackend(PallasBackend):
     prefill: TPUBlockSizes = TPUBlockSizes()
     name: str = "pallas-tpu"
 
-    def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
-        num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
-        return ragged_paged_attention_tpu(
-            q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]),
-            extra["tok_block"], extra["tok_row"], num_blocks=self.num_blocks(num_tokens, width, max_slots),
-            block_sizes=self.sizes(width), interpret=self.interpret)
+    @staticmethod
+    def kernel():
+        return ragged_paged_attention_tpu
 
 
 def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int):

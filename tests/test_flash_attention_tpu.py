@@ -14,18 +14,8 @@ import pytest
 from pallas_kernels.flash_attention import flash_attention_reference
 from pallas_kernels.flash_attention.kernel_tpu import TPUBlockSizes, flash_attention_tpu
 from pallas_kernels.flash_attention.reference import attention_mask
-
-TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
-
-
-def rel(a, b):
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
-
-
-def inputs(rng, B, Sq, Sk, N, K, H, dtype):
-    mk = lambda *s: jnp.asarray(rng.normal(size=s), dtype)
-    return mk(B, Sq, N, H), mk(B, Sk, K, H), mk(B, Sk, K, H)
+# the GPU kernel tests' tolerances and inputs
+from tests.test_flash_attention_kernel import TOL, inputs, rel
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "softcap"))

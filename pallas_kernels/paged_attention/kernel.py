@@ -147,7 +147,8 @@ def _kernel(
     # tokens that point at it): a decode block has one query in block_q rows, and at batch 1 the idle rows'
     # float32 partials were a quarter as many bytes as the K/V the kernel reads.
     live = lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0) < jnp.maximum(n_q, 1)
-    plgpu.store(o_ref, o.reshape(block_q, Gp, H).astype(o_ref.dtype), mask=jnp.broadcast_to(live[:, :, None], (block_q, Gp, H)))
+    plgpu.store(o_ref, o.reshape(block_q, Gp, H).astype(o_ref.dtype),
+                mask=jnp.broadcast_to(live[:, :, None], (block_q, Gp, H)))
     plgpu.store(m_ref, m.reshape(block_q, Gp), mask=live)
     plgpu.store(l_ref, l.reshape(block_q, Gp), mask=live)
 
