@@ -4,8 +4,8 @@ A backend adds its own per-step host arrays (`step_inputs`, numpy) to the step's
 attention inside the jitted step (`attend`). The runner and model are the same for every backend:
 a new kernel plugs in here. `default_backend()` picks the Pallas Triton kernel on GPU, the Pallas Mosaic
 kernel on TPU and the blocked `jnp` attention elsewhere (both kernels also run on the CPU in interpret mode,
-for tests). The plain `jnp`
-reference (`pallas_kernels.paged_attention.reference`) is the tests' oracle, not a backend.
+for tests). The plain `jnp` reference (`pallas_kernels.paged_attention.reference`) is the tests' oracle,
+not a backend.
 """
 
 from __future__ import annotations
