@@ -13,12 +13,13 @@ from __future__ import annotations
 import dataclasses
 
 import jax
-import numpy as np
 
 from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
                                                     ragged_paged_attention_blocked_qblocks)
-from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
-from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes, ragged_paged_attention_tpu
+from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks
+from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+from pallas_kernels.paged_attention.ops import ragged_paged_attention
+from pallas_kernels.paged_attention.tuning import gpu_block_sizes, tpu_block_sizes
 
 
 @dataclasses.dataclass(frozen=True)
@@ -77,13 +78,9 @@ class PallasBackend:
                                                     self.num_blocks(num_tokens, width, max_slots), num_tokens)
         return {"blocks": blocks, "tok_block": tok_block, "tok_row": tok_row}
 
-    @staticmethod
-    def kernel():
-        return ragged_paged_attention_blocks
-
     def attend(self, q, k_pages, v_pages, layer, meta, extra: dict, width: int):
         num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
-        return self.kernel()(
+        return ragged_paged_attention(  # the block sizes' type picks the kernel
             q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, tuple(extra["blocks"]),
             extra["tok_block"], extra["tok_row"], num_blocks=self.num_blocks(num_tokens, width, max_slots),
             block_sizes=self.sizes(width), interpret=self.interpret)
@@ -98,10 +95,6 @@ class TPUPallasBackend(PallasBackend):
     prefill: TPUBlockSizes = TPUBlockSizes()
     name: str = "pallas-tpu"
 
-    @staticmethod
-    def kernel():
-        return ragged_paged_attention_tpu
-
 
 def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int):
     platform = jax.devices()[0].platform
@@ -113,28 +106,11 @@ def default_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size
 
 
 def tpu_backend(page_size: int, interpret: bool = False) -> TPUPallasBackend:
-    # 256 keys per inner step (the kernel's default at pages of 16); decode blocks of 8 rows hold one query
-    # each, prefill blocks 8 queries of a slot. Untuned: no TPU has run it yet.
-    ppb = max(1, 256 // page_size)
-    return TPUPallasBackend(decode=TPUBlockSizes(block_q=8, pages_per_block=ppb),
-                            prefill=TPUBlockSizes(block_q=8, pages_per_block=ppb), interpret=interpret)
+    decode, mixed = tpu_block_sizes(page_size)
+    return TPUPallasBackend(decode=decode, prefill=mixed, interpret=interpret)
 
 
 def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,
                    interpret: bool = False) -> PallasBackend:
-    G = num_heads // num_kv_heads
-    Gp = 1 << (G - 1).bit_length()
-    block_q = max(1, 16 // Gp)
-    # ~512 programs (about four per multiprocessor of an H100), even with few slots, and 64 keys per inner
-    # step: the best of `python benchmarks/decode_tune.py` at batch 1, 8 and 64 (benchmarks/RESULTS.md).
-    splits = int(np.clip(-(-512 // (max_slots * num_kv_heads)), 1, 64))
-    splits = 1 << (splits.bit_length() - 1)  # a power of two: the combine kernel's tiles (Triton) need it
-    # Cut that finely, a program sees a step or two of a 4k context: nothing to pipeline, and a second K/V
-    # buffer per program leaves a wave of programs unresident (batch 1: 6.6 us a call with one stage, 8.5
-    # with two). Longer shares (batch 8 and up) pipeline: two stages, 3% faster there.
-    stages = 1 if splits >= 32 else 2
-    return PallasBackend(decode=BlockSizes(block_q=block_q, pages_per_block=max(1, 64 // page_size), num_splits=splits,
-                                           num_stages=stages),
-                         prefill=BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=max(1, 64 // page_size),
-                                            num_splits=1),
-                         interpret=interpret)
+    decode, mixed = gpu_block_sizes(num_kv_heads, num_heads, max_slots, page_size)
+    return PallasBackend(decode=decode, prefill=mixed, interpret=interpret)

@@ -169,3 +169,28 @@ def test_too_few_rows_for_the_matrix_units_is_refused():
     c = make_case(rng, kv_lens=[3], q_lens=[1], K=2, G=2, H=32, page_size=4, dtype=jnp.float32)
     with pytest.raises(ValueError, match="block_q=2 x padded group size 2"):
         run_kernel(c, 0, BlockSizes(block_q=2, pages_per_block=1, num_splits=1))
+
+
+def test_the_public_function_picks_the_kernel_by_block_sizes():
+    """`ragged_paged_attention`: the platform's kernel by default; the GPU (Triton) or TPU (Mosaic) kernel when
+    its block sizes are given (interpreted where it cannot run natively); anything else is refused."""
+    from pallas_kernels.paged_attention import ragged_paged_attention
+    from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+
+    rng = np.random.default_rng(5)
+    c = make_case(rng, kv_lens=[13, 0, 30, 5], q_lens=[13, 0, 4, 1], K=2, G=4, H=32, page_size=8, dtype=jnp.float32)
+    want = run_reference(c, 1)
+    T = c["q"].shape[0]
+    for bs in (None, BlockSizes(block_q=4, pages_per_block=2), TPUBlockSizes(block_q=8, pages_per_block=2)):
+        bq = (bs or BlockSizes()).block_q  # None on a CPU or GPU: the Triton kernel's defaults
+        nb = -(-T // bq) + len(c["kv_len"])
+        blocks, (tb, tr) = query_blocks(c["q_start"], c["q_len"], bq, nb, T)
+        args = (c["q"], c["k"], c["v"], jnp.int32(1), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
+                jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr))
+        got = ragged_paged_attention(*args, num_blocks=nb, block_sizes=bs)
+        assert rel(got[:c["T"]], want[:c["T"]]) < TOL[jnp.float32], bs
+    with pytest.raises(ValueError, match="block_sizes must be BlockSizes"):
+        ragged_paged_attention(*args, num_blocks=nb, block_sizes=(8, 2))
+    if not NATIVE:
+        with pytest.raises(ValueError, match="cannot run natively on cpu"):
+            ragged_paged_attention(*args, num_blocks=nb, block_sizes=BlockSizes(), interpret=False)
