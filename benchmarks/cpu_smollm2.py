@@ -36,7 +36,7 @@ def _median_time(fn, iters: int) -> float:
 
 def bench_jinfer(config, params, rng, iters):
     from jinfer.models.attention import dense_kv_cache
-    from jinfer.reference import _forward_step
+    from jinfer.runtime.reference import _forward_step
 
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     out = {}
@@ -107,8 +107,8 @@ def main():
     ap.add_argument("--no-hf", action="store_true")
     args = ap.parse_args()
 
-    from checkpoints.gguf_import import load_gguf
-    from checkpoints.pull import gguf_path
+    from jinfer.checkpoints.gguf_import import load_gguf
+    from jinfer.checkpoints.pull import gguf_path
 
     path = gguf_path("smollm2")
     config, params, _ = load_gguf(path)

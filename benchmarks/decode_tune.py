@@ -23,7 +23,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gpu_trace import kernel_times  # noqa: E402
 from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS  # noqa: E402
-from pallas_kernels.paged_attention import kernel as pk  # noqa: E402
+from jinfer.kernels.paged_attention import kernel as pk  # noqa: E402
 
 SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
     (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),

@@ -18,18 +18,18 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
-    from jinfer.xla_flags import apply_gpu_flags
+    from jinfer.runtime.xla_flags import apply_gpu_flags
 
     apply_gpu_flags()
 
 
 def main():
     from benchmarks.model_shapes import SHAPES
-    from jinfer import reference
-    from jinfer.engine import Engine
-    from jinfer.engine_config import EngineConfig
+    from jinfer.runtime import reference
+    from jinfer.engine.engine import Engine
+    from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
-    from jinfer.sampling_params import SamplingParams
+    from jinfer.inputs import SamplingParams
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smollm2-135m")

@@ -18,8 +18,8 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.kernels import device_time_interleaved, rel_err, timeit_interleaved  # noqa: E402
-from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
-from pallas_kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper  # noqa: E402
+from jinfer.kernels.flash_attention import flash_attention_reference  # noqa: E402
+from jinfer.kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper  # noqa: E402
 
 CHECKS = [  # (B, S, N, K, H, causal)
     (1, 256, 4, 2, 64, True), (1, 256, 4, 2, 64, False), (2, 384, 4, 4, 128, True), (1, 512, 6, 2, 128, True),

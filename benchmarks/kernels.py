@@ -99,9 +99,9 @@ def rel_err(x, ref):
 
 
 def decode_case(B, ctx, page_size, iters, rng):
-    from jinfer.attention_backend import pallas_backend
-    from pallas_kernels.paged_attention.kernel import query_blocks, ragged_paged_attention_blocks
-    from pallas_kernels.paged_attention.reference import ragged_paged_attention_reference
+    from jinfer.attention.backends import pallas_backend
+    from jinfer.kernels.paged_attention.kernel import query_blocks, ragged_paged_attention_blocks
+    from jinfer.kernels.paged_attention.reference import ragged_paged_attention_reference
 
     pages_per_seq = ctx // page_size
     P = B * pages_per_seq + 1
@@ -171,8 +171,8 @@ def decode_case(B, ctx, page_size, iters, rng):
 
 
 def prefill_case(B, S, iters, rng):
-    from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
-    from pallas_kernels.flash_attention.kernel import BlockSizes
+    from jinfer.kernels.flash_attention import flash_attention, flash_attention_reference
+    from jinfer.kernels.flash_attention.kernel import BlockSizes
 
     k1, k2, k3 = jax.random.split(jax.random.key(int(rng.integers(1 << 30))), 3)
     q = jax.random.normal(k1, (B, S, N_HEADS, HEAD_DIM), jnp.bfloat16)
@@ -181,11 +181,11 @@ def prefill_case(B, S, iters, rng):
     flops = 4 * B * S * S * N_HEADS * HEAD_DIM / 2
     ours = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=True))  # the dispatcher's choice
     fns = {"jinfer (dispatch)": lambda: ours(q, k, v)}
-    from pallas_kernels.flash_attention.tuning import is_hopper
+    from jinfer.kernels.flash_attention.tuning import is_hopper
 
     if is_hopper():  # the two entries of the tuning table, side by side
-        from pallas_kernels.flash_attention.kernel_hopper import flash_attention_hopper
-        from pallas_kernels.flash_attention.tuning import hopper_block_sizes
+        from jinfer.kernels.flash_attention.kernel_hopper import flash_attention_hopper
+        from jinfer.kernels.flash_attention.tuning import hopper_block_sizes
 
         for name, keys in (("short", 4096), ("long", 16384)):
             hb = hopper_block_sizes(keys, return_lse=False)

@@ -1,6 +1,6 @@
 """Real model shapes for random-weight benchmarks (no weights can be downloaded on the GPU machine)."""
 
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.models.config import ModelConfig, RopeScaling
 
 SHAPES = {
     "smollm2-135m": ModelConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3,

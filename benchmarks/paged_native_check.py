@@ -15,7 +15,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from pallas_kernels.paged_attention.kernel import BlockSizes  # noqa: E402
+from jinfer.kernels.paged_attention.kernel import BlockSizes  # noqa: E402
 from tests.test_paged_attention_kernel import CASES, make_case, rel, run_kernel, run_reference  # noqa: E402
 
 

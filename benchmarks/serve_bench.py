@@ -67,7 +67,7 @@ async def one_request(client, prompt: list[int], output_len: int, result: Result
 
 
 async def run_rate(target: str, rate: float, args, rng) -> list[Result]:
-    from serve.client import AsyncJinferClient
+    from jinfer.serve.client import AsyncJinferClient
 
     clients = [AsyncJinferClient(target, timeout=args.timeout) for _ in range(args.clients)]
     try:
@@ -124,7 +124,7 @@ class ServerProcess:
     def __init__(self, model: str, extra: list[str]):
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="serve_bench_", delete=False)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-        self.proc = subprocess.Popen([sys.executable, "-m", "serve.main", "--model", model, "--port", "0", *extra],
+        self.proc = subprocess.Popen([sys.executable, "-m", "jinfer.serve.main", "--model", model, "--port", "0", *extra],
                                      cwd=root, stdout=subprocess.DEVNULL, stderr=self.log, text=True)
 
     def port(self, timeout: float = 900.0) -> int:
@@ -151,7 +151,7 @@ class ServerProcess:
 def wait_serving(target: str, timeout: float) -> None:
     import grpc
 
-    from serve.client import JinferClient
+    from jinfer.serve.client import JinferClient
 
     deadline = time.monotonic() + timeout
     with JinferClient(target) as c:
@@ -189,7 +189,7 @@ def main() -> int:
         t0 = time.perf_counter()
         wait_serving(target, 900)
         print(f"server {target} serving (warm-up {time.perf_counter() - t0:.1f}s after bind)", flush=True)
-        from serve.client import JinferClient
+        from jinfer.serve.client import JinferClient
 
         with JinferClient(target) as c:
             info = c.model_info()

@@ -22,7 +22,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
-    from jinfer.xla_flags import apply_gpu_flags
+    from jinfer.runtime.xla_flags import apply_gpu_flags
 
     apply_gpu_flags()
 
@@ -34,9 +34,9 @@ def percentiles(xs, ps=(50, 90, 99)):
 
 
 def run_engine(config, params, tokenizer, args, prompts):
-    from jinfer.engine import Engine
-    from jinfer.engine_config import EngineConfig
-    from jinfer.sampling_params import SamplingParams
+    from jinfer.engine.engine import Engine
+    from jinfer.engine.config import EngineConfig
+    from jinfer.inputs import SamplingParams
 
     max_len = args.input_len + args.output_len
     ec = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,
@@ -102,7 +102,7 @@ def main():
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--buckets", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--chunk", type=int, default=128)
-    ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.sharding)")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.runtime.sharding)")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")
     args = ap.parse_args()
 
@@ -110,7 +110,7 @@ def main():
 
     dtype = jnp.dtype(args.dtype)
     if args.model:
-        from checkpoints.load import load
+        from jinfer.checkpoints.load import load
 
         loaded = load(args.model)
         config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
@@ -126,7 +126,7 @@ def main():
     prompts = [list(map(int, rng.integers(0, config.vocab_size, args.input_len))) for _ in range(args.num_requests)]
     ours = run_engine(config, params, tokenizer, args, prompts)
     if args.hf:
-        from checkpoints.pull import gguf_path
+        from jinfer.checkpoints.pull import gguf_path
 
         peer = run_hf(gguf_path(args.model), args, prompts)
         print(f"ratio jinfer / transformers: {ours / peer:.2f}")

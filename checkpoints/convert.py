@@ -6,14 +6,14 @@ import os
 import shutil
 from pathlib import Path
 
-from checkpoints.errors import CheckpointError
+from jinfer.checkpoints.errors import CheckpointError
 
 
 def convert(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = False) -> Path:
     from tqdm import tqdm
 
-    from checkpoints.load import load
-    from checkpoints.orbax_io import save_orbax
+    from jinfer.checkpoints.load import load
+    from jinfer.checkpoints.orbax_io import save_orbax
 
     dst = Path(dst).absolute()
     if dst.exists() and not overwrite:

@@ -13,8 +13,8 @@ from typing import Callable
 
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from jinfer.config import ConfigError, ModelConfig, RopeScaling
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
 from jinfer.models.llama import param_shapes
 
 # GGUF architectures whose tensor layout is the Llama one; llama.cpp permutes Q/K rows only for 'llama'.

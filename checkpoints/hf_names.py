@@ -16,7 +16,7 @@ import dataclasses
 
 import numpy as np
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 from jinfer.models.llama import param_shapes
 
 

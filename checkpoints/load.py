@@ -11,15 +11,15 @@ from pathlib import Path
 
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from jinfer.config import ModelConfig
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.models.config import ModelConfig
 
 
 @dataclasses.dataclass
 class LoadedModel:
     config: ModelConfig
     params: dict  # numpy or jax arrays in the layout of jinfer.models.llama
-    tokenizer: object  # jinfer.tokenizer.Tokenizer
+    tokenizer: object  # jinfer.text.tokenizer.Tokenizer
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -30,29 +30,29 @@ def is_gguf_file(path: Path) -> bool:
 
 
 def load(model: str | os.PathLike, dtype=np.float32, progress=None) -> LoadedModel:
-    from checkpoints.registry import MODELS
-    from jinfer.tokenizer import Tokenizer
+    from jinfer.checkpoints.registry import MODELS
+    from jinfer.text.tokenizer import Tokenizer
 
     path = Path(model)
     if not path.exists() and str(model) in MODELS:
-        from checkpoints.pull import pull
+        from jinfer.checkpoints.pull import pull
 
         path = pull(str(model))
     if path.is_file():
         if not is_gguf_file(path):
             raise CheckpointError(f"{str(path)!r} is not a GGUF file (no GGUF magic bytes)")
-        from checkpoints.gguf_import import load_gguf
+        from jinfer.checkpoints.gguf_import import load_gguf
 
         config, params, fields = load_gguf(path, dtype=dtype, progress=progress)
         return LoadedModel(config, params, Tokenizer.from_gguf_fields(fields))
     if path.is_dir():
         if (path / "params").is_dir():
-            from checkpoints.orbax_io import restore_orbax
+            from jinfer.checkpoints.orbax_io import restore_orbax
 
             config, params = restore_orbax(path, dtype=dtype)
             return LoadedModel(config, params, Tokenizer.from_dir(path))
         if (path / "config.json").is_file():
-            from checkpoints.safetensors_io import load_hf_dir
+            from jinfer.checkpoints.safetensors_io import load_hf_dir
 
             config, params = load_hf_dir(path, dtype=dtype)
             return LoadedModel(config, params, Tokenizer.from_dir(path))

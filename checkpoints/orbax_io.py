@@ -20,9 +20,9 @@ from pathlib import Path
 import jax
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from checkpoints.safetensors_io import read_hf_config
-from jinfer.config import ModelConfig
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.checkpoints.safetensors_io import read_hf_config
+from jinfer.models.config import ModelConfig
 from jinfer.models.llama import param_shapes
 
 PARAMS_DIR = "params"

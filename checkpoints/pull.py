@@ -10,8 +10,8 @@ import tempfile
 import zipfile
 from pathlib import Path
 
-from checkpoints.errors import CheckpointError
-from checkpoints.registry import MODELS, model_dir
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.checkpoints.registry import MODELS, model_dir
 
 
 def gguf_path(name: str) -> Path:
@@ -45,7 +45,7 @@ def gguf_path(name: str) -> Path:
 
 def pull(name: str, force: bool = False) -> Path:
     """Makes sure the orbax checkpoint of a registered model exists; returns its directory."""
-    from checkpoints.convert import convert
+    from jinfer.checkpoints.convert import convert
 
     out = model_dir(name) / "orbax"
     if out.is_dir() and (out / "config.json").is_file() and not force:

@@ -17,9 +17,9 @@ from pathlib import Path
 import ml_dtypes
 import numpy as np
 
-from checkpoints.errors import CheckpointError
-from checkpoints.hf_names import HFTensor, get_leaf, hf_tensors
-from jinfer.config import ConfigError, ModelConfig
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.checkpoints.hf_names import HFTensor, get_leaf, hf_tensors
+from jinfer.models.config import ConfigError, ModelConfig
 from jinfer.models.llama import param_shapes
 
 SINGLE_FILE = "model.safetensors"

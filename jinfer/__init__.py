@@ -3,16 +3,16 @@
 The public API is imported lazily, so host-only modules (the scheduler, configs) load without jax.
 """
 
-from jinfer.config import ConfigError, ModelConfig, RopeScaling
-from jinfer.outputs import RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
+from jinfer.engine.outputs import RequestOutput
+from jinfer.inputs import SamplingParams
 
 __all__ = ["LLM", "ConfigError", "ModelConfig", "RequestOutput", "RopeScaling", "SamplingParams"]
 
 
 def __getattr__(name):
     if name == "LLM":
-        from jinfer.llm import LLM
+        from jinfer.entrypoints.llm import LLM
 
         return LLM
     raise AttributeError(f"module 'jinfer' has no attribute {name!r}")

@@ -17,12 +17,12 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_health.v1.health import aio as health_aio
 from grpc_reflection.v1alpha import reflection
 
-from jinfer.engine import Engine
-from serve.auth import BearerTokenInterceptor
-from serve.engine_thread import EngineThread
-from serve.metrics import ServeMetrics
-from serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
-from serve.server import SERVICE_NAME, GenerationServicer
+from jinfer.engine.engine import Engine
+from jinfer.serve.auth import BearerTokenInterceptor
+from jinfer.serve.engine_thread import EngineThread
+from jinfer.serve.metrics import ServeMetrics
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
+from jinfer.serve.server import SERVICE_NAME, GenerationServicer
 
 log = logging.getLogger("jinfer.serve")
 

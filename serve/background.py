@@ -12,8 +12,8 @@ import asyncio
 import concurrent.futures
 import threading
 
-from jinfer.engine import Engine
-from serve.app import ServeApp, ServeOptions
+from jinfer.engine.engine import Engine
+from jinfer.serve.app import ServeApp, ServeOptions
 
 
 class BackgroundServer:

@@ -18,9 +18,9 @@ from typing import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serve.auth import bearer_metadata
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
-from serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
+from jinfer.serve.auth import bearer_metadata
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
 
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 

@@ -38,7 +38,7 @@ def _token(args) -> str | None:
 def run(args) -> int:
     import grpc
 
-    from serve.client import JinferClient
+    from jinfer.serve.client import JinferClient
 
     roots = None
     if args.tls_ca:
@@ -65,7 +65,7 @@ def run(args) -> int:
             return 130
     sys.stdout.write("\n")
     if last is not None:
-        from serve.proto.jinfer.v1 import jinfer_pb2 as pb
+        from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
         u = last.usage
         print(f"[{pb.FinishReason.Name(last.finish_reason).removeprefix('FINISH_REASON_').lower()}: "

@@ -9,10 +9,10 @@ from __future__ import annotations
 
 import dataclasses
 
-from jinfer.engine import Engine
-from jinfer.sampling_params import SamplingParams
-from serve.engine_thread import Chunk
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.engine.engine import Engine
+from jinfer.inputs import SamplingParams
+from jinfer.serve.engine_thread import Chunk
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
 MAX_REQUEST_ID_CHARS = 256  # it is echoed in every response and written to the log
 

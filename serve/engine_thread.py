@@ -17,10 +17,10 @@ import threading
 import time
 from typing import Callable
 
-from jinfer.engine import Engine, StepEvent
-from jinfer.outputs import TokenLogprobs
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import QueueFull
+from jinfer.engine.engine import Engine, StepEvent
+from jinfer.engine.outputs import TokenLogprobs
+from jinfer.inputs import SamplingParams
+from jinfer.engine.scheduler import QueueFull
 
 log = logging.getLogger("jinfer.serve")
 

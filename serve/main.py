@@ -61,7 +61,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
 
 
 def engine_config(args, dtype: str):
-    from jinfer.engine_config import EngineConfig
+    from jinfer.engine.config import EngineConfig
 
     kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
               max_waiting=args.max_waiting, max_model_len=args.max_model_len,
@@ -79,16 +79,16 @@ def engine_config(args, dtype: str):
 
 def build_engine(args):
     """An Engine, or a DataParallelEngine with --data-parallel > 1 (the server needs only their common API)."""
-    from jinfer.data_parallel import make_engine
+    from jinfer.runtime.data_parallel import make_engine
 
     cfg = engine_config(args, args.dtype)
     if args.model == TINY_RANDOM:
         try:
-            from tests.tiny import TINY, tiny_params, tiny_tokenizer
+            from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
         except ImportError as e:
             raise ValueError(f"--model {TINY_RANDOM} needs the jinfer source checkout (tests/tiny.py)") from e
         return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
-    from jinfer.llm import LLM
+    from jinfer.entrypoints.llm import LLM
 
     return LLM(args.model, dtype=args.dtype, engine_config=cfg, seed=args.seed, warmup=False).engine
 
@@ -106,7 +106,7 @@ def read_tokens(path: str | None) -> tuple[str, ...]:
 
 
 def options(args):
-    from serve.app import ServeOptions
+    from jinfer.serve.app import ServeOptions
 
     if bool(args.tls_cert) != bool(args.tls_key):
         raise ValueError("--tls-cert and --tls-key go together")
@@ -123,7 +123,7 @@ def options(args):
 
 
 async def serve(engine, opts) -> int:
-    from serve.app import ServeApp
+    from jinfer.serve.app import ServeApp
 
     app = ServeApp(engine, opts)
     port = await app.start()
@@ -150,7 +150,7 @@ async def serve(engine, opts) -> int:
 def run(args) -> int:
     logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
     if not args.no_compile_cache:
-        from jinfer.cli import _enable_compile_cache
+        from jinfer.entrypoints.cli import _enable_compile_cache
 
         _enable_compile_cache()
     opts = options(args)  # before loading the model, so a bad flag fails fast

@@ -17,12 +17,12 @@ import time
 
 import grpc
 
-from jinfer.scheduler import QueueFull
-from serve import convert
-from serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission
-from serve.metrics import ServeMetrics
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
-from serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
+from jinfer.engine.scheduler import QueueFull
+from jinfer.serve import convert
+from jinfer.serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission
+from jinfer.serve.metrics import ServeMetrics
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
 
 SERVICE_NAME = pb.DESCRIPTOR.services_by_name["Generation"].full_name  # "jinfer.v1.Generation"
 

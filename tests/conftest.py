@@ -15,7 +15,7 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
-    from checkpoints.pull import gguf_path
+    from jinfer.checkpoints.pull import gguf_path
 
     return gguf_path("smollm2")
 
@@ -26,7 +26,7 @@ def smollm2(smollm2_gguf):
     import jax
     import jax.numpy as jnp
 
-    from checkpoints.load import load
+    from jinfer.checkpoints.load import load
 
     loaded = load(smollm2_gguf)
     loaded.params = jax.tree_util.tree_map(jnp.asarray, loaded.params)

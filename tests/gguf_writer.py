@@ -9,7 +9,7 @@ import numpy as np
 import gguf
 from gguf import GGMLQuantizationType as Q
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 
 # Block layouts of the K-quants, which gguf-py can read but not write: (elements, bytes, fp16 field offsets).
 _K_BLOCKS = {Q.Q4_K: (256, 144, (0, 2)), Q.Q6_K: (256, 210, (208,))}

@@ -18,14 +18,14 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jinfer import reference, sharding  # noqa: E402
-from jinfer.engine import Engine  # noqa: E402
-from jinfer.engine_config import EngineConfig  # noqa: E402
-from jinfer.long_prompt import RingPrefill  # noqa: E402
-from jinfer.sampling_params import SamplingParams  # noqa: E402
-from pallas_kernels.flash_attention.kernel import BlockSizes  # noqa: E402
-from tests.tiny import TINY as CONFIG  # noqa: E402
-from tests.tiny import tiny_params  # noqa: E402
+from jinfer.runtime import reference, sharding  # noqa: E402
+from jinfer.engine.engine import Engine  # noqa: E402
+from jinfer.engine.config import EngineConfig  # noqa: E402
+from jinfer.runtime.long_prompt import RingPrefill  # noqa: E402
+from jinfer.inputs import SamplingParams  # noqa: E402
+from jinfer.kernels.flash_attention.kernel import BlockSizes  # noqa: E402
+from jinfer.testing.tiny import TINY as CONFIG  # noqa: E402
+from jinfer.testing.tiny import tiny_params  # noqa: E402
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 RNG = np.random.default_rng(6)

@@ -14,11 +14,11 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jinfer.data_parallel import make_engine  # noqa: E402
-from jinfer.engine_config import EngineConfig  # noqa: E402
-from jinfer.sampling_params import SamplingParams  # noqa: E402
-from tests.tiny import TINY_MESH as CONFIG  # noqa: E402
-from tests.tiny import tiny_params  # noqa: E402
+from jinfer.runtime.data_parallel import make_engine  # noqa: E402
+from jinfer.engine.config import EngineConfig  # noqa: E402
+from jinfer.inputs import SamplingParams  # noqa: E402
+from jinfer.testing.tiny import TINY_MESH as CONFIG  # noqa: E402
+from jinfer.testing.tiny import tiny_params  # noqa: E402
 
 
 def run(dp: int, tp: int, params, prompts):
@@ -42,8 +42,8 @@ def run(dp: int, tp: int, params, prompts):
 def check_orbax_reshard(params, tmp: str) -> bool:
     import jax
 
-    from checkpoints.orbax_io import restore_orbax, save_orbax
-    from jinfer import reference, sharding
+    from jinfer.checkpoints.orbax_io import restore_orbax, save_orbax
+    from jinfer.runtime import reference, sharding
 
     two, four = sharding.make_mesh(model=2), sharding.make_mesh(model=4, devices=jax.devices()[4:])
     save_orbax(tmp, CONFIG, sharding.shard_params(params, CONFIG, two))
@@ -70,10 +70,10 @@ def check_orbax_reshard(params, tmp: str) -> bool:
 def check_ring_prefill(params) -> bool:
     import jax
 
-    from jinfer import reference, sharding
-    from jinfer.long_prefill import ring_prefill
+    from jinfer.runtime import reference, sharding
+    from jinfer.runtime.long_prefill import ring_prefill
     from jinfer.models.attention import dense_kv_cache
-    from pallas_kernels.flash_attention.kernel import BlockSizes
+    from jinfer.kernels.flash_attention.kernel import BlockSizes
 
     mesh = sharding.make_mesh(seq=4)
     tokens = list(np.random.default_rng(1).integers(0, CONFIG.vocab_size, 37))  # pads to 40 = 5 x (2 x 4)

@@ -18,10 +18,11 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 
-from jinfer import cli, distributed, reference, sharding  # noqa: E402
+from jinfer.entrypoints import cli  # noqa: E402
+from jinfer.runtime import distributed, reference, sharding  # noqa: E402
 from jinfer.models.attention import dense_kv_cache  # noqa: E402
-from tests.tiny import TINY_MESH as CONFIG  # noqa: E402
-from tests.tiny import tiny_params  # noqa: E402
+from jinfer.testing.tiny import TINY_MESH as CONFIG  # noqa: E402
+from jinfer.testing.tiny import tiny_params  # noqa: E402
 
 TOKENS = list(range(3, 40))
 

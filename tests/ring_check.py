@@ -13,10 +13,10 @@ import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from jax.sharding import Mesh, NamedSharding, PartitionSpec as Ps  # noqa: E402
 
-from pallas_kernels.flash_attention import flash_attention_reference  # noqa: E402
-from pallas_kernels.flash_attention.kernel import BlockSizes  # noqa: E402
-from pallas_kernels.flash_attention.kernel_tpu import TPUBlockSizes  # noqa: E402
-from pallas_kernels.ring_attention import ring_attention, zigzag_order  # noqa: E402
+from jinfer.kernels.flash_attention import flash_attention_reference  # noqa: E402
+from jinfer.kernels.flash_attention.kernel import BlockSizes  # noqa: E402
+from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes  # noqa: E402
+from jinfer.kernels.ring_attention import ring_attention, zigzag_order  # noqa: E402
 
 
 def main():

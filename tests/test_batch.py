@@ -11,12 +11,13 @@ import sys
 import numpy as np
 import pytest
 
-from checkpoints.load import LoadedModel
-from jinfer import LLM, reference
-from jinfer.batch import run_batch
-from jinfer.engine_config import EngineConfig
-from jinfer.sampling_params import SamplingParams
-from tests.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.checkpoints.load import LoadedModel
+from jinfer import LLM
+from jinfer.runtime import reference
+from jinfer.entrypoints.batch import run_batch
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
+from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 ENGINE = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), max_prefill_chunk=16)
 
@@ -135,7 +136,7 @@ def test_an_output_that_is_not_ours_is_refused(llm, tmp_path):
 
 
 def test_cli_batch_on_a_checkpoint_directory(params, tmp_path):
-    from checkpoints.safetensors_io import save_hf_dir
+    from jinfer.checkpoints.safetensors_io import save_hf_dir
 
     model_dir = tmp_path / "tiny"
     save_hf_dir(model_dir, TINY, params)
@@ -143,7 +144,7 @@ def test_cli_batch_on_a_checkpoint_directory(params, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
                       {"prompt": [1], "max_tokens": -1}])
-    res = subprocess.run([sys.executable, "-m", "jinfer.cli", "batch", str(src), str(dst), "--model", str(model_dir)],
+    res = subprocess.run([sys.executable, "-m", "jinfer.entrypoints.cli", "batch", str(src), str(dst), "--model", str(model_dir)],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "1 completed, 1 errors, 0 already done" in res.stderr

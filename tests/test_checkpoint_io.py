@@ -15,10 +15,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints.errors import CheckpointError
-from checkpoints.orbax_io import restore_orbax, save_orbax
-from checkpoints.safetensors_io import load_hf_dir, save_hf_dir
-from jinfer.config import ModelConfig, RopeScaling
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.checkpoints.orbax_io import restore_orbax, save_orbax
+from jinfer.checkpoints.safetensors_io import load_hf_dir, save_hf_dir
+from jinfer.models.config import ModelConfig, RopeScaling
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.models.llama import forward, init_params, logits_from_hidden
 

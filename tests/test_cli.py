@@ -11,14 +11,14 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from checkpoints.load import load
-from jinfer import reference
+from jinfer.checkpoints.load import load
+from jinfer.runtime import reference
 
 pytestmark = pytest.mark.slow
 
 
 def _jinfer(*args, env=None, timeout=600):
-    return subprocess.run([sys.executable, "-m", "jinfer.cli", *args], capture_output=True, text=True,
+    return subprocess.run([sys.executable, "-m", "jinfer.entrypoints.cli", *args], capture_output=True, text=True,
                           timeout=timeout, env={**os.environ, **(env or {})})
 
 

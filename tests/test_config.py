@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from jinfer.config import ConfigError, ModelConfig, RopeScaling
+from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
 
 LLAMA31 = {
     "model_type": "llama", "vocab_size": 128256, "hidden_size": 4096, "num_hidden_layers": 32,

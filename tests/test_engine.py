@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jinfer import reference
-from jinfer.engine import Engine
-from jinfer.engine_config import EngineConfig
-from jinfer.sampling_params import SamplingParams
-from tests.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.runtime import reference
+from jinfer.engine.engine import Engine
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
+from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a shared prefix for some prompts
 
@@ -184,16 +184,16 @@ def test_request_that_cannot_fit_the_pool_is_refused(params, tok):
 
 
 def _pallas_gpu_backend():
-    from jinfer.attention_backend import PallasBackend
-    from pallas_kernels.paged_attention.kernel import BlockSizes
+    from jinfer.attention.backends import PallasBackend
+    from jinfer.kernels.paged_attention.kernel import BlockSizes
 
     return PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
                          prefill=BlockSizes(block_q=8, pages_per_block=2, num_splits=1), interpret=True)
 
 
 def _pallas_tpu_backend():
-    from jinfer.attention_backend import TPUPallasBackend
-    from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+    from jinfer.attention.backends import TPUPallasBackend
+    from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 
     return TPUPallasBackend(decode=TPUBlockSizes(block_q=8, pages_per_block=2),
                             prefill=TPUBlockSizes(block_q=8, pages_per_block=3), interpret=True)

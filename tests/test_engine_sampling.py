@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jinfer import reference
-from jinfer.sampling_params import SamplingParams
+from jinfer.runtime import reference
+from jinfer.inputs import SamplingParams
 from tests.test_engine import make_engine, run_workload
-from tests.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 
 @pytest.fixture(scope="module")

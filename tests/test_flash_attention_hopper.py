@@ -13,9 +13,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
-from pallas_kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper, supported
-from pallas_kernels.flash_attention.tuning import is_hopper
+from jinfer.kernels.flash_attention import flash_attention, flash_attention_reference
+from jinfer.kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper, supported
+from jinfer.kernels.flash_attention.tuning import is_hopper
 
 on_hopper = pytest.mark.skipif(not is_hopper(), reason="needs a compute capability 9.0 GPU")
 

@@ -8,8 +8,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import flash_attention, flash_attention_reference
-from pallas_kernels.flash_attention.kernel import BlockSizes
+from jinfer.kernels.flash_attention import flash_attention, flash_attention_reference
+from jinfer.kernels.flash_attention.kernel import BlockSizes
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 

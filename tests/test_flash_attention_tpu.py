@@ -11,9 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import flash_attention_reference
-from pallas_kernels.flash_attention.kernel_tpu import TPUBlockSizes, flash_attention_tpu
-from pallas_kernels.flash_attention.reference import attention_mask
+from jinfer.kernels.flash_attention import flash_attention_reference
+from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes, flash_attention_tpu
+from jinfer.kernels.flash_attention.reference import attention_mask
 # the GPU kernel tests' tolerances and inputs
 from tests.test_flash_attention_kernel import TOL, inputs, rel
 
@@ -160,7 +160,7 @@ def test_lowers_for_tpu(tpu_lowering, dtype, Sq, Sk, G, H, segments, window):
 
 def test_the_dispatcher_takes_the_tpu_kernel_for_tpu_block_sizes():
     """`flash_attention` with TPU block sizes runs this kernel (interpreted off a TPU), lse included."""
-    from pallas_kernels.flash_attention import flash_attention
+    from jinfer.kernels.flash_attention import flash_attention
 
     rng = np.random.default_rng(7)
     q, k, v = inputs(rng, 2, 40, 40, 8, 2, 64, jnp.float32)

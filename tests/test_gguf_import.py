@@ -13,11 +13,11 @@ import pytest
 import torch
 from gguf import GGMLQuantizationType as Q
 
-from checkpoints.errors import CheckpointError
-from checkpoints.gguf_import import load_gguf
-from checkpoints.load import load
-from jinfer import reference
-from jinfer.config import ModelConfig
+from jinfer.checkpoints.errors import CheckpointError
+from jinfer.checkpoints.gguf_import import load_gguf
+from jinfer.checkpoints.load import load
+from jinfer.runtime import reference
+from jinfer.models.config import ModelConfig
 from jinfer.models import llama
 from tests.gguf_writer import write_llama_gguf
 
@@ -108,7 +108,7 @@ def test_missing_tensor(tmp_path, random_params):
 def test_bad_head_counts_name_the_field(tmp_path, random_params, monkeypatch):
     path = tmp_path / "m.gguf"
     write_llama_gguf(path, CONFIG, random_params, Q.F32)
-    import checkpoints.gguf_import as gi
+    import jinfer.checkpoints.gguf_import as gi
 
     real = gi.gguf_fields
     monkeypatch.setattr(gi, "gguf_fields", lambda r: {**real(r), "llama.attention.head_count_kv": 3})

@@ -14,12 +14,12 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
-from jinfer import sharding
-from jinfer.engine import Engine
-from jinfer.engine_config import EngineConfig
-from jinfer.long_prompt import RingPrefill
-from jinfer.sampling_params import SamplingParams
-from tests.tiny import TINY, tiny_params
+from jinfer.runtime import sharding
+from jinfer.engine.engine import Engine
+from jinfer.engine.config import EngineConfig
+from jinfer.runtime.long_prompt import RingPrefill
+from jinfer.inputs import SamplingParams
+from jinfer.testing.tiny import TINY, tiny_params
 
 
 def test_ring_prefilled_long_prompt_decodes_in_the_engine_exactly():

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from jinfer import reference
-from jinfer.sampling_params import SamplingParams
+from jinfer.runtime import reference
+from jinfer.inputs import SamplingParams
 
 pytestmark = pytest.mark.slow
 

@@ -8,11 +8,11 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from pallas_kernels.flash_attention import flash_attention_reference
-from pallas_kernels.paged_attention import ragged_paged_attention_reference
-from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
+from jinfer.kernels.flash_attention import flash_attention_reference
+from jinfer.kernels.paged_attention import ragged_paged_attention_reference
+from jinfer.kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
                                                     ragged_paged_attention_blocked_qblocks)
-from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
+from jinfer.kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
 
 # The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere.
 NATIVE = jax.devices()[0].platform == "gpu"
@@ -174,8 +174,8 @@ def test_too_few_rows_for_the_matrix_units_is_refused():
 def test_the_public_function_picks_the_kernel_by_block_sizes():
     """`ragged_paged_attention`: the platform's kernel by default; the GPU (Triton) or TPU (Mosaic) kernel when
     its block sizes are given (interpreted where it cannot run natively); anything else is refused."""
-    from pallas_kernels.paged_attention import ragged_paged_attention
-    from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+    from jinfer.kernels.paged_attention import ragged_paged_attention
+    from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 
     rng = np.random.default_rng(5)
     c = make_case(rng, kv_lens=[13, 0, 30, 5], q_lens=[13, 0, 4, 1], K=2, G=4, H=32, page_size=8, dtype=jnp.float32)

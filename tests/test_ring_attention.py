@@ -11,7 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
-from pallas_kernels.ring_attention import zigzag_order
+from jinfer.kernels.ring_attention import zigzag_order
 
 
 def test_ring_attention_equals_unsharded_attention():

@@ -22,15 +22,15 @@ import grpc
 import numpy as np
 import pytest
 
-from jinfer.engine import Engine
-from jinfer.engine_config import EngineConfig
-from jinfer.llm import LLM
-from jinfer.sampling_params import SamplingParams
-from serve.app import ServeOptions
-from serve.background import BackgroundServer
-from serve.client import AsyncJinferClient, JinferClient
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
-from tests.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.engine.engine import Engine
+from jinfer.engine.config import EngineConfig
+from jinfer.entrypoints.llm import LLM
+from jinfer.inputs import SamplingParams
+from jinfer.serve.app import ServeOptions
+from jinfer.serve.background import BackgroundServer
+from jinfer.serve.client import AsyncJinferClient, JinferClient
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 CONTEXT = TINY.max_position_embeddings  # 256
 MAX_WAITING = 72
@@ -79,7 +79,7 @@ CHAT_KW = dict(max_tokens=12, temperature=0.8, seed=7, ignore_eos=True)  # expec
 
 def chat_tokenizer():
     """The tiny word-level tokenizer with a chat template of tiny words."""
-    from jinfer.tokenizer import Tokenizer
+    from jinfer.text.tokenizer import Tokenizer
 
     return Tokenizer(tiny_tokenizer().backend, chat_template=CHAT_TEMPLATE)
 
@@ -255,7 +255,7 @@ def test_a_data_parallel_engine_behind_the_server(expected):
     over both replicas, and the pool gauges add the replicas up."""
     import jax
 
-    from jinfer.data_parallel import DataParallelEngine
+    from jinfer.runtime.data_parallel import DataParallelEngine
 
     cfg = EngineConfig(max_slots=8, page_size=4, num_pages=512, token_buckets=(8, 32), max_prefill_chunk=16,
                        max_waiting=MAX_WAITING, data_parallel=2)
@@ -340,7 +340,7 @@ def test_ending_a_stream_early_returns_every_page(server, engine, how):
 
 
 def test_a_cancel_frees_slot_and_pages_before_the_next_engine_step(server, engine):
-    from serve.engine_thread import Submission
+    from jinfer.serve.engine_thread import Submission
 
     et = server.app.engine_thread
     chunks = []
@@ -617,7 +617,7 @@ def test_an_engine_failure_fails_the_calls_and_the_health(engine):
 
 
 def test_a_server_bug_mid_stream_gives_internal_and_frees_the_request(server, engine, monkeypatch):
-    from serve import convert
+    from jinfer.serve import convert
 
     real, sent = convert.response, []
 

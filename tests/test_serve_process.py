@@ -18,8 +18,8 @@ from pathlib import Path
 import grpc
 import pytest
 
-from serve.client import JinferClient
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.serve.client import JinferClient
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 ENGINE_FLAGS = ["--max-slots", "4", "--page-size", "4", "--num-pages", "256", "--token-buckets", "8,32",
@@ -32,7 +32,7 @@ class ServerProcess:
     def __init__(self, *flags: str):
         env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "serve.main", "--model", "tiny-random", "--host", "127.0.0.1", "--port", "0",
+            [sys.executable, "-m", "jinfer.serve.main", "--model", "tiny-random", "--host", "127.0.0.1", "--port", "0",
              "--no-compile-cache", *ENGINE_FLAGS, *flags],
             cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
         self.lines: queue.Queue[str] = queue.Queue()
@@ -105,7 +105,7 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits_cleanly(server_process
         srv.wait_event("serving")
 
         # `jinfer client` streams to the terminal.
-        res = subprocess.run([sys.executable, "-m", "jinfer.cli", "client", "w1 w2 w3", "--target", f"127.0.0.1:{port}",
+        res = subprocess.run([sys.executable, "-m", "jinfer.entrypoints.cli", "client", "w1 w2 w3", "--target", f"127.0.0.1:{port}",
                               "--max-tokens", "6", "--temperature", "0"], cwd=ROOT, capture_output=True, text=True,
                              timeout=120)
         assert res.returncode == 0, res.stderr
@@ -142,6 +142,6 @@ def test_sigterm_lets_in_flight_streams_finish_then_exits_cleanly(server_process
 
 
 def test_bad_flags_fail_fast_with_the_flag_named():
-    res = subprocess.run([sys.executable, "-m", "serve.main", "--model", "tiny-random", "--tls-cert", "x.pem"],
+    res = subprocess.run([sys.executable, "-m", "jinfer.serve.main", "--model", "tiny-random", "--tls-cert", "x.pem"],
                          cwd=ROOT, capture_output=True, text=True, timeout=60)
     assert res.returncode == 2 and "--tls-cert and --tls-key go together" in res.stderr

@@ -4,6 +4,7 @@ SamplingParams field crosses the wire unchanged, and client requests are built a
 from __future__ import annotations
 
 import dataclasses
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -11,20 +12,23 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from jinfer.sampling_params import SamplingParams
-from serve import convert
-from serve.client import build_request
-from serve.proto.jinfer.v1 import jinfer_pb2 as pb
+from jinfer.inputs import SamplingParams
+from jinfer.serve import convert
+from jinfer.serve.client import build_request
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[1]
 PROTO = "serve/proto/jinfer/v1/jinfer.proto"
+INSTALLED = "jinfer/serve/proto/jinfer/v1/jinfer.proto"  # its path under the installed name, as generate.sh compiles it
 
 
 def test_generated_code_matches_the_proto(tmp_path):
     pytest.importorskip("grpc_tools")
+    (tmp_path / INSTALLED).parent.mkdir(parents=True)
+    shutil.copy(ROOT / PROTO, tmp_path / INSTALLED)
     out = tmp_path / "descriptor.pb"
-    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--descriptor_set_out={out}", PROTO],
-                         cwd=ROOT, capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-m", "grpc_tools.protoc", "-I", ".", f"--descriptor_set_out={out}",
+                          INSTALLED], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
     for message in fresh.message_type:  # json_name is protoc's annotation; the Python gencode leaves it out
@@ -68,7 +72,7 @@ def test_build_request():
 def test_chat_without_a_template_is_refused_naming_the_field():
     import types
 
-    from tests.tiny import tiny_tokenizer
+    from jinfer.testing.tiny import tiny_tokenizer
 
     engine = types.SimpleNamespace(tokenizer=tiny_tokenizer())
     chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="w1")])

@@ -14,7 +14,7 @@ import pytest
 from jax.sharding import Mesh
 from jax.sharding import PartitionSpec as P
 
-from jinfer import sharding
+from jinfer.runtime import sharding
 
 
 class FakeMesh:

@@ -13,8 +13,8 @@ import unicodedata
 import numpy as np
 import pytest
 
-from jinfer.detokenizer import IncrementalDetokenizer
-from jinfer.tokenizer import Tokenizer
+from jinfer.text.detokenizer import IncrementalDetokenizer
+from jinfer.text.tokenizer import Tokenizer
 
 HARD = [
     "",

@@ -23,7 +23,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
 
 Params = dict

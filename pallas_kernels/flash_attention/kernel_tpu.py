@@ -19,7 +19,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
-from pallas_kernels.flash_attention.validate import check_inputs
+from jinfer.kernels.flash_attention.validate import check_inputs
 
 NEG_INF = float("-inf")
 

@@ -10,10 +10,10 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.flash_attention import kernel_hopper, kernel_tpu
-from pallas_kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
-from pallas_kernels.flash_attention.tuning import hopper_block_sizes, is_hopper
-from pallas_kernels.flash_attention.validate import check_inputs
+from jinfer.kernels.flash_attention import kernel_hopper, kernel_tpu
+from jinfer.kernels.flash_attention.kernel import BlockSizes, flash_attention_pallas
+from jinfer.kernels.flash_attention.tuning import hopper_block_sizes, is_hopper
+from jinfer.kernels.flash_attention.validate import check_inputs
 
 
 def default_block_sizes(head_dim: int, group: int) -> BlockSizes:

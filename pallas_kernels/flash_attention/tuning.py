@@ -7,7 +7,7 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.flash_attention.kernel_hopper import HopperBlockSizes
+from jinfer.kernels.flash_attention.kernel_hopper import HopperBlockSizes
 
 
 def is_hopper(device=None) -> bool:

@@ -2,8 +2,8 @@
 `ragged_paged_attention` (Pallas kernel for the platform) with its host-side layout `query_blocks`, and
 `ragged_paged_attention_reference` (jnp)."""
 
-from pallas_kernels.paged_attention.kernel import query_blocks
-from pallas_kernels.paged_attention.ops import ragged_paged_attention
-from pallas_kernels.paged_attention.reference import ragged_paged_attention_reference
+from jinfer.kernels.paged_attention.kernel import query_blocks
+from jinfer.kernels.paged_attention.ops import ragged_paged_attention
+from jinfer.kernels.paged_attention.reference import ragged_paged_attention_reference
 
 __all__ = ["query_blocks", "ragged_paged_attention", "ragged_paged_attention_reference"]

@@ -22,8 +22,8 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from pallas_kernels.paged_attention.combine import combine_splits
-from pallas_kernels.paged_attention.validate import check_inputs
+from jinfer.kernels.paged_attention.combine import combine_splits
+from jinfer.kernels.paged_attention.validate import check_inputs
 
 NEG_INF = float("-inf")
 

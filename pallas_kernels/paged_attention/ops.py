@@ -9,8 +9,8 @@ from __future__ import annotations
 
 import jax
 
-from pallas_kernels.paged_attention.kernel import BlockSizes, ragged_paged_attention_blocks
-from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes, ragged_paged_attention_tpu
+from jinfer.kernels.paged_attention.kernel import BlockSizes, ragged_paged_attention_blocks
+from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes, ragged_paged_attention_tpu
 
 
 def ragged_paged_attention(

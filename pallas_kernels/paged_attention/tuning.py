@@ -8,8 +8,8 @@ from __future__ import annotations
 
 import numpy as np
 
-from pallas_kernels.paged_attention.kernel import BlockSizes
-from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
+from jinfer.kernels.paged_attention.kernel import BlockSizes
+from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 
 
 def gpu_block_sizes(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int) -> tuple[BlockSizes, BlockSizes]:

@@ -17,7 +17,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec as Ps
 
-from pallas_kernels.flash_attention import flash_attention
+from jinfer.kernels.flash_attention import flash_attention
 
 
 def zigzag_order(seq_len: int, n_devices: int) -> np.ndarray:

@@ -3,9 +3,9 @@
 import grpc
 import warnings
 
-from serve.proto.jinfer.v1 import jinfer_pb2 as serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2
+from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2
 
-GRPC_GENERATED_VERSION = '1.84.0'
+GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
 _version_not_supported = False
 
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in serve/proto/jinfer/v1/jinfer_pb2_grpc.py depends on'
+        + ' but the generated code in jinfer/serve/proto/jinfer/v1/jinfer_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class GenerationStub:
         """
         self.Generate = channel.unary_stream(
                 '/jinfer.v1.Generation/Generate',
-                request_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
+                request_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.GenerateUnary = channel.unary_unary(
                 '/jinfer.v1.Generation/GenerateUnary',
-                request_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
+                request_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
                 _registered_method=True)
         self.Tokenize = channel.unary_unary(
                 '/jinfer.v1.Generation/Tokenize',
-                request_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.FromString,
+                request_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.FromString,
                 _registered_method=True)
         self.Detokenize = channel.unary_unary(
                 '/jinfer.v1.Generation/Detokenize',
-                request_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.FromString,
+                request_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.FromString,
                 _registered_method=True)
         self.GetModelInfo = channel.unary_unary(
                 '/jinfer.v1.Generation/GetModelInfo',
-                request_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.SerializeToString,
-                response_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.FromString,
+                request_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.SerializeToString,
+                response_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.FromString,
                 _registered_method=True)
 
 
@@ -102,28 +102,28 @@ def add_GenerationServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'Generate': grpc.unary_stream_rpc_method_handler(
                     servicer.Generate,
-                    request_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.FromString,
+                    response_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.SerializeToString,
             ),
             'GenerateUnary': grpc.unary_unary_rpc_method_handler(
                     servicer.GenerateUnary,
-                    request_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.SerializeToString,
+                    request_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.FromString,
+                    response_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.SerializeToString,
             ),
             'Tokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Tokenize,
-                    request_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.SerializeToString,
+                    request_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.FromString,
+                    response_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.SerializeToString,
             ),
             'Detokenize': grpc.unary_unary_rpc_method_handler(
                     servicer.Detokenize,
-                    request_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.SerializeToString,
+                    request_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.FromString,
+                    response_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.SerializeToString,
             ),
             'GetModelInfo': grpc.unary_unary_rpc_method_handler(
                     servicer.GetModelInfo,
-                    request_deserializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.FromString,
-                    response_serializer=serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.SerializeToString,
+                    request_deserializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.FromString,
+                    response_serializer=jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -151,8 +151,8 @@ class Generation:
             request,
             target,
             '/jinfer.v1.Generation/Generate',
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -178,8 +178,8 @@ class Generation:
             request,
             target,
             '/jinfer.v1.Generation/GenerateUnary',
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateRequest.SerializeToString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GenerateResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -205,8 +205,8 @@ class Generation:
             request,
             target,
             '/jinfer.v1.Generation/Tokenize',
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.SerializeToString,
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.FromString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeRequest.SerializeToString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.TokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -232,8 +232,8 @@ class Generation:
             request,
             target,
             '/jinfer.v1.Generation/Detokenize',
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.SerializeToString,
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.FromString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeRequest.SerializeToString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.DetokenizeResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -259,8 +259,8 @@ class Generation:
             request,
             target,
             '/jinfer.v1.Generation/GetModelInfo',
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.SerializeToString,
-            serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.FromString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.GetModelInfoRequest.SerializeToString,
+            jinfer_dot_serve_dot_proto_dot_jinfer_dot_v1_dot_jinfer__pb2.ModelInfo.FromString,
             options,
             channel_credentials,
             insecure,

@@ -31,7 +31,7 @@ def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads
 
 def make_paged_attention(width: int, backend):
     """The `attention` callable of `llama.forward` for one compiled step shape (`width`: the most
-    queries one slot has in the step; see jinfer.attention_backend)."""
+    queries one slot has in the step; see jinfer.attention.backends)."""
 
     def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
         ps = k_pages.shape[3]

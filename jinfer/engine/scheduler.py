@@ -26,12 +26,12 @@ from typing import Sequence
 
 import numpy as np
 
-from jinfer.engine_config import EngineConfig
-from jinfer.kv_pages import PageAllocator
-from jinfer.prefix_cache import PrefixCache
-from jinfer.request import Request, Status
-from jinfer.sampling_params import SamplingParams
-from jinfer.step_plan import Scheduled, StepPlan
+from jinfer.engine.config import EngineConfig
+from jinfer.engine.kv_pages import PageAllocator
+from jinfer.engine.prefix_cache import PrefixCache
+from jinfer.engine.request import Request, Status
+from jinfer.inputs import SamplingParams
+from jinfer.engine.step_plan import Scheduled, StepPlan
 
 
 class QueueFull(RuntimeError):

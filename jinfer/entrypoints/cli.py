@@ -9,20 +9,20 @@ import sys
 
 def _enable_compile_cache() -> None:
     """XLA's persistent compilation cache, so a second start skips compiling the same step functions."""
-    from jinfer.xla_flags import apply_gpu_flags
+    from jinfer.runtime.xla_flags import apply_gpu_flags
 
     apply_gpu_flags()
     import jax
 
-    from checkpoints.registry import cache_dir
+    from jinfer.checkpoints.registry import cache_dir
 
     jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
 
 
 def cmd_generate(args) -> int:
-    from jinfer.llm import LLM
-    from jinfer.sampling_params import SamplingParams
+    from jinfer.entrypoints.llm import LLM
+    from jinfer.inputs import SamplingParams
 
     _enable_compile_cache()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
@@ -44,10 +44,10 @@ def cmd_generate(args) -> int:
 def cmd_batch(args) -> int:
     import jax
 
-    from jinfer import distributed
-    from jinfer.batch import merge_host_outputs, run_batch
-    from jinfer.engine_config import EngineConfig
-    from jinfer.llm import LLM
+    from jinfer.runtime import distributed
+    from jinfer.entrypoints.batch import merge_host_outputs, run_batch
+    from jinfer.engine.config import EngineConfig
+    from jinfer.entrypoints.llm import LLM
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _enable_compile_cache()
@@ -67,7 +67,7 @@ def cmd_batch(args) -> int:
 
 
 def cmd_convert(args) -> int:
-    from checkpoints.convert import convert
+    from jinfer.checkpoints.convert import convert
 
     out = convert(args.src, args.dst, overwrite=args.force)
     print(f"wrote {out}")
@@ -75,20 +75,20 @@ def cmd_convert(args) -> int:
 
 
 def cmd_pull(args) -> int:
-    from checkpoints.pull import pull
+    from jinfer.checkpoints.pull import pull
 
     print(pull(args.name, force=args.force))
     return 0
 
 
 def cmd_serve(args) -> int:
-    from serve.main import run
+    from jinfer.serve.main import run
 
     return run(args)
 
 
 def cmd_client(args) -> int:
-    from serve.client_cli import run
+    from jinfer.serve.client_cli import run
 
     return run(args)
 
@@ -135,8 +135,8 @@ def build_parser() -> argparse.ArgumentParser:
     pl.add_argument("--force", action="store_true", help="convert again even if cached")
     pl.set_defaults(fn=cmd_pull)
 
-    from serve import client_cli
-    from serve import main as serve_main
+    from jinfer.serve import client_cli
+    from jinfer.serve import main as serve_main
 
     sv = sub.add_parser("serve", help="serve a model over gRPC (warm-up, then serve; SIGTERM drains)")
     serve_main.add_arguments(sv)
@@ -150,8 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    from checkpoints.errors import CheckpointError
-    from jinfer.config import ConfigError
+    from jinfer.checkpoints.errors import CheckpointError
+    from jinfer.models.config import ConfigError
 
     try:
         return args.fn(args)

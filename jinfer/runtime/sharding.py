@@ -17,7 +17,7 @@ import numpy as np
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 
 MESH_AXES = ("data", "model", "seq")
 
@@ -55,7 +55,7 @@ def partition_spec(axes: tuple[str, ...], shape: tuple[int, ...], mesh: Mesh) ->
     spec = []
     for name, size in zip(axes, shape):
         if name not in RULES:
-            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to jinfer.sharding.RULES")
+            raise KeyError(f"logical axis {name!r} has no sharding rule; add it to jinfer.runtime.sharding.RULES")
         mesh_axis = RULES[name]
         if mesh_axis is not None and (mesh.shape[mesh_axis] == 1 or size % mesh.shape[mesh_axis]):
             mesh_axis = None  # nothing to split, or it does not split evenly: replicate

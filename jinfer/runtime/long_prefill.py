@@ -6,7 +6,7 @@ model function as always; only the attention callable differs: each layer's atte
 `pallas_kernels.ring_attention` (K/V blocks passed around the ring while the flash kernel works on the
 current block). `ring_prefill` returns the logits of every position and every layer's K/V, both in natural
 order; `ring_prefill_kv` returns the K/V alone (no [T, V] logits), which is what the engine takes:
-`jinfer.long_prompt.RingPrefill` hands them to `Engine.add_request`, which writes them into the request's
+`jinfer.runtime.long_prompt.RingPrefill` hands them to `Engine.add_request`, which writes them into the request's
 KV pages so that decoding continues there.
 """
 
@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 from jinfer.models import llama
-from pallas_kernels.ring_attention import ring_attention, zigzag_order
+from jinfer.kernels.ring_attention import ring_attention, zigzag_order
 
 
 def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
-from jinfer.sampling import sample, step_keys
-from jinfer.sampling_params import SamplingParams
+from jinfer.runtime.sampler import sample, step_keys
+from jinfer.inputs import SamplingParams
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:

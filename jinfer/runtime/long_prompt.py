@@ -20,8 +20,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.config import ModelConfig
-from jinfer.long_prefill import ring_prefill_kv
+from jinfer.models.config import ModelConfig
+from jinfer.runtime.long_prefill import ring_prefill_kv
 
 
 class RingPrefill:

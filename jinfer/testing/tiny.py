@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import jax
 
-from jinfer.config import ModelConfig
+from jinfer.models.config import ModelConfig
 from jinfer.models import llama
 
 TINY = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
@@ -24,7 +24,7 @@ def tiny_tokenizer(vocab_size: int = TINY.vocab_size):
     from tokenizers import Tokenizer as HFTokenizer
     from tokenizers import decoders, models, pre_tokenizers
 
-    from jinfer.tokenizer import Tokenizer
+    from jinfer.text.tokenizer import Tokenizer
 
     vocab = {f"w{i}": i for i in range(vocab_size)}
     hf = HFTokenizer(models.WordLevel(vocab, unk_token="w0"))

@@ -20,12 +20,12 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.config import ModelConfig
-from jinfer.engine_config import EngineConfig
+from jinfer.models.config import ModelConfig
+from jinfer.engine.config import EngineConfig
 from jinfer.models import llama
-from jinfer.models.paged_cache import PagedMeta, make_paged_attention, paged_kv_cache
-from jinfer.sampling import apply_penalties, sample, step_keys
-from jinfer.step_plan import StepPlan
+from jinfer.attention.paged_cache import PagedMeta, make_paged_attention, paged_kv_cache
+from jinfer.runtime.sampler import apply_penalties, sample, step_keys
+from jinfer.engine.step_plan import StepPlan
 
 
 @dataclasses.dataclass
@@ -66,9 +66,9 @@ def _import_impl(kv, output_counts, prompt_mask, k, v, page, offset, slot, token
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
                  max_pages_per_seq: int, attention_backend=None, devices=None):
-        from jinfer.attention_backend import default_backend
+        from jinfer.attention.backends import default_backend
 
-        from jinfer import sharding
+        from jinfer.runtime import sharding
 
         self.model_config = model_config
         self.config = engine_config
@@ -210,7 +210,7 @@ class Runner:
         if self.mesh is None:
             target = self.kv[0].sharding
         else:
-            from jinfer import sharding
+            from jinfer.runtime import sharding
 
             target = sharding.kv_import_sharding(want, self.mesh)
         k, v = jax.device_put((k, v), target)

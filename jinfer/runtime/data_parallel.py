@@ -15,10 +15,10 @@ from typing import Sequence
 
 import jax
 
-from jinfer.config import ModelConfig
-from jinfer.engine import Engine, EngineLoad, StepEvent
-from jinfer.engine_config import EngineConfig
-from jinfer.sampling_params import SamplingParams
+from jinfer.models.config import ModelConfig
+from jinfer.engine.engine import Engine, EngineLoad, StepEvent
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
 
 
 class DataParallelEngine:

@@ -24,8 +24,8 @@ class EngineConfig:
     max_waiting: int = 4096  # requests queued before new ones are refused
     dtype: str = "float32"
     max_logprobs: int = 5  # top-n logprobs a request may ask for (a static width of the sampler)
-    tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.sharding); 1: one device
-    data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.data_parallel)
+    tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.runtime.sharding); 1: one device
+    data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.runtime.data_parallel)
 
     def __post_init__(self):
         for name in ("max_slots", "page_size", "max_prefill_chunk", "max_waiting", "cpu_default_pages",

@@ -14,7 +14,7 @@ import collections
 import dataclasses
 from typing import Sequence
 
-from jinfer.kv_pages import PageAllocator
+from jinfer.engine.kv_pages import PageAllocator
 
 ROOT = 0
 

@@ -1,6 +1,6 @@
 """`LLM`: the notebook API. Loads a model once, then `generate`, `stream` and `chat` over it.
 
-Requests run through the continuous-batching engine (`jinfer.engine`); `jinfer.reference` keeps the
+Requests run through the continuous-batching engine (`jinfer.engine.engine`); `jinfer.runtime.reference` keeps the
 simple dense-cache loop as the oracle the engine is tested against.
 """
 
@@ -13,8 +13,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.outputs import RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.engine.outputs import RequestOutput
+from jinfer.inputs import SamplingParams
 
 Prompt = Union[str, Sequence[int]]
 
@@ -38,9 +38,9 @@ class LLM:
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True):
-        from checkpoints.load import LoadedModel, load
-        from jinfer.data_parallel import make_engine
-        from jinfer.engine_config import EngineConfig
+        from jinfer.checkpoints.load import LoadedModel, load
+        from jinfer.runtime.data_parallel import make_engine
+        from jinfer.engine.config import EngineConfig
 
         self.dtype = resolve_dtype(dtype)
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))

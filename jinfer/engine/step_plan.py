@@ -11,7 +11,7 @@ import dataclasses
 
 import numpy as np
 
-from jinfer.request import Request
+from jinfer.engine.request import Request
 
 
 @dataclasses.dataclass(frozen=True)

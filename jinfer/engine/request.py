@@ -6,7 +6,7 @@ import dataclasses
 import enum
 import time
 
-from jinfer.sampling_params import SamplingParams
+from jinfer.inputs import SamplingParams
 
 
 class Status(enum.Enum):

@@ -6,7 +6,7 @@ detokenizes step N), updates the scheduler, and returns one `StepEvent` per requ
 Stop strings are matched here, on detokenized text; everything token-level lives in the scheduler.
 
 A request may bring a `prefill`: a callable that computes the K/V of all its prompt tokens but the last
-outside the engine's steps (`jinfer.long_prompt.RingPrefill`: ring attention over a mesh, for prompts too
+outside the engine's steps (`jinfer.runtime.long_prompt.RingPrefill`: ring attention over a mesh, for prompts too
 long for one device). The engine keeps those K/V until the scheduler admits the request, writes them into
 its pages, and the request continues as any other (its first step computes the last prompt token).
 """
@@ -21,18 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.config import ModelConfig
-from jinfer.engine_config import EngineConfig
-from jinfer.outputs import RequestMetrics, RequestOutput, TokenLogprobs
-from jinfer.request import Request
-from jinfer.runner import Runner
-from jinfer.sampling_params import SamplingParams
-from jinfer.scheduler import Scheduler
-from jinfer.stop_strings import StopStringMatcher
+from jinfer.models.config import ModelConfig
+from jinfer.engine.config import EngineConfig
+from jinfer.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from jinfer.engine.request import Request
+from jinfer.runtime.runner import Runner
+from jinfer.inputs import SamplingParams
+from jinfer.engine.scheduler import Scheduler
+from jinfer.engine.stop_strings import StopStringMatcher
 
 
 # Computes the K/V of a prompt prefix outside the engine's steps: n token ids -> (k, v), each [L, n, K, H]
-# in natural order, on any devices (jinfer.long_prompt.RingPrefill is one).
+# in natural order, on any devices (jinfer.runtime.long_prompt.RingPrefill is one).
 # n prompt token ids -> (k, v), each [L, m, K, H] with m >= n: rows past n are padding (a bucket, so that
 # the callable and the runner's import compile per bucket, not per prompt length)
 PrefixPrefill = Callable[[list[int]], tuple[jax.Array, jax.Array]]
@@ -170,7 +170,7 @@ class Engine:
                             metrics=RequestMetrics(arrival_time=req.arrival_time))
         detok = None
         if self.tokenizer is not None:
-            from jinfer.detokenizer import IncrementalDetokenizer
+            from jinfer.text.detokenizer import IncrementalDetokenizer
 
             detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
         self._streams[request_id] = _Stream(detok, StopStringMatcher(sampling.stop), out)

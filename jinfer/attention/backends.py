@@ -14,12 +14,12 @@ import dataclasses
 
 import jax
 
-from pallas_kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
+from jinfer.kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
                                                     ragged_paged_attention_blocked_qblocks)
-from pallas_kernels.paged_attention.kernel import BlockSizes, query_blocks
-from pallas_kernels.paged_attention.kernel_tpu import TPUBlockSizes
-from pallas_kernels.paged_attention.ops import ragged_paged_attention
-from pallas_kernels.paged_attention.tuning import gpu_block_sizes, tpu_block_sizes
+from jinfer.kernels.paged_attention.kernel import BlockSizes, query_blocks
+from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
+from jinfer.kernels.paged_attention.ops import ragged_paged_attention
+from jinfer.kernels.paged_attention.tuning import gpu_block_sizes, tpu_block_sizes
 
 
 @dataclasses.dataclass(frozen=True)

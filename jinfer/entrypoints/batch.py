@@ -15,8 +15,8 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from jinfer.outputs import RequestOutput
-from jinfer.sampling_params import SamplingParams
+from jinfer.engine.outputs import RequestOutput
+from jinfer.inputs import SamplingParams
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
 RECORD_FIELDS = ("id", "prompt", "messages")
