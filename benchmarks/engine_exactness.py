@@ -27,6 +27,7 @@ def main():
     from benchmarks.model_shapes import SHAPES
     from jinfer.runtime import reference
     from jinfer.engine.engine import Engine
+    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
     from jinfer.inputs import SamplingParams
@@ -42,7 +43,7 @@ def main():
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)
     ec = EngineConfig(max_slots=8, page_size=16, num_pages=args.pages, max_model_len=512, token_buckets=(16, 64, 256),
                       max_prefill_chunk=64, dtype=args.dtype)
-    eng = Engine(config, params, None, ec, seed=0)
+    eng = build_engine(config, params, None, ec, seed=0)
     eng.warmup()
     rng = np.random.default_rng(0)
     shared = list(map(int, rng.integers(0, config.vocab_size, 100)))

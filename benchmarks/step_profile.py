@@ -25,6 +25,7 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own de
 def main():
     from benchmarks.model_shapes import SHAPES
     from jinfer.engine.engine import Engine
+    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
     from jinfer.inputs import SamplingParams
@@ -40,7 +41,7 @@ def main():
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
     ec = EngineConfig(max_slots=args.slots, page_size=16, max_model_len=1024, token_buckets=(max(args.slots, args.min_bucket), 128),
                       max_prefill_chunk=128, dtype=args.dtype, enable_prefix_caching=False)
-    eng = Engine(config, params, None, ec)
+    eng = build_engine(config, params, None, ec)
     eng.warmup()
     for _ in range(args.slots):
         eng.add_request(list(range(100)), SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))

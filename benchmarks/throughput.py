@@ -34,7 +34,7 @@ def percentiles(xs, ps=(50, 90, 99)):
 
 
 def run_engine(config, params, tokenizer, args, prompts):
-    from jinfer.engine.engine import Engine
+    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
 
@@ -43,7 +43,7 @@ def run_engine(config, params, tokenizer, args, prompts):
                       max_model_len=1 << (max_len - 1).bit_length(), token_buckets=tuple(args.buckets),
                       max_prefill_chunk=args.chunk, dtype=args.dtype, enable_prefix_caching=False,
                       tensor_parallel=args.tensor_parallel)
-    eng = Engine(config, params, tokenizer, ec, seed=0)
+    eng = build_engine(config, params, tokenizer, ec, seed=0)
     t = time.perf_counter()
     eng.warmup()
     print(f"warm-up: {len(eng.runner.all_shapes())} step shapes compiled in {time.perf_counter() - t:.1f}s; "

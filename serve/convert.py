@@ -1,8 +1,10 @@
-"""Messages in and out: jinfer.v1 protos <-> prompt ids, SamplingParams, engine chunks and model info.
+"""Messages in and out: jinfer.v1 protos <-> checked requests (jinfer.inputs), engine chunks and model info.
 
-Everything here is a pure function of a message and the engine's immutable parts (tokenizer, model and
-engine configs), so it runs on the event loop. A bad request raises ValueError whose message starts with
-the proto field path (`sampling.top_p=1.5 must be in (0, 1]`); the servicer turns it into INVALID_ARGUMENT.
+Requests are checked by the engine's InputChecker (the edge: one place for every prompt form and sampling
+field); this module only maps proto fields onto it, so a bad request raises ValueError whose message starts
+with the proto field path (`sampling.top_p=1.5 must be in (0, 1]`, `chat.messages[0].role is empty`); the
+servicer turns it into INVALID_ARGUMENT. Everything here is a pure function of a message and the engine's
+immutable parts; tokenizing may be slow on long text, so the servicer runs it off the event loop.
 """
 
 from __future__ import annotations
@@ -10,89 +12,60 @@ from __future__ import annotations
 import dataclasses
 
 from jinfer.engine.engine import Engine
-from jinfer.inputs import SamplingParams
+from jinfer.inputs import CheckedRequest, InputChecker, Prompt, check_request_id
 from jinfer.serve.engine_thread import Chunk
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
-MAX_REQUEST_ID_CHARS = 256  # it is echoed in every response and written to the log
-
 _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
            "cancelled": pb.FINISH_REASON_CANCELLED}
-_OPTIONAL_SAMPLING = ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                      "presence_penalty", "frequency_penalty", "seed", "logprobs")
 
 
 # ---- requests ------------------------------------------------------------------------------------
 
-def check_request_id(request_id: str) -> str:
-    if len(request_id) > MAX_REQUEST_ID_CHARS:
-        raise ValueError(f"request_id has {len(request_id)} characters; at most {MAX_REQUEST_ID_CHARS}")
-    if not request_id.isprintable():
-        raise ValueError(f"request_id={request_id!r} has unprintable characters")
-    return request_id
+def sampling_fields(msg: pb.SamplingParams) -> dict:
+    """The fields the client set (unset ones take SamplingParams' defaults), as SamplingParams keywords.
+    Not json_format.MessageToDict: it writes int64 (seed) as a string and inf as "Infinity"."""
+    return {f.name: tuple(v) if f.is_repeated else v for f, v in msg.ListFields()}
 
 
-def sampling_params(msg: pb.SamplingParams, max_logprobs: int) -> SamplingParams:
-    kw = {name: getattr(msg, name) for name in _OPTIONAL_SAMPLING if msg.HasField(name)}
-    try:
-        sp = SamplingParams(**kw, stop=tuple(msg.stop), stop_token_ids=tuple(msg.stop_token_ids),
-                            ignore_eos=msg.ignore_eos)
-    except ValueError as e:
-        raise ValueError(f"sampling.{e}") from None
-    if sp.logprobs is not None and sp.logprobs > max_logprobs:
-        raise ValueError(f"sampling.logprobs={sp.logprobs} exceeds the server's max_logprobs={max_logprobs}")
-    return sp
+def chat_prompt(inputs: InputChecker, msg: pb.Chat, field: str) -> Prompt:
+    return inputs.chat([{"role": m.role, "content": m.content} for m in msg.messages], f"{field}.messages")
 
 
-def chat_messages(msg: pb.Chat, field: str) -> list[dict]:
-    if not msg.messages:
-        raise ValueError(f"{field}.messages is empty")
-    out = []
-    for i, m in enumerate(msg.messages):
-        if not m.role:
-            raise ValueError(f"{field}.messages[{i}].role is empty")
-        out.append({"role": m.role, "content": m.content})
-    return out
-
-
-def render_chat(engine: Engine, msg: pb.Chat, field: str) -> tuple[str, list[int]]:
-    """The rendered template and its ids; the template writes its own BOS (as LLM.chat_prompt)."""
-    tok = engine.tokenizer
-    if tok is None:
-        raise ValueError(f"{field}: this server's model has no tokenizer; send token_ids")
-    messages = chat_messages(msg, field)
-    if not getattr(tok, "chat_template", None):
-        raise ValueError(f"{field}: this server's model has no chat template; send text or token_ids")
-    try:
-        text = tok.apply_chat_template(messages, add_generation_prompt=True)
-    except Exception as e:  # noqa: BLE001 - a template may reject the messages in any way (jinja raise_exception)
-        raise ValueError(f"{field}: the chat template refused the messages: {e}") from None
-    return text, tok.encode(text, add_special_tokens=False)
-
-
-def prompt_ids(engine: Engine, req: pb.GenerateRequest) -> list[int]:
-    """Token ids of the request's prompt, checked against the vocabulary and the context length."""
+def request(inputs: InputChecker, req: pb.GenerateRequest) -> CheckedRequest:
+    """The request's prompt (tokenized or rendered here) and sampling, checked against the engine."""
+    check_request_id(req.request_id)
     kind = req.WhichOneof("prompt")
     if kind is None:
         raise ValueError("prompt is not set: give one of text, token_ids or chat")
     if kind == "text":
-        if engine.tokenizer is None:
-            raise ValueError("text: this server's model has no tokenizer; send token_ids")
-        _, ids = engine.encode_prompt(req.text, field="text")
+        prompt = inputs.prompt(req.text, field="text")
     elif kind == "token_ids":
-        _, ids = engine.encode_prompt(list(req.token_ids.ids), field="token_ids.ids")
+        prompt = inputs.prompt(list(req.token_ids.ids), field="token_ids.ids")
     else:
-        _, ids = render_chat(engine, req.chat, "chat")
-        _, ids = engine.encode_prompt(ids, field="chat (rendered)")
-    return ids
+        prompt = chat_prompt(inputs, req.chat, "chat")
+    return inputs.request(prompt, sampling_fields(req.sampling), field=kind, sampling_field="sampling")
 
 
-def token_ids_in_vocab(ids, vocab_size: int, field: str) -> list[int]:
-    ids = list(ids)
-    for j, t in enumerate(ids):
-        if not 0 <= t < vocab_size:
-            raise ValueError(f"{field}[{j}]={t} is not a token id in the vocabulary [0, {vocab_size})")
-    return ids
+def tokenize(inputs: InputChecker, req: pb.TokenizeRequest) -> pb.TokenizeResponse:
+    kind = req.WhichOneof("input")
+    if kind is None:
+        raise ValueError("input is not set: give text or chat")
+    if kind == "chat":
+        text, ids = inputs.render_chat([{"role": m.role, "content": m.content} for m in req.chat.messages],
+                                       "chat.messages")
+        return pb.TokenizeResponse(token_ids=ids, text=text)
+    if inputs.tokenizer is None:
+        raise ValueError("text: this model has no tokenizer; send token ids")
+    add = req.add_special_tokens if req.HasField("add_special_tokens") else True
+    return pb.TokenizeResponse(token_ids=inputs.tokenizer.encode(req.text, add_special_tokens=add), text=req.text)
+
+
+def detokenize(inputs: InputChecker, req: pb.DetokenizeRequest) -> pb.DetokenizeResponse:
+    if inputs.tokenizer is None:
+        raise ValueError("token_ids: this model has no tokenizer")
+    ids = inputs.token_ids(req.token_ids, "token_ids")
+    return pb.DetokenizeResponse(text=inputs.tokenizer.decode(ids, skip_special_tokens=not req.keep_special_tokens))
 
 
 # ---- responses -----------------------------------------------------------------------------------

@@ -79,7 +79,7 @@ def engine_config(args, dtype: str):
 
 def build_engine(args):
     """An Engine, or a DataParallelEngine with --data-parallel > 1 (the server needs only their common API)."""
-    from jinfer.runtime.data_parallel import make_engine
+    from jinfer.runtime.build import make_engine
 
     cfg = engine_config(args, args.dtype)
     if args.model == TINY_RANDOM:

@@ -20,6 +20,7 @@ import numpy as np  # noqa: E402
 
 from jinfer.runtime import reference, sharding  # noqa: E402
 from jinfer.engine.engine import Engine  # noqa: E402
+from jinfer.runtime.build import build_engine  # noqa: E402
 from jinfer.engine.config import EngineConfig  # noqa: E402
 from jinfer.runtime.long_prompt import RingPrefill  # noqa: E402
 from jinfer.inputs import SamplingParams  # noqa: E402
@@ -38,7 +39,7 @@ def engine(params, **kw) -> Engine:
     cfg = dict(max_slots=4, page_size=8, num_pages=48, token_buckets=(8, 32), max_prefill_chunk=16, max_model_len=128)
     devices = kw.pop("devices", None)
     cfg.update(kw)
-    eng = Engine(CONFIG, params, None, EngineConfig(**cfg), seed=0, devices=devices)
+    eng = build_engine(CONFIG, params, None, EngineConfig(**cfg), seed=0, devices=devices)
     eng.warmup()
     return eng
 

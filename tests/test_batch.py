@@ -45,7 +45,7 @@ def good_lines(n: int, seed: int = 0) -> list[dict]:
 
 
 def expected_tokens(llm, params, lines: list[dict]) -> list[list[int]]:
-    prompts = [llm.engine.encode_prompt(line["prompt"])[1] for line in lines]
+    prompts = [list(llm.engine.inputs.prompt(line["prompt"]).ids) for line in lines]
     sps = [SamplingParams(max_tokens=line["max_tokens"], temperature=0, ignore_eos=True) for line in lines]
     return [o.token_ids for o in reference.generate(params, TINY, prompts, sps)]
 

@@ -10,6 +10,7 @@ from hypothesis import strategies as st
 
 from jinfer.runtime import reference
 from jinfer.engine.engine import Engine
+from jinfer.runtime.build import build_engine
 from jinfer.engine.config import EngineConfig
 from jinfer.inputs import SamplingParams
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
@@ -20,7 +21,7 @@ BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a sh
 def make_engine(params, tok, **kw) -> Engine:
     cfg = dict(max_slots=4, page_size=4, num_pages=28, token_buckets=(8, 32), max_prefill_chunk=16)
     cfg.update(kw)
-    eng = Engine(TINY, params, tok, EngineConfig(**cfg), seed=0)
+    eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0)
     eng.warmup()
     return eng
 
@@ -202,7 +203,7 @@ def _pallas_tpu_backend():
 @pytest.mark.parametrize("make_backend", [_pallas_gpu_backend, _pallas_tpu_backend], ids=["triton", "mosaic-tpu"])
 def test_exact_with_the_pallas_kernel_in_interpret_mode(params, tok, make_backend):
     backend = make_backend()
-    eng = Engine(TINY, params, tok, EngineConfig(max_slots=4, page_size=4, num_pages=20, token_buckets=(8, 32),
+    eng = build_engine(TINY, params, tok, EngineConfig(max_slots=4, page_size=4, num_pages=20, token_buckets=(8, 32),
                                                  max_prefill_chunk=16), attention_backend=backend)
     eng.warmup()
     rng = np.random.default_rng(21)

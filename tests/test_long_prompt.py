@@ -15,7 +15,7 @@ import pytest
 from jax.sharding import Mesh
 
 from jinfer.runtime import sharding
-from jinfer.engine.engine import Engine
+from jinfer.runtime.build import build_engine
 from jinfer.engine.config import EngineConfig
 from jinfer.runtime.long_prompt import RingPrefill
 from jinfer.inputs import SamplingParams
@@ -43,7 +43,7 @@ def params():
 @pytest.fixture(scope="module")
 def engine(params):
     # Never stepped here, so nothing compiles.
-    return Engine(TINY, params, None, EngineConfig(max_slots=2, page_size=8, num_pages=16,
+    return build_engine(TINY, params, None, EngineConfig(max_slots=2, page_size=8, num_pages=16,
                                                           token_buckets=(8, 32), max_model_len=64))
 
 

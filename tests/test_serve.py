@@ -23,6 +23,7 @@ import numpy as np
 import pytest
 
 from jinfer.engine.engine import Engine
+from jinfer.runtime.build import build_engine
 from jinfer.engine.config import EngineConfig
 from jinfer.entrypoints.llm import LLM
 from jinfer.inputs import SamplingParams
@@ -88,7 +89,7 @@ def chat_tokenizer():
 def engine() -> Engine:
     cfg = EngineConfig(max_slots=8, page_size=4, num_pages=512, token_buckets=(8, 32), max_prefill_chunk=16,
                        max_waiting=MAX_WAITING)
-    eng = Engine(TINY, tiny_params(), chat_tokenizer(), cfg, seed=0)
+    eng = build_engine(TINY, tiny_params(), chat_tokenizer(), cfg, seed=0)
     eng.warmup()
     return eng
 

@@ -12,7 +12,7 @@ from pathlib import Path
 import pytest
 from google.protobuf import descriptor_pb2
 
-from jinfer.inputs import SamplingParams
+from jinfer.inputs import InputChecker, SamplingParams
 from jinfer.serve import convert
 from jinfer.serve.client import build_request
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
@@ -49,11 +49,16 @@ def test_sampling_params_round_trip_every_field():
                           presence_penalty=-0.5, frequency_penalty=1.5, seed=2**32 - 1, stop=("a", "bc"),
                           stop_token_ids=(3, 4), ignore_eos=True, logprobs=2)
     msg = build_request([1, 2], **dataclasses.asdict(want)).sampling
-    assert convert.sampling_params(msg, max_logprobs=5) == want
+    inputs = InputChecker(vocab_size=10, max_model_len=32, max_logprobs=5, usable_pages=8, page_size=4)
+
+    def sampling(m):
+        return inputs.sampling(convert.sampling_fields(m), "sampling")
+
+    assert sampling(msg) == want
     # Unset fields take SamplingParams' defaults; -1 means no top-k cut, as in SamplingParams.
-    assert convert.sampling_params(pb.SamplingParams(), 5) == SamplingParams()
-    assert convert.sampling_params(pb.SamplingParams(top_k=-1), 5) == SamplingParams(top_k=0)
-    assert convert.sampling_params(pb.SamplingParams(temperature=0.0), 5).temperature == 0.0
+    assert sampling(pb.SamplingParams()) == SamplingParams()
+    assert sampling(pb.SamplingParams(top_k=-1)) == SamplingParams(top_k=0)
+    assert sampling(pb.SamplingParams(temperature=0.0)).temperature == 0.0
 
 
 def test_build_request():
@@ -70,11 +75,10 @@ def test_build_request():
 
 
 def test_chat_without_a_template_is_refused_naming_the_field():
-    import types
-
     from jinfer.testing.tiny import tiny_tokenizer
 
-    engine = types.SimpleNamespace(tokenizer=tiny_tokenizer())
+    inputs = InputChecker(vocab_size=128, max_model_len=32, max_logprobs=5, usable_pages=8, page_size=4,
+                          tokenizer=tiny_tokenizer())
     chat = pb.Chat(messages=[pb.ChatMessage(role="user", content="w1")])
-    with pytest.raises(ValueError, match="chat: this server's model has no chat template"):
-        convert.render_chat(engine, chat, "chat")
+    with pytest.raises(ValueError, match="chat.messages: this model has no chat_template"):
+        convert.chat_prompt(inputs, chat, "chat")

@@ -48,6 +48,10 @@ class EngineConfig:
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} must be an integer >= 0")
 
+    def context_len(self, model_max: int) -> int:
+        """Tokens one request may hold: max_model_len, capped at the model's own context."""
+        return min(self.max_model_len or model_max, model_max)
+
     @property
     def max_step_tokens(self) -> int:
         return self.token_buckets[-1]

@@ -1,41 +1,37 @@
-"""The engine: continuous batching of many requests over one model, one step at a time.
+"""The engine: continuous batching of many requests over one model, one step at a time (host side, no jax).
 
-`add_request` tokenizes and queues; each `step()` asks the scheduler for a plan, dispatches it on the
-device, and only then reads the previous step's tokens (so the device runs step N+1 while the host
-detokenizes step N), updates the scheduler, and returns one `StepEvent` per request that progressed.
-Stop strings are matched here, on detokenized text; everything token-level lives in the scheduler.
+`add_request` takes a request checked at the edge (`jinfer.inputs`) and queues it; each `step()` asks the
+scheduler for a plan, hands it to the runner (the device side: `jinfer.runtime.runner.Runner`, or any
+object with its `dispatch` / `import_kv` / `seed_penalty_state` / `warmup`), and only then reads the
+previous step's tokens (so the device runs step N+1 while the host detokenizes step N), updates the
+scheduler, and returns one `StepEvent` per request that progressed. `jinfer.runtime.make_engine` builds an
+engine with its runner from a model's params.
 
 A request may bring a `prefill`: a callable that computes the K/V of all its prompt tokens but the last
-outside the engine's steps (`jinfer.runtime.long_prompt.RingPrefill`: ring attention over a mesh, for prompts too
-long for one device). The engine keeps those K/V until the scheduler admits the request, writes them into
-its pages, and the request continues as any other (its first step computes the last prompt token).
+outside the engine's steps (`jinfer.runtime.long_prompt.RingPrefill`: ring attention over a mesh, for
+prompts too long for one device). The engine keeps those K/V until the scheduler admits the request, writes
+them into its pages, and the request continues as any other (its first step computes the last prompt token).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import itertools
-from typing import Callable, Sequence
+from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 
-from jinfer.models.config import ModelConfig
 from jinfer.engine.config import EngineConfig
-from jinfer.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from jinfer.engine.output_stream import OutputStream
+from jinfer.engine.outputs import RequestOutput
 from jinfer.engine.request import Request
-from jinfer.runtime.runner import Runner
-from jinfer.inputs import SamplingParams
 from jinfer.engine.scheduler import Scheduler
-from jinfer.engine.stop_strings import StopStringMatcher
+from jinfer.inputs import CheckedRequest, InputChecker, PromptInput, SamplingParams
+from jinfer.models.config import ModelConfig
 
-
-# Computes the K/V of a prompt prefix outside the engine's steps: n token ids -> (k, v), each [L, n, K, H]
-# in natural order, on any devices (jinfer.runtime.long_prompt.RingPrefill is one).
-# n prompt token ids -> (k, v), each [L, m, K, H] with m >= n: rows past n are padding (a bucket, so that
-# the callable and the runner's import compile per bucket, not per prompt length)
-PrefixPrefill = Callable[[list[int]], tuple[jax.Array, jax.Array]]
+# n prompt token ids -> (k, v), each [L, m, K, H] device arrays with m >= n: rows past n are padding (a
+# bucket, so that the callable and the runner's import compile per bucket, not per prompt length)
+PrefixPrefill = Callable[[list[int]], tuple[object, object]]
 
 
 @dataclasses.dataclass
@@ -46,25 +42,13 @@ class StepEvent:
     output: RequestOutput  # cumulative; finish_reason set once finished
 
 
-def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig) -> int:
-    if engine_config.num_pages is not None:
-        return engine_config.num_pages
-    stats = jax.local_devices()[0].memory_stats()
-    if not stats or "bytes_limit" not in stats:
-        return engine_config.cpu_default_pages
-    c = model_config
-    page_bytes = 2 * c.num_layers * engine_config.page_size * c.num_kv_heads * c.head_dim * jnp.dtype(engine_config.dtype).itemsize
-    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
-    return max(2, int(free * engine_config.memory_fraction // page_bytes))
-
-
 @dataclasses.dataclass(frozen=True)
 class EngineLoad:
     waiting: int
     running: int
     pages_used: int  # held by requests
     pages_cached: int  # free but holding a cached prefix
-    pages_total: int
+    pages_total: int  # usable pages (page 0 is reserved)
     prefix_queried_tokens: int
     prefix_hit_tokens: int
 
@@ -76,35 +60,28 @@ class EngineLoad:
         return EngineLoad(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
-@dataclasses.dataclass
-class _Stream:
-    """Per-request text state: incremental detokenizer, stop strings, the output being built."""
-
-    detok: object
-    stops: StopStringMatcher
-    output: RequestOutput
-
-
 class Engine:
-    """`tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks.
-    `devices`: where this engine's mesh lives (a data-parallel replica's share); default the first ones."""
+    """`runner`: the device side, built for `num_pages` KV pages and this config's slots and context.
+    `tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks."""
 
-    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
-                 attention_backend=None, seed: int | None = None, devices=None):
-        self.config = engine_config or EngineConfig()
+    def __init__(self, model_config: ModelConfig, runner, tokenizer, engine_config: EngineConfig, num_pages: int,
+                 seed: int | None = None):
+        self.config = engine_config
         self.model_config = model_config
         self.tokenizer = tokenizer
-        self.max_model_len = min(self.config.max_model_len or model_config.max_position_embeddings,
-                                 model_config.max_position_embeddings)
-        self.num_pages = resolve_num_pages(self.config, model_config)
+        self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)
+        self.num_pages = num_pages
         tok_eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | set(tok_eos)))
-        self.scheduler = Scheduler(self.config, self.max_model_len, self.num_pages, self.eos_token_ids)
-        self.runner = Runner(model_config, self.config, params, self.num_pages, self.scheduler.max_pages_per_seq,
-                             attention_backend, devices)
+        self.scheduler = Scheduler(self.config, self.max_model_len, num_pages, self.eos_token_ids)
+        self.inputs = InputChecker(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
+                                   max_logprobs=engine_config.max_logprobs,
+                                   usable_pages=self.scheduler.allocator.usable_pages,
+                                   page_size=engine_config.page_size, tokenizer=tokenizer)
+        self.runner = runner
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read
-        self._imports: dict[str, tuple[jax.Array, jax.Array]] = {}  # request id -> prefix K/V awaiting admission
-        self._streams: dict[str, _Stream] = {}
+        self._imports: dict[str, tuple[object, object]] = {}  # request id -> prefix K/V awaiting admission
+        self._streams: dict[str, OutputStream] = {}
         self._ids = itertools.count()
         self._rng = np.random.default_rng(seed)
         self.warmed_up = False
@@ -115,37 +92,18 @@ class Engine:
 
     # ---- requests ------------------------------------------------------------------------------
 
-    def encode_prompt(self, prompt: str | Sequence[int], field: str = "prompt") -> tuple[str | None, list[int]]:
-        V = self.model_config.vocab_size
-        if isinstance(prompt, str):
-            if not prompt:
-                raise ValueError(f"{field} is an empty string")
-            if self.tokenizer is None:
-                raise ValueError(f"{field} is text, but this engine has no tokenizer: pass token ids")
-            text, ids = prompt, self.tokenizer.encode(prompt)
+    def add_request(self, prompt: PromptInput | CheckedRequest, sampling: SamplingParams | None = None,
+                    request_id: str | None = None, prefill: PrefixPrefill | None = None) -> str:
+        """Queues a request: a CheckedRequest from `self.inputs` (trusted as it is), or a prompt (text or
+        token ids) and sampling, which are checked here. `prefill`, if given, computes the K/V of every
+        prompt token but the last (it is called here; its device work runs asynchronously)."""
+        if isinstance(prompt, CheckedRequest):
+            if sampling is not None:
+                raise ValueError("sampling is part of a CheckedRequest; pass it to InputChecker.request")
+            checked = prompt
         else:
-            text, ids = None, list(prompt)
-            for j, t in enumerate(ids):
-                if not isinstance(t, (int, np.integer)) or isinstance(t, bool) or not 0 <= t < V:
-                    raise ValueError(f"{field}[{j}]={t!r} is not a token id in the vocabulary [0, {V})")
-            ids = [int(t) for t in ids]
-        if not ids:
-            raise ValueError(f"{field} has no tokens")
-        if len(ids) >= self.max_model_len:
-            raise ValueError(f"{field} has {len(ids)} tokens; the context is {self.max_model_len} and at "
-                             "least one position must remain for generation")
-        return text, ids
-
-    def add_request(self, prompt: str | Sequence[int], sampling: SamplingParams | None = None,
-                    request_id: str | None = None, field: str = "prompt", prefill: PrefixPrefill | None = None) -> str:
-        """Queues a request. `prefill`, if given, computes the K/V of every prompt token but the last (it is
-        called here, after the request is validated; its device work runs asynchronously)."""
-        sampling = sampling or SamplingParams()
-        if not isinstance(sampling, SamplingParams):
-            raise TypeError(f"sampling must be a SamplingParams, not {type(sampling).__name__}")
-        if sampling.logprobs is not None and sampling.logprobs > self.config.max_logprobs:
-            raise ValueError(f"logprobs={sampling.logprobs} exceeds the engine's max_logprobs={self.config.max_logprobs}")
-        text, ids = self.encode_prompt(prompt, field)
+            checked = self.inputs.request(prompt, sampling)
+        ids, sampling = list(checked.prompt.ids), checked.sampling
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
         num_imported = len(ids) - 1 if prefill is not None else 0
@@ -153,28 +111,24 @@ class Engine:
         if num_imported:
             try:
                 k, v = prefill(ids[:num_imported])
-                c = self.model_config
-                want = (c.num_layers, num_imported, c.num_kv_heads, c.head_dim)
-                ok = lambda x: x.ndim == 4 and x.shape[1] >= num_imported and (x.shape[0], *x.shape[2:]) == (
-                    want[0], *want[2:])
-                if not ok(k) or not ok(v) or k.shape != v.shape:
-                    raise ValueError(f"prefill returned K/V of shapes k={tuple(k.shape)}, v={tuple(v.shape)}; "
-                                     f"expected [L, m, K, H] with L, K, H = {want[0]}, {want[2]}, {want[3]} and "
-                                     f"m >= {num_imported}, the tokens it was given")
+                self._check_imported(k, v, num_imported)
             except BaseException:
                 self.scheduler.finish(req, "cancelled")
                 raise
             self._imports[request_id] = (k, v)
-        out = RequestOutput(text, ids, [], "", None, request_id=request_id,
-                            logprobs=[] if sampling.logprobs is not None else None,
-                            metrics=RequestMetrics(arrival_time=req.arrival_time))
-        detok = None
-        if self.tokenizer is not None:
-            from jinfer.text.detokenizer import IncrementalDetokenizer
-
-            detok = IncrementalDetokenizer(self.tokenizer, skip_special_tokens=True)
-        self._streams[request_id] = _Stream(detok, StopStringMatcher(sampling.stop), out)
+        self._streams[request_id] = OutputStream(request_id, checked, req.arrival_time, self.tokenizer)
         return request_id
+
+    def _check_imported(self, k, v, n: int) -> None:
+        c = self.model_config
+        L, K, H = c.num_layers, c.num_kv_heads, c.head_dim
+
+        def ok(x):
+            return x.ndim == 4 and x.shape[1] >= n and (x.shape[0], *x.shape[2:]) == (L, K, H)
+
+        if not ok(k) or not ok(v) or k.shape != v.shape:
+            raise ValueError(f"prefill returned K/V of shapes k={tuple(k.shape)}, v={tuple(v.shape)}; expected "
+                             f"[L, m, K, H] with L, K, H = {L}, {K}, {H} and m >= {n}, the tokens it was given")
 
     def cancel(self, request_id: str) -> bool:
         """Ends a request at once; its slot and pages return to the pool before the next step."""
@@ -205,10 +159,15 @@ class Engine:
         launched = None
         if plan is not None:
             for item in plan.scheduled:
+                req = item.request
                 if item.num_imported:
-                    k, v = self._imports.pop(item.request.request_id)
-                    self.runner.import_kv(k, v, item.request.pages, item.slot,
-                                          item.request.prompt_ids[:item.num_imported])
+                    k, v = self._imports.pop(req.request_id)
+                    self.runner.import_kv(k, v, req.pages, item.slot, item.num_imported)
+                if item.num_precomputed:
+                    # Penalties count the whole sequence, also the tokens whose K/V the step does not
+                    # compute (a cached prefix, imported K/V).
+                    self.runner.seed_penalty_state(item.slot, req.known_ids()[:item.num_precomputed],
+                                                   len(req.prompt_ids))
             want_lp = any(s.request.sampling.logprobs is not None for s in plan.scheduled)
             launched = (plan, self.runner.dispatch(plan, want_lp))
         events: list[StepEvent] = []
@@ -234,31 +193,14 @@ class Engine:
         stream = self._streams.get(req.request_id)
         if stream is None:
             return None
-        out = stream.output
-        tok = req.output_ids[-1]
-        out.token_ids.append(tok)
-        m = out.metrics
-        m.token_times.append(req.token_times[-1])
-        if m.first_token_time is None:
-            m.first_token_time = req.token_times[-1]
-        if out.logprobs is not None and req.logprobs:
-            lp, ids, vals = req.logprobs[-1]
-            n = req.sampling.logprobs
-            out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
-        ended_by_token = req.finished and req.finish_reason == "stop"
-        text_mode = stream.detok is not None
-        delta = "" if ended_by_token or not text_mode else stream.stops.feed(stream.detok.push(tok))
-        if stream.stops.stopped and not req.finished:
+        delta = stream.add_token(req)
+        if stream.stopped and not req.finished:
             self.scheduler.finish(req, "stop")
         if req.finished:
-            if text_mode and not stream.stops.stopped:
-                delta += stream.stops.feed(stream.detok.flush()) + stream.stops.flush()
-            out.finish_reason = req.finish_reason
-            out.num_cached_tokens = req.num_cached_prompt
-            m.finished_time = req.token_times[-1]
+            delta += stream.finish(req)
             del self._streams[req.request_id]
-        out.text += delta
-        return StepEvent(req.request_id, [tok], delta, out)
+        stream.output.text += delta
+        return StepEvent(req.request_id, [req.output_ids[-1]], delta, stream.output)
 
     def run_until_done(self) -> None:
         while self.has_work:

@@ -60,22 +60,16 @@ class Scheduler:
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
             num_imported: int = 0) -> Request:
-        """`num_imported`: leading prompt tokens whose KV the caller supplies (at least one token must remain,
+        """The prompt and sampling come checked from the edge (jinfer.inputs: lengths, vocabulary, pool size).
+        `num_imported`: leading prompt tokens whose KV the caller supplies (at least one token must remain,
         whose logits give the first output token)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if len(self.waiting) >= self.config.max_waiting:
             raise QueueFull(f"the waiting queue is full ({self.config.max_waiting} requests)")
-        if not 0 < len(prompt_ids) < self.max_model_len:
-            raise ValueError(f"prompt has {len(prompt_ids)} tokens; it must have at least 1 and fewer than "
-                             f"the context of {self.max_model_len}")
         if not isinstance(num_imported, int) or not 0 <= num_imported < len(prompt_ids):
             raise ValueError(f"num_imported={num_imported!r} must be an integer in [0, {len(prompt_ids)}) for a "
                              f"prompt of {len(prompt_ids)} tokens")
-        longest = min(len(prompt_ids) + sampling.max_tokens, self.max_model_len)
-        if -(-longest // self.page_size) > self.allocator.usable_pages:
-            raise ValueError(f"prompt ({len(prompt_ids)} tokens) + max_tokens={sampling.max_tokens} needs "
-                             f"{-(-longest // self.page_size)} KV pages; the pool has {self.allocator.usable_pages}")
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals),
                       num_imported=num_imported)
@@ -151,6 +145,7 @@ class Scheduler:
         chunks: list[tuple[Request, int]] = []
         reset: set[int] = set()
         imports: dict[int, int] = {}  # slot -> tokens of imported KV to write before this step
+        precomputed: dict[int, int] = {}  # slot -> leading tokens whose KV this admission did not compute
 
         # Running requests first, oldest first; the newest not yet scheduled are the preemption victims.
         for req in list(self.running):
@@ -204,6 +199,8 @@ class Scheduler:
             if imported:
                 imports[req.slot] = imported
                 req.num_imported, req.kv_imported = 0, True  # handed to the engine with this plan
+            if start:
+                precomputed[req.slot] = start
             else:
                 reset.add(req.slot)
             chunks.append((req, n))
@@ -211,9 +208,10 @@ class Scheduler:
 
         if not chunks:
             return None
-        return self._build_plan(chunks, reset, imports)
+        return self._build_plan(chunks, reset, imports, precomputed)
 
-    def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int], imports: dict[int, int]) -> StepPlan:
+    def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int], imports: dict[int, int],
+                    precomputed: dict[int, int]) -> StepPlan:
         S = self.config.max_slots
         T = sum(n for _, n in chunks)
         tokens = np.zeros(T, np.int32)
@@ -251,7 +249,7 @@ class Scheduler:
                 sample[s] = True
                 gen_index[s] = req.num_sampled
                 req.num_sampled += 1
-            scheduled.append(Scheduled(req, s, n, samples, imports.get(s, 0)))
+            scheduled.append(Scheduled(req, s, n, samples, imports.get(s, 0), precomputed.get(s, 0)))
             t += n
         params = [r.sampling if r is not None else None for r in self.slots]
 

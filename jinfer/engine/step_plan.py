@@ -22,6 +22,8 @@ class Scheduled:
     samples: bool  # the chunk reaches the end of the known sequence, so a token is sampled after it
     num_imported: int = 0  # leading tokens whose KV arrived with the request: the engine writes them into
     #   its pages (Runner.import_kv) before this step, its first, runs
+    num_precomputed: int = 0  # at admission, leading tokens whose KV this step does not compute (a prefix
+    #   cache hit or imported KV): the engine seeds the slot's penalty state with them before the step
 
 
 @dataclasses.dataclass(frozen=True)
@@ -39,8 +41,8 @@ class StepPlan:
     page_table: np.ndarray  # i32[S, max_pages]; padded with page 0
     sample: np.ndarray  # bool[S]
     gen_index: np.ndarray  # i32[S]: tokens the request had sampled before this one (folds into its key)
-    reset: np.ndarray  # bool[S]: the slot has a new occupant (clear its penalty counts); not set for an
-    #   occupant with imported KV, whose counts the import sets to its imported prompt tokens
+    reset: np.ndarray  # bool[S]: the slot has a new occupant that computes its sequence from the start
+    #   (clear its penalty counts); an occupant with precomputed tokens has its counts seeded instead
     temperature: np.ndarray  # f32[S]
     top_k: np.ndarray  # i32[S]
     top_p: np.ndarray  # f32[S]

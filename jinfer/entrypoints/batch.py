@@ -15,10 +15,10 @@ import dataclasses
 import json
 import os
 from pathlib import Path
-from jinfer.engine.outputs import RequestOutput
-from jinfer.inputs import SamplingParams
 
-SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+from jinfer.engine.outputs import RequestOutput
+from jinfer.inputs import SAMPLING_FIELDS, CheckedRequest, InputChecker
+
 RECORD_FIELDS = ("id", "prompt", "messages")
 
 
@@ -26,11 +26,10 @@ RECORD_FIELDS = ("id", "prompt", "messages")
 class BatchLine:
     index: int
     record_id: object  # the line's "id", echoed; None when absent
-    prompt: list[int]
-    sampling: SamplingParams
+    request: CheckedRequest
 
 
-def parse_line(llm, index: int, line: str) -> BatchLine:
+def parse_line(inputs: InputChecker, index: int, line: str) -> BatchLine:
     """One input line -> a BatchLine, or ValueError naming the bad field."""
     try:
         obj = json.loads(line)
@@ -44,31 +43,13 @@ def parse_line(llm, index: int, line: str) -> BatchLine:
                          f"{list(SAMPLING_FIELDS)}")
     if ("prompt" in obj) == ("messages" in obj):
         raise ValueError("give exactly one of 'prompt' (text or token ids) and 'messages' (a chat)")
-    if "messages" in obj:
-        messages = obj["messages"]
-        if not isinstance(messages, list) or not messages or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in messages):
-            raise ValueError("messages must be a non-empty list of {'role': str, 'content': str}")
-        try:
-            _, ids = llm.chat_prompt(messages)
-        except Exception as e:  # noqa: BLE001 - no template, or the template's own raise_exception
-            raise ValueError(f"messages: {e}") from None
-        _, ids = llm.engine.encode_prompt(ids, field="messages (rendered)")
-    else:
-        prompt = obj["prompt"]
-        if not isinstance(prompt, (str, list)):
-            raise ValueError(f"prompt must be a string or a list of token ids, not {type(prompt).__name__}")
-        _, ids = llm.engine.encode_prompt(prompt, field="prompt")
-    kw = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
-    for k in ("stop", "stop_token_ids"):
-        if k in kw and isinstance(kw[k], list):
-            kw[k] = tuple(kw[k])
+    prompt = inputs.chat(obj["messages"]) if "messages" in obj else inputs.prompt(obj["prompt"])
+    sampling = {k: obj[k] for k in SAMPLING_FIELDS if k in obj}
+    field = "messages" if "messages" in obj else "prompt"
     try:
-        sampling = SamplingParams(**kw)
+        return BatchLine(index, obj.get("id"), inputs.request(prompt, sampling, field=field))
     except TypeError as e:  # a field of the wrong JSON type deep in validation
         raise ValueError(str(e)) from None
-    return BatchLine(index, obj.get("id"), ids, sampling)
 
 
 def output_record(line: BatchLine, out: RequestOutput) -> dict:
@@ -197,8 +178,8 @@ def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool 
                         break
                     i = mine[j]
                     try:
-                        line = parse_line(llm, i, lines[i])
-                        rid = engine.add_request(line.prompt, line.sampling, request_id=f"batch-{i}")
+                        line = parse_line(engine.inputs, i, lines[i])
+                        rid = engine.add_request(line.request, request_id=f"batch-{i}")
                         inflight[rid] = (j, line)
                     except Exception as e:  # noqa: BLE001 - any bad line (even a template's own error) is reported
                         ready[j] = error_record(i, lines[i], e)

@@ -29,7 +29,7 @@ def cmd_generate(args) -> int:
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
     llm = LLM(args.model, dtype=args.dtype)
     if args.chat:
-        _, prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
+        prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
         prompt = args.prompt
     if not args.chat:

@@ -7,16 +7,14 @@ simple dense-cache loop as the oracle the engine is tested against.
 from __future__ import annotations
 
 import dataclasses
-from typing import Iterator, Sequence, Union
+from typing import Iterator, Sequence
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jinfer.engine.outputs import RequestOutput
-from jinfer.inputs import SamplingParams
-
-Prompt = Union[str, Sequence[int]]
+from jinfer.inputs import CheckedRequest, Prompt, PromptInput, SamplingParams
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -39,7 +37,7 @@ class LLM:
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True):
         from jinfer.checkpoints.load import LoadedModel, load
-        from jinfer.runtime.data_parallel import make_engine
+        from jinfer.runtime.build import make_engine
         from jinfer.engine.config import EngineConfig
 
         self.dtype = resolve_dtype(dtype)
@@ -54,39 +52,38 @@ class LLM:
         if warmup:
             self.engine.warmup()
 
-    def _normalize(self, prompts, sampling_params):
-        single = isinstance(prompts, str) or (
-            isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (str, list, tuple)))
+    def _check(self, prompts, sampling_params) -> list[CheckedRequest]:
+        """Every prompt and sampling checked (text tokenized once) before any is queued, so a bad one leaves
+        nothing half-submitted."""
+        single = isinstance(prompts, (str, Prompt)) or (
+            isinstance(prompts, (list, tuple)) and prompts and not isinstance(prompts[0], (str, list, tuple, Prompt)))
         if single:
             prompts = [prompts]
         prompts = list(prompts)
-        if sampling_params is None:
-            sampling_params = SamplingParams()
-        if isinstance(sampling_params, SamplingParams):
+        if sampling_params is None or isinstance(sampling_params, SamplingParams):
             sampling_params = [sampling_params] * len(prompts)
         sampling_params = list(sampling_params)
         if len(sampling_params) != len(prompts):
             raise ValueError(f"sampling_params has {len(sampling_params)} entries for {len(prompts)} prompts")
-        # Validate every prompt before queuing any, so a bad one leaves nothing half-submitted.
-        for i, p in enumerate(prompts):
-            self.engine.encode_prompt(p, field=f"prompts[{i}]")
-        return prompts, sampling_params
+        inputs = self.engine.inputs
+        return [inputs.request(p, sp, field=f"prompts[{i}]",
+                               sampling_field=f"sampling_params[{i}]" if len(prompts) > 1 else None)
+                for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
 
-    def _submit(self, prompts, sampling_params) -> list[str]:
+    def _submit(self, requests: list[CheckedRequest]) -> list[str]:
         ids = []
         try:
-            for i, (p, sp) in enumerate(zip(prompts, sampling_params)):
-                ids.append(self.engine.add_request(p, sp, field=f"prompts[{i}]"))
+            for r in requests:
+                ids.append(self.engine.add_request(r))
         except BaseException:
             for rid in ids:
                 self.engine.cancel(rid)
             raise
         return ids
 
-    def generate(self, prompts: Prompt | Sequence[Prompt], sampling_params=None,
+    def generate(self, prompts: PromptInput | Sequence[PromptInput], sampling_params=None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        prompts, sps = self._normalize(prompts, sampling_params)
-        ids = self._submit(prompts, sps)
+        ids = self._submit(self._check(prompts, sampling_params))
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm and len(ids) > 1:
@@ -109,10 +106,9 @@ class LLM:
                 bar.close()
         return [results[i] for i in ids]
 
-    def stream(self, prompt: Prompt, sampling_params: SamplingParams | None = None) -> Iterator[str]:
+    def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the generated text in deltas as the tokens arrive."""
-        prompts, sps = self._normalize([prompt] if not isinstance(prompt, str) else prompt, sampling_params)
-        (rid,) = self._submit(prompts, sps)
+        (rid,) = self._submit(self._check([prompt], sampling_params))
         done = False
         try:
             while not done:
@@ -127,12 +123,8 @@ class LLM:
 
     def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
         """One conversation ([{'role': ..., 'content': ...}, ...]) -> the assistant's reply."""
-        text, ids = self.chat_prompt(messages)
-        out = self.generate([ids], sampling_params, use_tqdm=False)[0]
-        out.prompt = text
-        return out
+        return self.generate([self.chat_prompt(messages)], sampling_params, use_tqdm=False)[0]
 
-    def chat_prompt(self, messages: list[dict]) -> tuple[str, list[int]]:
-        """The rendered template and its ids; the template writes its own BOS, so none is added."""
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True)
-        return text, self.tokenizer.encode(text, add_special_tokens=False)
+    def chat_prompt(self, messages: list[dict]) -> Prompt:
+        """The conversation rendered with the model's chat template (`.text`) and its token ids (`.ids`)."""
+        return self.engine.inputs.chat(messages)

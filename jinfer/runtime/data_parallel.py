@@ -11,14 +11,14 @@ next step before reading its previous one, so all replicas' devices are busy whi
 from __future__ import annotations
 
 import itertools
-from typing import Sequence
 
 import jax
 
-from jinfer.models.config import ModelConfig
-from jinfer.engine.engine import Engine, EngineLoad, StepEvent
 from jinfer.engine.config import EngineConfig
-from jinfer.inputs import SamplingParams
+from jinfer.engine.engine import EngineLoad, StepEvent
+from jinfer.inputs import CheckedRequest, PromptInput, SamplingParams
+from jinfer.models.config import ModelConfig
+from jinfer.runtime.build import build_engine
 
 
 class DataParallelEngine:
@@ -32,8 +32,8 @@ class DataParallelEngine:
             raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
                              f"{len(devices)} are available")
         self.replicas = [
-            Engine(model_config, params, tokenizer, engine_config, attention_backend,
-                   seed=None if seed is None else seed + r, devices=devices[r * tp:(r + 1) * tp])
+            build_engine(model_config, params, tokenizer, engine_config, attention_backend,
+                         seed=None if seed is None else seed + r, devices=devices[r * tp:(r + 1) * tp])
             for r in range(dp)]
         first = self.replicas[0]
         self.config, self.model_config, self.tokenizer = engine_config, model_config, tokenizer
@@ -44,16 +44,22 @@ class DataParallelEngine:
         for e in self.replicas:
             e.warmup()
 
-    def encode_prompt(self, prompt: str | Sequence[int], field: str = "prompt"):
-        return self.replicas[0].encode_prompt(prompt, field)
+    @property
+    def inputs(self):
+        return self.replicas[0].inputs  # every replica has the same limits
 
-    def add_request(self, prompt, sampling: SamplingParams | None = None, request_id: str | None = None,
-                    field: str = "prompt", prefill=None) -> str:
+    @property
+    def num_pages(self) -> int:
+        return self.replicas[0].num_pages
+
+    def add_request(self, prompt: PromptInput | CheckedRequest, sampling: SamplingParams | None = None,
+                    request_id: str | None = None, prefill=None) -> str:
+        checked = prompt if isinstance(prompt, CheckedRequest) else self.inputs.request(prompt, sampling)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if any(request_id in e.scheduler.requests for e in self.replicas):
             raise ValueError(f"request_id={request_id!r} is already in use")
         replica = min(self.replicas, key=lambda e: len(e.scheduler.requests))
-        return replica.add_request(prompt, sampling, request_id=request_id, field=field, prefill=prefill)
+        return replica.add_request(checked, request_id=request_id, prefill=prefill)
 
     def cancel(self, request_id: str) -> bool:
         return any([e.cancel(request_id) for e in self.replicas])  # a list: every replica is asked
@@ -72,8 +78,3 @@ class DataParallelEngine:
         while self.has_work:
             self.step()
 
-
-def make_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig, **kw):
-    """An Engine, or a DataParallelEngine when the config asks for several replicas."""
-    cls = DataParallelEngine if engine_config.data_parallel > 1 else Engine
-    return cls(model_config, params, tokenizer, engine_config, **kw)

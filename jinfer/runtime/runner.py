@@ -51,21 +51,27 @@ def _initial_state(c: ModelConfig, S: int, num_pages: int, page_size: int, dtype
     return kv, jnp.zeros(S, jnp.int32), jnp.zeros((S, c.vocab_size), jnp.int32), jnp.zeros((S, c.vocab_size), bool)
 
 
-def _import_impl(kv, output_counts, prompt_mask, k, v, page, offset, slot, tokens):
-    """k, v: [L, m, K, H]; page, offset, tokens: i32[m] (padding rows hold out-of-range page and token
-    indices, which the scatters drop); slot: i32[]."""
+def _import_impl(kv, k, v, page, offset):
+    """k, v: [L, m, K, H]; page, offset: i32[m] (padding rows hold an out-of-range page, which the scatter
+    drops)."""
     k_pages, v_pages = kv
     # Pages are [L, K, P, page_size, H]; the two index arrays side by side put n where they stand: [L, K, n, H].
     k_pages = k_pages.at[:, :, page, offset].set(jnp.swapaxes(k, 1, 2).astype(k_pages.dtype), mode="drop")
     v_pages = v_pages.at[:, :, page, offset].set(jnp.swapaxes(v, 1, 2).astype(v_pages.dtype), mode="drop")
-    output_counts = output_counts.at[slot].set(0)
-    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].set(True, mode="drop")
-    return (k_pages, v_pages), output_counts, prompt_mask
+    return k_pages, v_pages
+
+
+def _seed_impl(output_counts, prompt_mask, slot, tokens, is_output):
+    """The penalty state of a slot's new occupant whose leading tokens (i32[max_model_len], padded with the
+    out-of-range id V, which the scatters drop) the step will not compute."""
+    output_counts = output_counts.at[slot].set(0).at[slot, tokens].add(is_output.astype(jnp.int32), mode="drop")
+    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].max(~is_output, mode="drop")
+    return output_counts, prompt_mask
 
 
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
-                 max_pages_per_seq: int, attention_backend=None, devices=None):
+                 attention_backend=None, devices=None):
         from jinfer.attention.backends import default_backend
 
         from jinfer.runtime import sharding
@@ -82,7 +88,8 @@ class Runner:
         else:  # each device receives its shard only, then casts it
             self.params = jax.tree_util.tree_map(lambda x: x.astype(dtype),
                                                  sharding.shard_params(params, model_config, self.mesh))
-        self.max_pages_per_seq = max_pages_per_seq
+        self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)
+        self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
         make_state = functools.partial(_initial_state, c, S, num_pages, engine_config.page_size, dtype)
@@ -104,8 +111,10 @@ class Runner:
         self.num_compilations = 0
         self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
                              out_shardings=out_shardings)
-        self._import = jax.jit(_import_impl, donate_argnums=(0, 1, 2),
-                               out_shardings=None if out_shardings is None else out_shardings[:3])
+        self._import = jax.jit(_import_impl, donate_argnums=(0,),
+                               out_shardings=None if out_shardings is None else out_shardings[0])
+        self._seed = jax.jit(_seed_impl, donate_argnums=(0, 1),
+                             out_shardings=None if out_shardings is None else out_shardings[2:4])
 
     # ---- shapes --------------------------------------------------------------------------------
 
@@ -184,15 +193,15 @@ class Runner:
             max_query_len=width)
         return StepOutput(*out, want_logprobs=want_logprobs)
 
-    def import_kv(self, k, v, pages, slot: int, token_ids) -> None:
-        """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, n, K, H], on any
-        devices) into its `pages` (i32, enough for n tokens), and sets the slot's penalty state to a fresh
-        occupant whose prompt so far is `token_ids` (n ids): the plan does not reset such a slot.
+    def import_kv(self, k, v, pages, slot: int, n: int) -> None:
+        """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, m, K, H] with m >= n
+        rows, on any devices; rows past n are a length bucket's padding) into its `pages` (enough for n
+        tokens). The engine seeds the slot's penalty state separately (`seed_penalty_state`).
 
         Dispatched like a step (cache donated, no host sync), so it lands after the step in flight and
-        before the next. k, v may carry m >= n rows (a length bucket): one compile per distinct m."""
+        before the next; one compile per distinct m."""
         c, ps = self.model_config, self.config.page_size
-        n, m = len(token_ids), k.shape[1] if k.ndim == 4 else -1
+        m = k.shape[1] if k.ndim == 4 else -1
         want = (c.num_layers, m, c.num_kv_heads, c.head_dim)
         if m < n or tuple(k.shape) != want or tuple(v.shape) != want:
             raise ValueError(f"imported K/V have shapes k={tuple(k.shape)}, v={tuple(v.shape)}; expected "
@@ -200,13 +209,10 @@ class Runner:
         if len(pages) * ps < n:
             raise ValueError(f"{len(pages)} pages of {ps} cannot hold {n} imported tokens")
         pos = np.arange(n)
-        # Rows n..m-1 are padding: they point past the pool and at no vocabulary entry, and are dropped.
-        page = np.full(m, self.kv[0].shape[2], np.int32)  # i32[m]
+        page = np.full(m, self.kv[0].shape[2], np.int32)  # i32[m]: past the pool, dropped
         page[:n] = np.asarray(pages, np.int32)[pos // ps]
         offset = np.zeros(m, np.int32)
         offset[:n] = pos % ps
-        ids = np.full(m, c.vocab_size, np.int32)
-        ids[:n] = token_ids
         if self.mesh is None:
             target = self.kv[0].sharding
         else:
@@ -214,8 +220,18 @@ class Runner:
 
             target = sharding.kv_import_sharding(want, self.mesh)
         k, v = jax.device_put((k, v), target)
-        self.kv, self.output_counts, self.prompt_mask = self._import(
-            self.kv, self.output_counts, self.prompt_mask, k, v, page, offset, np.int32(slot), ids)
+        self.kv = self._import(self.kv, k, v, page, offset)
+
+    def seed_penalty_state(self, slot: int, token_ids, num_prompt: int) -> None:
+        """Sets the penalty state of the request now in `slot` to its first len(token_ids) tokens (the
+        prompt's first `num_prompt`, then generated ones), whose KV came from the prefix cache or an import
+        instead of from a step: a step counts only the tokens it computes."""
+        n, V = len(token_ids), self.model_config.vocab_size
+        ids = np.full(self.max_model_len, V, np.int32)
+        ids[:n] = token_ids
+        is_output = np.arange(self.max_model_len) >= num_prompt
+        self.output_counts, self.prompt_mask = self._seed(self.output_counts, self.prompt_mask, np.int32(slot),
+                                                          ids, is_output)
 
     def warmup(self) -> None:
         """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""
@@ -234,4 +250,5 @@ class Runner:
             self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
                 self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
                 max_query_len=width)
-        jax.block_until_ready(self.kv)
+        self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared
+        jax.block_until_ready((self.kv, self.prompt_mask))

@@ -1,0 +1,58 @@
+"""One request's output as it streams: incremental detokenizer, stop strings, logprobs and timings.
+
+The engine feeds it each token the scheduler recorded (`add_token`) and, once the request has ended,
+asks for the held-back tail (`finish`). Stop strings are matched here, on detokenized text; a match
+sets `stopped`, and the engine then ends the request in the scheduler.
+"""
+
+from __future__ import annotations
+
+from jinfer.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from jinfer.engine.request import Request
+from jinfer.engine.stop_strings import StopStringMatcher
+from jinfer.inputs import CheckedRequest
+from jinfer.text.detokenizer import IncrementalDetokenizer
+
+
+class OutputStream:
+    def __init__(self, request_id: str, checked: CheckedRequest, arrival_time: float, tokenizer=None):
+        sampling = checked.sampling
+        self.output = RequestOutput(checked.prompt.text, list(checked.prompt.ids), [], "", None,
+                                    request_id=request_id, logprobs=[] if sampling.logprobs is not None else None,
+                                    metrics=RequestMetrics(arrival_time=arrival_time))
+        # No tokenizer (token ids in and out, as for random-weight benchmarks): no text, no stop strings.
+        self._detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
+        self._stops = StopStringMatcher(sampling.stop)
+
+    @property
+    def stopped(self) -> bool:
+        """A stop string has matched: the request must end, whatever the scheduler thinks."""
+        return self._stops.stopped
+
+    def add_token(self, req: Request) -> str:
+        """Records the request's newest token; returns the text now safe to emit."""
+        out, tok = self.output, req.output_ids[-1]
+        out.token_ids.append(tok)
+        m = out.metrics
+        m.token_times.append(req.token_times[-1])
+        if m.first_token_time is None:
+            m.first_token_time = req.token_times[-1]
+        if out.logprobs is not None and req.logprobs:
+            lp, ids, vals = req.logprobs[-1]
+            n = req.sampling.logprobs
+            out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
+        ended_by_token = req.finished and req.finish_reason == "stop"  # a stop token's text is not emitted
+        if ended_by_token or self._detok is None:
+            return ""
+        return self._stops.feed(self._detok.push(tok))
+
+    def finish(self, req: Request) -> str:
+        """The held-back text of an ended request; fills in its finish reason and timings."""
+        delta = ""
+        if self._detok is not None and not self._stops.stopped:
+            delta = self._stops.feed(self._detok.flush()) + self._stops.flush()
+        out = self.output
+        out.finish_reason = req.finish_reason
+        out.num_cached_tokens = req.num_cached_prompt
+        out.metrics.finished_time = req.token_times[-1]
+        return delta

@@ -1,0 +1,50 @@
+"""Engines built from a model's params: the host-side Engine with its device-side Runner.
+
+`make_engine` is what the entry points call: one Engine, or a DataParallelEngine of replicas when the
+config asks for several. The KV pool's size, when the config leaves it open, comes from the device's free
+memory after the weights.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.engine.config import EngineConfig
+from jinfer.engine.engine import Engine
+from jinfer.models.config import ModelConfig
+from jinfer.runtime.runner import Runner
+
+
+def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig, device=None) -> int:
+    if engine_config.num_pages is not None:
+        return engine_config.num_pages
+    stats = (device or jax.local_devices()[0]).memory_stats()
+    if not stats or "bytes_limit" not in stats:
+        return engine_config.cpu_default_pages
+    c = model_config
+    page_bytes = (2 * c.num_layers * engine_config.page_size * c.num_kv_heads * c.head_dim
+                  * jnp.dtype(engine_config.dtype).itemsize)
+    free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
+    return max(2, int(free * engine_config.memory_fraction // page_bytes))
+
+
+def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
+                 attention_backend=None, seed: int | None = None, devices=None) -> Engine:
+    """One engine on `devices` (default: the first tensor_parallel local devices)."""
+    cfg = engine_config or EngineConfig()
+    num_pages = resolve_num_pages(cfg, model_config, None if devices is None else devices[0])
+    runner = Runner(model_config, cfg, params, num_pages, attention_backend, devices)
+    return Engine(model_config, runner, tokenizer, cfg, num_pages, seed=seed)
+
+
+def make_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
+                attention_backend=None, seed: int | None = None, devices=None):
+    """An Engine, or a DataParallelEngine when the config asks for several replicas."""
+    cfg = engine_config or EngineConfig()
+    if cfg.data_parallel > 1:
+        from jinfer.runtime.data_parallel import DataParallelEngine
+
+        return DataParallelEngine(model_config, params, tokenizer, cfg, attention_backend, seed=seed,
+                                  devices=devices)
+    return build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=seed, devices=devices)
