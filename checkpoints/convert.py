@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import shutil
 from pathlib import Path
 
 from jinfer.checkpoints.errors import CheckpointError
@@ -13,18 +12,10 @@ def convert(src: str | os.PathLike, dst: str | os.PathLike, overwrite: bool = Fa
     from tqdm import tqdm
 
     from jinfer.checkpoints.load import load
-    from jinfer.checkpoints.orbax_io import save_orbax
+    from jinfer.checkpoints.orbax_io import save_orbax_atomic
 
     dst = Path(dst).absolute()
-    if dst.exists() and not overwrite:
+    if dst.exists() and not overwrite:  # checked before the import, which can take minutes
         raise CheckpointError(f"destination {str(dst)!r} exists; pass overwrite=True (--force) to replace it")
     loaded = load(src, progress=lambda it: tqdm(it, desc="importing tensors", unit="tensor"))
-    # Written beside the destination and renamed, so an interrupted convert leaves no half checkpoint.
-    tmp = dst.with_name(dst.name + ".partial")
-    shutil.rmtree(tmp, ignore_errors=True)
-    tmp.parent.mkdir(parents=True, exist_ok=True)
-    save_orbax(tmp, loaded.config, loaded.params, loaded.tokenizer)
-    if dst.exists():
-        shutil.rmtree(dst)
-    os.replace(tmp, dst)
-    return dst
+    return save_orbax_atomic(dst, loaded.config, loaded.params, loaded.tokenizer)

@@ -42,9 +42,10 @@ def load(model: str | os.PathLike, dtype=np.float32, progress=None) -> LoadedMod
         if not is_gguf_file(path):
             raise CheckpointError(f"{str(path)!r} is not a GGUF file (no GGUF magic bytes)")
         from jinfer.checkpoints.gguf_import import load_gguf
+        from jinfer.checkpoints.gguf_vocab import tokenizer_from_gguf_fields
 
         config, params, fields = load_gguf(path, dtype=dtype, progress=progress)
-        return LoadedModel(config, params, Tokenizer.from_gguf_fields(fields))
+        return LoadedModel(config, params, tokenizer_from_gguf_fields(fields))
     if path.is_dir():
         if (path / "params").is_dir():
             from jinfer.checkpoints.orbax_io import restore_orbax

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 
 import jax
@@ -41,6 +42,20 @@ def save_orbax(path: str | os.PathLike, config: ModelConfig, params: dict, token
         ckptr.wait_until_finished()  # the save is asynchronous; return only once it is on disk
     if tokenizer is not None:
         tokenizer.save(path)
+
+
+def save_orbax_atomic(path: str | os.PathLike, config: ModelConfig, params: dict, tokenizer=None) -> Path:
+    """save_orbax into a directory beside `path`, then renamed onto it (replacing what was there), so an
+    interrupted write leaves no half checkpoint where a reader looks. Returns the absolute path."""
+    path = Path(path).absolute()
+    tmp = path.with_name(path.name + ".partial")
+    shutil.rmtree(tmp, ignore_errors=True)  # what an earlier interrupted write left
+    tmp.parent.mkdir(parents=True, exist_ok=True)
+    save_orbax(tmp, config, params, tokenizer)
+    if path.exists():
+        shutil.rmtree(path)
+    os.replace(tmp, path)
+    return path
 
 
 def _check_params(config: ModelConfig, params: dict) -> None:

