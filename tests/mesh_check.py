@@ -14,7 +14,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import numpy as np  # noqa: E402
 from jax.sharding import PartitionSpec as P  # noqa: E402
 
-from jinfer.runtime.data_parallel import make_engine  # noqa: E402
+from jinfer.runtime.build import make_engine  # noqa: E402
 from jinfer.engine.config import EngineConfig  # noqa: E402
 from jinfer.inputs import SamplingParams  # noqa: E402
 from jinfer.testing.tiny import TINY_MESH as CONFIG  # noqa: E402

@@ -256,12 +256,12 @@ def test_a_data_parallel_engine_behind_the_server(expected):
     over both replicas, and the pool gauges add the replicas up."""
     import jax
 
-    from jinfer.runtime.data_parallel import DataParallelEngine
+    from jinfer.runtime.build import make_engine
 
     cfg = EngineConfig(max_slots=8, page_size=4, num_pages=512, token_buckets=(8, 32), max_prefill_chunk=16,
                        max_waiting=MAX_WAITING, data_parallel=2)
     dev = jax.devices()[0]
-    dp = DataParallelEngine(TINY, tiny_params(), chat_tokenizer(), cfg, seed=0, devices=[dev, dev])
+    dp = make_engine(TINY, tiny_params(), chat_tokenizer(), cfg, seed=0, devices=[dev, dev])
     dp.warmup()
     n = 24
     admitted = [0, 0]

@@ -11,6 +11,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.engine.config import EngineConfig
+from jinfer.engine.data_parallel import DataParallelEngine
 from jinfer.engine.engine import Engine
 from jinfer.models.config import ModelConfig
 from jinfer.runtime.runner import Runner
@@ -40,11 +41,17 @@ def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: En
 
 def make_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
                 attention_backend=None, seed: int | None = None, devices=None):
-    """An Engine, or a DataParallelEngine when the config asks for several replicas."""
+    """An Engine, or a DataParallelEngine of `data_parallel` replicas, each on its own `tensor_parallel`
+    devices of `devices` (default: this host's), when the config asks for several."""
     cfg = engine_config or EngineConfig()
-    if cfg.data_parallel > 1:
-        from jinfer.runtime.data_parallel import DataParallelEngine
-
-        return DataParallelEngine(model_config, params, tokenizer, cfg, attention_backend, seed=seed,
-                                  devices=devices)
-    return build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=seed, devices=devices)
+    dp, tp = cfg.data_parallel, cfg.tensor_parallel
+    if dp == 1:
+        return build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=seed, devices=devices)
+    devices = list(jax.local_devices() if devices is None else devices)
+    if dp * tp > len(devices):
+        raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
+                         f"{len(devices)} are available")
+    return DataParallelEngine([
+        build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=None if seed is None else seed + r,
+                     devices=devices[r * tp:(r + 1) * tp])
+        for r in range(dp)])

@@ -11,32 +11,22 @@ next step before reading its previous one, so all replicas' devices are busy whi
 from __future__ import annotations
 
 import itertools
+from typing import Sequence
 
-import jax
-
-from jinfer.engine.config import EngineConfig
-from jinfer.engine.engine import EngineLoad, StepEvent
+from jinfer.engine.engine import Engine, EngineLoad, StepEvent
 from jinfer.inputs import CheckedRequest, PromptInput, SamplingParams
-from jinfer.models.config import ModelConfig
-from jinfer.runtime.build import build_engine
 
 
 class DataParallelEngine:
-    """The Engine API over `engine_config.data_parallel` replicas (each `tensor_parallel` devices wide)."""
+    """The Engine API over replicas (`jinfer.runtime.make_engine` builds them, each on its own
+    `tensor_parallel` devices); host side only, like the Engine."""
 
-    def __init__(self, model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig,
-                 attention_backend=None, seed: int | None = None, devices=None):
-        dp, tp = engine_config.data_parallel, engine_config.tensor_parallel
-        devices = list(jax.local_devices() if devices is None else devices)
-        if dp * tp > len(devices):
-            raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
-                             f"{len(devices)} are available")
-        self.replicas = [
-            build_engine(model_config, params, tokenizer, engine_config, attention_backend,
-                         seed=None if seed is None else seed + r, devices=devices[r * tp:(r + 1) * tp])
-            for r in range(dp)]
+    def __init__(self, replicas: Sequence[Engine]):
+        if not replicas:
+            raise ValueError("a DataParallelEngine needs at least one replica")
+        self.replicas = list(replicas)
         first = self.replicas[0]
-        self.config, self.model_config, self.tokenizer = engine_config, model_config, tokenizer
+        self.config, self.model_config, self.tokenizer = first.config, first.model_config, first.tokenizer
         self.max_model_len, self.eos_token_ids = first.max_model_len, first.eos_token_ids
         self._ids = itertools.count()
 
