@@ -214,3 +214,30 @@ def test_exact_with_the_pallas_kernel_in_interpret_mode(params, tok, make_backen
     assert [outs[i].token_ids for i in range(8)] == [w.token_ids for w in want]
     assert eng.scheduler.num_preemptions > 0
     assert_pages_all_returned(eng)
+
+
+@pytest.mark.parametrize("penalty", [dict(repetition_penalty=1.5), dict(frequency_penalty=1.5, presence_penalty=0.5)])
+def test_penalties_count_the_tokens_the_prefix_cache_supplied(params, tok, penalty):
+    """A prompt served from the prefix cache is penalized as if computed: the same greedy request gives the
+    tokens of an engine without caching, also the second time (it once diverged at the fifth token)."""
+    sp = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True, **penalty)
+    prompt = list(range(40))
+    want = run_workload(make_engine(params, tok, enable_prefix_caching=False), [(0, prompt, sp)])[0].token_ids
+    eng = make_engine(params, tok)
+    first = run_workload(eng, [(0, prompt, sp)])[0]
+    second = run_workload(eng, [(0, prompt, sp)])[0]
+    assert second.num_cached_tokens == 40 - 40 % 4 - 4  # whole pages, one token left to compute
+    assert first.token_ids == want and second.token_ids == want
+
+
+def test_a_preempted_request_keeps_its_penalty_counts(params, tok):
+    """Recomputed after preemption, partly from cached pages that hold generated tokens: frequency and
+    presence penalties still count every generated token once."""
+    sp = SamplingParams(max_tokens=20, temperature=0.0, ignore_eos=True, frequency_penalty=2.0, presence_penalty=1.0)
+    rng = np.random.default_rng(5)
+    arrivals = [(i, list(rng.integers(0, 128, 9)), sp) for i in range(4)]
+    roomy = run_workload(make_engine(params, tok, num_pages=200), arrivals)
+    tight = make_engine(params, tok, num_pages=14)
+    squeezed = run_workload(tight, arrivals)
+    assert tight.scheduler.num_preemptions > 0
+    assert [squeezed[i].token_ids for i in range(4)] == [roomy[i].token_ids for i in range(4)]
