@@ -2,10 +2,7 @@
 
 from __future__ import annotations
 
-import jax
-
 from jinfer.models.config import ModelConfig
-from jinfer.models import llama
 
 TINY = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=16,
                    intermediate_size=128, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
@@ -16,6 +13,10 @@ TINY_MESH = ModelConfig(vocab_size=128, hidden_size=64, num_layers=2, num_heads=
 
 
 def tiny_params(seed: int = 0, config: ModelConfig = TINY):
+    import jax  # here, so that the tokenizer and configs load without jax (jinfer.testing.fake_runner)
+
+    from jinfer.models import llama
+
     return llama.init_params(config, jax.random.key(seed))
 
 
