@@ -66,7 +66,7 @@ def main():
     s = eng.scheduler
     print(f"engine vs reference ({args.shape}, {args.dtype}, jax {jax.__version__} on {jax.devices()[0].platform}): "
           f"{same}/{len(prompts)} requests identical; {s.num_preemptions} preemptions, prefix hit rate "
-          f"{s.prefix_cache.stats.hit_rate:.0%}, {step} steps in {t_eng:.1f}s; compilations {eng.runner.num_compilations}"
+          f"{eng.load().prefix_hit_rate:.0%}, {step} steps in {t_eng:.1f}s; compilations {eng.runner.num_compilations}"
           f" (shapes {len(eng.runner.all_shapes())}); pages back: {s.allocator.num_free + s.prefix_cache.num_evictable}"
           f"/{s.allocator.usable_pages}")
 

@@ -159,7 +159,7 @@ def test_prefix_cache_hits_and_saves_prefill(params, tok):
         arrivals = [(0, prompts[0], greedy(8))] + [(12, p, greedy(8)) for p in prompts[1:]]
         outs = run_workload(eng, arrivals)
         results[caching] = ([outs[i].token_ids for i in range(20)], eng.scheduler.num_computed_tokens,
-                            eng.scheduler.prefix_cache.stats.hit_rate)
+                            eng.load().prefix_hit_rate)
         assert_pages_all_returned(eng)
     assert results[True][0] == results[False][0]
     assert results[True][2] > 0.9, results[True][2]
@@ -185,7 +185,7 @@ def test_request_that_cannot_fit_the_pool_is_refused(params, tok):
 
 
 def _pallas_gpu_backend():
-    from jinfer.attention.backends import PallasBackend
+    from jinfer.attention.pallas import PallasBackend
     from jinfer.kernels.paged_attention.kernel import BlockSizes
 
     return PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
@@ -193,7 +193,7 @@ def _pallas_gpu_backend():
 
 
 def _pallas_tpu_backend():
-    from jinfer.attention.backends import TPUPallasBackend
+    from jinfer.attention.pallas import TPUPallasBackend
     from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 
     return TPUPallasBackend(decode=TPUBlockSizes(block_q=8, pages_per_block=2),

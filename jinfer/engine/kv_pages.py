@@ -1,8 +1,9 @@
 """Host-side bookkeeping of the paged KV cache: which pages are free and who holds each page.
 
-Pages are indices into the device arrays `k_pages, v_pages: [L, P, page_size, K, H]`. A page is held
-by every request whose page table lists it (prefix sharing makes that more than one) and, separately,
-may be remembered by the prefix cache; it returns to the free list only when neither holds it.
+Pages are indices into the device arrays `k_pages, v_pages: [L, K, P, page_size, H]` (layers, KV heads,
+pages, page_size, head dim). A page is held by every request whose page table lists it (prefix sharing
+makes that more than one) and, separately, may be remembered by the prefix cache; it returns to the free
+list only when neither holds it.
 Page 0 is never handed out: page tables pad with it, and padded tokens write into it.
 """
 

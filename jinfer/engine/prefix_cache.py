@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import collections
 import dataclasses
-from typing import Sequence
+from collections.abc import Sequence
 
 from jinfer.engine.kv_pages import PageAllocator
 
@@ -23,10 +23,6 @@ ROOT = 0
 class PrefixStats:
     queried_tokens: int = 0  # prompt tokens that looked for a cached prefix
     hit_tokens: int = 0  # of those, tokens whose KV came from the cache
-
-    @property
-    def hit_rate(self) -> float:
-        return self.hit_tokens / self.queried_tokens if self.queried_tokens else 0.0
 
 
 class PrefixCache:
@@ -47,9 +43,6 @@ class PrefixCache:
     @property
     def num_evictable(self) -> int:
         return len(self._evictable)
-
-    def is_cached(self, page: int) -> bool:
-        return page in self._key_of_page
 
     def match(self, tokens: Sequence[int], max_pages: int) -> list[int]:
         """Pages holding the longest cached prefix of `tokens` (at most `max_pages`), now held by the caller."""
@@ -88,10 +81,8 @@ class PrefixCache:
                 self._key_of_page[page] = key
                 self._node_of_page[page] = node
                 self._page_of_node[node] = page
-            elif self._page_of_node[node] != page:
-                # Someone else computed the same page first; ours stays private. Its descendants are
-                # indexed under the other page's node, so continue the chain from there.
-                pass
+            # Otherwise the key is indexed already: by this very page, or by a page someone else computed
+            # first, in which case ours stays private; either way the descendants hang under that node.
             parent = node
 
     def release(self, page: int) -> None:

@@ -282,6 +282,7 @@ class Scheduler:
             req = item.request
             if req.finished:
                 continue  # finished (or cancelled) after this plan was built: its token is discarded
+            tok = None
             if item.samples:
                 tok = int(sampled[item.slot])
                 req.output_ids.append(tok)
@@ -289,11 +290,8 @@ class Scheduler:
                 if logprobs is not None and req.sampling.logprobs is not None:
                     req.logprobs.append(logprobs(item.slot))
                 touched.append(req)
-                if tok in req.stop_ids:
-                    self.finish(req, "stop")
-                elif (len(req.output_ids) >= req.sampling.max_tokens
-                      or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
-                    self.finish(req, "length")
+            # Indexed before a finish releases the pages, so that a request ending on this step (max_tokens=1,
+            # a stop token first) still leaves its prompt's pages to the prefix cache.
             # Pages holding imported KV stay private: a cached page must hold what this engine computes for
             # its tokens, and KV computed elsewhere (ring attention) agrees with that only to rounding, so
             # a later request reusing it would no longer reproduce its uncached output exactly.
@@ -303,4 +301,11 @@ class Scheduler:
                 if full > req.num_indexed_pages:
                     self.prefix_cache.insert(known, req.pages, full)
                     req.num_indexed_pages = full
+            if tok is None:
+                continue
+            if tok in req.stop_ids:
+                self.finish(req, "stop")
+            elif (len(req.output_ids) >= req.sampling.max_tokens
+                  or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
+                self.finish(req, "length")
         return touched
