@@ -24,6 +24,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.gpu_trace import kernel_times  # noqa: E402
 from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS  # noqa: E402
 from jinfer.kernels.paged_attention import kernel as pk  # noqa: E402
+from jinfer.kernels.paged_attention.query_layout import query_blocks
 
 SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
     (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),
@@ -62,11 +63,11 @@ def main():
         for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (1, 2, 3)):
             bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
             nb = B  # a decode step: one query block per slot (PallasBackend.num_blocks at width 1)
-            blocks, (tb, tr) = pk.query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
+            blocks, (tb, tr) = query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
             # step metadata as arguments, as in the engine's step (not constants folded into the call)
             meta = (jnp.int32(0), pt, kv_len, jnp.asarray(ql), tuple(jnp.asarray(x) for x in blocks), jnp.asarray(tb),
                     jnp.asarray(tr))
-            f = jax.jit(lambda q, k, v, meta, bs=bs, nb=nb: pk.ragged_paged_attention_blocks(
+            f = jax.jit(lambda q, k, v, meta, bs=bs, nb=nb: pk.ragged_paged_attention_triton(
                 q, k, v, *meta, num_blocks=nb, block_sizes=bs, interpret=False))
             try:
                 us, launches = device_us(lambda: f(q, kp, vp, meta))
@@ -85,7 +86,7 @@ def main():
         if best.num_splits > 1:  # the split combine's launch width, on the best configuration
             for cw in (1, 2, 4, 8):
                 bs = dataclasses.replace(best, combine_warps=cw)
-                f = jax.jit(lambda q, k, v, meta, bs=bs: pk.ragged_paged_attention_blocks(
+                f = jax.jit(lambda q, k, v, meta, bs=bs: pk.ragged_paged_attention_triton(
                     q, k, v, *meta, num_blocks=B, block_sizes=bs, interpret=False))
                 us, launches = device_us(lambda: f(q, kp, vp, meta))
                 print(f"    combine_warps={cw}: {us:6.1f} us ({', '.join(f'{n[:24]} {t:.1f}' for n, t in launches)})")

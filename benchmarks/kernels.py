@@ -99,8 +99,9 @@ def rel_err(x, ref):
 
 
 def decode_case(B, ctx, page_size, iters, rng):
-    from jinfer.attention.backends import pallas_backend
-    from jinfer.kernels.paged_attention.kernel import query_blocks, ragged_paged_attention_blocks
+    from jinfer.attention.pallas import pallas_backend
+    from jinfer.kernels.paged_attention.kernel import ragged_paged_attention_triton
+    from jinfer.kernels.paged_attention.query_layout import query_blocks
     from jinfer.kernels.paged_attention.reference import ragged_paged_attention_reference
 
     pages_per_seq = ctx // page_size
@@ -121,7 +122,7 @@ def decode_case(B, ctx, page_size, iters, rng):
     blocks, (tb, tr) = query_blocks(qs, ql, bs.block_q, nb, B)
     blocks = tuple(jnp.asarray(x) for x in blocks)
     tb, tr = jnp.asarray(tb), jnp.asarray(tr)
-    ours = jax.jit(lambda q, k, v: ragged_paged_attention_blocks(
+    ours = jax.jit(lambda q, k, v: ragged_paged_attention_triton(
         q, k, v, layer, page_table, kv_len, jnp.asarray(ql), blocks, tb, tr, num_blocks=nb, block_sizes=bs,
         interpret=backend.interpret))
     ref = jax.jit(lambda q, k, v: ragged_paged_attention_reference(

@@ -57,18 +57,17 @@ def main():
     plan = eng.scheduler.schedule()
     runner = eng.runner
     bucket = runner.bucket(plan.num_tokens)
-    batch = runner._batch(plan, bucket, 1)
-    dev_batch = jax.device_put(batch)
+    dev_args = jax.device_put(runner._step_inputs(plan, bucket, 1))  # (StepInputs, attention metadata)
     state = (runner.kv, runner.last_sampled, runner.output_counts, runner.prompt_mask)
     for _ in range(3):
-        *state, out = runner._step(runner.params, *state, dev_batch, max_query_len=1)
+        *state, out = runner._step(runner.params, *state, *dev_args, max_query_len=1)
     jax.block_until_ready(out)
     t = time.perf_counter()
     for _ in range(n):
-        *state, out = runner._step(runner.params, *state, dev_batch, max_query_len=1)
+        *state, out = runner._step(runner.params, *state, *dev_args, max_query_len=1)
     jax.block_until_ready(out)
     device_ms = (time.perf_counter() - t) / n * 1e3
-    hlo = runner._step.lower(runner.params, *state, dev_batch, max_query_len=1).compile().as_text()
+    hlo = runner._step.lower(runner.params, *state, *dev_args, max_query_len=1).compile().as_text()
     shape_txt = f"{jnp.dtype(args.dtype).name.replace('bfloat16', 'bf16').replace('float32', 'f32')}[{','.join(map(str, state[0][0].shape))}]"
     copies = [l.strip()[:160] for l in hlo.splitlines() if shape_txt in l and " copy(" in l]
     roofline_ms = weight_bytes / 3.0e12 * 1e3

@@ -10,9 +10,9 @@ import pytest
 
 from jinfer.kernels.flash_attention import flash_attention_reference
 from jinfer.kernels.paged_attention import ragged_paged_attention_reference
-from jinfer.kernels.paged_attention.blocked import (ragged_paged_attention_blocked,
-                                                    ragged_paged_attention_blocked_qblocks)
-from jinfer.kernels.paged_attention.kernel import BlockSizes, query_blocks, ragged_paged_attention_blocks
+from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_paged_attention_qblocks
+from jinfer.kernels.paged_attention.kernel import BlockSizes, ragged_paged_attention_triton
+from jinfer.kernels.paged_attention.query_layout import query_blocks
 
 # The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere.
 NATIVE = jax.devices()[0].platform == "gpu"
@@ -65,7 +65,7 @@ def run_kernel(c, layer, bs):
     T = c["q"].shape[0]
     nb = -(-T // bs.block_q) + len(c["kv_len"])
     blocks, (tb, tr) = query_blocks(c["q_start"], c["q_len"], bs.block_q, nb, T)
-    return ragged_paged_attention_blocks(
+    return ragged_paged_attention_triton(
         c["q"], c["k"], c["v"], jnp.int32(layer), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
         jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr), num_blocks=nb,
         block_sizes=bs, interpret=not NATIVE)
@@ -126,14 +126,14 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
     args = (c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]))
     with jax.default_matmul_precision("highest"):
         if layout == "slots":
-            got = ragged_paged_attention_blocked(*args, jnp.asarray(c["q_start"]), jnp.asarray(c["q_len"]),
-                                                 jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
-                                                 pages_per_block=ppb)
+            got = blocked_paged_attention(*args, jnp.asarray(c["q_start"]), jnp.asarray(c["q_len"]),
+                                          jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
+                                          pages_per_block=ppb)
         else:
             T, bq = c["q"].shape[0], 3
             blocks, _ = query_blocks(c["q_start"], c["q_len"], bq, -(-T // bq) + len(kv_lens), T)
-            got = ragged_paged_attention_blocked_qblocks(*args, jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)),
-                                                         jnp.int32(1), block_q=bq, pages_per_block=ppb)
+            got = blocked_paged_attention_qblocks(*args, jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)),
+                                                  jnp.int32(1), block_q=bq, pages_per_block=ppb)
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
     assert not np.asarray(got[c["T"]:], np.float32).any()  # rows no slot owns stay zero

@@ -1,10 +1,11 @@
 """The runner: device state and the compiled step functions of the engine.
 
 It owns the params, the paged KV cache, the last token each slot sampled, and the per-slot penalty
-counts, all on the device. `dispatch(plan)` pads a StepPlan to its bucket and launches the one jitted
-step for that bucket (state donated, so XLA updates the cache in place); it returns at once with device
-arrays, and `fetch()` later brings the sampled tokens to the host. `import_kv` writes K/V computed
-elsewhere (a long prompt's ring-attention prefill) into a request's pages before its first step.
+counts, all on the device. `dispatch(plan)` pads a StepPlan's inputs to its bucket and launches the one
+jitted step for that bucket with them and the attention backend's metadata, both pytrees (state donated,
+so XLA updates the cache in place); it returns at once with device arrays, and `fetch()` later brings the
+sampled tokens to the host. `import_kv` writes K/V computed elsewhere (a long prompt's ring-attention
+prefill) into a request's pages before its first step.
 
 Buckets: token counts pad up to one of EngineConfig.token_buckets; the query width per slot is 1 for
 decode-only steps and min(bucket, max_prefill_chunk) otherwise. `warmup()` compiles all of them, and
@@ -20,12 +21,17 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.models.config import ModelConfig
+from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention, paged_kv_cache
 from jinfer.engine.config import EngineConfig
+from jinfer.engine.step_plan import SamplingInputs, SlotInputs, StepInputs, StepPlan, TokenInputs
 from jinfer.models import llama
-from jinfer.attention.paged_cache import PagedMeta, make_paged_attention, paged_kv_cache
+from jinfer.models.config import ModelConfig
 from jinfer.runtime.sampler import apply_penalties, sample, step_keys
-from jinfer.engine.step_plan import StepPlan
+
+# The host engine defines the plan's groups as plain dataclasses (it never imports jax); registered here,
+# every field a traced array, they cross the jit boundary as they are.
+for _cls in (TokenInputs, SlotInputs, SamplingInputs, StepInputs):
+    jax.tree_util.register_dataclass(_cls)
 
 
 @dataclasses.dataclass
@@ -71,9 +77,8 @@ def _seed_impl(output_counts, prompt_mask, slot, tokens, is_output):
 
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
-                 attention_backend=None, devices=None):
-        from jinfer.attention.backends import default_backend
-
+                 attention_backend: AttentionBackend | None = None, devices=None):
+        from jinfer.attention.select import default_backend
         from jinfer.runtime import sharding
 
         self.model_config = model_config
@@ -132,66 +137,60 @@ class Runner:
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _step_impl(self, params, kv, last_sampled, output_counts, prompt_mask, batch, *, max_query_len):
+    def _step_impl(self, params, kv, last_sampled, output_counts, prompt_mask, inputs: StepInputs, attn_meta, *,
+                   max_query_len):
         self.num_compilations += 1  # runs only while tracing, i.e. once per compiled shape
         c = self.model_config
         S = last_sampled.shape[0]
-        valid = batch["token_valid"]
-        slot = batch["token_slot"]
-        tokens = jnp.where(batch["from_prev"], last_sampled[slot], batch["tokens"])
+        tok, slots, sp = inputs.tokens, inputs.slots, inputs.sampling
+        valid, slot = tok.valid, tok.slot
+        tokens = jnp.where(tok.from_prev, last_sampled[slot], tok.ids)
         # Penalty state: a token counts once it enters the cache (prompt tokens, then each generated
         # token as it is fed back), so a recomputed (preempted) request rebuilds the same counts.
-        reset = batch["reset"][:, None]
+        reset = slots.reset[:, None]
         output_counts = jnp.where(reset, 0, output_counts)
         prompt_mask = jnp.where(reset, False, prompt_mask)
-        out_tok = valid & batch["is_output"]
+        out_tok = valid & tok.is_output
         output_counts = output_counts.at[slot, tokens].add(out_tok.astype(jnp.int32))
-        prompt_mask = prompt_mask.at[slot, tokens].max(valid & ~batch["is_output"])
+        prompt_mask = prompt_mask.at[slot, tokens].max(valid & ~tok.is_output)
 
-        meta = PagedMeta(slot, valid, batch["page_table"], batch["kv_len"], batch["query_start"], batch["query_len"],
-                         batch["attn"])
+        meta = PagedMeta(token_slot=slot, token_valid=valid, page_table=slots.page_table, kv_len=slots.kv_len,
+                         query_start=slots.query_start, query_len=slots.query_len, backend=attn_meta)
         attention = make_paged_attention(max_query_len, self.attention)
-        h, kv = llama.forward(params, tokens[None], batch["positions"][None], kv, meta, config=c, attention=attention)
-        last = jnp.maximum(batch["query_start"] + batch["query_len"] - 1, 0)
+        h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=c, attention=attention)
+        last = jnp.maximum(slots.query_start + slots.query_len - 1, 0)
         logits = llama.logits_from_hidden(params, h[0, last], c)  # f32[S, V]
 
         logprobs = jax.nn.log_softmax(logits, axis=-1)
-        penalized = apply_penalties(logits, output_counts, prompt_mask, batch["repetition_penalty"],
-                                    batch["presence_penalty"], batch["frequency_penalty"])
-        keys = step_keys(batch["seed"], batch["gen_index"])
-        new = sample(penalized, batch["temperature"], batch["top_k"], batch["top_p"], keys, batch["min_p"])
-        last_sampled = jnp.where(batch["sample"], new, last_sampled)
+        penalized = apply_penalties(logits, output_counts, prompt_mask, sp.repetition_penalty, sp.presence_penalty,
+                                    sp.frequency_penalty)
+        keys = step_keys(sp.seed, slots.gen_index)
+        new = sample(penalized, sp.temperature, sp.top_k, sp.top_p, keys, sp.min_p)
+        last_sampled = jnp.where(slots.sample, new, last_sampled)
         n = self.config.max_logprobs
         top_lp, top_ids = jax.lax.top_k(logprobs, n) if n else (jnp.zeros((S, 0)), jnp.zeros((S, 0), jnp.int32))
         chosen = jnp.take_along_axis(logprobs, new[:, None], axis=-1)[:, 0]
         return kv, last_sampled, output_counts, prompt_mask, (new, chosen, top_ids, top_lp)
 
-    def _batch(self, plan: StepPlan, bucket: int, width: int) -> dict:
+    def _step_inputs(self, plan: StepPlan, bucket: int, width: int):
+        """(the plan's StepInputs, tokens padded to `bucket`; the attention backend's metadata)."""
+        inputs = plan.inputs()
         pad = bucket - plan.num_tokens
+        tokens = jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros(pad, a.dtype)]), inputs.tokens)
+        attn_meta = self.attention.step_metadata(plan.query_start, plan.query_len, bucket, width)
+        return dataclasses.replace(inputs, tokens=tokens), attn_meta
 
-        def tok(a, fill=0):
-            return np.concatenate([a, np.full(pad, fill, a.dtype)])
-
-        return {
-            "tokens": tok(plan.tokens), "positions": tok(plan.positions), "token_slot": tok(plan.token_slot),
-            "from_prev": tok(plan.from_prev, False), "is_output": tok(plan.is_output, False),
-            "token_valid": np.arange(bucket) < plan.num_tokens,
-            "query_start": plan.query_start, "query_len": plan.query_len, "kv_len": plan.kv_len,
-            "page_table": plan.page_table, "sample": plan.sample, "gen_index": plan.gen_index, "reset": plan.reset,
-            "temperature": plan.temperature, "top_k": plan.top_k, "top_p": plan.top_p, "min_p": plan.min_p,
-            "repetition_penalty": plan.repetition_penalty, "presence_penalty": plan.presence_penalty,
-            "frequency_penalty": plan.frequency_penalty, "seed": plan.seed,
-            "attn": self.attention.step_inputs(plan.query_start, plan.query_len, bucket, width, self.config.max_slots),
-        }
+    def _launch(self, plan: StepPlan, bucket: int, width: int):
+        inputs, attn_meta = self._step_inputs(plan, bucket, width)
+        self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
+            self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, inputs, attn_meta,
+            max_query_len=width)
+        return out
 
     def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> StepOutput:
         bucket = self.bucket(plan.num_tokens)
-        width = self.query_width(bucket, plan.max_query_len)
-        batch = self._batch(plan, bucket, width)
-        self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
-            self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
-            max_query_len=width)
-        return StepOutput(*out, want_logprobs=want_logprobs)
+        return StepOutput(*self._launch(plan, bucket, self.query_width(bucket, plan.max_query_len)),
+                          want_logprobs=want_logprobs)
 
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, m, K, H] with m >= n
@@ -235,20 +234,8 @@ class Runner:
 
     def warmup(self) -> None:
         """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""
-        S = self.config.max_slots
+        empty = StepPlan.empty(self.config.max_slots, self.max_pages_per_seq)
         for bucket, width in self.all_shapes():
-            z = np.zeros(S, np.int32)
-            plan = StepPlan(
-                tokens=np.zeros(0, np.int32), positions=np.zeros(0, np.int32), token_slot=np.zeros(0, np.int32),
-                from_prev=np.zeros(0, bool), is_output=np.zeros(0, bool), query_start=z, query_len=z, kv_len=z,
-                page_table=np.zeros((S, self.max_pages_per_seq), np.int32), sample=np.zeros(S, bool),
-                gen_index=z, reset=np.zeros(S, bool), temperature=np.zeros(S, np.float32), top_k=z,
-                top_p=np.ones(S, np.float32), min_p=np.zeros(S, np.float32),
-                repetition_penalty=np.ones(S, np.float32), presence_penalty=np.zeros(S, np.float32),
-                frequency_penalty=np.zeros(S, np.float32), seed=np.zeros(S, np.uint32), scheduled=())
-            batch = self._batch(plan, bucket, width)
-            self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
-                self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, batch,
-                max_query_len=width)
+            self._launch(empty, bucket, width)
         self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared
         jax.block_until_ready((self.kv, self.prompt_mask))

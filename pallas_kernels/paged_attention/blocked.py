@@ -21,7 +21,7 @@ NEG_INF = float("-inf")
 
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "pages_per_block", "sm_scale"))
-def ragged_paged_attention_blocked(
+def blocked_paged_attention(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [L, K, P, page_size, H]
     v_pages: jax.Array,
@@ -45,14 +45,14 @@ def ragged_paged_attention_blocked(
 
 
 @functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sm_scale"))
-def ragged_paged_attention_blocked_qblocks(
+def blocked_paged_attention_qblocks(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [L, K, P, page_size, H]
     v_pages: jax.Array,
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]
     query_len: jax.Array,  # i32[S]
-    blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff) i32[NB], from kernel.query_blocks
+    blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff) i32[NB], from query_layout.query_blocks
     layer: jax.Array,  # i32[]
     *,
     block_q: int,

@@ -47,7 +47,10 @@ def combine_splits(o, m, l, tok_block, tok_row, *, out_dtype, interpret: bool, n
     o = o.reshape(splits, rows, K, Gp, H)  # merging leading axes: no copy
     m = m.reshape(splits, rows, K, Gp)
     l = l.reshape(splits, rows, K, Gp)
-    whole = lambda x: pl.BlockSpec(x.shape, lambda t, h, g: (0,) * x.ndim)
+
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda t, h, g: (0,) * x.ndim)
+
     from jax.experimental.pallas import triton as plgpu
 
     return pl.pallas_call(

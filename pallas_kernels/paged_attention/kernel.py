@@ -6,8 +6,8 @@ for the whole group) and one split of the context (Flash-Decoding: a long contex
 over many programs). It walks the slot's pages `pages_per_block` at a time with an online softmax and
 writes an unnormalized partial output plus its running max and sum; `combine.combine_splits` merges the splits.
 
-The host lays the query blocks out (`query_blocks`), so the kernel grid is static: `num_blocks` =
-tokens / block_q + slots covers any step of at most that many tokens.
+The host lays the query blocks out (`query_layout.query_blocks`), so the kernel grid is static:
+`num_blocks` = tokens / block_q + slots covers any step of at most that many tokens.
 """
 
 from __future__ import annotations
@@ -17,7 +17,6 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
@@ -31,9 +30,9 @@ NEG_INF = float("-inf")
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
     """block_q: queries of one slot per program (block_q x the group size padded to a power of two
-    makes the rows of each matrix product; they must be >= 16). pages_per_block: pages loaded per inner step. num_splits: context splits per query
-    block (Flash-Decoding; 1 for prefill-heavy steps). num_warps, num_stages: Triton launch options;
-    combine_warps: the split combine's."""
+    makes the rows of each matrix product; they must be >= 16). pages_per_block: pages loaded per inner
+    step. num_splits: context splits per query block (Flash-Decoding; 1 for prefill-heavy steps).
+    num_warps, num_stages: Triton launch options; combine_warps: the split combine's."""
 
     block_q: int = 4
     pages_per_block: int = 8
@@ -41,37 +40,6 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     combine_warps: int = 4
-
-
-def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, num_blocks: int, num_tokens: int):
-    """Host-side layout of the query blocks of one step (numpy).
-
-    Returns (blk_slot, blk_row0, blk_len, blk_qoff) i32[num_blocks] — the slot, first token row, number of
-    queries and offset of the first query within the slot's chunk — and (tok_block, tok_row) i32[T]
-    locating each token's output (T = num_tokens, padding included). Unused blocks have length 0.
-    """
-    slots = np.flatnonzero(query_len > 0)
-    counts = -(-query_len[slots] // block_q)
-    total = int(counts.sum())
-    if total > num_blocks:
-        raise ValueError(f"{total} query blocks exceed the kernel grid of {num_blocks=}")
-    blk_slot = np.zeros(num_blocks, np.int32)
-    blk_row0 = np.zeros(num_blocks, np.int32)
-    blk_len = np.zeros(num_blocks, np.int32)
-    blk_qoff = np.zeros(num_blocks, np.int32)
-    tok_block = np.zeros(num_tokens, np.int32)
-    tok_row = np.zeros(num_tokens, np.int32)
-    b = 0
-    for s, n in zip(slots, counts):
-        for c in range(n):
-            qoff = c * block_q
-            length = min(block_q, int(query_len[s]) - qoff)
-            row0 = int(query_start[s]) + qoff
-            blk_slot[b], blk_row0[b], blk_len[b], blk_qoff[b] = s, row0, length, qoff
-            tok_block[row0:row0 + length] = b
-            tok_row[row0:row0 + length] = np.arange(length)
-            b += 1
-    return (blk_slot, blk_row0, blk_len, blk_qoff), (tok_block, tok_row)
 
 
 def _kernel(
@@ -154,7 +122,7 @@ def _kernel(
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
-def ragged_paged_attention_blocks(
+def ragged_paged_attention_triton(
     q: jax.Array,  # [T, N, H]
     k_pages: jax.Array,  # [L, K, P, page_size, H]
     v_pages: jax.Array,
@@ -193,7 +161,9 @@ def ragged_paged_attention_blocks(
     v_flat = v_pages.reshape(L * K * P, ps, H)
     out_dtype = q.dtype if splits == 1 else jnp.float32
 
-    whole = lambda x: pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)
+    def whole(x):
+        return pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)
+
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
                                num_splits=splits, sm_scale=scale, group=G)

@@ -1,7 +1,7 @@
 """Ragged paged attention as a Pallas TPU (Mosaic) kernel; the CPU runs it in TPU interpret mode.
 
-Same step inputs as `kernel.ragged_paged_attention_blocks` (query blocks laid out on the host by
-`kernel.query_blocks`), same output [T, N, H]. One program per (query block, KV head) walks the block's
+Same step inputs as `kernel.ragged_paged_attention_triton` (query blocks laid out on the host by
+`query_layout.query_blocks`), same output [T, N, H]. One program per (query block, KV head) walks the block's
 whole visible context: a TPU has one or two large cores, so splitting the context only adds a combine
 pass. Page table, lengths and block layout are scalar-prefetched into SMEM; K/V pages stay in HBM and
 are DMA'd `pages_per_block` at a time into double-buffered VMEM (the next step's copies are in flight

@@ -7,7 +7,7 @@ import jax.numpy as jnp
 
 
 def check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks) -> None:
-    """The shapes and dtypes of `ragged_paged_attention_*`'s arguments (see `kernel.ragged_paged_attention_blocks`)."""
+    """The shapes and dtypes of `ragged_paged_attention_*`'s arguments (see `kernel.ragged_paged_attention_triton`)."""
     if q.ndim != 3 or k_pages.ndim != 5:
         raise ValueError(f"q must be [T, N, H] and k_pages [L, K, P, page_size, H]; got {q.shape=} {k_pages.shape=}")
     T, N, H = q.shape

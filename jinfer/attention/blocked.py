@@ -1,0 +1,53 @@
+"""The blocked `jnp` attention backend: the engine's attention where no Pallas kernel runs natively (the CPU)."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import numpy as np
+
+from jinfer.attention.backend import PagedMeta
+from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_paged_attention_qblocks
+from jinfer.kernels.paged_attention.query_layout import query_blocks
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class BlockedMeta:
+    """Per-step arrays of `BlockedBackend` (numpy on the host, traced in the step)."""
+
+    blocks: tuple[jax.Array, ...] | None  # (blk_slot, blk_row0, blk_len, blk_qoff), each i32[NB] (NB: num_blocks);
+    #   None in decode-only steps, which take one row per slot
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockedBackend:
+    """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence. Decode-only
+    steps take one row per slot; steps with prefill chunks take one row per query block of up to `block_q`
+    queries of one slot (the layout of the Pallas kernel), so the idle width of short rows is at most
+    block_q - 1 per slot."""
+
+    keys_per_block: int = 256
+    block_q: int = 16
+
+    def num_blocks(self, num_tokens: int, max_slots: int) -> int:
+        return -(-num_tokens // self.block_q) + max_slots
+
+    def step_metadata(self, query_start: np.ndarray, query_len: np.ndarray, num_tokens: int,
+                      width: int) -> BlockedMeta:
+        if width <= 1:
+            return BlockedMeta(blocks=None)
+        blocks, _ = query_blocks(query_start, query_len, self.block_q, self.num_blocks(num_tokens, len(query_len)),
+                                 num_tokens)
+        return BlockedMeta(blocks=blocks)
+
+    def attend(self, q, k_pages, v_pages, layer, meta: PagedMeta[BlockedMeta], width: int):
+        ppb = max(1, self.keys_per_block // k_pages.shape[-2])
+        if width <= 1:
+            return blocked_paged_attention(
+                q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len, layer,
+                max_query_len=1, pages_per_block=ppb)
+        return blocked_paged_attention_qblocks(
+            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_len, meta.backend.blocks, layer,
+            block_q=self.block_q, pages_per_block=ppb)

@@ -1,0 +1,40 @@
+"""Host-side layout of one step's queries into *query blocks* (numpy): up to `block_q` consecutive queries
+of one slot each, the unit of work of the Pallas kernels (`kernel.py`, `kernel_tpu.py`) and of the engine's
+blocked `jnp` attention (`blocked.blocked_paged_attention_qblocks`). Laid out once per step on the host, so
+every kernel grid is static: `num_blocks` = tokens / block_q + slots covers any step of that many tokens.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+
+def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, num_blocks: int, num_tokens: int):
+    """Host-side layout of the query blocks of one step (numpy).
+
+    Returns (blk_slot, blk_row0, blk_len, blk_qoff) i32[num_blocks] — the slot, first token row, number of
+    queries and offset of the first query within the slot's chunk — and (tok_block, tok_row) i32[T]
+    locating each token's output (T = num_tokens, padding included). Unused blocks have length 0.
+    """
+    slots = np.flatnonzero(query_len > 0)
+    counts = -(-query_len[slots] // block_q)
+    total = int(counts.sum())
+    if total > num_blocks:
+        raise ValueError(f"{total} query blocks exceed the kernel grid of {num_blocks=}")
+    blk_slot = np.zeros(num_blocks, np.int32)
+    blk_row0 = np.zeros(num_blocks, np.int32)
+    blk_len = np.zeros(num_blocks, np.int32)
+    blk_qoff = np.zeros(num_blocks, np.int32)
+    tok_block = np.zeros(num_tokens, np.int32)
+    tok_row = np.zeros(num_tokens, np.int32)
+    b = 0
+    for s, n in zip(slots, counts):
+        for c in range(n):
+            qoff = c * block_q
+            length = min(block_q, int(query_len[s]) - qoff)
+            row0 = int(query_start[s]) + qoff
+            blk_slot[b], blk_row0[b], blk_len[b], blk_qoff[b] = s, row0, length, qoff
+            tok_block[row0:row0 + length] = b
+            tok_row[row0:row0 + length] = np.arange(length)
+            b += 1
+    return (blk_slot, blk_row0, blk_len, blk_qoff), (tok_block, tok_row)
