@@ -31,7 +31,7 @@ from jinfer.engine.kv_pages import PageAllocator
 from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
 from jinfer.inputs import SamplingParams
-from jinfer.engine.step_plan import Scheduled, StepPlan
+from jinfer.engine.step_plan import SamplingInputs, Scheduled, SlotInputs, StepPlan, TokenInputs
 
 
 class QueueFull(RuntimeError):
@@ -257,15 +257,16 @@ class Scheduler:
             return np.array([getattr(p, field) if p is not None else idle for p in params], dtype)
 
         return StepPlan(
-            tokens=tokens, positions=positions, token_slot=token_slot, from_prev=from_prev, is_output=is_output,
-            query_start=query_start, query_len=query_len, kv_len=kv_len, page_table=page_table, sample=sample,
-            gen_index=gen_index, reset=np.isin(np.arange(S), list(reset)),
-            temperature=per_slot("temperature", np.float32, 0.0), top_k=per_slot("top_k", np.int32, 0),
-            top_p=per_slot("top_p", np.float32, 1.0), min_p=per_slot("min_p", np.float32, 0.0),
-            repetition_penalty=per_slot("repetition_penalty", np.float32, 1.0),
-            presence_penalty=per_slot("presence_penalty", np.float32, 0.0),
-            frequency_penalty=per_slot("frequency_penalty", np.float32, 0.0),
-            seed=np.array([r.seed if r is not None else 0 for r in self.slots], np.uint32),
+            TokenInputs(ids=tokens, positions=positions, slot=token_slot, from_prev=from_prev, is_output=is_output,
+                        valid=np.ones(T, bool)),
+            SlotInputs(query_start=query_start, query_len=query_len, kv_len=kv_len, page_table=page_table,
+                       sample=sample, gen_index=gen_index, reset=np.isin(np.arange(S), list(reset))),
+            SamplingInputs(temperature=per_slot("temperature", np.float32, 0.0), top_k=per_slot("top_k", np.int32, 0),
+                           top_p=per_slot("top_p", np.float32, 1.0), min_p=per_slot("min_p", np.float32, 0.0),
+                           repetition_penalty=per_slot("repetition_penalty", np.float32, 1.0),
+                           presence_penalty=per_slot("presence_penalty", np.float32, 0.0),
+                           frequency_penalty=per_slot("frequency_penalty", np.float32, 0.0),
+                           seed=np.array([r.seed if r is not None else 0 for r in self.slots], np.uint32)),
             scheduled=tuple(scheduled),
         )
 

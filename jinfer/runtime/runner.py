@@ -177,7 +177,7 @@ class Runner:
         inputs = plan.inputs()
         pad = bucket - plan.num_tokens
         tokens = jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros(pad, a.dtype)]), inputs.tokens)
-        attn_meta = self.attention.step_metadata(plan.query_start, plan.query_len, bucket, width)
+        attn_meta = self.attention.step_metadata(plan.slots.query_start, plan.slots.query_len, bucket, width)
         return dataclasses.replace(inputs, tokens=tokens), attn_meta
 
     def _launch(self, plan: StepPlan, bucket: int, width: int):

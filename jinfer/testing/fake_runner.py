@@ -47,10 +47,10 @@ class FakeRunner:
 
     def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> FakeStepOutput:
         self.num_steps += 1
-        tokens = np.where(plan.from_prev, self.last_sampled[plan.token_slot], plan.tokens)
+        tokens = np.where(plan.tokens.from_prev, self.last_sampled[plan.tokens.slot], plan.tokens.ids)
         new = self.last_sampled.copy()
-        for s in np.flatnonzero(plan.sample):
-            last = tokens[plan.query_start[s] + plan.query_len[s] - 1]
+        for s in np.flatnonzero(plan.slots.sample):
+            last = tokens[plan.slots.query_start[s] + plan.slots.query_len[s] - 1]
             new[s] = (last + 1) % self.vocab_size
         self.last_sampled = new
         return FakeStepOutput(new.copy(), self.config.max_logprobs, want_logprobs)

@@ -36,7 +36,7 @@ def sampled(s: Scheduler, tok: int | dict[int, int]) -> np.ndarray:
 
 
 def positions_of(plan, slot: int) -> list[int]:
-    return plan.positions[plan.token_slot == slot].tolist()
+    return plan.tokens.positions[plan.tokens.slot == slot].tolist()
 
 
 # ---- the plan of one step ----------------------------------------------------------------------
@@ -53,14 +53,14 @@ def test_prefill_is_chunked_by_max_prefill_chunk_and_samples_after_the_last_chun
     expected = [([10, 11, 12, 13], False, 1), ([14, 15, 16, 17], False, 2), ([18, 19], True, 3)]
     for tokens, samples, num_pages in expected:
         plan = s.schedule()
-        assert plan.tokens.tolist() == tokens
+        assert plan.tokens.ids.tolist() == tokens
         assert positions_of(plan, r.slot) == [t - 10 for t in tokens]
-        assert plan.sample[r.slot] == samples and plan.scheduled[0].samples == samples
-        assert plan.kv_len[r.slot] == tokens[-1] - 10 + 1
+        assert plan.slots.sample[r.slot] == samples and plan.scheduled[0].samples == samples
+        assert plan.slots.kv_len[r.slot] == tokens[-1] - 10 + 1
         assert len(r.pages) == num_pages  # pages of 4 tokens are allocated as the chunks reach them
         s.update(plan, sampled(s, 99))
     assert r.output_ids == [99]
-    assert plan.gen_index[r.slot] == 0 and not plan.is_output.any()
+    assert plan.slots.gen_index[r.slot] == 0 and not plan.tokens.is_output.any()
 
 
 def test_one_step_stays_within_the_token_budget():
@@ -70,15 +70,15 @@ def test_one_step_stays_within_the_token_budget():
     plan = s.schedule()
     # The budget is the largest bucket, 8: a takes 6, b the remaining 2.
     assert plan.num_tokens == 8
-    assert (plan.query_start[a.slot], plan.query_len[a.slot]) == (0, 6)
-    assert (plan.query_start[b.slot], plan.query_len[b.slot]) == (6, 2)
-    assert plan.sample[a.slot] and not plan.sample[b.slot]
+    assert (plan.slots.query_start[a.slot], plan.slots.query_len[a.slot]) == (0, 6)
+    assert (plan.slots.query_start[b.slot], plan.slots.query_len[b.slot]) == (6, 2)
+    assert plan.slots.sample[a.slot] and not plan.slots.sample[b.slot]
     s.update(plan, sampled(s, 5))
     plan = s.schedule()
     # Decode and the rest of a prefill share the step: a decodes 1 token, b prefills its last 4.
     assert positions_of(plan, a.slot) == [6]
     assert positions_of(plan, b.slot) == [2, 3, 4, 5]
-    assert plan.sample.tolist() == [True, True]
+    assert plan.slots.sample.tolist() == [True, True]
 
 
 def test_decode_feeds_the_sampled_token_back_as_a_generated_token():
@@ -86,9 +86,9 @@ def test_decode_feeds_the_sampled_token_back_as_a_generated_token():
     r = add(s, "a", [1, 2, 3])
     s.update(s.schedule(), sampled(s, 40))
     plan = s.schedule()
-    assert plan.tokens.tolist() == [40] and positions_of(plan, r.slot) == [3]
-    assert plan.is_output.tolist() == [True] and not plan.from_prev.any()
-    assert plan.gen_index[r.slot] == 1 and plan.kv_len[r.slot] == 4
+    assert plan.tokens.ids.tolist() == [40] and positions_of(plan, r.slot) == [3]
+    assert plan.tokens.is_output.tolist() == [True] and not plan.tokens.from_prev.any()
+    assert plan.slots.gen_index[r.slot] == 1 and plan.slots.kv_len[r.slot] == 4
     s.update(plan, sampled(s, 41))
     assert r.output_ids == [40, 41]
 
@@ -100,11 +100,11 @@ def test_a_token_still_in_flight_is_taken_from_the_previous_step():
     first = s.schedule()
     second = s.schedule()
     assert r.num_sampled == 2 and r.output_ids == []
-    assert second.from_prev.tolist() == [True] and second.tokens.tolist() == [0]
-    assert positions_of(second, r.slot) == [3] and second.gen_index[r.slot] == 1
+    assert second.tokens.from_prev.tolist() == [True] and second.tokens.ids.tolist() == [0]
+    assert positions_of(second, r.slot) == [3] and second.slots.gen_index[r.slot] == 1
     assert s.update(first, sampled(s, 40)) == [r]
     third = s.schedule()  # 40 is known now; 41 is in flight
-    assert third.from_prev.tolist() == [True] and positions_of(third, r.slot) == [4]
+    assert third.tokens.from_prev.tolist() == [True] and positions_of(third, r.slot) == [4]
     s.update(second, sampled(s, 41))
     s.update(third, sampled(s, 42))
     assert r.output_ids == [40, 41, 42]
@@ -117,19 +117,19 @@ def test_per_slot_arrays_carry_each_request_and_idle_defaults():
                                                      frequency_penalty=-0.5), seed=123)
     plan = s.schedule()
     assert r.slot == 0
-    np.testing.assert_allclose(plan.temperature, [0.5, 0, 0])
-    assert plan.top_k.tolist() == [3, 0, 0] and plan.seed.tolist() == [123, 0, 0]
-    np.testing.assert_allclose(plan.top_p, [0.9, 1, 1])
-    np.testing.assert_allclose(plan.min_p, [0.1, 0, 0])
-    np.testing.assert_allclose(plan.repetition_penalty, [1.2, 1, 1])
-    np.testing.assert_allclose(plan.presence_penalty, [0.5, 0, 0])
-    np.testing.assert_allclose(plan.frequency_penalty, [-0.5, 0, 0])
+    np.testing.assert_allclose(plan.sampling.temperature, [0.5, 0, 0])
+    assert plan.sampling.top_k.tolist() == [3, 0, 0] and plan.sampling.seed.tolist() == [123, 0, 0]
+    np.testing.assert_allclose(plan.sampling.top_p, [0.9, 1, 1])
+    np.testing.assert_allclose(plan.sampling.min_p, [0.1, 0, 0])
+    np.testing.assert_allclose(plan.sampling.repetition_penalty, [1.2, 1, 1])
+    np.testing.assert_allclose(plan.sampling.presence_penalty, [0.5, 0, 0])
+    np.testing.assert_allclose(plan.sampling.frequency_penalty, [-0.5, 0, 0])
     # 64 tokens of context in pages of 4: 16 columns; the two pages used, then padding with page 0.
-    assert plan.page_table.shape == (3, 16)
-    assert plan.page_table[0].tolist() == [1, 2] + [0] * 14 and not plan.page_table[1:].any()
-    assert plan.reset.tolist() == [True, False, False]  # a new occupant: clear its slot's penalty counts
+    assert plan.slots.page_table.shape == (3, 16)
+    assert plan.slots.page_table[0].tolist() == [1, 2] + [0] * 14 and not plan.slots.page_table[1:].any()
+    assert plan.slots.reset.tolist() == [True, False, False]  # a new occupant: clear its slot's penalty counts
     s.update(plan, sampled(s, 9))
-    assert not s.schedule().reset.any()
+    assert not s.schedule().slots.reset.any()
 
 
 # ---- admission ---------------------------------------------------------------------------------
@@ -281,9 +281,9 @@ def test_out_of_pages_preempts_the_newest_running_request():
     assert_gone(s, a, "length")
     # b recomputes its prompt and both outputs in one chunk and samples its third token.
     plan = s.schedule()
-    assert plan.tokens.tolist() == [4, 5, 6, 7, 20, 21] and not plan.from_prev.any()
-    assert plan.is_output.tolist() == [False] * 4 + [True] * 2
-    assert plan.sample[b.slot] and plan.gen_index[b.slot] == 2 and plan.reset[b.slot]
+    assert plan.tokens.ids.tolist() == [4, 5, 6, 7, 20, 21] and not plan.tokens.from_prev.any()
+    assert plan.tokens.is_output.tolist() == [False] * 4 + [True] * 2
+    assert plan.slots.sample[b.slot] and plan.slots.gen_index[b.slot] == 2 and plan.slots.reset[b.slot]
     s.update(plan, sampled(s, 22))
     assert b.output_ids == [20, 21, 22]
     assert_gone(s, b, "length")
@@ -317,7 +317,7 @@ def test_preempted_request_is_recomputed_from_its_own_cached_pages():
     # a's pages: 5 was private and freed; 2 and 1 became evictable. b matches its own [3, 4] and computes
     # only positions 4 and 5 (its two outputs) into the freed page 5.
     assert b.pages == [3, 4, 5] and positions_of(plan, b.slot) == [4, 5]
-    assert plan.tokens.tolist() == [20, 21]
+    assert plan.tokens.ids.tolist() == [20, 21]
     assert b.num_cached_prompt == 0  # only a first admission counts toward the prefix statistics
 
 
@@ -367,8 +367,8 @@ def test_admission_reuses_cached_full_pages_of_an_equal_prefix():
     assert b.pages[:2] == a.pages[:2] and b.pages[2] not in a.pages
     assert s.allocator.refcount[a.pages].tolist() == [2, 2, 1]
     assert positions_of(plan, b.slot) == [8, 9] and b.num_computed == 10
-    assert plan.tokens[plan.token_slot == b.slot].tolist() == [20, 21]
-    assert plan.page_table[b.slot, :3].tolist() == b.pages
+    assert plan.tokens.ids[plan.tokens.slot == b.slot].tolist() == [20, 21]
+    assert plan.slots.page_table[b.slot, :3].tolist() == b.pages
     assert b.num_cached_prompt == 8
     stats = s.prefix_cache.stats
     assert (stats.queried_tokens, stats.hit_tokens) == (9 + 10, 0 + 8)
@@ -384,7 +384,7 @@ def test_a_fully_cached_prompt_still_computes_its_last_token():
     plan = s.schedule()
     # Matching both would leave nothing to compute, and the last token's logits give the first output.
     assert b.num_cached_prompt == 4 and positions_of(plan, b.slot) == [4, 5, 6, 7]
-    assert plan.sample[b.slot]
+    assert plan.slots.sample[b.slot]
 
 
 def test_no_prefix_reuse_when_caching_is_disabled():

@@ -132,42 +132,42 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert 0 < plan.num_tokens <= CONFIG.max_step_tokens
         scheduled_slots = [item.slot for item in plan.scheduled]
         assert len(set(scheduled_slots)) == len(scheduled_slots)
-        assert set(np.flatnonzero(plan.query_len).tolist()) == set(scheduled_slots)
-        assert set(np.flatnonzero(plan.sample).tolist()) == {x.slot for x in plan.scheduled if x.samples}
+        assert set(np.flatnonzero(plan.slots.query_len).tolist()) == set(scheduled_slots)
+        assert set(np.flatnonzero(plan.slots.sample).tolist()) == {x.slot for x in plan.scheduled if x.samples}
         for item in plan.scheduled:
             req, slot, n = item.request, item.slot, item.num_tokens
             assert req.status is Status.RUNNING and self.s.slots[slot] is req
             # Never a token past max_tokens or the context: a request at its limit waits for its last token.
             assert req.num_sampled <= req.sampling.max_tokens and req.num_tokens <= MAX_LEN
-            assert 0 < n <= CONFIG.max_prefill_chunk and plan.query_len[slot] == n
+            assert 0 < n <= CONFIG.max_prefill_chunk and plan.slots.query_len[slot] == n
             truth = req.prompt_ids + self.sampled_for[req.request_id]
-            end = int(plan.kv_len[slot])
+            end = int(plan.slots.kv_len[slot])
             start = end - n
             assert end <= len(truth), f"{req.request_id} computes position {end - 1} before its token exists"
-            table = plan.page_table[slot]
+            table = plan.slots.page_table[slot]
             assert table[:len(req.pages)].tolist() == req.pages and not table[len(req.pages):].any()
             # Attention reads every earlier position through the page table: each must hold this prefix.
             for q in range(start):
                 assert self._kv_at(table, q) == tuple(truth[:q + 1]), (req.request_id, q)
             for i in range(n):
-                t, p = int(plan.query_start[slot]) + i, start + i
-                assert (plan.positions[t], plan.token_slot[t]) == (p, slot)
-                assert plan.is_output[t] == (p >= len(req.prompt_ids))
-                if plan.from_prev[t]:
+                t, p = int(plan.slots.query_start[slot]) + i, start + i
+                assert (plan.tokens.positions[t], plan.tokens.slot[t]) == (p, slot)
+                assert plan.tokens.is_output[t] == (p >= len(req.prompt_ids))
+                if plan.tokens.from_prev[t]:
                     # The previous step sampled it for this very slot and request; the device feeds it on.
                     prev_plan, prev_sampled = self.last
-                    assert prev_plan.sample[slot] and p == len(req.prompt_ids) + prev_plan.gen_index[slot]
+                    assert prev_plan.slots.sample[slot] and p == len(req.prompt_ids) + prev_plan.slots.gen_index[slot]
                     assert any(x.request is req for x in prev_plan.scheduled)
                     value = int(prev_sampled[slot])
                 else:
-                    value = int(plan.tokens[t])
+                    value = int(plan.tokens.ids[t])
                 assert value == truth[p], (req.request_id, p)
                 page = int(table[p // PAGE_SIZE])
                 assert page != 0  # page 0 only pads
                 self.kv.setdefault(page, [None] * PAGE_SIZE)[p % PAGE_SIZE] = tuple(truth[:p + 1])
             if item.samples:
                 assert end == req.num_tokens - 1  # the token sampled after the chunk is the next one
-                assert plan.gen_index[slot] == len(self.sampled_for[req.request_id])
+                assert plan.slots.gen_index[slot] == len(self.sampled_for[req.request_id])
                 self.sampled_for[req.request_id].append(int(sampled[slot]))
         self.last = (plan, sampled)
         return sampled
@@ -269,7 +269,7 @@ def test_the_machine_reaches_preemption_prefix_hits_and_lookahead():
     from_prev = 0
     for _ in range(12):
         m.engine_step([1] * SLOTS)
-        from_prev += int(m.last[0].from_prev.sum())
+        from_prev += int(m.last[0].tokens.from_prev.sum())
     m.add_request([1, 2] * 5, max_tokens=2, ignore_eos=True)
     m.teardown()
     assert m.s.num_preemptions > 0 and m.s.prefix_cache.stats.hit_tokens > 0 and from_prev > 0
