@@ -1,16 +1,21 @@
 """ServeApp: one server's life — bind, warm up, serve, drain — around an Engine.
 
-`start()` binds the port and starts the engine thread, whose first job is the warm-up; until it ends the
-health service reports NOT_SERVING and Generate answers UNAVAILABLE. `drain(grace)` reports NOT_SERVING
-again, refuses new Generate calls, lets the ones in flight finish for up to `grace` seconds, then stops
-the gRPC server (cancelling what is left) and the engine thread.
+`bind()` takes the port (and the metrics port) before there is an engine, so that `jinfer serve` on a port
+in use fails in a second rather than after loading a model; port reuse is off, so a second server on the
+same port is refused instead of silently sharing its traffic. `start(engine)` (binding first if need be)
+starts the engine thread, whose first job is the warm-up; until it ends the health service reports
+NOT_SERVING and Generate answers UNAVAILABLE. `drain(grace)` reports NOT_SERVING again, refuses new
+Generate calls, lets the ones in flight finish for up to `grace` seconds, then stops the gRPC server
+(cancelling what is left) and the engine thread.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
+import errno
 import logging
+import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -22,7 +27,7 @@ from jinfer.serve.auth import BearerTokenInterceptor
 from jinfer.serve.engine_thread import EngineThread
 from jinfer.serve.metrics import ServeMetrics
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
-from jinfer.serve.server import SERVICE_NAME, GenerationServicer
+from jinfer.serve.server import SERVICE_NAME, GenerationServicer, UndecodableRequests
 
 log = logging.getLogger("jinfer.serve")
 
@@ -54,14 +59,48 @@ class ServeOptions:
             raise ValueError(f"drain_grace_s={self.drain_grace_s} must be >= 0")
 
 
-class ServeApp:
-    """`warmup` replaces `engine.warmup` on the engine thread (tests gate it to watch the health service)."""
+def _address(host: str, port: int) -> str:
+    return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
 
-    def __init__(self, engine: Engine, options: ServeOptions, warmup=None):
-        self.engine = engine
+
+def check_port_free(host: str, port: int) -> None:
+    """Raises OSError, in one line that says why, when `host:port` is in use (another server or program
+    listens there) or not ours to bind. gRPC's own refusal says only "Failed to bind" and first writes a
+    C-core error line of its own to stderr, so the port is tried here first."""
+    if port == 0:
+        return
+    address = _address(host, port)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
+    except socket.gaierror as e:
+        raise OSError(f"cannot listen on {address}: {e.strerror}") from None
+    for family, kind, proto, _, sockaddr in infos:
+        try:
+            s = socket.socket(family, kind, proto)
+        except OSError:
+            continue  # a family this machine lacks (IPv6 off): gRPC leaves it out too
+        with s:
+            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
+            try:
+                s.bind(sockaddr)
+            except OSError as e:
+                # Other errors (one of localhost's addresses missing, say) are gRPC's to judge: it binds what it can.
+                if e.errno == errno.EADDRINUSE:
+                    raise OSError(f"cannot listen on {address}: the port is already in use "
+                                  "(by another server or program)") from None
+                if e.errno == errno.EACCES:
+                    raise OSError(f"cannot listen on {address}: {e.strerror}") from None
+
+
+class ServeApp:
+    """`bind()`, then `start(engine)`, then `drain()` (see the module's docstring); on one event loop."""
+
+    def __init__(self, options: ServeOptions):
         self.options = options
-        self._warmup = warmup
         self.metrics = ServeMetrics()
+        self.engine: Engine | None = None  # set by start()
+        self.server: grpc.aio.Server | None = None  # set by bind()
+        self.servicer: GenerationServicer | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
         self.ready = asyncio.Event()
@@ -69,42 +108,64 @@ class ServeApp:
         self._stop_metrics = None
         self._tasks: set[asyncio.Task] = set()
 
-    async def start(self) -> int:
-        """Binds and starts serving (NOT_SERVING until the warm-up ends); returns the bound port."""
+    async def bind(self) -> int:
+        """Binds the gRPC port and serves the metrics (nothing else yet); returns the bound port."""
+        if self.server is not None:
+            return self.port
         o = self.options
+        check_port_free(o.host, o.port)
+        interceptors = [BearerTokenInterceptor(o.auth_tokens)] if o.auth_tokens else []
+        interceptors.append(UndecodableRequests(self._undecodable))  # after auth: a stranger learns nothing
+        server = grpc.aio.server(interceptors=interceptors, options=[
+            ("grpc.max_receive_message_length", o.max_message_bytes),
+            ("grpc.max_send_message_length", o.max_message_bytes),
+            ("grpc.so_reuseport", 0),  # else a second server binds this port too and takes half the calls
+        ])
+        address = _address(o.host, o.port)
+        try:
+            if o.tls_cert_chain is not None:
+                creds = grpc.ssl_server_credentials([(o.tls_private_key, o.tls_cert_chain)])
+                port = server.add_secure_port(address, creds)
+            else:
+                port = server.add_insecure_port(address)
+        except RuntimeError:  # taken since check_port_free, or refused for a reason gRPC does not tell
+            raise OSError(f"cannot listen on {address}") from None
+        if not port:
+            raise OSError(f"cannot listen on {address}")
+        if o.metrics_port is not None:
+            try:
+                self.metrics_port, self._stop_metrics = self.metrics.serve_http(o.metrics_host, o.metrics_port)
+            except OSError as e:
+                raise OSError(f"cannot serve metrics on {_address(o.metrics_host, o.metrics_port)}: "
+                              f"{e.strerror or e}") from None
+        self.server, self.port = server, port
+        return port
+
+    async def start(self, engine: Engine, warmup=None) -> int:
+        """Serves `engine` (NOT_SERVING until the warm-up ends); returns the bound port. `warmup` replaces
+        `engine.warmup` on the engine thread (tests gate it to watch the health service)."""
+        await self.bind()
+        o = self.options
+        self.engine = engine
         loop = asyncio.get_running_loop()
         self.health = health_aio.HealthServicer()
         for name in ("", SERVICE_NAME):
             await self.health.set(name, NOT_SERVING)
-        self.engine_thread = EngineThread(self.engine, loop, self.metrics, self._warmup,
+        self.engine_thread = EngineThread(engine, loop, self.metrics, warmup,
                                           on_ready=self._on_ready, on_failure=self._on_failure)
         self.servicer = GenerationServicer(self.engine_thread, self.metrics, o.model_name, o.max_message_bytes)
-        interceptors = [BearerTokenInterceptor(o.auth_tokens)] if o.auth_tokens else []
-        self.server = grpc.aio.server(interceptors=interceptors, options=[
-            ("grpc.max_receive_message_length", o.max_message_bytes),
-            ("grpc.max_send_message_length", o.max_message_bytes),
-        ])
         pb_grpc.add_GenerationServicer_to_server(self.servicer, self.server)
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self.server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
-        address = f"{o.host}:{o.port}" if ":" not in o.host else f"[{o.host}]:{o.port}"
-        try:
-            if o.tls_cert_chain is not None:
-                creds = grpc.ssl_server_credentials([(o.tls_private_key, o.tls_cert_chain)])
-                self.port = self.server.add_secure_port(address, creds)
-            else:
-                self.port = self.server.add_insecure_port(address)
-        except RuntimeError as e:  # grpc's words for a port in use or an address that is not ours
-            raise OSError(f"could not bind {address}: {e}") from None
-        if not self.port:
-            raise OSError(f"could not bind {address}")
-        if o.metrics_port is not None:
-            self.metrics_port, self._stop_metrics = self.metrics.serve_http(o.metrics_host, o.metrics_port)
         await self.server.start()
         self.engine_thread.start()
         return self.port
+
+    def _undecodable(self, method: str, why: str) -> None:
+        if self.servicer is not None:  # calls are served only once start() has made it
+            self.servicer.record_undecodable(method, why)
 
     def _on_ready(self) -> None:
         self._spawn(self._set_health(SERVING))
@@ -143,6 +204,7 @@ class ServeApp:
             except asyncio.TimeoutError:
                 log.warning('{"event": "grace_expired", "cancelled": %d}', self.servicer.in_flight)
         await self.server.stop(grace=0.1)  # the Generate calls are done (or out of time); others are quick
+        self.servicer.close()
         await asyncio.to_thread(self.engine_thread.stop, 30.0)
         if self._stop_metrics is not None:
             self._stop_metrics()

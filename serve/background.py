@@ -23,15 +23,15 @@ class BackgroundServer:
         self._thread.start()
         self._drain: concurrent.futures.Future | None = None
         try:
-            self.app: ServeApp = self.call(self._make, engine, options, warmup)
-            self.port: int = self.call(self.app.start)
+            self.app: ServeApp = self.call(self._make, options)
+            self.port: int = self.call(self.app.start, engine, warmup)
         except BaseException:
             self._stop_loop()
             raise
 
     @staticmethod
-    async def _make(engine, options, warmup) -> ServeApp:
-        return ServeApp(engine, options, warmup)  # built on the loop: its asyncio.Events belong there
+    async def _make(options) -> ServeApp:
+        return ServeApp(options)  # built on the loop: its asyncio.Events belong there
 
     def call(self, fn, *args, timeout: float | None = 120.0):
         """Runs the coroutine function fn(*args) on the server's loop and returns its result."""

@@ -107,8 +107,10 @@ def model_info(engine: Engine, model_name: str, max_message_bytes: int) -> pb.Mo
         tie_word_embeddings=c.tie_word_embeddings)
     if c.bos_token_id is not None:
         config.bos_token_id = c.bos_token_id
+    # Usable pages (page 0 is reserved), summed over data-parallel replicas: the pool jinfer_kv_pages_total counts.
+    num_pages = sum(r.scheduler.allocator.usable_pages for r in getattr(engine, "replicas", (engine,)))
     limits = pb.EngineLimits(
-        max_slots=e.max_slots, max_waiting=e.max_waiting, page_size=e.page_size, num_pages=engine.num_pages,
+        max_slots=e.max_slots, max_waiting=e.max_waiting, page_size=e.page_size, num_pages=num_pages,
         max_prefill_chunk=e.max_prefill_chunk, token_buckets=list(e.token_buckets), max_logprobs=e.max_logprobs,
         dtype=e.dtype, prefix_caching=e.enable_prefix_caching)
     tok = engine.tokenizer

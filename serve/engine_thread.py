@@ -19,8 +19,8 @@ from typing import Callable
 
 from jinfer.engine.engine import Engine, StepEvent
 from jinfer.engine.outputs import TokenLogprobs
-from jinfer.inputs import SamplingParams
 from jinfer.engine.scheduler import QueueFull
+from jinfer.inputs import CheckedRequest
 
 log = logging.getLogger("jinfer.serve")
 
@@ -52,8 +52,7 @@ class Chunk:
 @dataclasses.dataclass(frozen=True)
 class Submission:
     request_id: str  # the engine's id, unique within this server
-    prompt_ids: list[int]
-    sampling: SamplingParams
+    request: CheckedRequest  # checked at the edge (jinfer.inputs): the engine trusts it
     deliver: Callable[[Chunk], None]  # called on the event loop with each chunk
     received: float  # time.perf_counter() when the server received the call
 
@@ -122,10 +121,11 @@ class EngineThread:
     def _run(self) -> None:
         try:
             self._warmup()
-        except BaseException as e:  # noqa: BLE001 - reported to the server, which stops serving
+        except BaseException as e:  # reported to the server, which stops serving
             self._fail(e)
             return
         self.ready = True
+        self._publish()  # the pool's size, before any request: the metric must not read 0 pages until then
         self._post(lambda: self._on_ready and self._on_ready())
         while True:
             if not self._drain(block=not self.engine.has_work):
@@ -133,7 +133,7 @@ class EngineThread:
             if self.engine.has_work:
                 try:
                     events = self.engine.step()
-                except BaseException as e:  # noqa: BLE001
+                except BaseException as e:
                     self._fail(e)
                     return
                 self.num_steps += 1
@@ -161,16 +161,17 @@ class EngineThread:
                 fn, fut = cmd[1], cmd[2]
                 try:
                     fut.set_result(fn(self.engine))
-                except BaseException as e:  # noqa: BLE001 - handed to the caller
+                except BaseException as e:  # handed to the caller
                     fut.set_exception(e)
             elif kind == "stop":
                 return False
 
     def _admit(self, sub: Submission) -> None:
         try:
-            self.engine.add_request(sub.prompt_ids, sub.sampling, request_id=sub.request_id)
-        except Exception as e:  # noqa: BLE001 - QueueFull, ValueError (bad input), or a bug: the caller hears
-            self._post(lambda: sub.deliver(Chunk(error=e)))
+            self.engine.add_request(sub.request, request_id=sub.request_id)
+        except Exception as e:  # QueueFull, ValueError (bad input), or a bug: the caller hears
+            # Bound now: the callback runs later, on the event loop, when `e` is no longer defined.
+            self._post(lambda err=e: sub.deliver(Chunk(error=err)))
         else:
             self._active[sub.request_id] = sub
         finally:
@@ -222,7 +223,7 @@ class EngineThread:
             self._post(lambda sub=sub: sub.deliver(Chunk(error=err)))
             try:
                 self.engine.cancel(sub.request_id)  # best effort: give the pages back if the engine still can
-            except Exception:  # noqa: BLE001
+            except Exception:
                 pass
         self._active.clear()
         # Submissions that were still in the inbox get the same answer.

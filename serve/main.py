@@ -1,10 +1,16 @@
-"""`jinfer serve` (also `python -m serve.main`): load a model, warm up, serve gRPC, drain on SIGTERM.
+"""`jinfer serve` (also `python -m jinfer.serve.main`): load a model, warm up, serve gRPC, drain on SIGTERM.
 
-The port is bound before the warm-up, with the health service reporting NOT_SERVING until the warm-up
-ends. SIGTERM (or SIGINT) starts the drain: NOT_SERVING again, new calls refused, calls in flight given
-`--drain-grace` seconds to finish; then the process exits 0. Logs are JSON lines on stderr: one when the
-port is bound (`listening`, with the port, so `--port 0` is usable), one when serving starts, one per
-finished request, and the drain's.
+The port is bound first, before the model loads, so a port in use (by another server or any program: port
+reuse is off) ends the start at once with one error line and exit code 2. The health service answers once
+the model is loaded, NOT_SERVING until the warm-up ends. SIGTERM (or SIGINT) starts the drain:
+NOT_SERVING again, new calls refused, calls in flight given `--drain-grace` seconds to finish; then the
+process exits 0.
+
+Logs are JSON lines on stderr, each starting with "ts", the record's time in ISO 8601 UTC with
+milliseconds ("2026-12-01T09:30:00.123Z"), and "level": one when the port is bound (`listening`, with
+the port, so `--port 0` is usable), one when serving starts, one per finished request, and the drain's.
+`--log-level` filters jinfer's own lines; other libraries log their warnings and errors only (orbax's and
+absl's INFO lines are dropped), as JSON lines too, with "logger" and "message".
 
 `--model tiny-random` serves the tiny random-weight model of tests/tiny.py (from a source checkout), for
 tests and benchmarks of the server itself.
@@ -14,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import datetime
 import json
 import logging
 import os
@@ -57,7 +64,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     o.add_argument("--metrics-host", default="127.0.0.1")
     o.add_argument("--drain-grace", type=float, default=30.0, help="seconds in-flight calls get after SIGTERM")
     o.add_argument("--no-compile-cache", action="store_true", help="do not use XLA's persistent compile cache")
-    o.add_argument("--log-level", default="INFO")
+    o.add_argument("--log-level", default="INFO", type=str.upper,
+                   choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="of jinfer's own log lines")
 
 
 def engine_config(args, dtype: str):
@@ -88,9 +96,10 @@ def build_engine(args):
         except ImportError as e:
             raise ValueError(f"--model {TINY_RANDOM} needs the jinfer source checkout (tests/tiny.py)") from e
         return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
-    from jinfer.entrypoints.llm import LLM
+    from jinfer.checkpoints.load import load
 
-    return LLM(args.model, dtype=args.dtype, engine_config=cfg, seed=args.seed, warmup=False).engine
+    loaded = load(args.model)  # as LLM loads it; serving sits below the entry points, so not through LLM
+    return make_engine(loaded.config, loaded.params, loaded.tokenizer, cfg, seed=args.seed)
 
 
 def read_tokens(path: str | None) -> tuple[str, ...]:
@@ -100,8 +109,12 @@ def read_tokens(path: str | None) -> tuple[str, ...]:
             tokens = [line.strip() for line in f if line.strip() and not line.startswith("#")]
         if not tokens:
             raise ValueError(f"--auth-token-file {path!r} holds no token")
-    if os.environ.get("JINFER_AUTH_TOKEN", "").strip():
-        tokens.append(os.environ["JINFER_AUTH_TOKEN"].strip())
+    env = os.environ.get("JINFER_AUTH_TOKEN")
+    if env is not None:
+        if not env.strip():  # e.g. JINFER_AUTH_TOKEN=$UNSET: serving without authentication was not meant
+            raise ValueError("JINFER_AUTH_TOKEN is set but blank: set it to a token, or unset it to serve "
+                             "without authentication")
+        tokens.append(env.strip())
     return tuple(tokens)
 
 
@@ -122,13 +135,15 @@ def options(args):
                         metrics_port=args.metrics_port, drain_grace_s=args.drain_grace)
 
 
-async def serve(engine, opts) -> int:
+async def serve(args, opts) -> int:
     from jinfer.serve.app import ServeApp
 
-    app = ServeApp(engine, opts)
-    port = await app.start()
+    app = ServeApp(opts)
+    port = await app.bind()  # before the model loads: a port in use fails in a second, not after the load
     log.info(json.dumps({"event": "listening", "host": opts.host, "port": port, "tls": opts.tls_cert_chain is not None,
                          "auth": bool(opts.auth_tokens), "metrics_port": app.metrics_port, "model": opts.model_name}))
+    engine = build_engine(args)  # blocking the loop: nothing is served until start()
+    await app.start(engine)
     stop = asyncio.Event()
     loop = asyncio.get_running_loop()
     for sig in (signal.SIGTERM, signal.SIGINT):
@@ -147,19 +162,61 @@ async def serve(engine, opts) -> int:
     return 1 if app.failed.is_set() else 0
 
 
-def run(args) -> int:
-    logging.basicConfig(level=args.log_level.upper(), format="%(message)s", stream=sys.stderr)
-    if not args.no_compile_cache:
-        from jinfer.entrypoints.cli import _enable_compile_cache
+class JsonLines(logging.Formatter):
+    """Every record as one JSON object: "ts" and "level", then the fields of a message that is a JSON object
+    itself (jinfer's lines), else "logger" and "message"; a traceback goes in "exception"."""
 
-        _enable_compile_cache()
-    opts = options(args)  # before loading the model, so a bad flag fails fast
-    engine = build_engine(args)
-    return asyncio.run(serve(engine, opts))
+    def format(self, record: logging.LogRecord) -> str:
+        ts = datetime.datetime.fromtimestamp(record.created, datetime.timezone.utc)
+        line = {"ts": ts.isoformat(timespec="milliseconds").replace("+00:00", "Z"), "level": record.levelname}
+        message = record.getMessage()
+        fields = None
+        if message.startswith("{"):
+            try:
+                fields = json.loads(message)
+            except ValueError:
+                pass
+        line.update(fields if isinstance(fields, dict) else {"logger": record.name, "message": message})
+        if record.exc_info:
+            line["exception"] = self.formatException(record.exc_info)
+        return json.dumps(line)
+
+
+def configure_logging(level: str) -> None:
+    """JSON lines on stderr; `level` filters the `jinfer.*` loggers, every other library's warnings and
+    errors pass (their INFO lines, orbax's and absl's above all, were half of a start's output)."""
+    handler = logging.StreamHandler(sys.stderr)
+    handler.setFormatter(JsonLines())
+    root = logging.getLogger()
+    root.handlers[:] = [handler]
+    root.setLevel(logging.WARNING)
+    logging.getLogger("jinfer").setLevel(level)
+    # Records of a logger with a level of its own reach the root's handler whatever the root's level.
+    for name in ("absl", "orbax"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        from absl import logging as absl_logging
+    except ImportError:
+        return
+    absl_logging.set_verbosity(absl_logging.WARNING)
+
+
+def run(args) -> int:
+    configure_logging(args.log_level)
+    opts = options(args)  # before anything slow, so a bad flag fails fast
+    if not args.no_compile_cache:
+        from jinfer.runtime.compile_cache import enable_compile_cache
+
+        enable_compile_cache()
+    try:
+        return asyncio.run(serve(args, opts))
+    except OSError as e:  # a port that cannot be bound; `jinfer serve` (the CLI) reports only ValueErrors itself
+        print(f"jinfer serve: error: {e}", file=sys.stderr)
+        return 2
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.main", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m jinfer.serve.main", description=__doc__.split("\n")[0])
     add_arguments(p)
     args = p.parse_args(argv)
     try:

@@ -24,7 +24,9 @@ class ServeMetrics:
         self.pages_used = Gauge("jinfer_kv_pages_used", "KV pages held by requests", registry=r)
         self.pages_cached = Gauge("jinfer_kv_pages_cached",
                                   "KV pages only the prefix cache holds (reclaimable)", registry=r)
-        self.pages_total = Gauge("jinfer_kv_pages_total", "KV pages in the pool", registry=r)
+        self.pages_total = Gauge("jinfer_kv_pages_total",
+                                 "usable KV pages in the pool (page 0 is reserved), as GetModelInfo's num_pages",
+                                 registry=r)
         self.prefix_hit_rate = Gauge("jinfer_prefix_cache_hit_rate",
                                      "fraction of prompt tokens served from the prefix cache", registry=r)
         self.tokens_per_second = Gauge("jinfer_generation_tokens_per_second",

@@ -347,7 +347,8 @@ def test_a_cancel_frees_slot_and_pages_before_the_next_engine_step(server, engin
     chunks = []
     assert server.wait_ready(60)
     with slow_steps(engine, 0.01):
-        et.submit(Submission("direct", list(range(1, 40)), SamplingParams(max_tokens=200, ignore_eos=True),
+        et.submit(Submission("direct", engine.inputs.request(list(range(1, 40)),
+                                                             SamplingParams(max_tokens=200, ignore_eos=True)),
                              chunks.append, time.perf_counter()))
         deadline = time.monotonic() + 10
         while len(chunks) < 3:
@@ -426,11 +427,12 @@ BAD_GENERATE = [
      "sampling.repetition_penalty=0"),
     (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(presence_penalty=3)), "sampling.presence_penalty=3"),
     (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(seed=2**32)), "sampling.seed=4294967296"),
-    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(stop=[""])), "sampling.stop contains ''"),
+    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(stop=[""])),
+     "sampling.stop[0]='' must be a non-empty string"),
     (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(stop_token_ids=[-1])),
-     "sampling.stop_token_ids contains -1"),
+     "sampling.stop_token_ids[0]=-1 must be a non-negative integer"),
     (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(logprobs=9)),
-     "sampling.logprobs=9 exceeds the server's max_logprobs=5"),
+     "sampling.logprobs=9 exceeds the engine's max_logprobs=5"),
 ]
 
 

@@ -8,16 +8,9 @@ import sys
 
 
 def _enable_compile_cache() -> None:
-    """XLA's persistent compilation cache, so a second start skips compiling the same step functions."""
-    from jinfer.runtime.xla_flags import apply_gpu_flags
+    from jinfer.runtime.compile_cache import enable_compile_cache
 
-    apply_gpu_flags()
-    import jax
-
-    from jinfer.checkpoints.registry import cache_dir
-
-    jax.config.update("jax_compilation_cache_dir", str(cache_dir() / "xla"))
-    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    enable_compile_cache()
 
 
 def cmd_generate(args) -> int:
