@@ -135,7 +135,9 @@ class Tokenizer:
     def encode(self, text: str, add_special_tokens: bool = True) -> list[int]:
         if not isinstance(text, str):
             raise TypeError(f"text must be a str, got {type(text).__name__}")
-        return self._backend.encode(text, add_special_tokens=add_special_tokens).ids
+        # The batch call releases the GIL while the Rust side works (encode() holds it), so a server's
+        # other threads run on during a multi-megabyte text.
+        return self._backend.encode_batch([text], add_special_tokens=add_special_tokens)[0].ids
 
     def decode(self, ids: Sequence[int], skip_special_tokens: bool = False) -> str:
         """Ids at or past the vocabulary size (a model's padded rows) decode to nothing."""
@@ -143,7 +145,7 @@ class Tokenizer:
         for k, i in enumerate(ids):
             if i < 0:
                 raise ValueError(f"ids[{k}]={i} is negative")
-        return self._backend.decode(ids, skip_special_tokens=skip_special_tokens)
+        return self._backend.decode_batch([ids], skip_special_tokens=skip_special_tokens)[0]  # GIL released too
 
     @property
     def vocab_size(self) -> int:
