@@ -36,7 +36,7 @@ def _median_time(fn, iters: int) -> float:
 
 def bench_jinfer(config, params, rng, iters):
     from jinfer.models.attention import dense_kv_cache
-    from jinfer.runtime.reference import _forward_step
+    from jinfer.runtime.reference import forward_step
 
     dtype = jax.tree_util.tree_leaves(params)[0].dtype
     out = {}
@@ -45,7 +45,7 @@ def bench_jinfer(config, params, rng, iters):
 
     def prefill():
         cache = dense_kv_cache(config.num_layers, 1, CACHE_LEN, config.num_kv_heads, config.head_dim, dtype)
-        logits, cache = _forward_step(params, tokens, positions, jnp.array([PROMPT_LEN - 1]), cache, config=config)
+        logits, cache = forward_step(params, tokens, positions, jnp.array([PROMPT_LEN - 1]), cache, config=config)
         jax.block_until_ready(logits)
 
     out["prefill"] = PROMPT_LEN / _median_time(prefill, iters)
@@ -57,7 +57,7 @@ def bench_jinfer(config, params, rng, iters):
         def decode():
             for step in range(DECODE_STEPS):
                 pos = jnp.full((batch, 1), PROMPT_LEN + step, jnp.int32)
-                logits, state["cache"] = _forward_step(params, toks, pos, jnp.zeros(batch, jnp.int32),
+                logits, state["cache"] = forward_step(params, toks, pos, jnp.zeros(batch, jnp.int32),
                                                        state["cache"], config=config)
                 jnp.argmax(logits, -1).block_until_ready()  # the loop needs each token on the host
 

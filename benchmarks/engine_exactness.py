@@ -25,12 +25,11 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own de
 
 def main():
     from benchmarks.model_shapes import SHAPES
-    from jinfer.runtime import reference
-    from jinfer.engine.engine import Engine
-    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
-    from jinfer.models import llama
     from jinfer.inputs import SamplingParams
+    from jinfer.models import llama
+    from jinfer.runtime import reference
+    from jinfer.runtime.build import build_engine
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="smollm2-135m")

@@ -13,13 +13,12 @@ import traceback
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.kernels import device_time_interleaved, rel_err, timeit_interleaved  # noqa: E402
-from jinfer.kernels.flash_attention import flash_attention_reference  # noqa: E402
-from jinfer.kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper  # noqa: E402
+from benchmarks.kernels import device_time_interleaved, rel_err, timeit_interleaved
+from jinfer.kernels.flash_attention import flash_attention_reference
+from jinfer.kernels.flash_attention.kernel_hopper import HopperBlockSizes, flash_attention_hopper
 
 CHECKS = [  # (B, S, N, K, H, causal)
     (1, 256, 4, 2, 64, True), (1, 256, 4, 2, 64, False), (2, 384, 4, 4, 128, True), (1, 512, 6, 2, 128, True),
@@ -54,7 +53,7 @@ def run_checks():
                 o = o[0] if with_lse else o
                 print(f"check B={B} S={S} N={N} K={K} H={H} causal={causal} {bs}: rel err {rel_err(o, ref):.1e}, "
                       f"lse max err {lse_err:.1e}")
-            except Exception:  # noqa: BLE001
+            except Exception:
                 print(f"check B={B} S={S} N={N} K={K} H={H} causal={causal} {bs}: FAILED")
                 traceback.print_exc(limit=3)
 
@@ -76,7 +75,7 @@ def run_timings(iters, device_time: bool):
                                                                          block_sizes=bs))
                 errs[bs] = rel_err(f(q, k, v), ref)
                 fns[bs] = lambda f=f: f(q, k, v)
-            except Exception as e:  # noqa: BLE001
+            except Exception as e:
                 print(f"  {bs}: FAILED {type(e).__name__}: {str(e)[:300]}")
         times = timeit_interleaved(fns, iters)
         dev = device_time_interleaved(fns) if device_time else {}

@@ -34,7 +34,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.gpu_trace import kernel_times  # noqa: E402
+from benchmarks.gpu_trace import kernel_times
 
 N_HEADS, KV_HEADS, HEAD_DIM = 32, 8, 128
 DECODE_SHAPES = [(64, 4096), (8, 32768), (1, 4096)]
@@ -148,20 +148,20 @@ def decode_case(B, ctx, page_size, iters, rng):
         jp = jax.jit(lambda q, k, v: jpa.paged_attention(q, k, v, page_table, kv_len, pages_per_compute_block=ppcb,
                                                          k_splits=splits))
         rows.append(("JAX pallas paged", lambda: jp(q, k_pages[0], v_pages[0]), float("nan")))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"  JAX Pallas peer failed: {type(e).__name__}: {str(e)[:120]}")
     try:  # tokamax on the dense cache, one query per row
         tokamax = import_tokamax()
         tk = jax.jit(lambda q, k, v: tokamax.dot_product_attention(q[:, None], k, v))
         jax.block_until_ready(tk(q, kd, vd))
         rows.append(("tokamax (dense)", lambda: tk(q, kd, vd), float("nan")))
-    except Exception as e:  # noqa: BLE001
+    except Exception as e:
         print(f"  tokamax peer failed: {type(e).__name__}: {str(e)[:160]}")
     timed = []
     for name, fn, e in rows:
         try:
             timed.append((name, timeit(fn, iters), sum(us for _, us in kernel_times(fn)) * 1e-6, e))
-        except Exception as ex:  # noqa: BLE001 - a peer that does not run is reported, not fatal
+        except Exception as ex:
             print(f"  {name} failed: {type(ex).__name__}: {str(ex)[:120]}")
     print(f"decode B={B} ctx={ctx} page={page_size} (blocks {bs}):")
     for name, t, dev, e in timed:
@@ -207,7 +207,7 @@ def prefill_case(B, S, iters, rng):
                                                                                    implementation=impl))
             jax.block_until_ready(tk(q, k, v))
             fns[f"tokamax {impl}"] = lambda tk=tk: tk(q, k, v)
-        except Exception as e:  # noqa: BLE001 - a peer that does not run is reported, not fatal
+        except Exception as e:
             print(f"  tokamax {impl} peer failed: {type(e).__name__}: {str(e)[:160]}")
     try:
         from jax.experimental.pallas.ops.gpu import attention as jfa
@@ -216,7 +216,7 @@ def prefill_case(B, S, iters, rng):
                                              jnp.repeat(v, N_HEADS // KV_HEADS, 2), None, causal=True))
         jax.block_until_ready(jf(q, k, v))
         fns["JAX pallas triton mha"] = lambda: jf(q, k, v)
-    except Exception as e:  # noqa: BLE001 - a peer that does not run is reported, not fatal
+    except Exception as e:
         print(f"  JAX Pallas peer failed: {type(e).__name__}: {str(e)[:120]}")
     times = timeit_interleaved(fns, iters)
     rows = list(times.items())[:n_ours]

@@ -15,8 +15,8 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from jinfer.kernels.paged_attention.kernel import BlockSizes  # noqa: E402
-from tests.test_paged_attention_kernel import CASES, make_case, rel, run_kernel, run_reference  # noqa: E402
+from jinfer.kernels.paged_attention.kernel import BlockSizes
+from tests.test_paged_attention_kernel import CASES, make_case, rel, run_kernel, run_reference
 
 
 def main():
@@ -33,7 +33,7 @@ def main():
             ratio = float(np.nanmedian(np.asarray(got[:c["T"]], np.float32) / np.asarray(want[:c["T"]], np.float32)))
             print(f"H={H:3d} page={ps:2d} {jnp.dtype(dtype).name:8s} G={G} ppb={ppb} case={case} splits={splits}: "
                   f"rel err {err:.1e}  median ratio {ratio:.2f}" + ("   <-- WRONG" if err > 2e-2 else ""))
-        except Exception as e:  # noqa: BLE001
+        except Exception as e:
             print(f"H={H} page={ps} {dtype} G={G} ppb={ppb} case={case}: {type(e).__name__}: {str(e)[:120]}")
 
 

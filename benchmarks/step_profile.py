@@ -13,7 +13,6 @@ import time
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
@@ -24,11 +23,10 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own de
 
 def main():
     from benchmarks.model_shapes import SHAPES
-    from jinfer.engine.engine import Engine
-    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
-    from jinfer.models import llama
     from jinfer.inputs import SamplingParams
+    from jinfer.models import llama
+    from jinfer.runtime.build import build_engine
 
     ap = argparse.ArgumentParser()
     ap.add_argument("--shape", default="llama-3.1-8b")

@@ -34,9 +34,9 @@ def percentiles(xs, ps=(50, 90, 99)):
 
 
 def run_engine(config, params, tokenizer, args, prompts):
-    from jinfer.runtime.build import build_engine
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
+    from jinfer.runtime.build import build_engine
 
     max_len = args.input_len + args.output_len
     ec = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,

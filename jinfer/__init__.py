@@ -3,11 +3,11 @@
 The public API is imported lazily, so host-only modules (the scheduler, configs) load without jax.
 """
 
-from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
 from jinfer.engine.outputs import RequestOutput
 from jinfer.inputs import SamplingParams
+from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
 
-__all__ = ["LLM", "ConfigError", "ModelConfig", "RequestOutput", "RopeScaling", "SamplingParams"]
+__all__ = ["LLM", "ConfigError", "ModelConfig", "RequestOutput", "RopeScaling", "SamplingParams"]  # noqa: F822 - LLM is imported lazily (__getattr__)
 
 
 def __getattr__(name):

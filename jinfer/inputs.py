@@ -175,7 +175,7 @@ class InputChecker:
             raise ValueError(f"{field}: this model has no chat_template; send text or token ids")
         try:
             text = tok.apply_chat_template(checked, add_generation_prompt=True)
-        except Exception as e:  # noqa: BLE001 - a template may refuse messages in any way (jinja raise_exception)
+        except Exception as e:
             raise ValueError(f"{field}: the chat template refused the messages: {e}") from None
         return text, tok.encode(text, add_special_tokens=False)
 

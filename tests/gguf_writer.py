@@ -4,9 +4,8 @@ GPT-J style RoPE, 2-D weights quantized), for importer tests that need no real c
 
 from __future__ import annotations
 
-import numpy as np
-
 import gguf
+import numpy as np
 from gguf import GGMLQuantizationType as Q
 
 from jinfer.models.config import ModelConfig

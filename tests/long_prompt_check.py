@@ -14,19 +14,19 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jinfer.runtime import reference, sharding  # noqa: E402
-from jinfer.engine.engine import Engine  # noqa: E402
-from jinfer.runtime.build import build_engine  # noqa: E402
-from jinfer.engine.config import EngineConfig  # noqa: E402
-from jinfer.runtime.long_prompt import RingPrefill  # noqa: E402
-from jinfer.inputs import SamplingParams  # noqa: E402
-from jinfer.kernels.flash_attention.kernel import BlockSizes  # noqa: E402
-from jinfer.testing.tiny import TINY as CONFIG  # noqa: E402
-from jinfer.testing.tiny import tiny_params  # noqa: E402
+from jinfer.engine.config import EngineConfig
+from jinfer.engine.engine import Engine
+from jinfer.inputs import SamplingParams
+from jinfer.kernels.flash_attention.kernel import BlockSizes
+from jinfer.runtime import reference, sharding
+from jinfer.runtime.build import build_engine
+from jinfer.runtime.long_prompt import RingPrefill
+from jinfer.testing.tiny import TINY as CONFIG
+from jinfer.testing.tiny import tiny_params
 
 GREEDY = SamplingParams(max_tokens=12, temperature=0.0, ignore_eos=True)
 RNG = np.random.default_rng(6)

@@ -11,14 +11,14 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import numpy as np  # noqa: E402
-from jax.sharding import PartitionSpec as P  # noqa: E402
+import numpy as np
+from jax.sharding import PartitionSpec as P
 
-from jinfer.runtime.build import make_engine  # noqa: E402
-from jinfer.engine.config import EngineConfig  # noqa: E402
-from jinfer.inputs import SamplingParams  # noqa: E402
-from jinfer.testing.tiny import TINY_MESH as CONFIG  # noqa: E402
-from jinfer.testing.tiny import tiny_params  # noqa: E402
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
+from jinfer.runtime.build import make_engine
+from jinfer.testing.tiny import TINY_MESH as CONFIG
+from jinfer.testing.tiny import tiny_params
 
 
 def run(dp: int, tp: int, params, prompts):
@@ -70,10 +70,10 @@ def check_orbax_reshard(params, tmp: str) -> bool:
 def check_ring_prefill(params) -> bool:
     import jax
 
+    from jinfer.kernels.flash_attention.kernel import BlockSizes
+    from jinfer.models.attention import dense_kv_cache
     from jinfer.runtime import reference, sharding
     from jinfer.runtime.long_prefill import ring_prefill
-    from jinfer.models.attention import dense_kv_cache
-    from jinfer.kernels.flash_attention.kernel import BlockSizes
 
     mesh = sharding.make_mesh(seq=4)
     tokens = list(np.random.default_rng(1).integers(0, CONFIG.vocab_size, 37))  # pads to 40 = 5 x (2 x 4)

@@ -12,17 +12,17 @@ os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-import functools  # noqa: E402
+import functools
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
 
-from jinfer.entrypoints import cli  # noqa: E402
-from jinfer.runtime import distributed, reference, sharding  # noqa: E402
-from jinfer.models.attention import dense_kv_cache  # noqa: E402
-from jinfer.testing.tiny import TINY_MESH as CONFIG  # noqa: E402
-from jinfer.testing.tiny import tiny_params  # noqa: E402
+from jinfer.entrypoints import cli
+from jinfer.models.attention import dense_kv_cache
+from jinfer.runtime import distributed, reference, sharding
+from jinfer.testing.tiny import TINY_MESH as CONFIG
+from jinfer.testing.tiny import tiny_params
 
 TOKENS = list(range(3, 40))
 

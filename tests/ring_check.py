@@ -8,15 +8,16 @@ import sys
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
 
-import jax  # noqa: E402
-import jax.numpy as jnp  # noqa: E402
-import numpy as np  # noqa: E402
-from jax.sharding import Mesh, NamedSharding, PartitionSpec as Ps  # noqa: E402
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as Ps
 
-from jinfer.kernels.flash_attention import flash_attention_reference  # noqa: E402
-from jinfer.kernels.flash_attention.kernel import BlockSizes  # noqa: E402
-from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes  # noqa: E402
-from jinfer.kernels.ring_attention import ring_attention, zigzag_order  # noqa: E402
+from jinfer.kernels.flash_attention import flash_attention_reference
+from jinfer.kernels.flash_attention.kernel import BlockSizes
+from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes
+from jinfer.kernels.ring_attention import ring_attention, zigzag_order
 
 
 def main():

@@ -11,12 +11,12 @@ import sys
 import numpy as np
 import pytest
 
-from jinfer.checkpoints.load import LoadedModel
 from jinfer import LLM
-from jinfer.runtime import reference
-from jinfer.entrypoints.batch import run_batch
+from jinfer.checkpoints.load import LoadedModel
 from jinfer.engine.config import EngineConfig
+from jinfer.entrypoints.batch import run_batch
 from jinfer.inputs import SamplingParams
+from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 ENGINE = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), max_prefill_chunk=16)

@@ -18,8 +18,8 @@ import pytest
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.checkpoints.orbax_io import restore_orbax, save_orbax, save_orbax_atomic
 from jinfer.checkpoints.safetensors_io import load_hf_dir, save_hf_dir
-from jinfer.models.config import ModelConfig, RopeScaling
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
+from jinfer.models.config import ModelConfig, RopeScaling
 from jinfer.models.llama import forward, init_params, logits_from_hidden
 
 _BASE = dict(vocab_size=96, hidden_size=64, num_layers=2, head_dim=16, intermediate_size=80,

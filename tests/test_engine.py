@@ -8,11 +8,11 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from jinfer.runtime import reference
-from jinfer.engine.engine import Engine
-from jinfer.runtime.build import build_engine
 from jinfer.engine.config import EngineConfig
+from jinfer.engine.engine import Engine
 from jinfer.inputs import SamplingParams
+from jinfer.runtime import reference
+from jinfer.runtime.build import build_engine
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a shared prefix for some prompts

@@ -6,10 +6,10 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from jinfer.runtime import reference
 from jinfer.inputs import SamplingParams
-from tests.test_engine import make_engine, run_workload
+from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+from tests.test_engine import make_engine, run_workload
 
 
 @pytest.fixture(scope="module")

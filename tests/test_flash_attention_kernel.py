@@ -28,7 +28,7 @@ def rel(a, b):
 
 
 def inputs(rng, B, Sq, Sk, N, K, H, dtype):
-    mk = lambda *s: jnp.asarray(rng.normal(size=s), dtype)
+    mk = lambda *s: jnp.asarray(rng.normal(size=s), dtype)  # noqa: E731
     return mk(B, Sq, N, H), mk(B, Sk, K, H), mk(B, Sk, K, H)
 
 

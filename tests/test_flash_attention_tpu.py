@@ -14,6 +14,7 @@ import pytest
 from jinfer.kernels.flash_attention import flash_attention_reference
 from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes, flash_attention_tpu
 from jinfer.kernels.flash_attention.reference import attention_mask
+
 # the GPU kernel tests' tolerances and inputs
 from tests.test_flash_attention_kernel import TOL, inputs, rel
 
@@ -134,7 +135,7 @@ def test_bad_inputs_are_named(kwargs, match):
 def tpu_lowering(monkeypatch):
     """Lets Pallas lower for TPU on this CPU host by describing the host as a TPU v5e. Mosaic's own compiler
     does not run, but Pallas' checks do: block shapes against the (8, 128) tiling, supported primitives."""
-    from jax._src.pallas.mosaic import tpu_info
+    from jax._src.pallas.mosaic import tpu_info  # noqa: PLC2701 - no public API gives the TPU generation
     from jax.experimental.pallas import tpu as pltpu
 
     if not isinstance(getattr(tpu_info, "registry", None), dict):
@@ -151,7 +152,7 @@ def test_lowers_for_tpu(tpu_lowering, dtype, Sq, Sk, G, H, segments, window):
     B, K = 2, 2
     q = jax.ShapeDtypeStruct((B, Sq, K * G, H), dtype)
     k = jax.ShapeDtypeStruct((B, Sk, K, H), dtype)
-    seg = lambda S: jax.ShapeDtypeStruct((B, S), jnp.int32) if segments else None
+    seg = lambda S: jax.ShapeDtypeStruct((B, S), jnp.int32) if segments else None  # noqa: E731
     f = functools.partial(flash_attention_tpu, causal=True, window=window, softcap=None, sm_scale=None,
                           block_sizes=TPUBlockSizes(), interpret=False)
     lowered = jax.jit(f).trace(q, k, k, jax.ShapeDtypeStruct((B,), jnp.int32), seg(Sq), seg(Sk))

@@ -16,9 +16,9 @@ from gguf import GGMLQuantizationType as Q
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.checkpoints.gguf_import import load_gguf
 from jinfer.checkpoints.load import load
-from jinfer.runtime import reference
-from jinfer.models.config import ModelConfig
 from jinfer.models import llama
+from jinfer.models.config import ModelConfig
+from jinfer.runtime import reference
 from tests.gguf_writer import write_llama_gguf
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,

@@ -6,8 +6,15 @@ import math
 
 import pytest
 
-from jinfer.inputs import (MAX_STOP_STRING_CHARS, MAX_STOP_STRINGS, CheckedRequest, InputChecker, Prompt,
-                           SamplingParams, check_request_id)
+from jinfer.inputs import (
+    MAX_STOP_STRING_CHARS,
+    MAX_STOP_STRINGS,
+    CheckedRequest,
+    InputChecker,
+    Prompt,
+    SamplingParams,
+    check_request_id,
+)
 from jinfer.testing.tiny import tiny_tokenizer
 from jinfer.text.tokenizer import Tokenizer
 

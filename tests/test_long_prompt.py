@@ -14,11 +14,11 @@ import numpy as np
 import pytest
 from jax.sharding import Mesh
 
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
 from jinfer.runtime import sharding
 from jinfer.runtime.build import build_engine
-from jinfer.engine.config import EngineConfig
 from jinfer.runtime.long_prompt import RingPrefill
-from jinfer.inputs import SamplingParams
 from jinfer.testing.tiny import TINY, tiny_params
 
 

@@ -10,8 +10,8 @@ import numpy as np
 import pytest
 import torch
 
-from jinfer.runtime import reference
 from jinfer.inputs import SamplingParams
+from jinfer.runtime import reference
 
 pytestmark = pytest.mark.slow
 

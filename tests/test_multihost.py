@@ -13,16 +13,16 @@ from pathlib import Path
 
 import numpy as np
 
+from jinfer import LLM
 from jinfer.checkpoints.load import LoadedModel
 from jinfer.checkpoints.safetensors_io import save_hf_dir
-from jinfer import LLM
-from jinfer.runtime import reference
-from jinfer.entrypoints.batch import run_batch
 from jinfer.engine.config import EngineConfig
+from jinfer.entrypoints.batch import run_batch
+from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY_MESH as CONFIG
+from jinfer.testing.tiny import tiny_params, tiny_tokenizer
 from tests.multihost_check import TOKENS
 from tests.test_batch import untimed
-from jinfer.testing.tiny import tiny_params, tiny_tokenizer
 
 
 def free_port() -> int:

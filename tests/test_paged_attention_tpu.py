@@ -92,7 +92,7 @@ def test_no_queries_at_all():
 def test_double_buffering_is_race_free():
     """The interpreter's race detector sees each DMA as its own thread: a copy into the buffer being read
     would be reported. Copies run only at their wait (its default), so a missing wait returns NaN."""
-    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter
+    from jax._src.pallas.mosaic.interpret import interpret_pallas_call as tpu_interpreter  # noqa: PLC2701
 
     c = make_case(np.random.default_rng(7), kv_lens=[40, 9], q_lens=[6, 1], K=1, G=4, H=128, page_size=8,
                   dtype=jnp.float32, spare_pages=1)

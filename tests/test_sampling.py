@@ -7,9 +7,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.runtime.sampler import sample, step_keys
-from jinfer.inputs import SamplingParams
 from jinfer.engine.stop_strings import StopStringMatcher
+from jinfer.inputs import SamplingParams
+from jinfer.runtime.sampler import sample, step_keys
 
 
 def _draw(logits, temperature, top_k, top_p, n, seed=0):

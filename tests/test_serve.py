@@ -22,11 +22,11 @@ import grpc
 import numpy as np
 import pytest
 
-from jinfer.engine.engine import Engine
-from jinfer.runtime.build import build_engine
 from jinfer.engine.config import EngineConfig
+from jinfer.engine.engine import Engine
 from jinfer.entrypoints.llm import LLM
 from jinfer.inputs import SamplingParams
+from jinfer.runtime.build import build_engine
 from jinfer.serve.app import ServeOptions
 from jinfer.serve.background import BackgroundServer
 from jinfer.serve.client import AsyncJinferClient, JinferClient

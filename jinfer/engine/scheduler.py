@@ -30,8 +30,8 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.kv_pages import PageAllocator
 from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
-from jinfer.inputs import SamplingParams
 from jinfer.engine.step_plan import SamplingInputs, Scheduled, SlotInputs, StepPlan, TokenInputs
+from jinfer.inputs import SamplingParams
 
 
 class QueueFull(RuntimeError):

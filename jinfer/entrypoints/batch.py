@@ -181,7 +181,7 @@ def run_batch(llm, in_path, out_path, window: int | None = None, progress: bool 
                         line = parse_line(engine.inputs, i, lines[i])
                         rid = engine.add_request(line.request, request_id=f"batch-{i}")
                         inflight[rid] = (j, line)
-                    except Exception as e:  # noqa: BLE001 - any bad line (even a template's own error) is reported
+                    except Exception as e:
                         ready[j] = error_record(i, lines[i], e)
                         counts["errors"] += 1
                 if not inflight and not ready:

@@ -37,10 +37,10 @@ def cmd_generate(args) -> int:
 def cmd_batch(args) -> int:
     import jax
 
-    from jinfer.runtime import distributed
-    from jinfer.entrypoints.batch import merge_host_outputs, run_batch
     from jinfer.engine.config import EngineConfig
+    from jinfer.entrypoints.batch import merge_host_outputs, run_batch
     from jinfer.entrypoints.llm import LLM
+    from jinfer.runtime import distributed
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _enable_compile_cache()

@@ -9,9 +9,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Iterator, Sequence
 
-import jax
 import jax.numpy as jnp
-import numpy as np
 
 from jinfer.engine.outputs import RequestOutput
 from jinfer.inputs import CheckedRequest, Prompt, PromptInput, SamplingParams
@@ -37,8 +35,8 @@ class LLM:
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True):
         from jinfer.checkpoints.load import LoadedModel, load
-        from jinfer.runtime.build import make_engine
         from jinfer.engine.config import EngineConfig
+        from jinfer.runtime.build import make_engine
 
         self.dtype = resolve_dtype(dtype)
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))

@@ -19,9 +19,9 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
-from jinfer.models.config import ModelConfig
-from jinfer.models import llama
 from jinfer.kernels.ring_attention import ring_attention, zigzag_order
+from jinfer.models import llama
+from jinfer.models.config import ModelConfig
 
 
 def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,

@@ -18,11 +18,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.models.config import ModelConfig
+from jinfer.inputs import SamplingParams
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
+from jinfer.models.config import ModelConfig
 from jinfer.runtime.sampler import sample, step_keys
-from jinfer.inputs import SamplingParams
 
 
 def pow2_bucket(n: int, minimum: int = 1) -> int:
@@ -30,7 +30,7 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
 
 
 @functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def _forward_step(params, tokens, positions, last_index, cache, config: ModelConfig):
+def forward_step(params, tokens, positions, last_index, cache, config: ModelConfig):
     """tokens/positions: i32[B, T]; last_index: i32[B] -> (logits f32[B, V] at last_index, cache)."""
     h, cache = llama.forward(params, tokens, positions, cache, None, config=config,
                              attention=dense_cache_attention)
@@ -106,7 +106,7 @@ class DenseRun:
                          for sp in sampling]
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         cache = dense_kv_cache(config.num_layers, B, S, config.num_kv_heads, config.head_dim, dtype)
-        self.logits, self.cache = _forward_step(params, jnp.asarray(tokens), jnp.asarray(positions),
+        self.logits, self.cache = forward_step(params, jnp.asarray(tokens), jnp.asarray(positions),
                                                 jnp.asarray(last), cache, config=config)
         self.outputs = [Generation([], "length") for _ in range(n)]
         self.active = np.zeros(B, bool)
@@ -141,7 +141,7 @@ class DenseRun:
                 self.active[i] = False
         self.num_steps += 1
         if not self.done:
-            self.logits, self.cache = _forward_step(
+            self.logits, self.cache = forward_step(
                 self.params, jnp.asarray(new[:, None]), jnp.asarray(self.pos[:, None]),
                 jnp.zeros(B, jnp.int32), self.cache, config=self.config)
             self.pos = np.minimum(self.pos + 1, self.S - 1)  # finished rows decode into their last slot, unread

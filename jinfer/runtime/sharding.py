@@ -13,8 +13,8 @@ divide by its mesh axis (fewer KV heads than model shards) is replicated instead
 
 from __future__ import annotations
 
-import numpy as np
 import jax
+import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer.models.config import ModelConfig

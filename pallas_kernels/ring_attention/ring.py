@@ -15,7 +15,8 @@ import functools
 import jax
 import jax.numpy as jnp
 import numpy as np
-from jax.sharding import Mesh, PartitionSpec as Ps
+from jax.sharding import Mesh
+from jax.sharding import PartitionSpec as Ps
 
 from jinfer.kernels.flash_attention import flash_attention
 
