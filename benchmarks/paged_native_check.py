@@ -16,7 +16,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from jinfer.kernels.paged_attention.kernel import BlockSizes
-from tests.test_paged_attention_kernel import CASES, make_case, rel, run_kernel, run_reference
+from tests.kernels.test_paged_attention_kernel import CASES, make_case, rel, run_kernel, run_reference
 
 
 def main():

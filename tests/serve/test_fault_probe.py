@@ -35,8 +35,8 @@ from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 from jinfer.text.tokenizer import Tokenizer
-from tests.test_serve import metric, serving, target, wait_metric
-from tests.test_serve_process import ENGINE_FLAGS, ROOT, ServerProcess, wait_serving
+from tests.serve.test_serve import metric, serving, target, wait_metric
+from tests.serve.test_serve_process import ENGINE_FLAGS, ROOT, ServerProcess, wait_serving
 
 PAGE_SIZE, NUM_PAGES = 4, 8  # 7 usable: page 0 is reserved
 GATE = "w101 w102 w103"  # a text starting so blocks in the tokenizer until the test lets it go

@@ -1,6 +1,6 @@
 """Tensor and data parallelism: the sharding rules, and the engine on (model=2), (model=4) and
 (data=2, model=2) meshes of CPU devices giving the single-device greedy outputs token for token; orbax
-restore onto another mesh; a long prompt prefilled with ring attention over seq=4 (tests/mesh_check.py)."""
+restore onto another mesh; a long prompt prefilled with ring attention over seq=4 (tests/scripts/mesh_check.py)."""
 
 from __future__ import annotations
 
@@ -45,8 +45,8 @@ def test_make_mesh_names_the_bad_axis():
 
 
 def test_parallel_engines_equal_one_device():
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, str(root / "tests" / "mesh_check.py")], capture_output=True, text=True,
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "mesh_check.py")], capture_output=True, text=True,
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr

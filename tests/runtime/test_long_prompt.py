@@ -1,4 +1,4 @@
-"""Long prompts: ring-attention prefill handed to the engine, then decoded there (tests/long_prompt_check.py
+"""Long prompts: ring-attention prefill handed to the engine, then decoded there (tests/scripts/long_prompt_check.py
 runs it on 8 CPU devices in a fresh process); and bad inputs refused with errors that name them, before any
 device work."""
 
@@ -23,8 +23,8 @@ from jinfer.testing.tiny import TINY, tiny_params
 
 
 def test_ring_prefilled_long_prompt_decodes_in_the_engine_exactly():
-    root = Path(__file__).resolve().parent.parent
-    res = subprocess.run([sys.executable, str(root / "tests" / "long_prompt_check.py")], capture_output=True,
+    root = Path(__file__).resolve().parents[2]
+    res = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "long_prompt_check.py")], capture_output=True,
                          text=True, env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr

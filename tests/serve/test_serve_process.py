@@ -21,7 +21,7 @@ import pytest
 from jinfer.serve.client import JinferClient
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 ENGINE_FLAGS = ["--max-slots", "4", "--page-size", "4", "--num-pages", "256", "--token-buckets", "8,32",
                 "--max-prefill-chunk", "16"]
 

@@ -1,4 +1,4 @@
-"""Run by tests/test_long_prompt.py in a fresh process (it needs 8 CPU devices before jax starts): a 53-token
+"""Run by tests/runtime/test_long_prompt.py in a fresh process (it needs 8 CPU devices before jax starts): a 53-token
 prompt prefilled by ring attention over a (seq=4) mesh and handed to the engine (pages of 8), decoded greedily
 beside two ordinary requests, gives the tokens of the same prompt without ring prefill (the engine's and
 the dense reference loop's), token for token. Also: the handoff really carries the K/V (zero K/V change the
@@ -12,7 +12,7 @@ import time
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import jax
 import jax.numpy as jnp

@@ -1,4 +1,4 @@
-"""Run by tests/test_sharding.py in a fresh process (it needs 8 CPU devices before jax starts): the engine
+"""Run by tests/runtime/test_sharding.py in a fresh process (it needs 8 CPU devices before jax starts): the engine
 on meshes (model=2), (model=4) and (data=2, model=2) gives the single-device greedy outputs token for token,
 with the shardings the rules say, and compiles nothing after warm-up. Prints one line per mesh; exits 1 on
 a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
@@ -9,7 +9,7 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import numpy as np
 from jax.sharding import PartitionSpec as P

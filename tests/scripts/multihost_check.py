@@ -1,8 +1,8 @@
 """One of two processes of a jax.distributed job on localhost (2 CPU devices each), run by
-tests/test_multihost.py: a forward with the params sharded over all 4 devices of both processes (logits
+tests/runtime/test_multihost.py: a forward with the params sharded over all 4 devices of both processes (logits
 saved by process 0), then `jinfer batch` across both hosts (tensor parallel 2 inside each).
 
-    python tests/multihost_check.py PROCESS_ID PORT WORKDIR
+    python tests/scripts/multihost_check.py PROCESS_ID PORT WORKDIR
 """
 
 import os
@@ -10,7 +10,7 @@ import sys
 
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=2"
 os.environ["JAX_PLATFORMS"] = "cpu"
-sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__)))))
 
 import functools
 

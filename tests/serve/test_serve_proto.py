@@ -17,7 +17,7 @@ from jinfer.serve import convert
 from jinfer.serve.client import build_request
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
-ROOT = Path(__file__).resolve().parents[1]
+ROOT = Path(__file__).resolve().parents[2]
 PROTO = "serve/proto/jinfer/v1/jinfer.proto"
 INSTALLED = "jinfer/serve/proto/jinfer/v1/jinfer.proto"  # its path under the installed name, as generate.sh compiles it
 

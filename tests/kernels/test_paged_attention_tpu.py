@@ -14,7 +14,7 @@ from jax.experimental.pallas import tpu as pltpu
 
 from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes, ragged_paged_attention_tpu
 from jinfer.kernels.paged_attention.query_layout import query_blocks
-from tests.test_paged_attention_kernel import dense_from_pages, make_case, rel, run_reference
+from tests.kernels.test_paged_attention_kernel import dense_from_pages, make_case, rel, run_reference
 
 TOL = {jnp.float32: 2e-5, jnp.bfloat16: 2e-2}
 PAD = 3  # padding token rows past the last real one, as the engine's token buckets leave

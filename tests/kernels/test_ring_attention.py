@@ -14,11 +14,11 @@ from jinfer.kernels.ring_attention import zigzag_order
 
 
 def test_ring_attention_equals_unsharded_attention():
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
     # One process per device count, side by side: each is mostly single-threaded compilation of the
     # interpret-mode kernels.
-    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "ring_check.py"), str(n)], env=env, text=True,
+    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "scripts" / "ring_check.py"), str(n)], env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in (4, 8)]
     for n, p in zip((4, 8), procs):
         out, err = p.communicate(timeout=600)

@@ -21,8 +21,8 @@ from jinfer.entrypoints.batch import run_batch
 from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY_MESH as CONFIG
 from jinfer.testing.tiny import tiny_params, tiny_tokenizer
-from tests.multihost_check import TOKENS
-from tests.test_batch import untimed
+from tests.entrypoints.test_batch import untimed
+from tests.scripts.multihost_check import TOKENS
 
 
 def free_port() -> int:
@@ -43,9 +43,9 @@ def test_two_process_job_equals_one_process(tmp_path):
     lines.insert(4, json.dumps({"prompt": [1], "top_p": 2.0}))
     (tmp_path / "in.jsonl").write_text("\n".join(lines) + "\n")
 
-    root = Path(__file__).resolve().parent.parent
+    root = Path(__file__).resolve().parents[2]
     port = str(free_port())
-    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "multihost_check.py"), str(pid), port,
+    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "scripts" / "multihost_check.py"), str(pid), port,
                                str(tmp_path)], env={**os.environ, "PYTHONPATH": str(root)}, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE) for pid in (0, 1)]
     for pid, p in enumerate(procs):

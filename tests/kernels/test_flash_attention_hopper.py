@@ -1,7 +1,7 @@
 """The Hopper (Mosaic GPU) flash attention kernel against the `jnp` reference.
 
 The kernel itself needs an H100-class GPU (wgmma, TMA): those tests run on the lent GPU
-(`JAX_PLATFORMS=cuda python -m pytest tests/test_flash_attention_hopper.py`; conftest picks the CPU
+(`JAX_PLATFORMS=cuda python -m pytest tests/kernels/test_flash_attention_hopper.py`; conftest picks the CPU
 otherwise) and are skipped elsewhere. Which calls the
 dispatcher sends to it is checked everywhere.
 """

@@ -1,4 +1,4 @@
-"""Run by tests/test_ring_attention.py in a fresh process (it needs 8 CPU devices before jax starts):
+"""Run by tests/kernels/test_ring_attention.py in a fresh process (it needs 8 CPU devices before jax starts):
 ring attention over n devices (the arguments; default 4 and 8) against unsharded attention; prints one
 line per case, exits 1 on a miss."""
 

@@ -16,7 +16,7 @@ from jinfer.kernels.flash_attention.kernel_tpu import TPUBlockSizes, flash_atten
 from jinfer.kernels.flash_attention.reference import attention_mask
 
 # the GPU kernel tests' tolerances and inputs
-from tests.test_flash_attention_kernel import TOL, inputs, rel
+from tests.kernels.test_flash_attention_kernel import TOL, inputs, rel
 
 
 @functools.partial(jax.jit, static_argnames=("causal", "window", "softcap"))

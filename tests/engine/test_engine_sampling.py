@@ -9,7 +9,7 @@ import pytest
 from jinfer.inputs import SamplingParams
 from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
-from tests.test_engine import make_engine, run_workload
+from tests.engine.test_engine import make_engine, run_workload
 
 
 @pytest.fixture(scope="module")

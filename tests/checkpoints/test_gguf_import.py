@@ -19,7 +19,7 @@ from jinfer.checkpoints.load import load
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.runtime import reference
-from tests.gguf_writer import write_llama_gguf
+from tests.checkpoints.gguf_writer import write_llama_gguf
 
 CONFIG = ModelConfig(vocab_size=256, hidden_size=256, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=64,
                      intermediate_size=512, max_position_embeddings=128, bos_token_id=0, eos_token_ids=(1,))
