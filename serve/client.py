@@ -16,6 +16,7 @@ from __future__ import annotations
 from typing import Sequence
 
 import grpc
+from google.protobuf import json_format
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from jinfer.serve.auth import bearer_metadata
@@ -25,6 +26,14 @@ from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
 DEFAULT_MAX_MESSAGE_BYTES = 4 * 1024 * 1024
 
 
+def _set_chat(chat: pb.Chat, messages: Sequence[dict]) -> None:
+    """protobuf's own dict -> message mapping: an unknown or mistyped key is named in the error."""
+    try:
+        json_format.ParseDict({"messages": list(messages)}, chat)
+    except json_format.ParseError as e:
+        raise ValueError(f"messages: {e}") from None
+
+
 def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequence[dict] | None = None,
                   request_id: str = "", **sampling) -> pb.GenerateRequest:
     """A GenerateRequest from a prompt (text or token ids) or chat messages, and SamplingParams fields."""
@@ -32,7 +41,7 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
         raise ValueError("give exactly one of prompt or messages")
     req = pb.GenerateRequest(request_id=request_id)
     if messages is not None:
-        req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+        _set_chat(req.chat, messages)
     elif isinstance(prompt, str):
         req.text = prompt
     else:
@@ -97,7 +106,7 @@ class JinferClient(_Client):
                  timeout: float | None = None) -> list[int]:
         req = pb.TokenizeRequest(add_special_tokens=add_special_tokens)
         if messages is not None:
-            req.chat.messages.extend(pb.ChatMessage(role=m["role"], content=m["content"]) for m in messages)
+            _set_chat(req.chat, messages)
         else:
             req.text = text
         return list(self._stub.Tokenize(req, **self._kw(timeout)).token_ids)
