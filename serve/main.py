@@ -12,8 +12,8 @@ the port, so `--port 0` is usable), one when serving starts, one per finished re
 `--log-level` filters jinfer's own lines; other libraries log their warnings and errors only (orbax's and
 absl's INFO lines are dropped), as JSON lines too, with "logger" and "message".
 
-`--model tiny-random` serves the tiny random-weight model of tests/tiny.py (from a source checkout), for
-tests and benchmarks of the server itself.
+`--model tiny-random` serves the tiny random-weight model of `jinfer.testing.tiny` (part of the installed
+package), for tests and benchmarks of the server itself.
 """
 
 from __future__ import annotations
@@ -91,10 +91,8 @@ def build_engine(args):
 
     cfg = engine_config(args, args.dtype)
     if args.model == TINY_RANDOM:
-        try:
-            from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
-        except ImportError as e:
-            raise ValueError(f"--model {TINY_RANDOM} needs the jinfer source checkout (tests/tiny.py)") from e
+        from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+
         return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
     from jinfer.checkpoints.load import load
 
