@@ -433,6 +433,18 @@ BAD_GENERATE = [
      "sampling.stop_token_ids[0]=-1 must be a non-negative integer"),
     (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(logprobs=9)),
      "sampling.logprobs=9 exceeds the engine's max_logprobs=5"),
+    # Accepted before the fault probe (defect F): infinities, ids outside the vocabulary, unknown roles, and
+    # (defect D) stop lists of any size.
+    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(temperature=float("inf"))),
+     "sampling.temperature=inf must be a finite number"),
+    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(repetition_penalty=float("inf"))),
+     "sampling.repetition_penalty=inf must be a finite number"),
+    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(stop_token_ids=[3, 999])),
+     "sampling.stop_token_ids[1]=999 is not a token id in the vocabulary [0, 128)"),
+    (pb.GenerateRequest(chat=pb.Chat(messages=[pb.ChatMessage(role="hacker", content="w1")])),
+     "chat.messages[0].role='hacker' is not one of"),
+    (pb.GenerateRequest(text="w1", sampling=pb.SamplingParams(stop=["w1"] * 40)),
+     "sampling.stop has 40 strings; at most 32"),
 ]
 
 
