@@ -270,19 +270,6 @@ def test_a_refusal_for_a_client_that_already_left_counts_as_ended_early(engine, 
 
 # ---- I: a port in use ----------------------------------------------------------------------------
 
-@pytest.fixture
-def servers():
-    procs = []
-
-    def start(*flags):
-        procs.append(ServerProcess(*flags))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        p.stop()
-
-
 def serve_once(entry, *flags, timeout=60) -> subprocess.CompletedProcess:
     env = {**os.environ, "JAX_PLATFORMS": "cpu"}
     env.pop("JINFER_AUTH_TOKEN", None)
@@ -295,8 +282,8 @@ def in_use(port: int) -> list[str]:
             "(by another server or program)"]
 
 
-def test_a_second_server_on_the_same_port_is_refused_at_once(servers):
-    first = servers()
+def test_a_second_server_on_the_same_port_is_refused_at_once(server_process):
+    first = server_process()
     port = first.wait_event("listening")["port"]
     with JinferClient(f"127.0.0.1:{port}", timeout=30) as c:
         wait_serving(c)
@@ -358,9 +345,9 @@ def serve_one_request_and_stop(proc: ServerProcess, port: int) -> list[dict]:
 
 
 @pytest.mark.parametrize("level", ["INFO", "WARNING"])
-def test_log_lines_are_timestamped_json_and_the_level_filters_jinfer(servers, level):
+def test_log_lines_are_timestamped_json_and_the_level_filters_jinfer(server_process, level):
     port = free_port()
-    records = serve_one_request_and_stop(servers("--port", str(port), "--log-level", level), port)
+    records = serve_one_request_and_stop(server_process("--port", str(port), "--log-level", level), port)
     assert all(isinstance(r, dict) and r["ts"].endswith("Z") and "T" in r["ts"] for r in records), records
     events = [r.get("event") for r in records]
     if level == "INFO":
@@ -369,7 +356,7 @@ def test_log_lines_are_timestamped_json_and_the_level_filters_jinfer(servers, le
         assert not [r for r in records if r["level"] == "INFO"], records
 
 
-def test_orbax_and_absl_info_lines_are_silenced(servers, tmp_path):
+def test_orbax_and_absl_info_lines_are_silenced(server_process, tmp_path):
     import jax
     import numpy as np
 
@@ -378,7 +365,7 @@ def test_orbax_and_absl_info_lines_are_silenced(servers, tmp_path):
     ckpt = tmp_path / "tiny"
     save_orbax(ckpt, TINY, jax.tree.map(np.asarray, tiny_params()), tiny_tokenizer())
     port = free_port()
-    records = serve_one_request_and_stop(servers("--model", str(ckpt), "--port", str(port)), port)
+    records = serve_one_request_and_stop(server_process("--model", str(ckpt), "--port", str(port)), port)
     strangers = [r for r in records if r["level"] == "INFO" and not r.get("event")]
     assert not strangers, strangers  # orbax writes a dozen INFO lines through absl on a restore
     assert {"listening", "serving", "request"} <= {r.get("event") for r in records}

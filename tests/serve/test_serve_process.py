@@ -66,19 +66,6 @@ class ServerProcess:
             self.proc.wait(10)
 
 
-@pytest.fixture
-def server_process():
-    procs = []
-
-    def start(*flags):
-        procs.append(ServerProcess(*flags))
-        return procs[-1]
-
-    yield start
-    for p in procs:
-        p.stop()
-
-
 def wait_serving(client: JinferClient, timeout: float = 120.0) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
