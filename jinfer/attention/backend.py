@@ -2,12 +2,12 @@
 
 Cache layout: k_pages, v_pages: [L, K, P, page_size, H], KV-head major so that each (layer, head, page)
 is one contiguous [page_size, H] tile for the kernels to load, and so a mesh can split heads. The model
-runs on one flattened ragged batch of tokens ([1, T] with per-token slots); `PagedMeta` says which slot
-owns each token and where each slot's pages are. Page 0 is reserved: padding tokens write there and no
+runs on one flattened ragged batch of tokens ([1, T] with per-token rows); `PagedMeta` says which row
+(one sequence) owns each token and where each row's pages are. Page 0 is reserved: padding tokens write there and no
 request reads it.
 
 A backend (`AttentionBackend`) has a host half and a device half, as vLLM v1 splits a metadata builder
-from its backend: `step_metadata` lays out the backend's own per-step arrays from the plan's per-slot
+from its backend: `step_metadata` lays out the backend's own per-step arrays from the plan's per-row
 arrays (numpy, once per step, outside jit), and `attend` computes attention inside the jitted step,
 reading them back from `PagedMeta.backend`. The runner and the model are the same for every backend:
 `blocked.py` (plain `jnp`) and `pallas.py` (the Pallas GPU and TPU kernels) implement it, `select.py`
@@ -33,12 +33,12 @@ class PagedMeta(Generic[M]):
     these arrays' shapes plus the query width, a static argument of the runner's jitted step that reaches
     `attend` as `width`."""
 
-    token_slot: jax.Array  # i32[T]
-    token_valid: jax.Array  # bool[T]: False for bucket padding
-    page_table: jax.Array  # i32[S, max_pages]
-    kv_len: jax.Array  # i32[S]: after this step's tokens
-    query_start: jax.Array  # i32[S]
-    query_len: jax.Array  # i32[S]
+    token_row: jax.Array  # i32[T]: the row (one sequence's pages) each token belongs to
+    token_valid: jax.Array  # bool[T]: False for bucket padding (its K/V go to the reserved page 0)
+    page_table: jax.Array  # i32[R, max_pages]
+    kv_len: jax.Array  # i32[R]: after this step's tokens
+    query_start: jax.Array  # i32[R]
+    query_len: jax.Array  # i32[R]
     backend: M  # the backend's own arrays, from its `step_metadata`
 
 
@@ -48,8 +48,8 @@ class AttentionBackend(Protocol[M]):
 
     def step_metadata(self, query_start: np.ndarray, query_len: np.ndarray, num_tokens: int, width: int) -> M:
         """Host half (numpy): the backend's per-step arrays for a step of `num_tokens` token rows (bucket
-        padding included) and at most `width` queries per slot, from the plan's query_start, query_len
-        (i32[S]). Their shapes may depend only on (num_tokens, width, S): each distinct set compiles once."""
+        padding included) and at most `width` queries per row, from the plan's query_start, query_len
+        (i32[R]). Their shapes may depend only on (num_tokens, width, R): each distinct set compiles once."""
         ...
 
     def attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, meta: PagedMeta[M],
@@ -66,12 +66,12 @@ def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads
 
 def make_paged_attention(width: int, backend: AttentionBackend):
     """The `attention` callable of `llama.forward` for one compiled step shape (`width`: the most
-    queries one slot has in the step)."""
+    queries one row has in the step)."""
 
     def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
         ps = k_pages.shape[3]
         pos = positions[0]
-        page = jnp.where(meta.token_valid, meta.page_table[meta.token_slot, pos // ps], 0)
+        page = jnp.where(meta.token_valid, meta.page_table[meta.token_row, pos // ps], 0)
         offset = jnp.where(meta.token_valid, pos % ps, 0)
         k_pages = k_pages.at[layer, :, page, offset].set(k[0].astype(k_pages.dtype))
         v_pages = v_pages.at[layer, :, page, offset].set(v[0].astype(v_pages.dtype))

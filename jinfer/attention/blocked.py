@@ -18,21 +18,21 @@ class BlockedMeta:
     """Per-step arrays of `BlockedBackend` (numpy on the host, traced in the step)."""
 
     blocks: tuple[jax.Array, ...] | None  # (blk_slot, blk_row0, blk_len, blk_qoff), each i32[NB] (NB: num_blocks);
-    #   None in decode-only steps, which take one row per slot
+    #   None in decode steps, which take one row of work per sequence
 
 
 @dataclasses.dataclass(frozen=True)
 class BlockedBackend:
-    """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence. Decode-only
-    steps take one row per slot; steps with prefill chunks take one row per query block of up to `block_q`
-    queries of one slot (the layout of the Pallas kernel), so the idle width of short rows is at most
-    block_q - 1 per slot."""
+    """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence. Decode steps
+    take one row of work per sequence; steps with prefill chunks take one per query block of up to `block_q`
+    queries of one sequence (the layout of the Pallas kernel), so the idle width of short chunks is at most
+    block_q - 1 per sequence."""
 
     keys_per_block: int = 256
     block_q: int = 16
 
-    def num_blocks(self, num_tokens: int, max_slots: int) -> int:
-        return -(-num_tokens // self.block_q) + max_slots
+    def num_blocks(self, num_tokens: int, num_rows: int) -> int:
+        return -(-num_tokens // self.block_q) + num_rows
 
     def step_metadata(self, query_start: np.ndarray, query_len: np.ndarray, num_tokens: int,
                       width: int) -> BlockedMeta:

@@ -39,10 +39,10 @@ class PallasBackend:
     def sizes(self, width: int) -> BlockSizes:
         return self.decode if width <= 1 else self.prefill
 
-    def num_blocks(self, num_tokens: int, width: int, max_slots: int) -> int:
-        if width <= 1:  # one query per slot: one block per slot that has a token
-            return min(num_tokens, max_slots)
-        return -(-num_tokens // self.sizes(width).block_q) + max_slots
+    def num_blocks(self, num_tokens: int, width: int, num_rows: int) -> int:
+        if width <= 1:  # one query per row: one block per row that has a token
+            return min(num_tokens, num_rows)
+        return -(-num_tokens // self.sizes(width).block_q) + num_rows
 
     def step_metadata(self, query_start: np.ndarray, query_len: np.ndarray, num_tokens: int,
                       width: int) -> PallasMeta:
@@ -51,11 +51,11 @@ class PallasBackend:
         return PallasMeta(blocks=blocks, tok_block=tok_block, tok_row=tok_row)
 
     def attend(self, q, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int):
-        num_tokens, max_slots = q.shape[0], meta.kv_len.shape[0]
+        num_tokens, num_rows = q.shape[0], meta.kv_len.shape[0]
         m = meta.backend
         return ragged_paged_attention(
             q, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len, m.blocks, m.tok_block,
-            m.tok_row, num_blocks=self.num_blocks(num_tokens, width, max_slots), block_sizes=self.sizes(width),
+            m.tok_row, num_blocks=self.num_blocks(num_tokens, width, num_rows), block_sizes=self.sizes(width),
             interpret=self.interpret)
 
 

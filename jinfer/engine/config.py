@@ -1,25 +1,51 @@
 """EngineConfig: the shapes and limits of the serving engine (slots, pages, buckets, dtype).
 
-Every compiled step function is keyed by one token bucket (how many tokens a step carries, padded up)
-and one query-per-slot width (1 for decode-only steps, `max_prefill_chunk` capped at the bucket for steps
-with a prefill chunk), so the engine compiles 2 x len(token_buckets) functions at warm-up and no others.
+Two kinds of compiled step, each keyed by a bucket (`jinfer.runtime.runner` names them):
+- a *decode block*: one token per running request (rows padded up to one of `decode_buckets`), run for up to
+  `decode_steps` tokens in one dispatch (a device-side loop that stops rows on their stop tokens);
+- a *prefill step*: the chunks of prompts being prefilled beside the other requests' decode tokens (tokens
+  padded up to one of `token_buckets`, `max_slots` rows, at most `max_prefill_chunk` tokens of one request).
+So warm-up compiles len(decode_buckets) + len(token_buckets) functions, and serving compiles nothing else.
+
+Fields left None take the platform's default (`resolve(platform)`, which the runtime calls with the platform
+it runs on; `PLATFORM_DEFAULTS` says why each value is what it is).
 """
 
 from __future__ import annotations
 
 import dataclasses
 
+# Measured on the 2-core development CPU with SmolLM2-135M (benchmarks/engine_vs_peers.py, RESULTS.md):
+# - a matmul at M = 1 row costs a third of one at M = 16 (the weights stream from memory either way, but 16
+#   rows add the compute), so batch-1 decode needs a bucket of 1; M = 4 and M = 16 differ little;
+# - prefill runs at the model's rate only in wide chunks (a 512-token prompt in one step of 512, not four of
+#   128 padded to 256), and 16 slots let the 16-request workload decode at once;
+# - 8 decode steps per dispatch pay the host's work and the launch once per 8 tokens.
+# On accelerators the weights' read dominates up to far larger batches, so the buckets are coarser and the
+# slots more; a decode block of 8 keeps the host off the critical path (the GPU issue measures them).
+PLATFORM_DEFAULTS: dict[str, dict] = {
+    "cpu": dict(max_slots=16, decode_buckets=(1, 4, 16), token_buckets=(16, 64, 256, 512), max_prefill_chunk=512,
+                decode_steps=8),
+    "gpu": dict(max_slots=64, decode_buckets=(1, 8, 64), token_buckets=(64, 256, 1024), max_prefill_chunk=512,
+                decode_steps=8),
+    "tpu": dict(max_slots=64, decode_buckets=(8, 64), token_buckets=(128, 512, 1024), max_prefill_chunk=512,
+                decode_steps=8),
+}
+PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
+
 
 @dataclasses.dataclass(frozen=True)
 class EngineConfig:
-    max_slots: int = 8  # requests running at once (decode slots)
+    max_slots: int | None = None  # requests running at once (decode slots)
     page_size: int = 16  # tokens per KV page
     num_pages: int | None = None  # KV pages in the pool; None: memory_fraction of free device memory
     memory_fraction: float = 0.5  # of the device memory left after the weights, when num_pages is None
     cpu_default_pages: int = 512  # the pool on a device that reports no memory statistics (the CPU)
     max_model_len: int | None = None  # None: the model's context
-    token_buckets: tuple[int, ...] = (16, 64, 256)  # tokens per step, padded up to one of these
-    max_prefill_chunk: int = 128  # prompt tokens one request may prefill in one step
+    token_buckets: tuple[int, ...] | None = None  # tokens per prefill step, padded up to one of these
+    decode_buckets: tuple[int, ...] | None = None  # running requests per decode block, padded up to one of these
+    decode_steps: int | None = None  # most tokens a decode block computes per request in one dispatch
+    max_prefill_chunk: int | None = None  # prompt tokens one request may prefill in one step
     enable_prefix_caching: bool = True
     max_waiting: int = 4096  # requests queued before new ones are refused
     dtype: str = "float32"
@@ -28,25 +54,57 @@ class EngineConfig:
     data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.runtime.data_parallel)
 
     def __post_init__(self):
-        for name in ("max_slots", "page_size", "max_prefill_chunk", "max_waiting", "cpu_default_pages",
-                     "tensor_parallel", "data_parallel"):
-            v = getattr(self, name)
-            if not isinstance(v, int) or v <= 0:
-                raise ValueError(f"EngineConfig.{name}={v!r} must be a positive integer")
+        for name in ("page_size", "max_waiting", "cpu_default_pages", "tensor_parallel", "data_parallel"):
+            _positive(self, name)
+        for name in ("max_slots", "max_prefill_chunk", "decode_steps"):
+            if getattr(self, name) is not None:
+                _positive(self, name)
+        for name in ("token_buckets", "decode_buckets"):
+            b = getattr(self, name)
+            if b is None:
+                continue
+            if not isinstance(b, tuple) or not b or list(b) != sorted(set(b)) or not all(
+                    isinstance(x, int) and x > 0 for x in b):
+                raise ValueError(f"EngineConfig.{name}={b!r} must be a tuple of positive, strictly increasing integers")
+        if self.max_slots is not None:
+            if self.token_buckets is not None and self.token_buckets[-1] < self.max_slots:
+                raise ValueError(f"the largest token bucket {self.token_buckets[-1]} must hold one token per slot "
+                                 f"(max_slots={self.max_slots})")
+            if self.decode_buckets is not None and self.decode_buckets[-1] < self.max_slots:
+                raise ValueError(f"the largest decode bucket {self.decode_buckets[-1]} must hold every slot "
+                                 f"(max_slots={self.max_slots})")
         if self.num_pages is not None and self.num_pages < 2:
             raise ValueError(f"EngineConfig.num_pages={self.num_pages} must be at least 2")
         if not 0 < self.memory_fraction <= 1:
             raise ValueError(f"EngineConfig.memory_fraction={self.memory_fraction} must be in (0, 1]")
-        b = self.token_buckets
-        if not b or list(b) != sorted(set(b)) or b[0] <= 0:
-            raise ValueError(f"EngineConfig.token_buckets={b} must be positive and strictly increasing")
-        if b[-1] < self.max_slots:
-            raise ValueError(f"the largest token bucket {b[-1]} must hold one token per slot "
-                             f"(max_slots={self.max_slots})")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"EngineConfig.dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} must be an integer >= 0")
+
+    def resolve(self, platform: str) -> EngineConfig:
+        """This config with every field left None set to the platform's default ('cpu', 'gpu' or 'cuda',
+        'tpu'). Decode buckets the user did not give stop at max_slots; one the user did give is kept."""
+        key = PLATFORM_ALIASES.get(platform, platform)
+        if key not in PLATFORM_DEFAULTS:
+            raise ValueError(f"platform={platform!r} is not one of {sorted(PLATFORM_DEFAULTS)}")
+        d = PLATFORM_DEFAULTS[key]
+        slots = self.max_slots if self.max_slots is not None else d["max_slots"]
+        decode = self.decode_buckets
+        if decode is None:
+            decode = tuple(b for b in d["decode_buckets"] if b < slots) + (slots,)
+        tokens = self.token_buckets
+        if tokens is None:
+            tokens = d["token_buckets"] if d["token_buckets"][-1] >= slots else d["token_buckets"] + (slots,)
+        return dataclasses.replace(
+            self, max_slots=slots, decode_buckets=decode, token_buckets=tokens,
+            max_prefill_chunk=self.max_prefill_chunk if self.max_prefill_chunk is not None else d["max_prefill_chunk"],
+            decode_steps=self.decode_steps if self.decode_steps is not None else d["decode_steps"])
+
+    @property
+    def resolved(self) -> bool:
+        return None not in (self.max_slots, self.token_buckets, self.decode_buckets, self.decode_steps,
+                            self.max_prefill_chunk)
 
     def context_len(self, model_max: int) -> int:
         """Tokens one request may hold: max_model_len, capped at the model's own context."""
@@ -55,3 +113,9 @@ class EngineConfig:
     @property
     def max_step_tokens(self) -> int:
         return self.token_buckets[-1]
+
+
+def _positive(config: EngineConfig, name: str) -> None:
+    v = getattr(config, name)
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"EngineConfig.{name}={v!r} must be a positive integer")

@@ -4,7 +4,8 @@
 scheduler for a plan, hands it to the runner (the device side: `jinfer.runtime.runner.Runner`, or any
 object with its `dispatch` / `import_kv` / `seed_penalty_state` / `warmup`), and only then reads the
 previous step's tokens (so the device runs step N+1 while the host detokenizes step N), updates the
-scheduler, and returns one `StepEvent` per request that progressed. `jinfer.runtime.make_engine` builds an
+scheduler, and returns one `StepEvent` per request that progressed: one token, or up to
+`EngineConfig.decode_steps` from a decode block. `jinfer.runtime.make_engine` builds an
 engine with its runner from a model's params.
 
 A request may bring a `prefill`: a callable that computes the K/V of all its prompt tokens but the last
@@ -60,12 +61,18 @@ class EngineLoad:
         return EngineLoad(*(getattr(self, f.name) + getattr(other, f.name) for f in dataclasses.fields(self)))
 
 
+def _uses_penalties(sp: SamplingParams) -> bool:
+    return sp.repetition_penalty != 1 or sp.presence_penalty != 0 or sp.frequency_penalty != 0
+
+
 class Engine:
     """`runner`: the device side, built for `num_pages` KV pages and this config's slots and context.
     `tokenizer` may be None (token ids in and out, no text), as for random-weight benchmarks."""
 
     def __init__(self, model_config: ModelConfig, runner, tokenizer, engine_config: EngineConfig, num_pages: int,
                  seed: int | None = None):
+        if not engine_config.resolved:
+            raise ValueError("the Engine needs a resolved EngineConfig (EngineConfig.resolve(platform))")
         self.config = engine_config
         self.model_config = model_config
         self.tokenizer = tokenizer
@@ -87,7 +94,7 @@ class Engine:
         self.warmed_up = False
 
     def warmup(self) -> None:
-        self.runner.warmup()
+        self.runner.warmup(self.scheduler.stop_width)
         self.warmed_up = True
 
     # ---- requests ------------------------------------------------------------------------------
@@ -163,19 +170,19 @@ class Engine:
                 if item.num_imported:
                     k, v = self._imports.pop(req.request_id)
                     self.runner.import_kv(k, v, req.pages, item.slot, item.num_imported)
-                if item.num_precomputed:
+                if item.num_precomputed and _uses_penalties(req.sampling):
                     # Penalties count the whole sequence, also the tokens whose K/V the step does not
                     # compute (a cached prefix, imported K/V).
                     self.runner.seed_penalty_state(item.slot, req.known_ids()[:item.num_precomputed],
                                                    len(req.prompt_ids))
-            want_lp = any(s.request.sampling.logprobs is not None for s in plan.scheduled)
-            launched = (plan, self.runner.dispatch(plan, want_lp))
+            launched = (plan, self.runner.dispatch(plan))
         events: list[StepEvent] = []
         if self._inflight is not None:
             prev_plan, prev_out = self._inflight
             sampled, lp = prev_out.fetch()
+            seen = {r.request_id: len(r.output_ids) for r in (s.request for s in prev_plan.scheduled)}
             touched = self.scheduler.update(prev_plan, sampled, self._logprob_reader(lp))
-            events = [e for e in (self._emit(r) for r in touched) if e is not None]
+            events = [e for e in (self._emit(r, seen[r.request_id]) for r in touched) if e is not None]
         self._inflight = launched
         return events
 
@@ -184,23 +191,31 @@ class Engine:
             return None
         chosen, ids, vals = lp
 
-        def read(slot: int) -> tuple:
-            return float(chosen[slot]), ids[slot], vals[slot]
+        def read(step: int, row: int) -> tuple:
+            return float(chosen[step, row]), ids[step, row], vals[step, row]
 
         return read
 
-    def _emit(self, req: Request) -> StepEvent | None:
+    def _emit(self, req: Request, had: int) -> StepEvent | None:
+        """The event of a request that received output tokens had.. (up to a stop string among them)."""
         stream = self._streams.get(req.request_id)
         if stream is None:
             return None
-        delta = stream.add_token(req)
-        if stream.stopped and not req.finished:
-            self.scheduler.finish(req, "stop")
+        delta, new = "", []
+        for i in range(had, len(req.output_ids)):
+            new.append(req.output_ids[i])
+            delta += stream.add_token(req, i)
+            if stream.stopped:
+                if not req.finished:
+                    self.scheduler.finish(req, "stop")
+                # Tokens a decode block sampled past the stop string are not the request's.
+                del req.output_ids[i + 1:], req.token_times[i + 1:], req.logprobs[i + 1:]
+                break
         if req.finished:
             delta += stream.finish(req)
             del self._streams[req.request_id]
         stream.output.text += delta
-        return StepEvent(req.request_id, [req.output_ids[-1]], delta, stream.output)
+        return StepEvent(req.request_id, new, delta, stream.output)
 
     def run_until_done(self) -> None:
         while self.has_work:

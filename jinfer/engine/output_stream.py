@@ -29,19 +29,21 @@ class OutputStream:
         """A stop string has matched: the request must end, whatever the scheduler thinks."""
         return self._stops.stopped
 
-    def add_token(self, req: Request) -> str:
-        """Records the request's newest token; returns the text now safe to emit."""
-        out, tok = self.output, req.output_ids[-1]
+    def add_token(self, req: Request, index: int) -> str:
+        """Records the request's output token `index` (the engine passes each in turn); returns the text now
+        safe to emit."""
+        out, tok = self.output, req.output_ids[index]
         out.token_ids.append(tok)
         m = out.metrics
-        m.token_times.append(req.token_times[-1])
+        m.token_times.append(req.token_times[index])
         if m.first_token_time is None:
-            m.first_token_time = req.token_times[-1]
+            m.first_token_time = req.token_times[index]
         if out.logprobs is not None and req.logprobs:
-            lp, ids, vals = req.logprobs[-1]
+            lp, ids, vals = req.logprobs[index]
             n = req.sampling.logprobs
             out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
-        ended_by_token = req.finished and req.finish_reason == "stop"  # a stop token's text is not emitted
+        # A stop token's text is not emitted.
+        ended_by_token = req.finished and req.finish_reason == "stop" and index == len(req.output_ids) - 1
         if ended_by_token or self._detok is None:
             return ""
         return self._stops.feed(self._detok.push(tok))

@@ -7,6 +7,11 @@ pages run out, cached prefix pages are evicted, then the newest running request 
 freed, its tokens kept, recomputed later). `update(plan, sampled)` records the sampled tokens and
 finishes requests on a stop token or a length limit.
 
+When no request is admitted and every running request has exactly one token to feed, the plan is a
+*decode block* (`StepPlan.decode`): each request runs up to `decode_steps` decode steps in one dispatch
+(bounded by its max_tokens, the context and the pages that can be had without preempting anyone), with
+its stop tokens checked on the device.
+
 `schedule()` may run once ahead of `update()` (the engine dispatches step N+1 before reading step N's
 tokens): a request's token still on the device is counted in `num_sampled` and fed to the next step from
 the device (`from_prev`), and a request that turns out to have finished simply has that step's token
@@ -20,6 +25,7 @@ in before the step runs (`Scheduled.num_imported`), and only the rest of the pro
 from __future__ import annotations
 
 import bisect
+import dataclasses
 import itertools
 import time
 from typing import Sequence
@@ -30,8 +36,8 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.kv_pages import PageAllocator
 from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
-from jinfer.engine.step_plan import SamplingInputs, Scheduled, SlotInputs, StepPlan, TokenInputs
-from jinfer.inputs import SamplingParams
+from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, Scheduled, StepPlan, TokenInputs
+from jinfer.inputs import MAX_STOP_TOKEN_IDS, SamplingParams
 
 
 class QueueFull(RuntimeError):
@@ -48,6 +54,7 @@ class Scheduler:
         self.allocator = PageAllocator(num_pages)
         self.prefix_cache = PrefixCache(self.allocator, config.page_size)
         self.eos_token_ids = frozenset(eos_token_ids)
+        self.stop_width = MAX_STOP_TOKEN_IDS + len(self.eos_token_ids)  # RowInputs.stop_ids: every stop id fits
         self.slots: list[Request | None] = [None] * config.max_slots
         self.waiting: list[Request] = []  # kept sorted by arrival, so preempted requests go back in front
         self.running: list[Request] = []  # sorted by arrival
@@ -208,88 +215,107 @@ class Scheduler:
 
         if not chunks:
             return None
-        return self._build_plan(chunks, reset, imports, precomputed)
+        decode = (not reset and not precomputed and not imports
+                  and all(n == 1 == req.num_tokens - req.num_computed for req, n in chunks))
+        if decode:
+            chunks = [(req, self._decode_steps(req)) for req, _ in chunks]
+        return self._build_plan(chunks, reset, imports, precomputed, decode)
+
+    def _decode_steps(self, req: Request) -> int:
+        """Steps of a decode block for a running request that has one token to feed (and its pages for it):
+        as many as its max_tokens, the context and the pages to be had without preempting allow."""
+        n = min(self.config.decode_steps, req.sampling.max_tokens - req.num_sampled,
+                self.max_model_len - req.num_tokens)
+        need = self._pages_needed(req, req.num_computed + n)
+        if need and not self._make_room(need):
+            need = self.allocator.num_free
+            n = min(n, (len(req.pages) + need) * self.page_size - req.num_computed)
+        req.pages += self.allocator.allocate(need)
+        return max(n, 1)
 
     def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int], imports: dict[int, int],
-                    precomputed: dict[int, int]) -> StepPlan:
-        S = self.config.max_slots
-        T = sum(n for _, n in chunks)
+                    precomputed: dict[int, int], decode: bool) -> StepPlan:
+        """`chunks`: (request, tokens) in row order; in a decode block the count is the request's steps, of
+        which the plan carries the first token only (the device feeds the rest)."""
+        R = len(chunks)
+        T = R if decode else sum(n for _, n in chunks)
         tokens = np.zeros(T, np.int32)
         positions = np.zeros(T, np.int32)
-        token_slot = np.zeros(T, np.int32)
+        token_row = np.zeros(T, np.int32)
         from_prev = np.zeros(T, bool)
         is_output = np.zeros(T, bool)
-        query_start = np.zeros(S, np.int32)
-        query_len = np.zeros(S, np.int32)
-        kv_len = np.zeros(S, np.int32)
-        page_table = np.zeros((S, self.max_pages_per_seq), np.int32)
-        sample = np.zeros(S, bool)
-        gen_index = np.zeros(S, np.int32)
+        rows = {f.name: np.zeros(R, np.int32) for f in dataclasses.fields(RowInputs)}
+        rows.update(sample=np.zeros(R, bool), reset=np.zeros(R, bool),
+                    page_table=np.zeros((R, self.max_pages_per_seq), np.int32),
+                    stop_ids=np.full((R, self.stop_width), ROW_PADDING["stop_ids"], np.int32))
+        sampling = {k: np.zeros(R, t) for k, t in SamplingInputs.DTYPES.items()}
         scheduled = []
         t = 0
-        for req, n in chunks:
-            s = req.slot
-            start = req.num_computed
-            for i in range(n):
+        for r, (req, n) in enumerate(chunks):
+            s, start = req.slot, req.num_computed
+            fed = 1 if decode else n  # tokens the plan carries; a block's device steps feed the rest
+            for i in range(fed):
                 tok = req.token_at(start + i)
                 if tok is None:
                     from_prev[t + i] = True
                 else:
                     tokens[t + i] = tok
-            positions[t:t + n] = np.arange(start, start + n)
-            token_slot[t:t + n] = s
-            is_output[t:t + n] = positions[t:t + n] >= len(req.prompt_ids)
-            query_start[s], query_len[s] = t, n
+            positions[t:t + fed] = np.arange(start, start + fed)
+            token_row[t:t + fed] = r
+            is_output[t:t + fed] = positions[t:t + fed] >= len(req.prompt_ids)
             req.num_computed += n
             self.num_computed_tokens += n
-            kv_len[s] = req.num_computed
-            page_table[s, :len(req.pages)] = req.pages
-            samples = req.num_computed == req.num_tokens
-            if samples:
-                sample[s] = True
-                gen_index[s] = req.num_sampled
-                req.num_sampled += 1
-            scheduled.append(Scheduled(req, s, n, samples, imports.get(s, 0), precomputed.get(s, 0)))
-            t += n
-        params = [r.sampling if r is not None else None for r in self.slots]
-
-        def per_slot(field, dtype, idle):
-            return np.array([getattr(p, field) if p is not None else idle for p in params], dtype)
-
+            num_samples = n if decode else int(req.num_computed == req.num_tokens)
+            rows["slot"][r], rows["query_start"][r], rows["query_len"][r] = s, t, fed
+            rows["kv_len"][r] = start + fed
+            rows["page_table"][r, :len(req.pages)] = req.pages
+            rows["sample"][r] = num_samples > 0
+            rows["gen_index"][r] = req.num_sampled
+            rows["reset"][r] = s in reset
+            rows["num_steps"][r] = n if decode else 1
+            stop = sorted(req.stop_ids)
+            rows["stop_ids"][r, :len(stop)] = stop
+            for k in SamplingInputs.DTYPES:
+                sampling[k][r] = (req.sampling.logprobs is not None) if k == "logprobs" else (
+                    req.seed if k == "seed" else getattr(req.sampling, k))
+            req.num_sampled += num_samples
+            scheduled.append(Scheduled(req, s, r, start, n, num_samples, imports.get(s, 0), precomputed.get(s, 0)))
+            t += fed
         return StepPlan(
-            TokenInputs(ids=tokens, positions=positions, slot=token_slot, from_prev=from_prev, is_output=is_output,
+            TokenInputs(ids=tokens, positions=positions, row=token_row, from_prev=from_prev, is_output=is_output,
                         valid=np.ones(T, bool)),
-            SlotInputs(query_start=query_start, query_len=query_len, kv_len=kv_len, page_table=page_table,
-                       sample=sample, gen_index=gen_index, reset=np.isin(np.arange(S), list(reset))),
-            SamplingInputs(temperature=per_slot("temperature", np.float32, 0.0), top_k=per_slot("top_k", np.int32, 0),
-                           top_p=per_slot("top_p", np.float32, 1.0), min_p=per_slot("min_p", np.float32, 0.0),
-                           repetition_penalty=per_slot("repetition_penalty", np.float32, 1.0),
-                           presence_penalty=per_slot("presence_penalty", np.float32, 0.0),
-                           frequency_penalty=per_slot("frequency_penalty", np.float32, 0.0),
-                           seed=np.array([r.seed if r is not None else 0 for r in self.slots], np.uint32)),
-            scheduled=tuple(scheduled),
-        )
+            RowInputs(**rows), SamplingInputs(**sampling), scheduled=tuple(scheduled), decode=decode)
 
     # ---- results -------------------------------------------------------------------------------
 
     def update(self, plan: StepPlan, sampled: np.ndarray, logprobs=None) -> list[Request]:
-        """Records the tokens sampled by `plan` (i32[S]); returns the requests that received one.
+        """Records the tokens sampled by `plan` (i32[N, R]: N steps, R rows); returns the requests that received
+        any. A request takes its row's first `num_samples` tokens, up to and including one that ends it.
 
-        `logprobs`, if given, is a callable (slot) -> the logprob record of that slot's token.
+        `logprobs`, if given, is a callable (step, row) -> the logprob record of that token.
         """
         now = time.perf_counter()
         touched = []
         for item in plan.scheduled:
             req = item.request
             if req.finished:
-                continue  # finished (or cancelled) after this plan was built: its token is discarded
-            tok = None
-            if item.samples:
-                tok = int(sampled[item.slot])
+                continue  # finished (or cancelled) after this plan was built: its tokens are discarded
+            reason, got = None, 0
+            for j in range(item.num_samples):
+                tok = int(sampled[j, item.row])
+                got += 1
                 req.output_ids.append(tok)
                 req.token_times.append(now)
                 if logprobs is not None and req.sampling.logprobs is not None:
-                    req.logprobs.append(logprobs(item.slot))
+                    req.logprobs.append(logprobs(j, item.row))
+                if tok in req.stop_ids:
+                    reason = "stop"
+                elif (len(req.output_ids) >= req.sampling.max_tokens
+                      or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
+                    reason = "length"
+                if reason:
+                    break
+            if got:
                 touched.append(req)
             # Indexed before a finish releases the pages, so that a request ending on this step (max_tokens=1,
             # a stop token first) still leaves its prompt's pages to the prefix cache.
@@ -298,15 +324,13 @@ class Scheduler:
             # a later request reusing it would no longer reproduce its uncached output exactly.
             if self.config.enable_prefix_caching and req.status is Status.RUNNING and not req.kv_imported:
                 known = req.known_ids()
-                full = min(req.num_computed, len(known)) // self.page_size
+                computed = min(req.num_computed, len(known))
+                if got < item.num_samples:  # a decode block stopped the row on the device: later steps
+                    computed = min(computed, item.start + got)  # wrote nothing for it
+                full = computed // self.page_size
                 if full > req.num_indexed_pages:
                     self.prefix_cache.insert(known, req.pages, full)
                     req.num_indexed_pages = full
-            if tok is None:
-                continue
-            if tok in req.stop_ids:
-                self.finish(req, "stop")
-            elif (len(req.output_ids) >= req.sampling.max_tokens
-                  or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
-                self.finish(req, "length")
+            if reason:
+                self.finish(req, reason)
         return touched

@@ -1,12 +1,20 @@
-"""StepPlan: everything one engine step computes, as host numpy arrays (built by the scheduler).
+"""StepPlan: everything one engine dispatch computes, as host numpy arrays (built by the scheduler).
 
-Tokens of all scheduled requests are flattened into one ragged batch: each request contributes a run
-of consecutive tokens (1 for decode, a chunk for prefill) that belongs to its slot. Per-slot arrays are
-always [S] (max_slots).
+Each scheduled request is one *row*: per-row arrays have one entry per scheduled request, in the order of
+`scheduled` (the runner pads them up to the step's bucket with idle rows), and a row names the engine slot
+whose device state (the last sampled token, penalty counts) it reads and writes. Tokens of all rows are
+flattened into one ragged batch: each row contributes a run of consecutive tokens.
 
-A plan is grouped as the device step reads it: `tokens`, `slots`, `sampling` (`inputs()` is the three
-without the host's own `scheduled`). The runner registers these classes as pytrees (the host side never
-imports jax), pads the token group to its bucket and passes them to the jitted step as they are.
+Two kinds of plan (`decode`):
+- a prefill step: rows contribute a chunk of prompt (or recomputed) tokens or one decode token each, and
+  each row samples at most one token, after its chunk's last token when that reaches the end of its sequence;
+- a decode block: every row contributes the one token it has to feed and then runs `num_steps` decode steps
+  on the device (each step feeding the token the previous one sampled), so it samples `num_steps` tokens in
+  one dispatch; a row stops early on the device when it samples one of its `stop_ids`.
+
+A plan is grouped as the device step reads it: `tokens`, `rows`, `sampling` (`inputs()` is the three
+without the host's own fields). The runner registers these classes as pytrees (the host side never imports
+jax), pads them to the bucket and passes them to the jitted step as they are.
 """
 
 from __future__ import annotations
@@ -22,53 +30,71 @@ from jinfer.engine.request import Request
 class Scheduled:
     request: Request
     slot: int
-    num_tokens: int  # tokens this step computes for the request
-    samples: bool  # the chunk reaches the end of the known sequence, so a token is sampled after it
+    row: int  # its index in the plan's per-row arrays
+    start: int  # sequence position of the first token this dispatch computes for it
+    num_tokens: int  # tokens this dispatch computes for the request (a decode block: one per step)
+    num_samples: int  # tokens it samples: 0 or 1 in a prefill step, num_tokens in a decode block
     num_imported: int = 0  # leading tokens whose KV arrived with the request: the engine writes them into
     #   its pages (Runner.import_kv) before this step, its first, runs
     num_precomputed: int = 0  # at admission, leading tokens whose KV this step does not compute (a prefix
     #   cache hit or imported KV): the engine seeds the slot's penalty state with them before the step
 
+    @property
+    def samples(self) -> bool:
+        return self.num_samples > 0
+
 
 @dataclasses.dataclass(frozen=True)
 class TokenInputs:
     """Per token. T: the plan's tokens, or the bucket once the runner has padded them (padding: valid False,
-    every other field 0)."""
+    every other field 0). In a decode block token r belongs to row r."""
 
     ids: np.ndarray  # i32[T]: the id, or 0 where from_prev
     positions: np.ndarray  # i32[T]
-    slot: np.ndarray  # i32[T]: the slot whose request the token belongs to
-    from_prev: np.ndarray  # bool[T]: take the id the previous step sampled for this slot (still on device)
+    row: np.ndarray  # i32[T]: the row the token belongs to
+    from_prev: np.ndarray  # bool[T]: take the id the slot's previous step sampled (still on device)
     is_output: np.ndarray  # bool[T]: a generated token (counted by presence/frequency penalties)
     valid: np.ndarray  # bool[T]: False for bucket padding
 
 
 @dataclasses.dataclass(frozen=True)
-class SlotInputs:
-    """Per slot (S = max_slots)."""
+class RowInputs:
+    """Per row (R: the scheduled requests, or the bucket once padded; padding rows have query_len 0, slot
+    max_slots, which every scatter into the per-slot state drops)."""
 
-    query_start: np.ndarray  # i32[S]: index of the slot's first token in this step
-    query_len: np.ndarray  # i32[S]: 0 where the slot is idle this step
-    kv_len: np.ndarray  # i32[S]: tokens in the slot's cache once this step's are written
-    page_table: np.ndarray  # i32[S, max_pages]; padded with page 0
-    sample: np.ndarray  # bool[S]
-    gen_index: np.ndarray  # i32[S]: tokens the request had sampled before this one (folds into its key)
-    reset: np.ndarray  # bool[S]: the slot has a new occupant that computes its sequence from the start
+    slot: np.ndarray  # i32[R]
+    query_start: np.ndarray  # i32[R]: index of the row's first token in this step
+    query_len: np.ndarray  # i32[R]
+    kv_len: np.ndarray  # i32[R]: tokens in the slot's cache once this step's (a block's first step's) are written
+    page_table: np.ndarray  # i32[R, max_pages]; padded with page 0
+    sample: np.ndarray  # bool[R]
+    gen_index: np.ndarray  # i32[R]: tokens the request had sampled before this one (folds into its key)
+    reset: np.ndarray  # bool[R]: the slot has a new occupant that computes its sequence from the start
     #   (clear its penalty counts); an occupant with precomputed tokens has its counts seeded instead
+    num_steps: np.ndarray  # i32[R]: decode steps of the row in a decode block (1 in a prefill step)
+    stop_ids: np.ndarray  # i32[R, M]: token ids that end the request, padded with -1 (a decode block stops
+    #   the row's steps on them; M is the scheduler's fixed width)
 
 
 @dataclasses.dataclass(frozen=True)
 class SamplingInputs:
-    """Per slot, each occupant's sampling parameters (idle slots: the neutral values)."""
+    """Per row, each request's sampling parameters (padding rows: the neutral values)."""
 
-    temperature: np.ndarray  # f32[S]
-    top_k: np.ndarray  # i32[S]
-    top_p: np.ndarray  # f32[S]
-    min_p: np.ndarray  # f32[S]
-    repetition_penalty: np.ndarray  # f32[S]
-    presence_penalty: np.ndarray  # f32[S]
-    frequency_penalty: np.ndarray  # f32[S]
-    seed: np.ndarray  # u32[S]
+    temperature: np.ndarray  # f32[R]
+    top_k: np.ndarray  # i32[R]
+    top_p: np.ndarray  # f32[R]
+    min_p: np.ndarray  # f32[R]
+    repetition_penalty: np.ndarray  # f32[R]
+    presence_penalty: np.ndarray  # f32[R]
+    frequency_penalty: np.ndarray  # f32[R]
+    seed: np.ndarray  # u32[R]
+    logprobs: np.ndarray  # bool[R]: the request asks for logprobs
+
+    NEUTRAL = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
+                   frequency_penalty=0.0, seed=0, logprobs=False)
+    DTYPES = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, min_p=np.float32,
+                  repetition_penalty=np.float32, presence_penalty=np.float32, frequency_penalty=np.float32,
+                  seed=np.uint32, logprobs=bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -76,47 +102,59 @@ class StepInputs:
     """What the device step reads of a plan."""
 
     tokens: TokenInputs
-    slots: SlotInputs
+    rows: RowInputs
     sampling: SamplingInputs
+
+
+# Padding values of the per-row arrays (every other field pads with 0); `slot` pads with max_slots.
+ROW_PADDING = dict(stop_ids=-1)
 
 
 @dataclasses.dataclass(frozen=True)
 class StepPlan:
     tokens: TokenInputs
-    slots: SlotInputs
+    rows: RowInputs
     sampling: SamplingInputs
     scheduled: tuple[Scheduled, ...]
+    decode: bool = False  # a decode block (see the module docstring)
 
     @classmethod
-    def empty(cls, max_slots: int, max_pages_per_seq: int) -> StepPlan:
-        """A plan of no tokens with every slot idle (the scheduler's idle values): it touches no page."""
+    def empty(cls, max_pages_per_seq: int, stop_width: int, decode: bool = False) -> StepPlan:
+        """A plan of no tokens and no rows: padded to any bucket, it touches no page (warm-up)."""
 
-        def per_slot(dtype, value=0):  # a fresh array per field: no two fields alias
-            return np.full(max_slots, value, dtype)
+        def none(dtype, *shape):
+            return np.zeros((0, *shape), dtype)
 
-        def none(dtype):
-            return np.zeros(0, dtype)
-
-        i32, f32 = np.int32, np.float32
+        i32 = np.int32
         return cls(
-            TokenInputs(ids=none(i32), positions=none(i32), slot=none(i32), from_prev=none(bool),
+            TokenInputs(ids=none(i32), positions=none(i32), row=none(i32), from_prev=none(bool),
                         is_output=none(bool), valid=none(bool)),
-            SlotInputs(query_start=per_slot(i32), query_len=per_slot(i32), kv_len=per_slot(i32),
-                       page_table=np.zeros((max_slots, max_pages_per_seq), i32), sample=per_slot(bool),
-                       gen_index=per_slot(i32), reset=per_slot(bool)),
-            SamplingInputs(temperature=per_slot(f32), top_k=per_slot(i32), top_p=per_slot(f32, 1), min_p=per_slot(f32),
-                           repetition_penalty=per_slot(f32, 1), presence_penalty=per_slot(f32),
-                           frequency_penalty=per_slot(f32), seed=per_slot(np.uint32)),
-            scheduled=())
+            RowInputs(slot=none(i32), query_start=none(i32), query_len=none(i32), kv_len=none(i32),
+                      page_table=none(i32, max_pages_per_seq), sample=none(bool), gen_index=none(i32),
+                      reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width)),
+            SamplingInputs(**{k: none(t) for k, t in SamplingInputs.DTYPES.items()}),
+            scheduled=(), decode=decode)
 
     def inputs(self) -> StepInputs:
-        """What the device step reads (every group but the host's own `scheduled`)."""
-        return StepInputs(self.tokens, self.slots, self.sampling)
+        """What the device step reads (every group but the host's own fields)."""
+        return StepInputs(self.tokens, self.rows, self.sampling)
 
     @property
     def num_tokens(self) -> int:
         return len(self.tokens.ids)
 
     @property
+    def num_rows(self) -> int:
+        return len(self.rows.slot)
+
+    @property
     def max_query_len(self) -> int:
-        return int(self.slots.query_len.max(initial=0))
+        return int(self.rows.query_len.max(initial=0))
+
+    @property
+    def max_steps(self) -> int:
+        return int(self.rows.num_steps.max(initial=0))
+
+    @property
+    def wants_logprobs(self) -> bool:
+        return bool(self.sampling.logprobs.any())

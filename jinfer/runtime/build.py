@@ -32,8 +32,9 @@ def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig, de
 
 def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
                  attention_backend=None, seed: int | None = None, devices=None) -> Engine:
-    """One engine on `devices` (default: the first tensor_parallel local devices)."""
-    cfg = engine_config or EngineConfig()
+    """One engine on `devices` (default: the first tensor_parallel local devices); fields the config leaves
+    None take the defaults of the devices' platform."""
+    cfg = (engine_config or EngineConfig()).resolve((devices[0] if devices else jax.local_devices()[0]).platform)
     num_pages = resolve_num_pages(cfg, model_config, None if devices is None else devices[0])
     runner = Runner(model_config, cfg, params, num_pages, attention_backend, devices)
     return Engine(model_config, runner, tokenizer, cfg, num_pages, seed=seed)

@@ -1,60 +1,63 @@
 """The runner: device state and the compiled step functions of the engine.
 
-It owns the params, the paged KV cache, the last token each slot sampled, and the per-slot penalty
-counts, all on the device. `dispatch(plan)` pads a StepPlan's inputs to its bucket and launches the one
-jitted step for that bucket with them and the attention backend's metadata, both pytrees (state donated,
-so XLA updates the cache in place); it returns at once with device arrays, and `fetch()` later brings the
-sampled tokens to the host. `import_kv` writes K/V computed elsewhere (a long prompt's ring-attention
-prefill) into a request's pages before its first step.
+It owns the params, the paged KV cache and the per-slot state (the last token each slot sampled, its
+penalty counts), all on the device. `dispatch(plan)` pads a StepPlan's inputs to its bucket and launches
+the one jitted step for that shape with them and the attention backend's metadata, both pytrees (state
+donated, so XLA updates the cache in place); it returns at once with device arrays, and `fetch()` later
+brings the sampled tokens to the host. `import_kv` writes K/V computed elsewhere (a long prompt's
+ring-attention prefill) into a request's pages before its first step.
 
-Buckets: token counts pad up to one of EngineConfig.token_buckets; the query width per slot is 1 for
-decode-only steps and min(bucket, max_prefill_chunk) otherwise. `warmup()` compiles all of them, and
+The compiled set (`all_shapes`), named by `StepShape`: one decode block per EngineConfig.decode_buckets entry
+(R rows, one token each, up to decode_steps steps) and one prefill step per token_buckets entry (T tokens,
+max_slots rows, chunks of up to min(T, max_prefill_chunk) tokens). `warmup()` compiles all of them, and
 `num_compilations` counts traces so a test can prove serving never compiles again.
 """
 
 from __future__ import annotations
 
 import dataclasses
-import functools
+from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention, paged_kv_cache
+from jinfer.attention.backend import AttentionBackend, paged_kv_cache
 from jinfer.engine.config import EngineConfig
-from jinfer.engine.step_plan import SamplingInputs, SlotInputs, StepInputs, StepPlan, TokenInputs
-from jinfer.models import llama
+from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, StepInputs, StepPlan, TokenInputs
 from jinfer.models.config import ModelConfig
-from jinfer.runtime.sampler import apply_penalties, sample, step_keys
+from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
 
 # The host engine defines the plan's groups as plain dataclasses (it never imports jax); registered here,
 # every field a traced array, they cross the jit boundary as they are.
-for _cls in (TokenInputs, SlotInputs, SamplingInputs, StepInputs):
+for _cls in (TokenInputs, RowInputs, SamplingInputs, StepInputs):
     jax.tree_util.register_dataclass(_cls)
+
+
+class StepShape(NamedTuple):
+    """One compiled step: `decode` block of `rows` rows (tokens == rows, width 1), or a prefill step of
+    `tokens` tokens over `rows` = max_slots rows with chunks of up to `width` tokens."""
+
+    decode: bool
+    tokens: int
+    rows: int
+    width: int
 
 
 @dataclasses.dataclass
 class StepOutput:
     """Device arrays of one dispatched step; `fetch` copies what the host needs."""
 
-    sampled: jax.Array  # i32[S]
-    logprob: jax.Array  # f32[S]: of the sampled token
-    top_ids: jax.Array  # i32[S, max_logprobs]
-    top_logprobs: jax.Array  # f32[S, max_logprobs]
+    result: StepResult  # N steps x R rows
     want_logprobs: bool
 
     def fetch(self):
+        """(tokens i32[N, R], (logprob, top ids, top logprobs) or None)."""
+        r = self.result
         if not self.want_logprobs:
-            return np.asarray(self.sampled), None
-        sampled, lp, ids, lps = jax.device_get((self.sampled, self.logprob, self.top_ids, self.top_logprobs))
-        return sampled, (lp, ids, lps)
-
-
-def _initial_state(c: ModelConfig, S: int, num_pages: int, page_size: int, dtype):
-    """(KV pages, last sampled token i32[S], output token counts i32[S, V], prompt token mask bool[S, V])."""
-    kv = paged_kv_cache(c.num_layers, num_pages, page_size, c.num_kv_heads, c.head_dim, dtype)
-    return kv, jnp.zeros(S, jnp.int32), jnp.zeros((S, c.vocab_size), jnp.int32), jnp.zeros((S, c.vocab_size), bool)
+            return np.asarray(r.tokens), None
+        tokens, lp, ids, lps = jax.device_get((r.tokens, r.logprob, r.top_ids, r.top_logprobs))
+        return tokens, (lp, ids, lps)
 
 
 def _import_impl(kv, k, v, page, offset):
@@ -67,12 +70,19 @@ def _import_impl(kv, k, v, page, offset):
     return k_pages, v_pages
 
 
-def _seed_impl(output_counts, prompt_mask, slot, tokens, is_output):
+def _seed_impl(state: SlotState, slot, tokens, is_output) -> SlotState:
     """The penalty state of a slot's new occupant whose leading tokens (i32[max_model_len], padded with the
     out-of-range id V, which the scatters drop) the step will not compute."""
-    output_counts = output_counts.at[slot].set(0).at[slot, tokens].add(is_output.astype(jnp.int32), mode="drop")
-    prompt_mask = prompt_mask.at[slot].set(False).at[slot, tokens].max(~is_output, mode="drop")
-    return output_counts, prompt_mask
+    counts = state.output_counts.at[slot].set(0).at[slot, tokens].add(is_output.astype(jnp.int32), mode="drop")
+    mask = state.prompt_mask.at[slot].set(False).at[slot, tokens].max(~is_output, mode="drop")
+    return dataclasses.replace(state, output_counts=counts, prompt_mask=mask)
+
+
+def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
+    for b in buckets:
+        if n <= b:
+            return b
+    raise ValueError(f"{n} {what} exceed the largest of EngineConfig.{field}={buckets}")
 
 
 class Runner:
@@ -81,6 +91,8 @@ class Runner:
         from jinfer.attention.select import default_backend
         from jinfer.runtime import sharding
 
+        if not engine_config.resolved:
+            raise ValueError("the Runner needs a resolved EngineConfig (EngineConfig.resolve(platform))")
         self.model_config = model_config
         self.config = engine_config
         dtype = jnp.dtype(engine_config.dtype)
@@ -97,7 +109,11 @@ class Runner:
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
-        make_state = functools.partial(_initial_state, c, S, num_pages, engine_config.page_size, dtype)
+        kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
+
+        def make_state():
+            return paged_kv_cache(*kv_shape, dtype), SlotState.zeros(S, c.vocab_size)
+
         out_shardings = None
         if self.mesh is not None:
             # Pinned, so the donated state comes back as it went in (no recompile), and created in place: the
@@ -105,92 +121,76 @@ class Runner:
             kv = sharding.kv_cache_sharding((c.num_layers, c.num_kv_heads, num_pages, engine_config.page_size,
                                              c.head_dim), self.mesh)
             rep = sharding.replicated(self.mesh)
-            out_shardings = ((kv, kv), rep, rep, rep, rep)
-            make_state = jax.jit(make_state, out_shardings=out_shardings[:4])
+            out_shardings = ((kv, kv), rep, rep)
+            make_state = jax.jit(make_state, out_shardings=out_shardings[:2])
         state = make_state()
         if self.mesh is None:
             # Committed to the device from the start: a K/V import (placed there explicitly) would otherwise
             # turn uncommitted state into committed, and every jitted function would compile once more.
             state = jax.device_put(state, jax.local_devices()[0])
-        self.kv, self.last_sampled, self.output_counts, self.prompt_mask = state
+        self.kv, self.state = state
         self.num_compilations = 0
-        self._step = jax.jit(self._step_impl, static_argnames=("max_query_len",), donate_argnums=(1, 2, 3, 4),
+        self._step = jax.jit(self._step_impl, static_argnames=("shape",), donate_argnums=(1, 2),
                              out_shardings=out_shardings)
         self._import = jax.jit(_import_impl, donate_argnums=(0,),
                                out_shardings=None if out_shardings is None else out_shardings[0])
-        self._seed = jax.jit(_seed_impl, donate_argnums=(0, 1),
-                             out_shardings=None if out_shardings is None else out_shardings[2:4])
+        self._seed = jax.jit(_seed_impl, donate_argnums=(0,),
+                             out_shardings=None if out_shardings is None else out_shardings[1])
 
     # ---- shapes --------------------------------------------------------------------------------
 
-    def bucket(self, num_tokens: int) -> int:
-        for b in self.config.token_buckets:
-            if num_tokens <= b:
-                return b
-        raise ValueError(f"a step of {num_tokens} tokens exceeds the largest bucket {self.config.token_buckets[-1]}")
+    def shape_for(self, plan: StepPlan) -> StepShape:
+        cfg = self.config
+        if plan.decode:
+            rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
+            return StepShape(True, rows, rows, 1)
+        tokens = _bucket(plan.num_tokens, cfg.token_buckets, "tokens of a step", "token_buckets")
+        return StepShape(False, tokens, cfg.max_slots, min(tokens, cfg.max_prefill_chunk))
 
-    def query_width(self, bucket: int, max_query_len: int) -> int:
-        return 1 if max_query_len <= 1 else min(bucket, self.config.max_prefill_chunk)
-
-    def all_shapes(self) -> list[tuple[int, int]]:
-        return sorted({(b, self.query_width(b, q)) for b in self.config.token_buckets for q in (1, 2)})
+    def all_shapes(self) -> list[StepShape]:
+        cfg = self.config
+        return ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
+                + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _step_impl(self, params, kv, last_sampled, output_counts, prompt_mask, inputs: StepInputs, attn_meta, *,
-                   max_query_len):
+    def _step_impl(self, params, kv, state, inputs: StepInputs, attn_meta, *, shape: StepShape):
         self.num_compilations += 1  # runs only while tracing, i.e. once per compiled shape
-        c = self.model_config
-        S = last_sampled.shape[0]
-        tok, slots, sp = inputs.tokens, inputs.slots, inputs.sampling
-        valid, slot = tok.valid, tok.slot
-        tokens = jnp.where(tok.from_prev, last_sampled[slot], tok.ids)
-        # Penalty state: a token counts once it enters the cache (prompt tokens, then each generated
-        # token as it is fed back), so a recomputed (preempted) request rebuilds the same counts.
-        reset = slots.reset[:, None]
-        output_counts = jnp.where(reset, 0, output_counts)
-        prompt_mask = jnp.where(reset, False, prompt_mask)
-        out_tok = valid & tok.is_output
-        output_counts = output_counts.at[slot, tokens].add(out_tok.astype(jnp.int32))
-        prompt_mask = prompt_mask.at[slot, tokens].max(valid & ~tok.is_output)
+        kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs)
+        if shape.decode:
+            return decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps, **kw)
+        return prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, **kw)
 
-        meta = PagedMeta(token_slot=slot, token_valid=valid, page_table=slots.page_table, kv_len=slots.kv_len,
-                         query_start=slots.query_start, query_len=slots.query_len, backend=attn_meta)
-        attention = make_paged_attention(max_query_len, self.attention)
-        h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=c, attention=attention)
-        last = jnp.maximum(slots.query_start + slots.query_len - 1, 0)
-        logits = llama.logits_from_hidden(params, h[0, last], c)  # f32[S, V]
-
-        logprobs = jax.nn.log_softmax(logits, axis=-1)
-        penalized = apply_penalties(logits, output_counts, prompt_mask, sp.repetition_penalty, sp.presence_penalty,
-                                    sp.frequency_penalty)
-        keys = step_keys(sp.seed, slots.gen_index)
-        new = sample(penalized, sp.temperature, sp.top_k, sp.top_p, keys, sp.min_p)
-        last_sampled = jnp.where(slots.sample, new, last_sampled)
-        n = self.config.max_logprobs
-        top_lp, top_ids = jax.lax.top_k(logprobs, n) if n else (jnp.zeros((S, 0)), jnp.zeros((S, 0), jnp.int32))
-        chosen = jnp.take_along_axis(logprobs, new[:, None], axis=-1)[:, 0]
-        return kv, last_sampled, output_counts, prompt_mask, (new, chosen, top_ids, top_lp)
-
-    def _step_inputs(self, plan: StepPlan, bucket: int, width: int):
-        """(the plan's StepInputs, tokens padded to `bucket`; the attention backend's metadata)."""
+    def _step_inputs(self, plan: StepPlan, shape: StepShape):
+        """(the plan's StepInputs padded to `shape`; the attention backend's metadata)."""
         inputs = plan.inputs()
-        pad = bucket - plan.num_tokens
-        tokens = jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros(pad, a.dtype)]), inputs.tokens)
-        attn_meta = self.attention.step_metadata(plan.slots.query_start, plan.slots.query_len, bucket, width)
-        return dataclasses.replace(inputs, tokens=tokens), attn_meta
+        pad_t = shape.tokens - plan.num_tokens
+        pad_r = shape.rows - plan.num_rows
+        tokens = jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros(pad_t, a.dtype)]), inputs.tokens)
 
-    def _launch(self, plan: StepPlan, bucket: int, width: int):
-        inputs, attn_meta = self._step_inputs(plan, bucket, width)
-        self.kv, self.last_sampled, self.output_counts, self.prompt_mask, out = self._step(
-            self.params, self.kv, self.last_sampled, self.output_counts, self.prompt_mask, inputs, attn_meta,
-            max_query_len=width)
+        def pad_rows(name, a):
+            fill = self.config.max_slots if name == "slot" else ROW_PADDING.get(name, 0)
+            return np.concatenate([a, np.full((pad_r, *a.shape[1:]), fill, a.dtype)])
+
+        rows = RowInputs(**{f.name: pad_rows(f.name, getattr(inputs.rows, f.name))
+                            for f in dataclasses.fields(RowInputs)})
+        sampling = SamplingInputs(**{k: np.concatenate([getattr(inputs.sampling, k),
+                                                        np.full(pad_r, SamplingInputs.NEUTRAL[k], t)])
+                                     for k, t in SamplingInputs.DTYPES.items()})
+        attn_meta = self.attention.step_metadata(rows.query_start, rows.query_len, shape.tokens, shape.width)
+        return StepInputs(tokens, rows, sampling), attn_meta
+
+    def _launch(self, plan: StepPlan, shape: StepShape) -> StepResult:
+        inputs, attn_meta = self._step_inputs(plan, shape)
+        self.kv, self.state, out = self._step(self.params, self.kv, self.state, inputs, attn_meta, shape=shape)
         return out
 
-    def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> StepOutput:
-        bucket = self.bucket(plan.num_tokens)
-        return StepOutput(*self._launch(plan, bucket, self.query_width(bucket, plan.max_query_len)),
-                          want_logprobs=want_logprobs)
+    def dispatch(self, plan: StepPlan) -> StepOutput:
+        out = self._launch(plan, self.shape_for(plan))
+        want = plan.wants_logprobs
+        for x in (out.tokens, out.logprob, out.top_ids, out.top_logprobs) if want else (out.tokens,):
+            x.copy_to_host_async()  # the host reads them next step: start the copy as soon as they exist
+        return StepOutput(out, want_logprobs=want)
 
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, m, K, H] with m >= n
@@ -229,13 +229,12 @@ class Runner:
         ids = np.full(self.max_model_len, V, np.int32)
         ids[:n] = token_ids
         is_output = np.arange(self.max_model_len) >= num_prompt
-        self.output_counts, self.prompt_mask = self._seed(self.output_counts, self.prompt_mask, np.int32(slot),
-                                                          ids, is_output)
+        self.state = self._seed(self.state, np.int32(slot), ids, is_output)
 
-    def warmup(self) -> None:
-        """Compiles every (bucket, query width) step with an all-padding plan, which touches no page."""
-        empty = StepPlan.empty(self.config.max_slots, self.max_pages_per_seq)
-        for bucket, width in self.all_shapes():
-            self._launch(empty, bucket, width)
+    def warmup(self, stop_width: int) -> None:
+        """Compiles every step shape with an all-padding plan, which touches no page (`stop_width`: the
+        scheduler's RowInputs.stop_ids width)."""
+        for shape in self.all_shapes():
+            self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode), shape)
         self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared
-        jax.block_until_ready((self.kv, self.prompt_mask))
+        jax.block_until_ready((self.kv, self.state))

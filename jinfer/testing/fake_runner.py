@@ -1,10 +1,10 @@
 """A hand-computable device side for the host engine: no model, no jax.
 
 `FakeRunner` stands where `jinfer.runtime.runner.Runner` stands (the engine takes its runner by injection)
-and "samples", for every slot that samples, the token after the last one the step fed it: (t + 1) % V.
-So a prompt ending in token t generates t+1, t+2, ... and a test knows every output without a model; the
-engine's scheduling, one-step lookahead (`from_prev`), stop tokens, stop strings, streaming and
-cancellation run for real. `fake_engine()` builds such an engine with the tiny word-level tokenizer.
+and "samples", for every row that samples, the token after the last one the step fed it: (t + 1) % V (a
+decode block's rows count on, step after step, until a stop id). So a prompt ending in token t generates t+1,
+t+2, ... and a test knows every output without a model; the engine's scheduling, decode blocks, one-step
+lookahead (`from_prev`), stop tokens, stop strings, streaming and cancellation run for real. `fake_engine()` builds such an engine with the tiny word-level tokenizer.
 """
 
 from __future__ import annotations
@@ -21,17 +21,17 @@ from jinfer.models.config import ModelConfig
 
 @dataclasses.dataclass
 class FakeStepOutput:
-    sampled: np.ndarray  # i32[S]
+    sampled: np.ndarray  # i32[N, R]
     top: int  # logprob alternatives per token
     want_logprobs: bool
 
     def fetch(self):
         if not self.want_logprobs:
             return self.sampled, None
-        S = len(self.sampled)
-        top_ids = (self.sampled[:, None] + np.arange(self.top)[None]) % np.iinfo(np.int32).max
-        top_lp = np.broadcast_to(-np.arange(self.top, dtype=np.float32), (S, self.top))
-        return self.sampled, (np.zeros(S, np.float32), top_ids.astype(np.int32), top_lp)
+        N, R = self.sampled.shape
+        top_ids = (self.sampled[..., None] + np.arange(self.top)) % np.iinfo(np.int32).max
+        top_lp = np.broadcast_to(-np.arange(self.top, dtype=np.float32), (N, R, self.top))
+        return self.sampled, (np.zeros((N, R), np.float32), top_ids.astype(np.int32), top_lp)
 
 
 class FakeRunner:
@@ -42,18 +42,24 @@ class FakeRunner:
         self.num_steps = 0
         self.seeded: list[tuple[int, list[int], int]] = []  # (slot, token ids, prompt length) per seeding
 
-    def warmup(self) -> None:
+    def warmup(self, stop_width: int) -> None:
         pass
 
-    def dispatch(self, plan: StepPlan, want_logprobs: bool = False) -> FakeStepOutput:
+    def dispatch(self, plan: StepPlan) -> FakeStepOutput:
         self.num_steps += 1
-        tokens = np.where(plan.tokens.from_prev, self.last_sampled[plan.tokens.slot], plan.tokens.ids)
-        new = self.last_sampled.copy()
-        for s in np.flatnonzero(plan.slots.sample):
-            last = tokens[plan.slots.query_start[s] + plan.slots.query_len[s] - 1]
-            new[s] = (last + 1) % self.vocab_size
-        self.last_sampled = new
-        return FakeStepOutput(new.copy(), self.config.max_logprobs, want_logprobs)
+        rows = plan.rows
+        tokens = np.where(plan.tokens.from_prev, self.last_sampled[rows.slot[plan.tokens.row]], plan.tokens.ids)
+        steps = max(plan.max_steps, 1) if plan.decode else 1
+        out = np.zeros((steps, plan.num_rows), np.int32)
+        for r in np.flatnonzero(rows.sample):
+            t = tokens[rows.query_start[r] + rows.query_len[r] - 1]
+            for i in range(rows.num_steps[r]):
+                t = (t + 1) % self.vocab_size
+                out[i, r] = t
+                if t in rows.stop_ids[r]:  # a decode block stops the row's steps on its stop ids
+                    break
+            self.last_sampled[rows.slot[r]] = t
+        return FakeStepOutput(out, self.config.max_logprobs, plan.wants_logprobs)
 
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         pass
@@ -66,8 +72,8 @@ def fake_engine(engine_config: EngineConfig | None = None, tokenizer=None, vocab
     """An Engine over a FakeRunner; `tokenizer` defaults to the tiny word-level one (token i is 'w{i}')."""
     from jinfer.testing.tiny import tiny_tokenizer
 
-    cfg = engine_config or EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32),
-                                        max_prefill_chunk=16)
+    cfg = (engine_config or EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32),
+                                         max_prefill_chunk=16)).resolve("cpu")
     model = ModelConfig(vocab_size=vocab_size, hidden_size=8, num_layers=1, num_heads=1, num_kv_heads=1, head_dim=8,
                         intermediate_size=8, max_position_embeddings=256, eos_token_ids=(), bos_token_id=None)
     num_pages = cfg.num_pages or cfg.cpu_default_pages

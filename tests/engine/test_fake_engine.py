@@ -42,7 +42,34 @@ def test_a_prefix_cache_hit_seeds_the_penalty_state_with_the_cached_tokens():
     run(e, [(prompt, SamplingParams(max_tokens=2))])
     (again,) = run(e, [(prompt, SamplingParams(max_tokens=2))])
     assert again.num_cached_tokens == 16 and again.token_ids == [19, 20]
+    assert e.runner.seeded == []  # no penalties asked for: no penalty state to seed
+    (penalized,) = run(e, [(prompt, SamplingParams(max_tokens=2, repetition_penalty=1.3))])
+    assert penalized.num_cached_tokens == 16 and penalized.token_ids == [19, 20]
     assert e.runner.seeded[-1][1:] == (prompt[:16], 18)
+
+
+def test_a_decode_block_streams_several_tokens_per_step_and_stops_on_the_device():
+    e = fake_engine()
+    ids = [e.add_request([10], SamplingParams(max_tokens=20)),
+           e.add_request([50], SamplingParams(max_tokens=20, stop_token_ids=[55])),
+           e.add_request([90], SamplingParams(max_tokens=20, stop=["w94"]))]
+    events = {i: [] for i in ids}
+    steps = 0
+    while e.has_work:
+        for ev in e.step():
+            events[ev.request_id].append(ev)
+        steps += 1
+    block = e.config.decode_steps
+    assert block > 1
+    a, b, c = (events[i] for i in ids)
+    assert [t for ev in a for t in ev.new_token_ids] == list(range(11, 31))
+    assert max(len(ev.new_token_ids) for ev in a) == block  # one event per block, not per token
+    assert steps < 20  # 20 tokens took fewer engine steps than tokens
+    assert [t for ev in b for t in ev.new_token_ids] == [51, 52, 53, 54, 55] and b[-1].output.finish_reason == "stop"
+    assert c[-1].output.token_ids == [91, 92, 93, 94] and c[-1].output.text == "w91 w92 w93 "
+    assert "".join(ev.text_delta for ev in a) == a[-1].output.text == " ".join(f"w{t}" for t in range(11, 31))
+    s = e.scheduler
+    assert not s.running and s.allocator.num_free + s.prefix_cache.num_evictable == s.allocator.usable_pages
 
 
 def test_the_host_engine_imports_no_jax():

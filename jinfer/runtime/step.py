@@ -1,0 +1,166 @@
+"""The engine's compiled steps (device side, pure functions of their arguments; the runner jits them).
+
+`prefill_step`: one forward over a plan's ragged tokens, then each row's head (penalties, sampling,
+logprobs) at its last token. `decode_block`: up to `max_steps` one-token forwards in a device-side loop, each
+feeding the token the previous one sampled, a row ending on its step count or a stop token, the loop on the
+first step at which no row is left; the host's work and the dispatch are paid once per block.
+
+Work a step does not need costs nothing: the penalty state is counted and applied, and logprobs computed,
+under runtime conditionals on whether any row of the step asks for them (one compiled function serves every
+mix of requests; the sampler itself skips its vocabulary cuts when every row is greedy).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention
+from jinfer.engine.step_plan import RowInputs, SamplingInputs, StepInputs
+from jinfer.models import llama
+from jinfer.models.config import ModelConfig
+from jinfer.runtime.sampler import apply_penalties, sample, step_keys
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class SlotState:
+    """Per-slot device state that outlives a step (S = max_slots)."""
+
+    last_sampled: jax.Array  # i32[S]: the token each slot sampled last (fed by the next step, `from_prev`)
+    output_counts: jax.Array  # i32[S, V]: occurrences of each token among the slot's generated tokens
+    prompt_mask: jax.Array  # bool[S, V]: the token occurs in the slot's prompt
+
+    @classmethod
+    def zeros(cls, max_slots: int, vocab_size: int) -> SlotState:
+        S, V = max_slots, vocab_size
+        return cls(jnp.zeros(S, jnp.int32), jnp.zeros((S, V), jnp.int32), jnp.zeros((S, V), bool))
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class StepResult:
+    """What a step hands back to the host: N = the steps of a decode block (1 for a prefill step)."""
+
+    tokens: jax.Array  # i32[N, R]: row r's token of step n (rows and steps past their end hold garbage)
+    logprob: jax.Array  # f32[N, R]: of the sampled token under the unpenalized, untempered distribution
+    top_ids: jax.Array  # i32[N, R, max_logprobs]
+    top_logprobs: jax.Array  # f32[N, R, max_logprobs]
+
+
+def _uses_penalties(sp: SamplingInputs) -> jax.Array:
+    return jnp.any((sp.repetition_penalty != 1) | (sp.presence_penalty != 0) | (sp.frequency_penalty != 0))
+
+
+def _count(state: SlotState, slots, tokens, counted, is_output) -> SlotState:
+    """A token counts for penalties once it enters its slot's cache (prompt tokens, then each generated token
+    as it is fed back), so a recomputed (preempted) request rebuilds the same counts. Scatters to slot S
+    (padding) are dropped."""
+    counts = state.output_counts.at[slots, tokens].add((counted & is_output).astype(jnp.int32), mode="drop")
+    mask = state.prompt_mask.at[slots, tokens].max(counted & ~is_output, mode="drop")
+    return dataclasses.replace(state, output_counts=counts, prompt_mask=mask)
+
+
+def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties,
+          config: ModelConfig, max_logprobs: int):
+    """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs))."""
+    R = h.shape[0]
+    logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
+    logits_p = jax.lax.cond(
+        penalties,
+        lambda: apply_penalties(logits, state.output_counts[rows.slot], state.prompt_mask[rows.slot],
+                                sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty),
+        lambda: logits)
+    new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
+
+    def logprobs():
+        lp = jax.nn.log_softmax(logits, axis=-1)
+        top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
+        return jnp.take_along_axis(lp, new[:, None], axis=-1)[:, 0], top_ids, top_lp
+
+    def none():
+        return jnp.zeros(R), jnp.zeros((R, max_logprobs), jnp.int32), jnp.zeros((R, max_logprobs))
+
+    if not max_logprobs:
+        return new, none()
+    return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
+
+
+def _keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
+    S = state.last_sampled.shape[0]
+    last = state.last_sampled.at[jnp.where(take, rows.slot, S)].set(new, mode="drop")
+    return dataclasses.replace(state, last_sampled=last)
+
+
+def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
+                 backend: AttentionBackend, width: int, max_logprobs: int):
+    """One forward over T tokens of R rows (chunks of at most `width` tokens each); each sampling row samples
+    one token after its last. -> (kv, state, StepResult with N = 1)."""
+    tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
+    S = state.last_sampled.shape[0]
+    token_slot = rows.slot[tok.row]
+    tokens = jnp.where(tok.from_prev, state.last_sampled[token_slot], tok.ids)
+    penalties = _uses_penalties(sp)
+
+    def count(state):
+        reset = jnp.where(rows.reset, rows.slot, S)
+        state = dataclasses.replace(state, output_counts=state.output_counts.at[reset].set(0, mode="drop"),
+                                    prompt_mask=state.prompt_mask.at[reset].set(False, mode="drop"))
+        return _count(state, token_slot, tokens, tok.valid, tok.is_output)
+
+    state = jax.lax.cond(penalties, count, lambda s: s, state)
+    meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
+                     query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
+    h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
+                          attention=make_paged_attention(width, backend))
+    last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
+    new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties, config,
+                                       max_logprobs)
+    state = _keep_sampled(state, rows, new, rows.sample)
+    return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None])
+
+
+def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
+                 backend: AttentionBackend, max_steps: int, max_logprobs: int):
+    """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
+    `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs.
+    -> (kv, state, StepResult with N = max_steps)."""
+    tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
+    R = rows.slot.shape[0]
+    penalties = _uses_penalties(sp)
+    first = jnp.where(tok.from_prev, state.last_sampled[rows.slot], tok.ids)
+    attention = make_paged_attention(1, backend)
+    empty = StepResult(jnp.zeros((max_steps, R), jnp.int32), jnp.zeros((max_steps, R)),
+                       jnp.zeros((max_steps, R, max_logprobs), jnp.int32), jnp.zeros((max_steps, R, max_logprobs)))
+
+    def running(i, stopped):
+        return (i < rows.num_steps) & ~stopped
+
+    def body(carry):
+        i, kv, state, feed, stopped, out = carry
+        active = running(i, stopped)
+        is_output = tok.is_output | (i > 0)
+        state = jax.lax.cond(penalties, lambda s: _count(s, rows.slot, feed, active, is_output), lambda s: s, state)
+        # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
+        kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
+        meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
+                         query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
+        h, kv = llama.forward(params, feed[None], (tok.positions + i)[None], kv, meta, config=config,
+                              attention=attention)
+        new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties, config,
+                                           max_logprobs)
+        state = _keep_sampled(state, rows, new, active & rows.sample)
+        stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
+        out = StepResult(out.tokens.at[i].set(new), out.logprob.at[i].set(lp), out.top_ids.at[i].set(top_ids),
+                         out.top_logprobs.at[i].set(top_lp))
+        return i + 1, kv, state, new, stopped, out
+
+    def more(carry):
+        i, _, _, _, stopped, _ = carry
+        return (i < max_steps) & jnp.any(running(i, stopped))
+
+    _, kv, state, _, _, out = jax.lax.while_loop(more, body, (jnp.int32(0), kv, state, first, jnp.zeros(R, bool),
+                                                              empty))
+    return kv, state, out
