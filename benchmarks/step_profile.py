@@ -1,80 +1,117 @@
-"""Where an engine step's time goes: the compiled step alone (device) vs the whole engine loop (host
-included), for a random-weight model at batch-1 decode; also counts KV-cache copies in the compiled HLO.
+"""Where the engine's time goes, per dispatched step: host, dispatch, and the compiled step split into model
+(the layers' matmuls and norms), attention, LM head and sampling, from a profiler trace of one workload run
+through the engine as `LLM` runs it.
 
-    python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16
+    python benchmarks/step_profile.py --model smollm2 --workload decode_b1        # the CPU, a real model
+    python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1   # GPU
+
+The device ops are sorted by the jax named scopes of the step (`attention` in jinfer/attention/backend.py,
+`sampling` and `lm_head` in jinfer/runtime/step.py), read from each op's metadata in the compiled HLO.
+"host" is the engine's Python time per step not spent waiting for the device (scheduling, padding,
+detokenizing); "dispatch" the time inside the jitted call's Python entry; the device columns add up the
+ops' own durations (on the CPU the host thread runs them, so they overlap nothing).
 """
 
 from __future__ import annotations
 
 import argparse
+import collections
+import glob
+import gzip
+import json
 import os
+import re
 import sys
+import tempfile
 import time
 
 import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
-    from jinfer.runtime.xla_flags import apply_gpu_flags
 
-    apply_gpu_flags()
+
+def categories(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> 'attention' | 'lm_head' | 'sampling' | 'model', from its op_name metadata."""
+    out = {}
+    for m in re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text):
+        name, op = m.groups()
+        out[name] = ("attention" if "/attention/" in op else "lm_head" if "/lm_head/" in op
+                     else "sampling" if "/sampling/" in op else "model")
+    return out
 
 
 def main():
-    from benchmarks.model_shapes import SHAPES
+    from benchmarks.engine_vs_peers import WORKLOADS, prompts_for
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
-    from jinfer.models import llama
-    from jinfer.runtime.build import build_engine
+    from jinfer.runtime.build import make_engine
 
     ap = argparse.ArgumentParser()
-    ap.add_argument("--shape", default="llama-3.1-8b")
-    ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--slots", type=int, default=1)
-    ap.add_argument("--min-bucket", type=int, default=0, help="smallest token bucket (default: the slot count)")
+    ap.add_argument("--model", default=None, help="a loadable model (smollm2); else random weights of --shape")
+    ap.add_argument("--shape", default="smollm2-135m")
+    ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--workload", default="decode_b1", choices=sorted(WORKLOADS))
+    ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     args = ap.parse_args()
-    config = SHAPES[args.shape]
-    params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(0), jnp.dtype(args.dtype))
-    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree_util.tree_leaves(params))
-    ec = EngineConfig(max_slots=args.slots, page_size=16, max_model_len=1024, token_buckets=(max(args.slots, args.min_bucket), 128),
-                      max_prefill_chunk=128, dtype=args.dtype, enable_prefix_caching=False)
-    eng = build_engine(config, params, None, ec)
-    eng.warmup()
-    for _ in range(args.slots):
-        eng.add_request(list(range(100)), SamplingParams(max_tokens=300, temperature=0.0, ignore_eos=True))
-    for _ in range(5):
-        eng.step()
-    # Engine loop, host included.
+    if args.model:
+        from jinfer.checkpoints.load import load
+
+        loaded = load(args.model)
+        config, params = loaded.config, loaded.params
+    else:
+        from benchmarks.model_shapes import SHAPES
+        from jinfer.models import llama
+
+        config = SHAPES[args.shape]
+        params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(0), jnp.dtype(args.dtype))
+    engine = make_engine(config, params, None, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps))
+    engine.warmup()
+    n, _, new = WORKLOADS[args.workload]
+    sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+
+    def run(i):
+        for p in prompts_for(args.workload, i, config.vocab_size):
+            engine.add_request(p, sp)
+        steps = 0
+        while engine.has_work:
+            engine.step()
+            steps += 1
+        return steps
+
+    run(0)  # warm caches
+    trace_dir = tempfile.mkdtemp()
+    jax.profiler.start_trace(trace_dir, create_perfetto_trace=True)
     t = time.perf_counter()
-    n = 100
-    for _ in range(n):
-        eng.step()
-    engine_ms = (time.perf_counter() - t) / n * 1e3
-    # The compiled step alone: re-dispatch one decode plan (state threads through; tokens do not matter).
-    plan = eng.scheduler.schedule()
-    runner = eng.runner
-    bucket = runner.bucket(plan.num_tokens)
-    dev_args = jax.device_put(runner._step_inputs(plan, bucket, 1))  # (StepInputs, attention metadata)
-    state = (runner.kv, runner.last_sampled, runner.output_counts, runner.prompt_mask)
-    for _ in range(3):
-        *state, out = runner._step(runner.params, *state, *dev_args, max_query_len=1)
-    jax.block_until_ready(out)
-    t = time.perf_counter()
-    for _ in range(n):
-        *state, out = runner._step(runner.params, *state, *dev_args, max_query_len=1)
-    jax.block_until_ready(out)
-    device_ms = (time.perf_counter() - t) / n * 1e3
-    hlo = runner._step.lower(runner.params, *state, *dev_args, max_query_len=1).compile().as_text()
-    shape_txt = f"{jnp.dtype(args.dtype).name.replace('bfloat16', 'bf16').replace('float32', 'f32')}[{','.join(map(str, state[0][0].shape))}]"
-    copies = [l.strip()[:160] for l in hlo.splitlines() if shape_txt in l and " copy(" in l]
-    roofline_ms = weight_bytes / 3.0e12 * 1e3
-    print(f"{args.shape} {args.dtype} slots={args.slots} bucket={bucket}: engine step {engine_ms:.2f} ms, compiled step alone "
-          f"{device_ms:.2f} ms, weight-read roofline {roofline_ms:.2f} ms at 3 TB/s; KV copies in HLO: {len(copies)}")
-    for c in copies[:4]:
-        print("  ", c)
-    with open(os.path.join(os.environ.get("OUT", "/tmp"), "step_hlo.txt"), "w") as f:
-        f.write(hlo)
+    steps = run(1)
+    wall = time.perf_counter() - t
+    jax.profiler.stop_trace()
+
+    hlo = {}
+    for shape in engine.runner.all_shapes():
+        hlo.update(categories(engine.runner.compiled_text(shape)))
+    (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
+    events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
+    total = collections.Counter()
+    for e in events:
+        if e.get("args", {}).get("hlo_module", "").startswith("jit__step_impl"):
+            total[hlo.get(e["name"], "model")] += e["dur"]
+        elif e["name"].startswith("PjitFunction(_step_impl)"):
+            total["dispatch"] += e["dur"]
+        elif re.search(r"engine\.py:\d+ step$", e["name"]):
+            total["engine.step"] += e["dur"]
+        elif re.search(r"runner\.py:\d+ fetch$", e["name"]):
+            total["fetch"] += e["dur"]
+    device = sum(total[k] for k in ("model", "attention", "lm_head", "sampling"))
+    host = total["engine.step"] - total["fetch"] - total["dispatch"]
+    print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.model or args.shape} {args.dtype}; "
+          f"workload {args.workload} ({n} x {new} new tokens): {wall:.2f} s wall, {steps} engine steps, "
+          f"decode_steps={engine.config.decode_steps}")
+    print(f"{'per step (ms)':<14}" + "".join(f"{k:>11}" for k in
+                                              ("host", "dispatch", "model", "attention", "lm_head", "sampling", "wall")))
+    vals = [host, total["dispatch"], total["model"], total["attention"], total["lm_head"], total["sampling"]]
+    print(f"{'':<14}" + "".join(f"{v / steps / 1e3:>11.2f}" for v in vals) + f"{wall / steps * 1e3:>11.2f}")
+    print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall")
 
 
 if __name__ == "__main__":

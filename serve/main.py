@@ -45,7 +45,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     e.add_argument("--page-size", type=int, default=None)
     e.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
     e.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
-    e.add_argument("--token-buckets", default=None, help="comma-separated tokens-per-step buckets, e.g. 16,64,256")
+    e.add_argument("--token-buckets", default=None,
+                   help="comma-separated tokens-per-prefill-step buckets, e.g. 16,64,256 (default: the platform's)")
+    e.add_argument("--decode-buckets", default=None,
+                   help="comma-separated requests-per-decode-block buckets, e.g. 1,4,16 (default: the platform's)")
+    e.add_argument("--decode-steps", type=int, default=None,
+                   help="most tokens a request decodes per engine step, streamed together (default: the platform's)")
     e.add_argument("--max-prefill-chunk", type=int, default=None)
     e.add_argument("--no-prefix-caching", action="store_true")
     e.add_argument("--tensor-parallel", type=int, default=1, help="devices each model replica is split over")
@@ -73,13 +78,15 @@ def engine_config(args, dtype: str):
 
     kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
               max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-              max_prefill_chunk=args.max_prefill_chunk)
+              max_prefill_chunk=args.max_prefill_chunk, decode_steps=args.decode_steps)
     kw = {k: v for k, v in kw.items() if v is not None}
-    if args.token_buckets:
-        try:
-            kw["token_buckets"] = tuple(int(x) for x in args.token_buckets.split(","))
-        except ValueError:
-            raise ValueError(f"--token-buckets={args.token_buckets!r} must be comma-separated integers") from None
+    for flag in ("token_buckets", "decode_buckets"):
+        value = getattr(args, flag)
+        if value:
+            try:
+                kw[flag] = tuple(int(x) for x in value.split(","))
+            except ValueError:
+                raise ValueError(f"--{flag.replace('_', '-')}={value!r} must be comma-separated integers") from None
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
     return EngineConfig(dtype=dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel, **kw)

@@ -52,10 +52,11 @@ class AttentionBackend(Protocol[M]):
         (i32[R]). Their shapes may depend only on (num_tokens, width, R): each distinct set compiles once."""
         ...
 
-    def attend(self, q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, layer: jax.Array, meta: PagedMeta[M],
-               width: int) -> jax.Array:
+    def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+               layer: jax.Array, meta: PagedMeta[M], width: int) -> jax.Array:
         """Device half (under jit): q [T, N, H] against `layer` (i32[]) of the pages, which already hold this
-        step's K/V, -> [T, N, H]. `width` (static) is the one given to `step_metadata`."""
+        step's K/V (also given as k, v [T, K, H], for a backend that attends to them directly), -> [T, N, H].
+        `width` (static) is the one given to `step_metadata`."""
         ...
 
 
@@ -68,6 +69,7 @@ def make_paged_attention(width: int, backend: AttentionBackend):
     """The `attention` callable of `llama.forward` for one compiled step shape (`width`: the most
     queries one row has in the step)."""
 
+    @jax.named_scope("attention")  # benchmarks/step_profile.py sorts the step's time by these scopes
     def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
         ps = k_pages.shape[3]
         pos = positions[0]
@@ -75,7 +77,7 @@ def make_paged_attention(width: int, backend: AttentionBackend):
         offset = jnp.where(meta.token_valid, pos % ps, 0)
         k_pages = k_pages.at[layer, :, page, offset].set(k[0].astype(k_pages.dtype))
         v_pages = v_pages.at[layer, :, page, offset].set(v[0].astype(v_pages.dtype))
-        out = backend.attend(q[0], k_pages, v_pages, layer, meta, width)
+        out = backend.attend(q[0], k[0], v[0], k_pages, v_pages, layer, meta, width)
         return out[None], k_pages, v_pages
 
     return attention

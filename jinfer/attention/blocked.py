@@ -8,7 +8,7 @@ import jax
 import numpy as np
 
 from jinfer.attention.backend import PagedMeta
-from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_paged_attention_qblocks
+from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_prefill_attention
 from jinfer.kernels.paged_attention.query_layout import query_blocks
 
 
@@ -24,9 +24,9 @@ class BlockedMeta:
 @dataclasses.dataclass(frozen=True)
 class BlockedBackend:
     """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence. Decode steps
-    take one row of work per sequence; steps with prefill chunks take one per query block of up to `block_q`
-    queries of one sequence (the layout of the Pallas kernel), so the idle width of short chunks is at most
-    block_q - 1 per sequence."""
+    take one row of work per sequence; steps with prefill chunks attend to their own tokens in one dense
+    masked product and to what each sequence had cached before the step by query blocks of up to `block_q`
+    queries of one sequence (the layout of the Pallas kernel; `blocked_prefill_attention`)."""
 
     keys_per_block: int = 256
     block_q: int = 16
@@ -42,12 +42,12 @@ class BlockedBackend:
                                  num_tokens)
         return BlockedMeta(blocks=blocks)
 
-    def attend(self, q, k_pages, v_pages, layer, meta: PagedMeta[BlockedMeta], width: int):
+    def attend(self, q, k, v, k_pages, v_pages, layer, meta: PagedMeta[BlockedMeta], width: int):
         ppb = max(1, self.keys_per_block // k_pages.shape[-2])
         if width <= 1:
             return blocked_paged_attention(
                 q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len, layer,
                 max_query_len=1, pages_per_block=ppb)
-        return blocked_paged_attention_qblocks(
-            q, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_len, meta.backend.blocks, layer,
-            block_q=self.block_q, pages_per_block=ppb)
+        return blocked_prefill_attention(
+            q, k, v, k_pages, v_pages, meta.page_table, meta.kv_len, meta.query_start, meta.query_len,
+            meta.token_row, meta.token_valid, meta.backend.blocks, layer, block_q=self.block_q, pages_per_block=ppb)

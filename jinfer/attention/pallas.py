@@ -50,7 +50,8 @@ class PallasBackend:
                                                     self.num_blocks(num_tokens, width, len(query_len)), num_tokens)
         return PallasMeta(blocks=blocks, tok_block=tok_block, tok_row=tok_row)
 
-    def attend(self, q, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int):
+    def attend(self, q, k, v, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int):
+        del k, v  # the kernel reads this step's K/V from the pages
         num_tokens, num_rows = q.shape[0], meta.kv_len.shape[0]
         m = meta.backend
         return ragged_paged_attention(

@@ -63,11 +63,13 @@ def _count(state: SlotState, slots, tokens, counted, is_output) -> SlotState:
     return dataclasses.replace(state, output_counts=counts, prompt_mask=mask)
 
 
+@jax.named_scope("sampling")  # benchmarks/step_profile.py sorts the step's time by these scopes
 def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties,
           config: ModelConfig, max_logprobs: int):
     """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs))."""
     R = h.shape[0]
-    logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
+    with jax.named_scope("lm_head"):
+        logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
     logits_p = jax.lax.cond(
         penalties,
         lambda: apply_penalties(logits, state.output_counts[rows.slot], state.prompt_mask[rows.slot],

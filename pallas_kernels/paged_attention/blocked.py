@@ -44,39 +44,19 @@ def blocked_paged_attention(
                         pages_per_block=pages_per_block, sm_scale=sm_scale)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sm_scale"))
-def blocked_paged_attention_qblocks(
-    q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H]
-    v_pages: jax.Array,
-    page_table: jax.Array,  # i32[S, max_pages]
-    kv_len: jax.Array,  # i32[S]
-    query_len: jax.Array,  # i32[S]
-    blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff) i32[NB], from query_layout.query_blocks
-    layer: jax.Array,  # i32[]
-    *,
-    block_q: int,
-    pages_per_block: int,
-    sm_scale: float | None = None,
-) -> jax.Array:  # [T, N, H]
-    """One row of work per query block (up to block_q queries of one slot): a step with a few long prefill
-    chunks among many decodes pads to NB x block_q query rows instead of slots x chunk width (on 16 slots
-    and a 128-token chunk, 512 rows instead of 2,048 for 256 tokens)."""
-    blk_slot, blk_row0, blk_len, blk_qoff = blocks
-    j = jnp.arange(block_q)
-    q_valid = j[None, :] < blk_len[:, None]  # [NB, bq]
-    q_rows = jnp.where(q_valid, blk_row0[:, None] + j[None, :], 0)
-    first = kv_len[blk_slot] - query_len[blk_slot] + blk_qoff  # position of each block's first query
-    q_pos = first[:, None] + j[None, :]
-    kv_rows = jnp.where(blk_len > 0, kv_len[blk_slot], 0)  # unused blocks see no key
-    return _attend_rows(q, k_pages, v_pages, page_table[blk_slot], kv_rows, q_rows, q_pos, q_valid, layer,
-                        pages_per_block=pages_per_block, sm_scale=sm_scale)
-
-
 def _attend_rows(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer, *, pages_per_block,
                  sm_scale):
     """Rows of queries (q_rows, q_pos, q_valid: [R, Qm]), each row against one sequence's pages
     (page_table [R, max_pages], kv_len [R]) -> [T, N, H], rows no query owns zero."""
+    o, _, l = _attend_rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer,
+                                 pages_per_block=pages_per_block, sm_scale=sm_scale)
+    return (o / jnp.where(l == 0, 1.0, l)[..., None]).reshape(q.shape).astype(q.dtype)
+
+
+def _attend_rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer, *, pages_per_block,
+                       sm_scale):
+    """As `_attend_rows`, but unnormalized, per token: (o f32[T, K, G, H], m, l f32[T, K, G]); a token no row
+    owns, or that saw no key, has l = 0 and m = -inf."""
     T, N, H = q.shape
     R, max_pages = page_table.shape
     Qm = q_rows.shape[1]
@@ -115,8 +95,69 @@ def _attend_rows(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid
     init = (jnp.zeros((R, K, G, Qm, H), jnp.float32), jnp.full((R, K, G, Qm), NEG_INF, jnp.float32),
             jnp.zeros((R, K, G, Qm), jnp.float32))
     n_blocks = (jnp.max(kv_len) + C - 1) // C  # dynamic trip count: the longest sequence of this step
-    o, _, l = lax.fori_loop(0, n_blocks, body, init)
-    o = o / jnp.where(l == 0, 1.0, l)[..., None]
-    out = jnp.moveaxis(o, 3, 1).reshape(R * Qm, N, H)  # [R, Qm, K, G, H] -> rows
+    o, m, l = lax.fori_loop(0, n_blocks, body, init)
     dest = jnp.where(q_valid, q_rows, T).reshape(-1)  # invalid rows scatter past the end and are dropped
-    return jnp.zeros_like(q).at[dest].set(out.astype(q.dtype), mode="drop")
+
+    def to_tokens(x, fill):  # [R, K, G, Qm, ...] -> [T, K, G, ...]
+        x = jnp.moveaxis(x, 3, 1).reshape(R * Qm, K, G, *x.shape[4:])
+        return jnp.full((T, *x.shape[1:]), fill, x.dtype).at[dest].set(x, mode="drop")
+
+    return to_tokens(o, 0.0), to_tokens(m, NEG_INF), to_tokens(l, 0.0)
+
+
+@functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sm_scale"))
+def blocked_prefill_attention(
+    q: jax.Array,  # [T, N, H]
+    k: jax.Array,  # [T, K, H]: this step's keys (also written into the pages)
+    v: jax.Array,  # [T, K, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    v_pages: jax.Array,
+    page_table: jax.Array,  # i32[S, max_pages]
+    kv_len: jax.Array,  # i32[S]: after this step's tokens
+    query_start: jax.Array,  # i32[S]
+    query_len: jax.Array,  # i32[S]
+    token_slot: jax.Array,  # i32[T]
+    token_valid: jax.Array,  # bool[T]
+    blocks: tuple[jax.Array, ...],  # query blocks over the same tokens (query_layout.query_blocks)
+    layer: jax.Array,  # i32[]
+    *,
+    block_q: int,
+    pages_per_block: int,
+    sm_scale: float | None = None,
+) -> jax.Array:  # [T, N, H]; rows no slot owns are zero
+    """Attention of a step that prefills chunks, in two parts merged by their softmax statistics: the step's
+    own tokens against each other (one dense [T, T] product masked to same sequence and causal order: a few
+    large matmuls instead of many small ones), and each query block against its sequence's keys from before
+    this step (the cached prefix or earlier chunks, walked page block by page block as far as the longest
+    such prefix, so none at all when every chunk starts its sequence)."""
+    T, N, H = q.shape
+    K = k.shape[1]
+    G = N // K
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    start = kv_len - query_len  # [S]: keys before this step
+    pos = start[token_slot] + jnp.arange(T) - query_start[token_slot]
+    mask = ((token_slot[:, None] == token_slot[None, :]) & (pos[None, :] <= pos[:, None])
+            & token_valid[:, None] & token_valid[None, :])
+    s = jnp.einsum("TKGH,SKH->KGTS", q.reshape(T, K, G, H), k, preferred_element_type=jnp.float32) * scale
+    s = jnp.where(mask, s, NEG_INF)
+    m1 = s.max(axis=-1)  # [K, G, T]
+    p = jnp.exp(s - jnp.where(m1 == NEG_INF, 0.0, m1)[..., None])
+    l1 = p.sum(axis=-1)
+    o1 = jnp.einsum("KGTS,SKH->TKGH", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+    m1, l1 = jnp.moveaxis(m1, 2, 0), jnp.moveaxis(l1, 2, 0)  # [T, K, G]
+
+    blk_slot, blk_row0, blk_len, blk_qoff = blocks
+    j = jnp.arange(block_q)
+    q_valid = j[None, :] < blk_len[:, None]
+    q_rows = jnp.where(q_valid, blk_row0[:, None] + j[None, :], 0)
+    q_pos = start[blk_slot][:, None] + blk_qoff[:, None] + j[None, :]
+    prefix = jnp.where(blk_len > 0, start[blk_slot], 0)  # keys before the step only; unused blocks see none
+    o2, m2, l2 = _attend_rows_stats(q, k_pages, v_pages, page_table[blk_slot], prefix, q_rows, q_pos, q_valid, layer,
+                                    pages_per_block=pages_per_block, sm_scale=sm_scale)
+    m = jnp.maximum(m1, m2)
+    m_safe = jnp.where(m == NEG_INF, 0.0, m)
+    a1 = jnp.exp(jnp.where(m1 == NEG_INF, NEG_INF, m1 - m_safe))
+    a2 = jnp.exp(jnp.where(m2 == NEG_INF, NEG_INF, m2 - m_safe))
+    l = a1 * l1 + a2 * l2
+    o = (a1[..., None] * o1 + a2[..., None] * o2) / jnp.where(l == 0, 1.0, l)[..., None]
+    return jnp.where(token_valid[:, None, None], o.reshape(T, N, H), 0).astype(q.dtype)

@@ -1,6 +1,6 @@
 """Host-side layout of one step's queries into *query blocks* (numpy): up to `block_q` consecutive queries
 of one slot each, the unit of work of the Pallas kernels (`kernel.py`, `kernel_tpu.py`) and of the engine's
-blocked `jnp` attention (`blocked.blocked_paged_attention_qblocks`). Laid out once per step on the host, so
+blocked `jnp` attention (`blocked.blocked_prefill_attention`). Laid out once per step on the host, so
 every kernel grid is static: `num_blocks` = tokens / block_q + slots covers any step of that many tokens.
 """
 

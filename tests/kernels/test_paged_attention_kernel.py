@@ -10,7 +10,7 @@ import pytest
 
 from jinfer.kernels.flash_attention import flash_attention_reference
 from jinfer.kernels.paged_attention import ragged_paged_attention_reference
-from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_paged_attention_qblocks
+from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_prefill_attention
 from jinfer.kernels.paged_attention.kernel import BlockSizes, ragged_paged_attention_triton
 from jinfer.kernels.paged_attention.query_layout import query_blocks
 
@@ -113,11 +113,12 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("layout", ["slots", "qblocks"])
+@pytest.mark.parametrize("layout", ["slots", "prefill"])
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
-    """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence),
-    with one row of queries per slot (pages of 4, one per block) or per query block (pages of 8, three)."""
+    """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence):
+    decode steps with one row of queries per slot (pages of 4, one per block); prefill steps with the step's
+    own tokens in one dense product and the earlier keys per query block (pages of 8, three)."""
     rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
     kv_lens, q_lens = CASES[case]
     page_size, ppb = (4, 1) if layout == "slots" else (8, 3)
@@ -132,8 +133,19 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
         else:
             T, bq = c["q"].shape[0], 3
             blocks, _ = query_blocks(c["q_start"], c["q_len"], bq, -(-T // bq) + len(kv_lens), T)
-            got = blocked_paged_attention_qblocks(*args, jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)),
-                                                  jnp.int32(1), block_q=bq, pages_per_block=ppb)
+            slot = np.zeros(T, np.int32)
+            pos = np.zeros(T, np.int32)
+            for s, (n, ql) in enumerate(zip(kv_lens, q_lens)):
+                slot[c["q_start"][s]:c["q_start"][s] + ql] = s
+                pos[c["q_start"][s]:c["q_start"][s] + ql] = np.arange(n - ql, n)
+            valid = np.arange(T) < c["T"]
+            page, off = c["page_table"][slot, pos // page_size], pos % page_size
+            k_new, v_new = (jnp.where(valid[:, None, None], x[1][:, page, off].transpose(1, 0, 2), 0)
+                            for x in (c["k"], c["v"]))  # this step's K/V, as the model hands them over
+            got = blocked_prefill_attention(c["q"], k_new, v_new, *args[1:], jnp.asarray(c["q_start"]),
+                                            jnp.asarray(c["q_len"]), jnp.asarray(slot), jnp.asarray(valid),
+                                            tuple(map(jnp.asarray, blocks)), jnp.int32(1), block_q=bq,
+                                            pages_per_block=ppb)
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
     assert not np.asarray(got[c["T"]:], np.float32).any()  # rows no slot owns stay zero
