@@ -167,12 +167,14 @@ def assert_all_pages_returned(engine_or_state):
 
 @contextlib.contextmanager
 def slow_steps(engine: Engine, seconds: float):
-    """Each engine step takes at least `seconds` (the tiny model is too fast to catch mid-stream)."""
+    """Each engine step takes at least `seconds` per token it delivers to a request (the tiny model is too
+    fast to catch mid-stream; a decode block delivers several tokens per step)."""
     real = engine.step
 
     def step():
-        time.sleep(seconds)
-        return real()
+        events = real()
+        time.sleep(seconds * max([1] + [len(ev.new_token_ids) for ev in events]))
+        return events
 
     engine.step = step
     try:
