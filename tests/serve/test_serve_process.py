@@ -22,8 +22,10 @@ from jinfer.serve.client import JinferClient
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 
 ROOT = Path(__file__).resolve().parents[2]
+# One token per engine step: the drain test needs requests still decoding when SIGTERM lands, and the tiny model
+# decodes a whole 200-token request in a few decode blocks (tests/engine and tests/serve/test_serve.py cover them).
 ENGINE_FLAGS = ["--max-slots", "4", "--page-size", "4", "--num-pages", "256", "--token-buckets", "8,32",
-                "--max-prefill-chunk", "16"]
+                "--max-prefill-chunk", "16", "--decode-steps", "1"]
 
 
 class ServerProcess:
