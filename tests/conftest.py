@@ -13,6 +13,34 @@ import pytest
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
 
 
+def pytest_configure(config):
+    """One persistent XLA compilation cache per test run, shared by the xdist workers: the suite builds the
+    same engines (same model, same shapes) in many tests, and each would otherwise compile them anew."""
+    import tempfile
+
+    import jax
+
+    root = getattr(config, "workerinput", {}).get("jinfer_xla_cache")
+    if root is None:
+        root = tempfile.mkdtemp(prefix="jinfer-xla-")
+        config.jinfer_xla_cache = root
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = root  # the subprocesses tests start (jax reads it at import)
+    jax.config.update("jax_compilation_cache_dir", root)
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0)
+
+
+@pytest.hookimpl(optionalhook=True)
+def pytest_configure_node(node):  # pytest-xdist: hands the controller's cache directory to each worker
+    node.workerinput["jinfer_xla_cache"] = node.config.jinfer_xla_cache
+
+
+def pytest_unconfigure(config):
+    import shutil
+
+    if hasattr(config, "jinfer_xla_cache"):  # the controller, or a run without workers
+        shutil.rmtree(config.jinfer_xla_cache, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def smollm2_gguf() -> Path:
     from jinfer.checkpoints.pull import gguf_path

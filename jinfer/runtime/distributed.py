@@ -37,9 +37,13 @@ def initialize(coordinator: str | None = None, num_processes: int | None = None,
     return True
 
 
-def barrier(name: str) -> None:
-    """Waits until every process has reached the barrier of this name (a no-op for one process)."""
-    if jax.process_count() > 1:
-        from jax.experimental import multihost_utils
+def barrier(name: str, timeout_s: float = 24 * 3600) -> None:
+    """Waits until every process has reached the barrier of this name (a no-op for one process).
 
-        multihost_utils.sync_global_devices(name)
+    The wait is the coordination service's barrier, not a device collective: hosts of a batch job finish their
+    shares minutes apart, and a collective (gloo's on CPUs) times out long before the slowest host arrives,
+    leaving the others hung in a collective that no one completes."""
+    if jax.process_count() > 1:
+        from orbax.checkpoint import multihost
+
+        multihost.get_barrier_sync_fn()(key=name, timeout_ms=int(timeout_s * 1000))

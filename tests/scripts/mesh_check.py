@@ -22,8 +22,8 @@ from jinfer.testing.tiny import tiny_params
 
 
 def run(dp: int, tp: int, params, prompts):
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), max_prefill_chunk=16,
-                       tensor_parallel=tp, data_parallel=dp)
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), decode_buckets=(4,),
+                       max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp)
     eng = make_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
