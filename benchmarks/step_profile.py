@@ -53,6 +53,7 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", default="decode_b1", choices=sorted(WORKLOADS))
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
+    ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all")
     args = ap.parse_args()
     if args.model:
         from jinfer.checkpoints.load import load
@@ -92,10 +93,11 @@ def main():
         hlo.update(categories(engine.runner.compiled_text(shape)))
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
-    total = collections.Counter()
+    total, by_op = collections.Counter(), collections.Counter()
     for e in events:
         if e.get("args", {}).get("hlo_module", "").startswith("jit__step_impl"):
             total[hlo.get(e["name"], "model")] += e["dur"]
+            by_op[e["name"]] += e["dur"]
         elif e["name"].startswith("PjitFunction(_step_impl)"):
             total["dispatch"] += e["dur"]
         elif re.search(r"engine\.py:\d+ step$", e["name"]):
@@ -112,6 +114,8 @@ def main():
     vals = [host, total["dispatch"], total["model"], total["attention"], total["lm_head"], total["sampling"]]
     print(f"{'':<14}" + "".join(f"{v / steps / 1e3:>11.2f}" for v in vals) + f"{wall / steps * 1e3:>11.2f}")
     print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall")
+    for name, dur in by_op.most_common(args.top):
+        print(f"  {dur / steps / 1e3:9.2f} ms/step  {hlo.get(name, 'model'):<10} {name}")
 
 
 if __name__ == "__main__":

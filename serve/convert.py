@@ -112,7 +112,8 @@ def model_info(engine: Engine, model_name: str, max_message_bytes: int) -> pb.Mo
     limits = pb.EngineLimits(
         max_slots=e.max_slots, max_waiting=e.max_waiting, page_size=e.page_size, num_pages=num_pages,
         max_prefill_chunk=e.max_prefill_chunk, token_buckets=list(e.token_buckets), max_logprobs=e.max_logprobs,
-        dtype=e.dtype, prefix_caching=e.enable_prefix_caching)
+        dtype=e.dtype, prefix_caching=e.enable_prefix_caching, decode_buckets=list(e.decode_buckets),
+        decode_steps=e.decode_steps)
     tok = engine.tokenizer
     return pb.ModelInfo(model=model_name, config=config, max_context=engine.max_model_len, limits=limits,
                         has_tokenizer=tok is not None,

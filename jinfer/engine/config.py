@@ -17,14 +17,15 @@ import dataclasses
 
 # Measured on the 2-core development CPU with SmolLM2-135M (benchmarks/engine_vs_peers.py, RESULTS.md):
 # - a matmul at M = 1 row costs a third of one at M = 16 (the weights stream from memory either way, but 16
-#   rows add the compute), so batch-1 decode needs a bucket of 1; M = 4 and M = 16 differ little;
+#   rows add the compute), so batch-1 decode needs a bucket of 1; the MLP at M = 16 costs ~1.3x M = 8 and the
+#   paged attention's gathers grow with the rows, so 8 running requests get a bucket of their own;
 # - prefill runs at the model's rate only in wide chunks (a 512-token prompt in one step of 512, not four of
 #   128 padded to 256), and 16 slots let the 16-request workload decode at once;
 # - 8 decode steps per dispatch pay the host's work and the launch once per 8 tokens.
 # On accelerators the weights' read dominates up to far larger batches, so the buckets are coarser and the
 # slots more; a decode block of 8 keeps the host off the critical path (the GPU issue measures them).
 PLATFORM_DEFAULTS: dict[str, dict] = {
-    "cpu": dict(max_slots=16, decode_buckets=(1, 4, 16), token_buckets=(16, 64, 256, 512), max_prefill_chunk=512,
+    "cpu": dict(max_slots=16, decode_buckets=(1, 4, 8, 16), token_buckets=(16, 64, 256, 512), max_prefill_chunk=512,
                 decode_steps=8),
     "gpu": dict(max_slots=64, decode_buckets=(1, 8, 64), token_buckets=(64, 256, 1024), max_prefill_chunk=512,
                 decode_steps=8),

@@ -317,6 +317,8 @@ class Scheduler:
                     break
             if got:
                 touched.append(req)
+            if plan.decode and got < item.num_samples:  # the row stopped on the device: no KV past its stop
+                self.num_computed_tokens -= item.num_samples - got
             # Indexed before a finish releases the pages, so that a request ending on this step (max_tokens=1,
             # a stop token first) still leaves its prompt's pages to the prefix cache.
             # Pages holding imported KV stay private: a cached page must hold what this engine computes for

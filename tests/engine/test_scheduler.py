@@ -561,6 +561,7 @@ def test_a_row_that_samples_a_stop_token_stops_early_and_indexes_only_computed_p
     a = add(s, "a", [1, 2, 3])
     b = add(s, "b", [7, 8], ignore_eos=True)
     step(s, {a: 10, b: 20})  # a holds pages 1, 2 and b page 3; the full pages 1 and 3 are indexed
+    computed = s.num_computed_tokens
     plan = s.schedule()
     assert plan.decode and plan.rows.num_steps.tolist() == [4, 4]
     # b's first step (position 2) takes page 4, then the later steps a's 5, 6 (positions 3..6), b's 7 (2..5).
@@ -573,6 +574,7 @@ def test_a_row_that_samples_a_stop_token_stops_early_and_indexes_only_computed_p
     assert a.output_ids == [10, 11, 99]  # up to and including the stop token
     assert_gone(s, a, "stop")
     assert b.output_ids == [20, 21, 99, 22, 23] and b.status is Status.RUNNING
+    assert s.num_computed_tokens == computed + 2 + 4  # a's row ran 2 of its 4 steps, b's all 4
     # a's row computed positions 3 and 4 only (the steps fed 10 and 11): of its pages the prefix cache
     # keeps 1 and 2 (positions 0..3), not 5 (positions 4, 5) although a's known tokens fill it, as
     # position 5 was never written. Pages 5 and 6 went back to the free list.

@@ -91,6 +91,8 @@ CASES = [
     ([13, 0, 30, 5], [13, 0, 4, 1]),
     ([31, 2], [31, 1]),
 ]
+# For the CPU's blocked attention also steps of hundreds of tokens, which it splits into query blocks.
+BLOCKED_CASES = CASES + [([150, 70, 9, 40], [140, 70, 9, 1])]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -114,13 +116,14 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("layout", ["slots", "prefill"])
-@pytest.mark.parametrize("case", range(len(CASES)))
+@pytest.mark.parametrize("case", range(len(BLOCKED_CASES)))
 def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
     """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence):
     decode steps with one row of queries per slot (pages of 4, one per block); prefill steps with the step's
-    own tokens in one dense product and the earlier keys per query block (pages of 8, three)."""
+    own tokens in dense products (by blocks of queries when there are many) and the earlier keys per query
+    block (pages of 8, three)."""
     rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
-    kv_lens, q_lens = CASES[case]
+    kv_lens, q_lens = BLOCKED_CASES[case]
     page_size, ppb = (4, 1) if layout == "slots" else (8, 3)
     c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
     want = run_reference(c, 1)

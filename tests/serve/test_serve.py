@@ -301,6 +301,8 @@ def test_token_counts_and_model_info(server):
         info = c.model_info()
         assert info.config.vocab_size == TINY.vocab_size and info.max_context == CONTEXT
         assert info.limits.max_slots == 8 and info.limits.max_waiting == MAX_WAITING and info.has_tokenizer
+        # The CPU's default decode buckets (1, 4, 8, 16) stop at the 8 slots; 8 decode steps per dispatch.
+        assert list(info.limits.decode_buckets) == [1, 4, 8] and info.limits.decode_steps == 8
         assert info.max_message_bytes == 64 * 1024
         ids = c.tokenize("w5 w9 w127")
         assert ids == [5, 9, 127]

@@ -195,7 +195,7 @@ class ModelConfig(_message.Message):
     def __init__(self, architecture: _Optional[str] = ..., vocab_size: _Optional[int] = ..., hidden_size: _Optional[int] = ..., num_layers: _Optional[int] = ..., num_heads: _Optional[int] = ..., num_kv_heads: _Optional[int] = ..., head_dim: _Optional[int] = ..., intermediate_size: _Optional[int] = ..., max_position_embeddings: _Optional[int] = ..., bos_token_id: _Optional[int] = ..., eos_token_ids: _Optional[_Iterable[int]] = ..., rope_theta: _Optional[float] = ..., tie_word_embeddings: _Optional[bool] = ...) -> None: ...
 
 class EngineLimits(_message.Message):
-    __slots__ = ("max_slots", "max_waiting", "page_size", "num_pages", "max_prefill_chunk", "token_buckets", "max_logprobs", "dtype", "prefix_caching")
+    __slots__ = ("max_slots", "max_waiting", "page_size", "num_pages", "max_prefill_chunk", "token_buckets", "max_logprobs", "dtype", "prefix_caching", "decode_buckets", "decode_steps")
     MAX_SLOTS_FIELD_NUMBER: _ClassVar[int]
     MAX_WAITING_FIELD_NUMBER: _ClassVar[int]
     PAGE_SIZE_FIELD_NUMBER: _ClassVar[int]
@@ -205,6 +205,8 @@ class EngineLimits(_message.Message):
     MAX_LOGPROBS_FIELD_NUMBER: _ClassVar[int]
     DTYPE_FIELD_NUMBER: _ClassVar[int]
     PREFIX_CACHING_FIELD_NUMBER: _ClassVar[int]
+    DECODE_BUCKETS_FIELD_NUMBER: _ClassVar[int]
+    DECODE_STEPS_FIELD_NUMBER: _ClassVar[int]
     max_slots: int
     max_waiting: int
     page_size: int
@@ -214,7 +216,9 @@ class EngineLimits(_message.Message):
     max_logprobs: int
     dtype: str
     prefix_caching: bool
-    def __init__(self, max_slots: _Optional[int] = ..., max_waiting: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_prefill_chunk: _Optional[int] = ..., token_buckets: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., dtype: _Optional[str] = ..., prefix_caching: _Optional[bool] = ...) -> None: ...
+    decode_buckets: _containers.RepeatedScalarFieldContainer[int]
+    decode_steps: int
+    def __init__(self, max_slots: _Optional[int] = ..., max_waiting: _Optional[int] = ..., page_size: _Optional[int] = ..., num_pages: _Optional[int] = ..., max_prefill_chunk: _Optional[int] = ..., token_buckets: _Optional[_Iterable[int]] = ..., max_logprobs: _Optional[int] = ..., dtype: _Optional[str] = ..., prefix_caching: _Optional[bool] = ..., decode_buckets: _Optional[_Iterable[int]] = ..., decode_steps: _Optional[int] = ...) -> None: ...
 
 class ModelInfo(_message.Message):
     __slots__ = ("model", "config", "max_context", "limits", "has_tokenizer", "has_chat_template", "max_message_bytes")
