@@ -148,8 +148,6 @@ def blocked_prefill_attention(
     this step (the cached prefix or earlier chunks, walked page block by page block as far as the longest
     such prefix, so none at all when every chunk starts its sequence)."""
     T, N, H = q.shape
-    K = k.shape[1]
-    G = N // K
     scale = H ** -0.5 if sm_scale is None else sm_scale
     start = kv_len - query_len  # [S]: keys before this step
     pos = start[token_slot] + jnp.arange(T) - query_start[token_slot]
