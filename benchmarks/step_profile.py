@@ -90,7 +90,7 @@ def main():
 
     hlo = {}
     for shape in engine.runner.all_shapes():
-        hlo.update(categories(engine.runner.compiled_text(shape)))
+        hlo.update(categories(engine.runner.compiled_text(shape, engine.scheduler.stop_width)))
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
     total, by_op = collections.Counter(), collections.Counter()

@@ -24,9 +24,10 @@ class BlockedMeta:
 @dataclasses.dataclass(frozen=True)
 class BlockedBackend:
     """Plain `jnp`, a block of pages at a time, only as far as the step's longest sequence. Decode steps
-    take one row of work per sequence; steps with prefill chunks attend to their own tokens in one dense
-    masked product and to what each sequence had cached before the step by query blocks of up to `block_q`
-    queries of one sequence (the layout of the Pallas kernel; `blocked_prefill_attention`)."""
+    take one row of work per sequence; steps with prefill chunks attend to their own tokens in dense masked
+    products (causal blocks above the diagonal skipped) and to what each sequence had cached before the step
+    by query blocks of up to `block_q` queries of one sequence (the layout of the Pallas kernel;
+    `blocked_prefill_attention`)."""
 
     keys_per_block: int = 256
     block_q: int = 16

@@ -130,7 +130,6 @@ class Runner:
             state = jax.device_put(state, jax.local_devices()[0])
         self.kv, self.state = state
         self.num_compilations = 0
-        self._stop_width = 0  # the scheduler's, given at warm-up
         self._step = jax.jit(self._step_impl, static_argnames=("shape",), donate_argnums=(1, 2),
                              out_shardings=out_shardings)
         self._import = jax.jit(_import_impl, donate_argnums=(0,),
@@ -186,9 +185,10 @@ class Runner:
         self.kv, self.state, out = self._step(self.params, self.kv, self.state, inputs, attn_meta, shape=shape)
         return out
 
-    def compiled_text(self, shape: StepShape) -> str:
-        """The optimized HLO of one step shape (for profiles; it lowers and compiles the step once more)."""
-        empty = StepPlan.empty(self.max_pages_per_seq, self._stop_width, decode=shape.decode)
+    def compiled_text(self, shape: StepShape, stop_width: int) -> str:
+        """The optimized HLO of one step shape (for profiles; it lowers and compiles the step once more;
+        `stop_width` as for `warmup`)."""
+        empty = StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode)
         inputs, attn_meta = self._step_inputs(empty, shape)
         return self._step.lower(self.params, self.kv, self.state, inputs, attn_meta,
                                 shape=shape).compile().as_text()
@@ -242,7 +242,6 @@ class Runner:
     def warmup(self, stop_width: int) -> None:
         """Compiles every step shape with an all-padding plan, which touches no page (`stop_width`: the
         scheduler's RowInputs.stop_ids width)."""
-        self._stop_width = stop_width
         for shape in self.all_shapes():
             self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode), shape)
         self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared

@@ -144,9 +144,9 @@ def blocked_prefill_attention(
     own tokens against each other (dense products masked to same sequence and causal order, up to 8 blocks of
     queries each against the keys up to its end: a few large matmuls instead of many small ones; the tokens
     must lie sequence after sequence, each in position order, as the scheduler lays them out), and each
-    query block against its sequence's keys from before
-    this step (the cached prefix or earlier chunks, walked page block by page block as far as the longest
-    such prefix, so none at all when every chunk starts its sequence)."""
+    query block against its sequence's keys from before this step (the cached prefix or earlier chunks,
+    walked page block by page block as far as the longest such prefix, so none at all when every chunk
+    starts its sequence)."""
     T, N, H = q.shape
     scale = H ** -0.5 if sm_scale is None else sm_scale
     start = kv_len - query_len  # [S]: keys before this step
