@@ -48,15 +48,15 @@ def _attend_rows(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid
                  sm_scale):
     """Rows of queries (q_rows, q_pos, q_valid: [R, Qm]), each row against one sequence's pages
     (page_table [R, max_pages], kv_len [R]) -> [T, N, H], rows no query owns zero."""
-    o, _, l = _attend_rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer,
-                                 pages_per_block=pages_per_block, sm_scale=sm_scale)
+    stats = _rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer,
+                        pages_per_block=pages_per_block, sm_scale=sm_scale)
+    o, _, l = _to_tokens(q.shape[0], q_rows, q_valid, *stats)
     return (o / jnp.where(l == 0, 1.0, l)[..., None]).reshape(q.shape).astype(q.dtype)
 
 
-def _attend_rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer, *, pages_per_block,
-                       sm_scale):
-    """As `_attend_rows`, but unnormalized, per token: (o f32[T, K, G, H], m, l f32[T, K, G]); a token no row
-    owns, or that saw no key, has l = 0 and m = -inf."""
+def _rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid, layer, *, pages_per_block,
+                sm_scale):
+    """Per row of work: unnormalized (o f32[R, K, G, Qm, H], m, l f32[R, K, G, Qm])."""
     T, N, H = q.shape
     R, max_pages = page_table.shape
     Qm = q_rows.shape[1]
@@ -92,17 +92,51 @@ def _attend_rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q
                                               preferred_element_type=jnp.float32)
         return o, m_new, l
 
-    init = (jnp.zeros((R, K, G, Qm, H), jnp.float32), jnp.full((R, K, G, Qm), NEG_INF, jnp.float32),
-            jnp.zeros((R, K, G, Qm), jnp.float32))
+    init = _empty_stats(R, K, G, Qm, H)
     n_blocks = (jnp.max(kv_len) + C - 1) // C  # dynamic trip count: the longest sequence of this step
-    o, m, l = lax.fori_loop(0, n_blocks, body, init)
+    return lax.fori_loop(0, n_blocks, body, init)
+
+
+def _empty_stats(R, K, G, Qm, H):
+    return (jnp.zeros((R, K, G, Qm, H), jnp.float32), jnp.full((R, K, G, Qm), NEG_INF, jnp.float32),
+            jnp.zeros((R, K, G, Qm), jnp.float32))
+
+
+def _to_tokens(T, q_rows, q_valid, o, m, l):
+    """Per-row stats [R, K, G, Qm, ...] -> per token [T, K, G, ...]; tokens no row owns get (0, -inf, 0)."""
+    R, K, G, Qm = m.shape
     dest = jnp.where(q_valid, q_rows, T).reshape(-1)  # invalid rows scatter past the end and are dropped
 
-    def to_tokens(x, fill):  # [R, K, G, Qm, ...] -> [T, K, G, ...]
+    def scatter(x, fill):
         x = jnp.moveaxis(x, 3, 1).reshape(R * Qm, K, G, *x.shape[4:])
         return jnp.full((T, *x.shape[1:]), fill, x.dtype).at[dest].set(x, mode="drop")
 
-    return to_tokens(o, 0.0), to_tokens(m, NEG_INF), to_tokens(l, 0.0)
+    return scatter(o, 0.0), scatter(m, NEG_INF), scatter(l, 0.0)
+
+
+def _prefix_stats(q, k_pages, v_pages, page_table, prefix, q_rows, q_pos, q_valid, layer, *, group, pages_per_block,
+                  sm_scale):
+    """`_rows_stats` -> `_to_tokens` for rows of which only some have keys before the step (prefix > 0): those rows
+    are moved to the front and walked `group` rows at a time, as many groups as hold such rows, so a step
+    that continues a few sequences (decode rows beside fresh prompts) pays for those rows, not for all."""
+    T = q.shape[0]
+    R, Qm = q_rows.shape
+    n_groups = -(-R // group)
+    pad = n_groups * group - R
+    has = prefix > 0
+    order = jnp.argsort(~has, stable=True)  # rows with a prefix first
+    rows = [jnp.pad(x[order], ((0, pad),) + ((0, 0),) * (x.ndim - 1)) for x in
+            (page_table, prefix, q_rows, q_pos, q_valid)]
+    _, K, _, _, H = k_pages.shape
+    G = q.shape[1] // K
+
+    def body(g, acc):
+        sl = [lax.dynamic_slice_in_dim(x, g * group, group, axis=0) for x in rows]
+        stats = _rows_stats(q, k_pages, v_pages, *sl, layer, pages_per_block=pages_per_block, sm_scale=sm_scale)
+        return tuple(lax.dynamic_update_slice_in_dim(a, x, g * group, axis=0) for a, x in zip(acc, stats))
+
+    acc = lax.fori_loop(0, (jnp.sum(has) + group - 1) // group, body, _empty_stats(n_groups * group, K, G, Qm, H))
+    return _to_tokens(T, rows[2], rows[4], *acc)
 
 
 def _own_tokens(q, k, v, q_slot, k_slot, q_pos, k_pos, q_valid, k_valid, scale):
@@ -120,7 +154,7 @@ def _own_tokens(q, k, v, q_slot, k_slot, q_pos, k_pos, q_valid, k_valid, scale):
     return o, jnp.moveaxis(m, 2, 0), jnp.moveaxis(p.sum(axis=-1), 2, 0)
 
 
-@functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "sm_scale"))
+@functools.partial(jax.jit, static_argnames=("block_q", "pages_per_block", "prefix_group", "sm_scale"))
 def blocked_prefill_attention(
     q: jax.Array,  # [T, N, H]
     k: jax.Array,  # [T, K, H]: this step's keys (also written into the pages)
@@ -138,15 +172,17 @@ def blocked_prefill_attention(
     *,
     block_q: int,
     pages_per_block: int,
+    prefix_group: int = 8,
     sm_scale: float | None = None,
 ) -> jax.Array:  # [T, N, H]; rows no slot owns are zero
     """Attention of a step that prefills chunks, in two parts merged by their softmax statistics: the step's
     own tokens against each other (dense products masked to same sequence and causal order, up to 8 blocks of
     queries each against the keys up to its end: a few large matmuls instead of many small ones; the tokens
     must lie sequence after sequence, each in position order, as the scheduler lays them out), and each
-    query block against its sequence's keys from before this step (the cached prefix or earlier chunks,
-    walked page block by page block as far as the longest such prefix, so none at all when every chunk
-    starts its sequence)."""
+    query block against its sequence's keys from before this step (the cached prefix, earlier chunks, or
+    the whole context of a decode row), walked page block by page block as far as the longest such prefix,
+    only for the blocks that have one, `prefix_group` blocks at a time (none at all when every chunk starts
+    its sequence)."""
     T, N, H = q.shape
     scale = H ** -0.5 if sm_scale is None else sm_scale
     start = kv_len - query_len  # [S]: keys before this step
@@ -165,8 +201,8 @@ def blocked_prefill_attention(
     q_rows = jnp.where(q_valid, blk_row0[:, None] + j[None, :], 0)
     q_pos = start[blk_slot][:, None] + blk_qoff[:, None] + j[None, :]
     prefix = jnp.where(blk_len > 0, start[blk_slot], 0)  # keys before the step only; unused blocks see none
-    o2, m2, l2 = _attend_rows_stats(q, k_pages, v_pages, page_table[blk_slot], prefix, q_rows, q_pos, q_valid, layer,
-                                    pages_per_block=pages_per_block, sm_scale=sm_scale)
+    o2, m2, l2 = _prefix_stats(q, k_pages, v_pages, page_table[blk_slot], prefix, q_rows, q_pos, q_valid, layer,
+                               group=prefix_group, pages_per_block=pages_per_block, sm_scale=sm_scale)
     m = jnp.maximum(m1, m2)
     m_safe = jnp.where(m == NEG_INF, 0.0, m)
     a1 = jnp.exp(jnp.where(m1 == NEG_INF, NEG_INF, m1 - m_safe))

@@ -121,7 +121,7 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
     """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence):
     decode steps with one row of queries per slot (pages of 4, one per block); prefill steps with the step's
     own tokens in dense products (by blocks of queries when there are many) and the earlier keys per query
-    block (pages of 8, three)."""
+    block (pages of 8, three), two blocks at a time over the blocks that have earlier keys."""
     rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
     kv_lens, q_lens = BLOCKED_CASES[case]
     page_size, ppb = (4, 1) if layout == "slots" else (8, 3)
@@ -148,7 +148,7 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
             got = blocked_prefill_attention(c["q"], k_new, v_new, *args[1:], jnp.asarray(c["q_start"]),
                                             jnp.asarray(c["q_len"]), jnp.asarray(slot), jnp.asarray(valid),
                                             tuple(map(jnp.asarray, blocks)), jnp.int32(1), block_q=bq,
-                                            pages_per_block=ppb)
+                                            pages_per_block=ppb, prefix_group=2)
     assert not np.isnan(np.asarray(got, np.float32)).any()
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
     assert not np.asarray(got[c["T"]:], np.float32).any()  # rows no slot owns stay zero
