@@ -1,6 +1,6 @@
 """jinfer's engine as a user runs it (`LLM`, default settings) beside its peers on the CPU, in one run.
 
-    python benchmarks/engine_vs_peers.py [--model smollm2] [--iters 3] [--threads 2] [--only jinfer,dense]
+    python benchmarks/engine_vs_peers.py [--model smollm2] [--iters 3] [--rounds 1] [--threads 2] [--only jinfer,dense]
 
 Four workloads, the same token ids for every implementation (fresh random prompts on every iteration, so no
 prefix cache can help; greedy, EOS ignored):
@@ -15,7 +15,9 @@ defaults, `generate`), `dense` (jinfer's dense-cache reference loop, `jinfer.run
 model's own cost, no engine), `transformers` (the same GGUF dequantized to float32, `generate`), and
 `llama.cpp` (`llama-cpp-python` on the same Q4_1 GGUF, where installed; it has no batch API, so only the
 batch-1 workloads). Every figure is the median over --iters timed runs after one warm-up run; the ratios
-printed are jinfer / each peer.
+printed are jinfer / each peer. With --rounds R the implementations take turns R times (a shared machine's
+speed drifts over minutes, which a ratio of two runs minutes apart would take for a difference): the figures
+are the medians over the rounds, and each ratio is also printed per round.
 """
 
 from __future__ import annotations
@@ -156,6 +158,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--iters", type=int, default=3)
+    ap.add_argument("--rounds", type=int, default=1, help="take turns this many times (see the docstring)")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--only", default=",".join(IMPLS), help=f"comma-separated subset of {IMPLS}")
     ap.add_argument("--workloads", default=",".join(WORKLOADS))
@@ -170,35 +173,42 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; jax {jax.__version__}; "
           f"model {args.model}, float32; median of {args.iters} runs")
-    results = {}
-    for impl in args.only.split(","):
-        if not available(impl):
-            print(f"{impl}: not installed, skipped")
-            continue
-        t = time.perf_counter()
-        proc = subprocess.run([sys.executable, __file__, "--child", impl, "--model", args.model, "--iters",
-                               str(args.iters), "--threads", str(args.threads), "--workloads", args.workloads],
-                              capture_output=True, text=True, env=env)
-        if proc.returncode != 0:
-            print(f"{impl}: failed\n{proc.stderr[-3000:]}")
-            continue
-        results[impl] = json.loads(proc.stdout.strip().splitlines()[-1])
-        print(f"{impl}: done in {time.perf_counter() - t:.0f}s", flush=True)
-    impls = list(results)
+    runs: dict[str, list[dict]] = {}
+    for r in range(args.rounds):
+        for impl in args.only.split(","):
+            if not available(impl):
+                if r == 0:
+                    print(f"{impl}: not installed, skipped")
+                continue
+            t = time.perf_counter()
+            proc = subprocess.run([sys.executable, __file__, "--child", impl, "--model", args.model, "--iters",
+                                   str(args.iters), "--threads", str(args.threads), "--workloads", args.workloads],
+                                  capture_output=True, text=True, env=env)
+            if proc.returncode != 0:
+                print(f"{impl}: failed\n{proc.stderr[-3000:]}")
+                continue
+            runs.setdefault(impl, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            print(f"{impl}: round {r + 1} done in {time.perf_counter() - t:.0f}s", flush=True)
+    impls = list(runs)
     head = f"{'workload (tok/s)':<16}" + "".join(f"{i:>14}" for i in impls)
     head += "".join(f"{'jinfer/' + i:>20}" for i in impls if i != "jinfer")
     print(head)
     for name in WORKLOADS:
         if name not in args.workloads:
             continue
-        vals = {i: results[i].get(name) for i in impls}
+        per_round = {i: [run[name] for run in runs[i] if run.get(name)] for i in impls}
+        vals = {i: statistics.median(v) if v else None for i, v in per_round.items()}
         line = f"{name:<16}" + "".join(f"{v:>14.1f}" if v else f"{'—':>14}" for v in vals.values())
         ours = vals.get("jinfer")
         for i in impls:
             if i != "jinfer":
                 line += f"{ours / vals[i]:>20.2f}" if ours and vals[i] else f"{'—':>20}"
         print(line)
-
+        if args.rounds > 1 and ours:
+            for i in impls:
+                if i != "jinfer" and vals[i]:
+                    ratios = [a / b for a, b in zip(per_round["jinfer"], per_round[i])]
+                    print(f"{'':<16}jinfer/{i} by round: " + ", ".join(f"{x:.2f}" for x in ratios))
 
 if __name__ == "__main__":
     main()

@@ -69,14 +69,15 @@ def _rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid,
     page_table = jnp.pad(page_table, ((0, 0), (0, width - max_pages)))  # whole blocks; padding is masked
     qs = q[q_rows].reshape(R, Qm, K, G, H)
 
-    def body(i, carry):
+    def block(first_page, n_pages, carry):  # keys [first_page * ps, + n_pages * ps) of every row
         o, m, l = carry  # [R, K, G, Qm, H], [R, K, G, Qm] x 2
-        ids = lax.dynamic_slice_in_dim(page_table, i * ppb, ppb, axis=1)  # [R, ppb]
-        k = k_pages[layer, :, ids]  # [R, ppb, K, ps, H] (mixed advanced indexing puts R, ppb first)
+        n = n_pages * ps
+        ids = lax.dynamic_slice_in_dim(page_table, first_page, n_pages, axis=1)  # [R, n_pages]
+        k = k_pages[layer, :, ids]  # [R, n_pages, K, ps, H] (mixed advanced indexing puts R, n_pages first)
         v = v_pages[layer, :, ids]
-        k, v = (jnp.swapaxes(x, 2, 3).reshape(R, C, K, H) for x in (k, v))
-        key_pos = i * C + jnp.arange(C)
-        key_valid = key_pos[None, :] < kv_len[:, None]  # [R, C]
+        k, v = (jnp.swapaxes(x, 2, 3).reshape(R, n, K, H) for x in (k, v))
+        key_pos = first_page * ps + jnp.arange(n)
+        key_valid = key_pos[None, :] < kv_len[:, None]  # [R, n]
         # Positions past kv_len may hold anything (stale or NaN pages): zero them so 0 * NaN cannot leak.
         k = jnp.where(key_valid[:, :, None, None], k, 0)
         v = jnp.where(key_valid[:, :, None, None], v, 0)
@@ -92,9 +93,14 @@ def _rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid,
                                               preferred_element_type=jnp.float32)
         return o, m_new, l
 
-    init = _empty_stats(R, K, G, Qm, H)
-    n_blocks = (jnp.max(kv_len) + C - 1) // C  # dynamic trip count: the longest sequence of this step
-    return lax.fori_loop(0, n_blocks, body, init)
+    longest = jnp.max(kv_len)
+    n_blocks = (longest + C - 1) // C  # dynamic trip count: the longest sequence of this step
+    # The gathers move every key of a block whether valid or not, so the first block, all that short contexts
+    # need, comes in quarter sizes: the smallest that holds the longest context (capped at a whole block).
+    sizes = sorted({max(1, ppb * f // 4) for f in range(1, 5)})
+    pick = jnp.searchsorted(jnp.array([n * ps for n in sizes]), jnp.minimum(longest, C))
+    first = lax.switch(pick, [functools.partial(block, 0, n) for n in sizes], _empty_stats(R, K, G, Qm, H))
+    return lax.fori_loop(1, n_blocks, lambda i, carry: block(i * ppb, ppb, carry), first)
 
 
 def _empty_stats(R, K, G, Qm, H):

@@ -91,8 +91,9 @@ CASES = [
     ([13, 0, 30, 5], [13, 0, 4, 1]),
     ([31, 2], [31, 1]),
 ]
-# For the CPU's blocked attention also steps of hundreds of tokens, which it splits into query blocks.
-BLOCKED_CASES = CASES + [([150, 70, 9, 40], [140, 70, 9, 1])]
+# For the CPU's blocked attention also steps of hundreds of tokens, which it splits into query blocks,
+# and contexts shorter than one block of keys (the decode path's first block then takes a quarter size).
+BLOCKED_CASES = CASES + [([150, 70, 9, 40], [140, 70, 9, 1]), ([5, 9, 3], [1, 2, 1])]
 
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
@@ -115,21 +116,22 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
 
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("G", [1, 4])
-@pytest.mark.parametrize("layout", ["slots", "prefill"])
+@pytest.mark.parametrize("layout", ["slots", "slots-wide", "prefill"])
 @pytest.mark.parametrize("case", range(len(BLOCKED_CASES)))
 def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
     """The engine's CPU attention (blocks of pages, online softmax, trip count from the longest sequence):
-    decode steps with one row of queries per slot (pages of 4, one per block); prefill steps with the step's
+    decode steps with one row of queries per slot (pages of 4, one per block, or four, of which the first
+    block takes the quarter sizes that hold the longest context); prefill steps with the step's
     own tokens in dense products (by blocks of queries when there are many) and the earlier keys per query
     block (pages of 8, three), two blocks at a time over the blocks that have earlier keys."""
     rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
     kv_lens, q_lens = BLOCKED_CASES[case]
-    page_size, ppb = (4, 1) if layout == "slots" else (8, 3)
+    page_size, ppb = {"slots": (4, 1), "slots-wide": (4, 4), "prefill": (8, 3)}[layout]
     c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
     want = run_reference(c, 1)
     args = (c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]))
     with jax.default_matmul_precision("highest"):
-        if layout == "slots":
+        if layout.startswith("slots"):
             got = blocked_paged_attention(*args, jnp.asarray(c["q_start"]), jnp.asarray(c["q_len"]),
                                           jnp.int32(1), max_query_len=max(1, int(c["q_len"].max())),
                                           pages_per_block=ppb)
