@@ -173,7 +173,7 @@ def main():
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads), MKL_NUM_THREADS=str(args.threads))
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, {args.threads} threads; jax {jax.__version__}; "
           f"model {args.model}, float32; median of {args.iters} runs")
-    runs: dict[str, list[dict]] = {}
+    runs: dict[str, dict[int, dict]] = {}  # impl -> round -> workload -> tok/s
     for r in range(args.rounds):
         for impl in args.only.split(","):
             if not available(impl):
@@ -187,7 +187,7 @@ def main():
             if proc.returncode != 0:
                 print(f"{impl}: failed\n{proc.stderr[-3000:]}")
                 continue
-            runs.setdefault(impl, []).append(json.loads(proc.stdout.strip().splitlines()[-1]))
+            runs.setdefault(impl, {})[r] = json.loads(proc.stdout.strip().splitlines()[-1])
             print(f"{impl}: round {r + 1} done in {time.perf_counter() - t:.0f}s", flush=True)
     impls = list(runs)
     head = f"{'workload (tok/s)':<16}" + "".join(f"{i:>14}" for i in impls)
@@ -196,8 +196,8 @@ def main():
     for name in WORKLOADS:
         if name not in args.workloads:
             continue
-        per_round = {i: [run[name] for run in runs[i] if run.get(name)] for i in impls}
-        vals = {i: statistics.median(v) if v else None for i, v in per_round.items()}
+        per_round = {i: {r: run[name] for r, run in runs[i].items() if run.get(name)} for i in impls}
+        vals = {i: statistics.median(v.values()) if v else None for i, v in per_round.items()}
         line = f"{name:<16}" + "".join(f"{v:>14.1f}" if v else f"{'—':>14}" for v in vals.values())
         ours = vals.get("jinfer")
         for i in impls:
@@ -207,8 +207,10 @@ def main():
         if args.rounds > 1 and ours:
             for i in impls:
                 if i != "jinfer" and vals[i]:
-                    ratios = [a / b for a, b in zip(per_round["jinfer"], per_round[i])]
+                    ours_by_round = per_round["jinfer"]
+                    ratios = [ours_by_round[r] / v for r, v in per_round[i].items() if r in ours_by_round]
                     print(f"{'':<16}jinfer/{i} by round: " + ", ".join(f"{x:.2f}" for x in ratios))
+
 
 if __name__ == "__main__":
     main()

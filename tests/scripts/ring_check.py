@@ -31,9 +31,10 @@ def main():
         # The per-block kernel: the GPU (Triton) one interpreted, causal (zig-zag) and not; on 4 devices also
         # the TPU (Mosaic) one, causal. Interpret-mode compilation of the unrolled ring is most of the suite's
         # time here, so each further case must earn its place: 8 devices add the longer ring, causal only.
-        cases = [("triton", BlockSizes(block_q=4, block_k=8), True)]
+        triton = ("triton", BlockSizes(block_q=4, block_k=8))
+        cases = [(*triton, True)]
         if n == 4:
-            cases += [("triton", BlockSizes(block_q=4, block_k=8), False), ("tpu", TPUBlockSizes(block_q=8, block_k=128), True)]
+            cases += [(*triton, False), ("tpu", TPUBlockSizes(block_q=8, block_k=128), True)]
         for kernel, bs, causal in cases:
             order = zigzag_order(S, n) if causal else rng.permutation(S)
             shard = NamedSharding(mesh, Ps(None, "seq", None, None))
