@@ -21,16 +21,20 @@ import dataclasses
 #   paged attention's gathers grow with the rows, so 8 running requests get a bucket of their own;
 # - prefill runs at the model's rate only in wide chunks (a 512-token prompt in one step of 512, not four of
 #   128 padded to 256), and 16 slots let the 16-request workload decode at once;
-# - 8 decode steps per dispatch pay the host's work and the launch once per 8 tokens.
+# - 8 decode steps per dispatch pay the host's work and the launch once per 8 tokens;
+# - each layer's weights kept as their own arrays (`per_layer_weights`): XLA CPU copies a weight's slice out
+#   of the stacked [L, ...] array before every matmul of a scanned layer, which costs 4-7% of a step's time
+#   at 1-512 rows and ~20% in the 16-request workload (`jinfer.models.llama.unstack_layers`).
 # On accelerators the weights' read dominates up to far larger batches, so the buckets are coarser and the
-# slots more; a decode block of 8 keeps the host off the critical path (the GPU issue measures them).
+# slots more; a decode block of 8 keeps the host off the critical path (the GPU issue measures them); GPU
+# matmuls read a stacked weight's slice in place (`jinfer.runtime.xla_flags`), so the stacked form stays.
 PLATFORM_DEFAULTS: dict[str, dict] = {
     "cpu": dict(max_slots=16, decode_buckets=(1, 4, 8, 16), token_buckets=(16, 64, 256, 512), max_prefill_chunk=512,
-                decode_steps=8),
+                decode_steps=8, per_layer_weights=True),
     "gpu": dict(max_slots=64, decode_buckets=(1, 8, 64), token_buckets=(64, 256, 1024), max_prefill_chunk=512,
-                decode_steps=8),
+                decode_steps=8, per_layer_weights=False),
     "tpu": dict(max_slots=64, decode_buckets=(8, 64), token_buckets=(128, 512, 1024), max_prefill_chunk=512,
-                decode_steps=8),
+                decode_steps=8, per_layer_weights=False),
 }
 PLATFORM_ALIASES = {"cuda": "gpu", "rocm": "gpu"}
 
@@ -47,6 +51,7 @@ class EngineConfig:
     decode_buckets: tuple[int, ...] | None = None  # running requests per decode block, padded up to one of these
     decode_steps: int | None = None  # most tokens a decode block computes per request in one dispatch
     max_prefill_chunk: int | None = None  # prompt tokens one request may prefill in one step
+    per_layer_weights: bool | None = None  # each layer's weights as their own arrays, not stacked [L, ...]
     enable_prefix_caching: bool = True
     max_waiting: int = 4096  # requests queued before new ones are refused
     dtype: str = "float32"
@@ -80,6 +85,8 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.memory_fraction={self.memory_fraction} must be in (0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"EngineConfig.dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        if self.per_layer_weights not in (None, True, False):
+            raise ValueError(f"EngineConfig.per_layer_weights={self.per_layer_weights!r} must be True, False or None")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} must be an integer >= 0")
 
@@ -100,12 +107,14 @@ class EngineConfig:
         return dataclasses.replace(
             self, max_slots=slots, decode_buckets=decode, token_buckets=tokens,
             max_prefill_chunk=self.max_prefill_chunk if self.max_prefill_chunk is not None else d["max_prefill_chunk"],
-            decode_steps=self.decode_steps if self.decode_steps is not None else d["decode_steps"])
+            decode_steps=self.decode_steps if self.decode_steps is not None else d["decode_steps"],
+            per_layer_weights=(self.per_layer_weights if self.per_layer_weights is not None
+                               else d["per_layer_weights"]))
 
     @property
     def resolved(self) -> bool:
         return None not in (self.max_slots, self.token_buckets, self.decode_buckets, self.decode_steps,
-                            self.max_prefill_chunk)
+                            self.max_prefill_chunk, self.per_layer_weights)
 
     def context_len(self, model_max: int) -> int:
         """Tokens one request may hold: max_model_len, capped at the model's own context."""

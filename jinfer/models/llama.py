@@ -17,6 +17,7 @@ attention backend passed in (`jinfer.models.attention`).
 
 from __future__ import annotations
 
+import functools
 from typing import Callable
 
 import jax
@@ -122,29 +123,71 @@ def forward(
     c = config
     inv_freq = rope_inv_freq(c)
     x = params["embed"][tokens]  # [B, T, D]
+    norms = ("attn_norm", "mlp_norm")
+    if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every leaf
+        xs = params["layers"]
+
+        def project(fn, p, i, *args):
+            return fn(p, *args)
+    else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked for the scan
+        per_layer = params["layers"]
+        xs = {n: jnp.stack([w[n] for w in per_layer]) for n in norms}
+
+        def project(fn, p, i, *args):
+            return jax.lax.switch(i, [functools.partial(fn, w) for w in per_layer], *args)
 
     def layer(carry, inputs):
         x, k_cache, v_cache = carry
         p, i = inputs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q = jnp.einsum("BTD,DNH->BTNH", h, p["wq"])
-        k = jnp.einsum("BTD,DKH->BTKH", h, p["wk"])
-        v = jnp.einsum("BTD,DKH->BTKH", h, p["wv"])
-        if c.attention_bias:
-            q, k, v = q + p["bq"], k + p["bk"], v + p["bv"]
+        q, k, v = project(functools.partial(_qkv, c), p, i, h)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta)
-        x = x + jnp.einsum("BTNH,NHD->BTD", attn, p["wo"])
+        x = x + project(_out, p, i, attn)
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        gate = jnp.einsum("BTD,DF->BTF", h, p["w_gate"])
-        up = jnp.einsum("BTD,DF->BTF", h, p["w_up"])
-        x = x + jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, p["w_down"])
+        x = x + project(_mlp, p, i, h)
         return (x, k_cache, v_cache), None
 
     layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
-    (x, *kv_cache), _ = jax.lax.scan(layer, (x, *kv_cache), (params["layers"], layer_ids))
+    (x, *kv_cache), _ = jax.lax.scan(layer, (x, *kv_cache), (xs, layer_ids))
     return rms_norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
+
+
+def _qkv(c: ModelConfig, w, h):
+    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
+    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
+    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    if c.attention_bias:
+        q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
+    return q, k, v
+
+
+def _out(w, attn):
+    return jnp.einsum("BTNH,NHD->BTD", attn, w["wo"])
+
+
+def _mlp(w, h):
+    gate = jnp.einsum("BTD,DF->BTF", h, w["w_gate"])
+    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
+    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
+
+
+def unstack_layers(params: Params) -> Params:
+    """The same params with `layers` as a tuple of per-layer dicts, each leaf its own array. `forward` still
+    scans the layers, but reaches each layer's matrices through a `lax.switch` on the layer index, whose
+    branches read that layer's own buffers.
+
+    Why (the 2-core CPU, XLA CPU, jax 0.10.2, SmolLM2-135M shapes, 30 layers; benchmarks/RESULTS.md): a
+    scanned layer copies every weight's `dynamic-slice` out of the stacked array before its matmul, which
+    at 1 row costs a quarter of the layer stack's time (20.8 ms scanned, 16.6 ms switched); slicing the
+    stacked arrays statically inside the jitted function copies as well, so the split happens once, outside
+    it. On GPUs the matmuls read the slices in place (`jinfer.runtime.xla_flags`) and the stacked form stays.
+    """
+    stacked = params["layers"]
+    n = jax.tree_util.tree_leaves(stacked)[0].shape[0]
+    layers = tuple(jax.tree_util.tree_map(lambda w, i=i: w[i], stacked) for i in range(n))
+    return {**params, "layers": layers}
 
 
 def logits_from_hidden(params: Params, h: jnp.ndarray, config: ModelConfig) -> jnp.ndarray:

@@ -25,6 +25,7 @@ import numpy as np
 from jinfer.attention.backend import AttentionBackend, paged_kv_cache
 from jinfer.engine.config import EngineConfig
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, StepInputs, StepPlan, TokenInputs
+from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
 
@@ -105,6 +106,8 @@ class Runner:
         else:  # each device receives its shard only, then casts it
             self.params = jax.tree_util.tree_map(lambda x: x.astype(dtype),
                                                  sharding.shard_params(params, model_config, self.mesh))
+        if engine_config.per_layer_weights:
+            self.params = llama.unstack_layers(self.params)
         self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots

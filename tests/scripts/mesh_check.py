@@ -21,9 +21,10 @@ from jinfer.testing.tiny import TINY_MESH as CONFIG
 from jinfer.testing.tiny import tiny_params
 
 
-def run(dp: int, tp: int, params, prompts):
+def run(dp: int, tp: int, params, prompts, per_layer_weights=None):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), decode_buckets=(4,),
-                       max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp)
+                       max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
+                       per_layer_weights=per_layer_weights)
     eng = make_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
@@ -95,6 +96,14 @@ def _at(tree, path):
     return tree
 
 
+def _trim(spec: P) -> tuple:
+    """A partition spec without its trailing Nones (a slice of a sharded array may drop them)."""
+    t = tuple(spec)
+    while t and t[-1] is None:
+        t = t[:-1]
+    return t
+
+
 def main():
     import tempfile
 
@@ -102,23 +111,28 @@ def main():
     rng = np.random.default_rng(0)
     prompts = [list(rng.integers(0, CONFIG.vocab_size, int(rng.integers(1, 30)))) for _ in range(6)]
     want, _ = run(1, 1, params, prompts)
-    expect = {"wq": P(None, None, "model", None), "wo": P(None, "model", None, None),
-              "w_down": P(None, "model", None), "embed": P("model", None), "kv": P(None, "model", None, None, None)}
+    # The CPU keeps each layer's weights as their own arrays (EngineConfig.per_layer_weights); the stacked
+    # form, the accelerators' default, is checked on one mesh too.
+    stacked = {"wq": P(None, None, "model", None), "wo": P(None, "model", None, None), "w_down": P(None, "model", None)}
+    per_layer = {"wq": P(None, "model", None), "wo": P("model", None, None), "w_down": P("model", None)}
+    shared = {"embed": P("model", None), "kv": P(None, "model", None, None, None)}
     bad = 0
-    for dp, tp in ((1, 2), (1, 4), (2, 2)):
-        got, runners = run(dp, tp, params, prompts)
+    for dp, tp, layered in ((1, 2, False), (1, 2, None), (1, 4, None), (2, 2, None)):
+        got, runners = run(dp, tp, params, prompts, per_layer_weights=layered)
         ok = got == want
         devices = set()
         for runner in runners:
             p = runner.params
-            specs = {"wq": p["layers"]["wq"].sharding.spec, "wo": p["layers"]["wo"].sharding.spec,
-                     "w_down": p["layers"]["w_down"].sharding.spec, "embed": p["embed"].sharding.spec,
-                     "kv": runner.kv[0].sharding.spec}
+            layers = p["layers"][1] if isinstance(p["layers"], tuple) else p["layers"]
+            expect = {k: _trim(v) for k, v in {**(stacked if layered is False else per_layer), **shared}.items()}
+            specs = {k: _trim(x.sharding.spec) for k, x in (("wq", layers["wq"]), ("wo", layers["wo"]),
+                     ("w_down", layers["w_down"]), ("embed", p["embed"]), ("kv", runner.kv[0]))}
             mine = set(runner.kv[0].sharding.device_set)
             ok &= specs == expect and len(mine) == tp and not devices & mine  # replicas on their own devices
             devices |= mine
         bad += not ok
-        print(f"data={dp} model={tp}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
+        form = "stacked" if layered is False else "per-layer"
+        print(f"data={dp} model={tp} {form}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
     with tempfile.TemporaryDirectory() as tmp:
         bad += not check_orbax_reshard(params, tmp + "/ckpt")
     bad += not check_ring_prefill(params)
