@@ -11,6 +11,8 @@ Params (layers stacked on a leading axis L, run with `lax.scan` so compile time 
     lm_head     [D, V]        (absent when config.tie_word_embeddings)
 
 `param_axes` gives the logical axis names of every leaf; the sharding table maps them to mesh axes.
+`forward` also takes `layers` as a tuple of L per-layer dicts of the same leaves without the L axis
+(`unstack_layers`), the engine's form on the CPU, where a scanned slice of a stacked weight is a copy.
 The KV cache goes in and comes back out of `forward`; how it is laid out and read is the business of the
 attention backend passed in (`jinfer.models.attention`).
 """
