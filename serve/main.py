@@ -32,6 +32,16 @@ log = logging.getLogger("jinfer.serve")
 TINY_RANDOM = "tiny-random"
 
 
+def add_quantization_arguments(p) -> None:
+    """--quantization and its group size (also on `jinfer generate` and `jinfer batch`)."""
+    from jinfer.quant.formats import FORMATS
+
+    p.add_argument("--quantization", default=None, choices=FORMATS,
+                   help="quantize the layers' matmul weights at load, by round to nearest")
+    p.add_argument("--quantization-group-size", type=int, default=None,
+                   help="inputs per quantization scale (0: one per output channel; default: the format's)")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint; "
@@ -39,6 +49,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or :: for every interface)")
     p.add_argument("--port", type=int, default=50051, help="0: let the OS pick (the 'listening' log line has it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    add_quantization_arguments(p)
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
     e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
@@ -78,7 +89,8 @@ def engine_config(args, dtype: str):
 
     kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
               max_waiting=args.max_waiting, max_model_len=args.max_model_len,
-              max_prefill_chunk=args.max_prefill_chunk, decode_steps=args.decode_steps)
+              max_prefill_chunk=args.max_prefill_chunk, decode_steps=args.decode_steps,
+              quantization=args.quantization, quantization_group_size=args.quantization_group_size)
     kw = {k: v for k, v in kw.items() if v is not None}
     for flag in ("token_buckets", "decode_buckets"):
         value = getattr(args, flag)

@@ -61,7 +61,8 @@ def test_a_plain_install_serves_the_tiny_model(wheel, tmp_path):
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(JAX_PLATFORMS="cpu", PYTHONUNBUFFERED="1")
     proc = subprocess.Popen([str(cli), "serve", "--model", "tiny-random", "--port", "0", "--no-compile-cache",
-                             "--max-slots", "2", "--token-buckets", "8,32", "--num-pages", "64"],
+                             "--max-slots", "2", "--token-buckets", "8,32", "--num-pages", "64",
+                             "--quantization", "int8"],  # jinfer.quant is in the wheel too
                             cwd=tmp_path, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     try:
         port, log = None, []

@@ -15,6 +15,8 @@ from __future__ import annotations
 
 import dataclasses
 
+from jinfer.quant.formats import check_quantization
+
 # Measured on the 2-core development CPU with SmolLM2-135M (benchmarks/engine_vs_peers.py, RESULTS.md):
 # - a matmul at M = 1 row costs a third of one at M = 16 (the weights stream from memory either way, but 16
 #   rows add the compute), so batch-1 decode needs a bucket of 1; the MLP at M = 16 costs ~1.3x M = 8 and the
@@ -55,6 +57,8 @@ class EngineConfig:
     enable_prefix_caching: bool = True
     max_waiting: int = 4096  # requests queued before new ones are refused
     dtype: str = "float32"
+    quantization: str | None = None  # layer matmul weights quantized at load: "int8" | "int4" | "fp8" (jinfer.quant)
+    quantization_group_size: int | None = None  # inputs per scale; None: the format's default (int4: 128)
     max_logprobs: int = 5  # top-n logprobs a request may ask for (a static width of the sampler)
     tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.runtime.sharding); 1: one device
     data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.runtime.data_parallel)
@@ -85,6 +89,7 @@ class EngineConfig:
             raise ValueError(f"EngineConfig.memory_fraction={self.memory_fraction} must be in (0, 1]")
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"EngineConfig.dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
+        check_quantization(self.quantization, self.quantization_group_size, "EngineConfig.quantization")
         if self.per_layer_weights not in (None, True, False):
             raise ValueError(f"EngineConfig.per_layer_weights={self.per_layer_weights!r} must be True, False or None")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:

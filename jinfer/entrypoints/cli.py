@@ -20,7 +20,8 @@ def cmd_generate(args) -> int:
     _enable_compile_cache()
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    llm = LLM(args.model, dtype=args.dtype)
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+              quantization_group_size=args.quantization_group_size)
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -45,7 +46,8 @@ def cmd_batch(args) -> int:
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _enable_compile_cache()
     # Each host runs its own engine on its own devices (tensor parallel inside the host) over its share.
-    cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
+    cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
+                       quantization=args.quantization, quantization_group_size=args.quantization_group_size)
     llm = LLM(args.model, dtype=args.dtype, engine_config=cfg)
     host = (jax.process_index(), jax.process_count())
     counts = run_batch(llm, args.input, args.output, host=host)
@@ -89,6 +91,7 @@ def cmd_client(args) -> int:
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="jinfer", description="A compiled LLM inference engine on JAX.")
     sub = p.add_subparsers(dest="command", required=True)
+    from jinfer.serve import main as serve_main  # its flags: the server's, quantization's for every command
 
     g = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
     g.add_argument("prompt")
@@ -102,6 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--seed", type=int, default=None)
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_main.add_quantization_arguments(g)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("batch", help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
@@ -109,6 +113,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("output", help="one result a line, in input order; a rerun skips the lines already there")
     b.add_argument("--model", default="smollm2")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_main.add_quantization_arguments(b)
     b.add_argument("--tensor-parallel", type=int, default=1, help="devices per engine (within this host)")
     b.add_argument("--data-parallel", type=int, default=1, help="engine replicas on this host")
     b.add_argument("--coordinator", default=None,
@@ -129,7 +134,6 @@ def build_parser() -> argparse.ArgumentParser:
     pl.set_defaults(fn=cmd_pull)
 
     from jinfer.serve import client_cli
-    from jinfer.serve import main as serve_main
 
     sv = sub.add_parser("serve", help="serve a model over gRPC (warm-up, then serve; SIGTERM drains)")
     serve_main.add_arguments(sv)

@@ -30,10 +30,12 @@ def resolve_dtype(dtype) -> jnp.dtype:
 
 class LLM:
     """A model plus an engine. `model` is anything `checkpoints.load.load` takes, or a LoadedModel already in
-    memory; `engine_config` sets slots, pages, buckets (see EngineConfig)."""
+    memory; `engine_config` sets slots, pages, buckets (see EngineConfig); `quantization` ("int8", "int4",
+    "fp8") quantizes the layers' matmul weights at load, by round to nearest (`quantization_group_size`:
+    inputs per scale, None for the format's default), as EngineConfig's fields of the same names."""
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
-                 warmup: bool = True):
+                 warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None):
         from jinfer.checkpoints.load import LoadedModel, load
         from jinfer.engine.config import EngineConfig
         from jinfer.runtime.build import make_engine
@@ -42,6 +44,9 @@ class LLM:
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))
         if jnp.dtype(engine_config.dtype) != self.dtype:
             engine_config = dataclasses.replace(engine_config, dtype=str(self.dtype))
+        if quantization is not None or quantization_group_size is not None:
+            engine_config = dataclasses.replace(engine_config, quantization=quantization,
+                                                quantization_group_size=quantization_group_size)
         loaded = model if isinstance(model, LoadedModel) else load(model)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer

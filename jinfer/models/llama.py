@@ -28,6 +28,7 @@ import numpy as np
 
 from jinfer.models.config import ModelConfig
 from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
+from jinfer.quant.qtensor import qeinsum
 
 Params = dict
 
@@ -70,6 +71,11 @@ _LAYER_AXES = {
     "w_up": ("layers", "embed", "mlp"),
     "w_down": ("layers", "mlp", "embed"),
 }
+
+
+# The matmul weights of a layer and how many of their leading axes (after L) the matmul contracts: what a
+# quantized format groups and scales over (jinfer.quant).
+MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
 
 def param_axes(config: ModelConfig) -> dict:
@@ -157,22 +163,22 @@ def forward(
 
 
 def _qkv(c: ModelConfig, w, h):
-    q = jnp.einsum("BTD,DNH->BTNH", h, w["wq"])
-    k = jnp.einsum("BTD,DKH->BTKH", h, w["wk"])
-    v = jnp.einsum("BTD,DKH->BTKH", h, w["wv"])
+    q = qeinsum("BTD,DNH->BTNH", h, w["wq"])
+    k = qeinsum("BTD,DKH->BTKH", h, w["wk"])
+    v = qeinsum("BTD,DKH->BTKH", h, w["wv"])
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     return q, k, v
 
 
 def _out(w, attn):
-    return jnp.einsum("BTNH,NHD->BTD", attn, w["wo"])
+    return qeinsum("BTNH,NHD->BTD", attn, w["wo"])
 
 
 def _mlp(w, h):
-    gate = jnp.einsum("BTD,DF->BTF", h, w["w_gate"])
-    up = jnp.einsum("BTD,DF->BTF", h, w["w_up"])
-    return jnp.einsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
+    gate = qeinsum("BTD,DF->BTF", h, w["w_gate"])
+    up = qeinsum("BTD,DF->BTF", h, w["w_up"])
+    return qeinsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
 
 
 def unstack_layers(params: Params) -> Params:

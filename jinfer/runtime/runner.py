@@ -27,6 +27,7 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, StepInputs, StepPlan, TokenInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.quant.params import cast_params, quantize_params
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
 
 # The host engine defines the plan's groups as plain dataclasses (it never imports jax); registered here,
@@ -101,8 +102,15 @@ class Runner:
         # shardings jit propagates through the step.
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
+        if engine_config.quantization is not None:
+            if self.mesh is not None:
+                raise ValueError(f"EngineConfig.quantization={engine_config.quantization!r} with "
+                                 f"tensor_parallel={tp}: quantized weights run on one device for now")
+            # From the checkpoint's own precision, before any cast.
+            params = quantize_params(params, llama.MATMUL_INPUT_AXES, engine_config.quantization,
+                                     engine_config.quantization_group_size)
         if self.mesh is None:
-            self.params = jax.tree_util.tree_map(lambda x: jnp.asarray(x, dtype), params)
+            self.params = cast_params(params, dtype)
         else:  # each device receives its shard only, then casts it
             self.params = jax.tree_util.tree_map(lambda x: x.astype(dtype),
                                                  sharding.shard_params(params, model_config, self.mesh))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 import pytest
 
 from jinfer.engine.config import EngineConfig
@@ -24,7 +26,9 @@ def test_platform_defaults_fill_only_open_fields():
     ("decode_steps", 0),
     ("token_buckets", (64, 16)),
     ("max_logprobs", -1),
+    ("quantization", "int3"),
+    ("quantization_group_size", -32),
 ])
 def test_bad_fields_are_named(field, value):
-    with pytest.raises(ValueError, match=f"EngineConfig.{field}="):
+    with pytest.raises(ValueError, match=re.escape(f"EngineConfig.{field}={value!r}")):
         EngineConfig(**{field: value})
