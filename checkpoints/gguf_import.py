@@ -99,10 +99,12 @@ def _unpermute_rows(w: np.ndarray, n_heads: int) -> np.ndarray:
     return w.reshape(n_heads, head_dim // 2, 2, *w.shape[1:]).swapaxes(1, 2).reshape(w.shape)
 
 
-def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | None = None):
+def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | None = None, keep_blocks: bool = False):
     """Returns (config, params, fields): params as numpy arrays of `dtype` in jinfer's layout.
 
-    `progress`, if given, wraps the iterable of tensors (e.g. `tqdm`).
+    `progress`, if given, wraps the iterable of tensors (e.g. `tqdm`). With `keep_blocks`, each layer matmul
+    weight whose tensors are Q8_0, Q4_0 or Q4_1 in every layer stays in that format, as a QTensor
+    (`gguf_blocks`); the rest is dequantized as usual.
     """
     path = os.fspath(path)
     reader = open_gguf(path)
@@ -152,6 +154,10 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | No
             ("bk", "attn_k.bias", (K * H,), lambda w: (_unpermute_rows(w, K) if permute else w).reshape(K, H)),
             ("bv", "attn_v.bias", (K * H,), lambda w: w.reshape(K, H)),
         ]
+    if keep_blocks:
+        kept = _kept_blocks(tensors, c, permute, path)
+        per_layer = [job for job in per_layer if job[0] not in kept]
+        layers.update(kept)
     jobs = [(i, key, f"blk.{i}.{suffix}", shape, fn) for i in range(c.num_layers) for key, suffix, shape, fn in per_layer]
     params = {"embed": None, "layers": layers, "final_norm": None}
     top = [("embed", "token_embd.weight", (V, D), lambda w: w), ("final_norm", "output_norm.weight", (D,), lambda w: w)]
@@ -166,6 +172,40 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | No
             i, key, name, shape, fn = item
             layers[key][i] = fn(read(name, shape))
     return config, params, fields
+
+
+def _kept_blocks(tensors: dict, c: ModelConfig, permute: bool, path: str) -> dict:
+    """{weight name: stacked QTensor} for the layer matmul weights stored in one kept block type throughout."""
+    from jinfer.checkpoints import gguf_blocks
+
+    N, K, H, D, F = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
+    keep = lambda a: a  # noqa: E731
+    layout = {  # name: (GGUF suffix, row reordering, input shape, output shape)
+        "wq": ("attn_q.weight", (lambda a: _unpermute_rows(a, N)) if permute else keep, (D,), (N, H)),
+        "wk": ("attn_k.weight", (lambda a: _unpermute_rows(a, K)) if permute else keep, (D,), (K, H)),
+        "wv": ("attn_v.weight", keep, (D,), (K, H)),
+        "wo": ("attn_output.weight", keep, (N, H), (D,)),
+        "w_gate": ("ffn_gate.weight", keep, (D,), (F,)),
+        "w_up": ("ffn_up.weight", keep, (D,), (F,)),
+        "w_down": ("ffn_down.weight", keep, (F,), (D,)),
+    }
+    out = {}
+    for key, (suffix, out_fn, in_shape, out_shape) in layout.items():
+        ts = [tensors.get(f"blk.{i}.{suffix}") for i in range(c.num_layers)]
+        types = {t.tensor_type.name for t in ts if t is not None}
+        if None in ts or len(types) != 1 or next(iter(types)) not in gguf_blocks.KEPT_TYPES:
+            continue  # missing (the float path reports it) or not one kept type: dequantized instead
+        rows, cols = int(np.prod(out_shape)), int(np.prod(in_shape))
+        parts = []
+        for t in ts:
+            try:
+                q, scale, offset = gguf_blocks.read_blocks(t.data, t.tensor_type.name, rows, cols)
+            except ValueError as e:
+                raise CheckpointError(f"{path}: tensor {t.name!r} ({t.tensor_type.name}) does not hold "
+                                      f"[{rows}, {cols}] in blocks: {e}") from e
+            parts.append(gguf_blocks.to_qtensor(q, scale, offset, out_fn, in_shape, out_shape))
+        out[key] = gguf_blocks.stack(parts)
+    return out
 
 
 def _replace(config: ModelConfig, **changes) -> ModelConfig:

@@ -29,23 +29,28 @@ def is_gguf_file(path: Path) -> bool:
         return f.read(4) == b"GGUF"
 
 
-def load(model: str | os.PathLike, dtype=np.float32, progress=None) -> LoadedModel:
+def load(model: str | os.PathLike, dtype=np.float32, progress=None, quantization: str | None = None) -> LoadedModel:
+    """`quantization="gguf"` keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 layer weights in their blocks (QTensor
+    leaves); any other value is applied later, by the runner, to whatever this returns."""
     from jinfer.checkpoints.registry import MODELS
     from jinfer.text.tokenizer import Tokenizer
 
     path = Path(model)
     if not path.exists() and str(model) in MODELS:
-        from jinfer.checkpoints.pull import pull
+        from jinfer.checkpoints.pull import gguf_path, pull
 
-        path = pull(str(model))
+        # A registered model comes as a GGUF file, converted to orbax once; its blocks live in the file.
+        path = gguf_path(str(model)) if quantization == "gguf" else pull(str(model))
     if path.is_file():
         if not is_gguf_file(path):
             raise CheckpointError(f"{str(path)!r} is not a GGUF file (no GGUF magic bytes)")
         from jinfer.checkpoints.gguf_import import load_gguf
         from jinfer.checkpoints.gguf_vocab import tokenizer_from_gguf_fields
 
-        config, params, fields = load_gguf(path, dtype=dtype, progress=progress)
+        config, params, fields = load_gguf(path, dtype=dtype, progress=progress, keep_blocks=quantization == "gguf")
         return LoadedModel(config, params, tokenizer_from_gguf_fields(fields))
+    if quantization == "gguf":
+        raise CheckpointError(f"quantization='gguf' keeps a GGUF file's blocks, but {str(model)!r} is not a GGUF file")
     if path.is_dir():
         if (path / "params").is_dir():
             from jinfer.checkpoints.orbax_io import restore_orbax
@@ -60,7 +65,7 @@ def load(model: str | os.PathLike, dtype=np.float32, progress=None) -> LoadedMod
         raise CheckpointError(
             f"directory {str(path)!r} is neither an orbax checkpoint (params/) nor an HF model (config.json)")
     if "/" in str(model) and not str(model).startswith((".", "/")) and str(model).count("/") == 1:
-        return load(_hub_snapshot(str(model)), dtype=dtype, progress=progress)
+        return load(_hub_snapshot(str(model)), dtype=dtype, progress=progress, quantization=quantization)
     raise CheckpointError(f"model {str(model)!r} is not a registered name ({sorted(MODELS)}), a file or a directory")
 
 

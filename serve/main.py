@@ -34,10 +34,11 @@ TINY_RANDOM = "tiny-random"
 
 def add_quantization_arguments(p) -> None:
     """--quantization and its group size (also on `jinfer generate` and `jinfer batch`)."""
-    from jinfer.quant.formats import FORMATS
+    from jinfer.quant.formats import METHODS
 
-    p.add_argument("--quantization", default=None, choices=FORMATS,
-                   help="quantize the layers' matmul weights at load, by round to nearest")
+    p.add_argument("--quantization", default=None, choices=METHODS,
+                   help="quantize the layers' matmul weights at load, by round to nearest; gguf: keep a GGUF "
+                        "file's Q8_0 / Q4_0 / Q4_1 blocks")
     p.add_argument("--quantization-group-size", type=int, default=None,
                    help="inputs per quantization scale (0: one per output channel; default: the format's)")
 
@@ -115,7 +116,7 @@ def build_engine(args):
         return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
     from jinfer.checkpoints.load import load
 
-    loaded = load(args.model)  # as LLM loads it; serving sits below the entry points, so not through LLM
+    loaded = load(args.model, quantization=args.quantization)  # as LLM loads it; serving sits below the entry points, so not through LLM
     return make_engine(loaded.config, loaded.params, loaded.tokenizer, cfg, seed=args.seed)
 
 

@@ -32,7 +32,8 @@ class LLM:
     """A model plus an engine. `model` is anything `checkpoints.load.load` takes, or a LoadedModel already in
     memory; `engine_config` sets slots, pages, buckets (see EngineConfig); `quantization` ("int8", "int4",
     "fp8") quantizes the layers' matmul weights at load, by round to nearest (`quantization_group_size`:
-    inputs per scale, None for the format's default), as EngineConfig's fields of the same names."""
+    inputs per scale, None for the format's default), as EngineConfig's fields of the same names; "gguf"
+    keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks as they are."""
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None):
@@ -47,7 +48,7 @@ class LLM:
         if quantization is not None or quantization_group_size is not None:
             engine_config = dataclasses.replace(engine_config, quantization=quantization,
                                                 quantization_group_size=quantization_group_size)
-        loaded = model if isinstance(model, LoadedModel) else load(model)
+        loaded = model if isinstance(model, LoadedModel) else load(model, quantization=engine_config.quantization)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.engine = make_engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)

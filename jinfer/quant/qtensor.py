@@ -29,8 +29,8 @@ import numpy as np
 @dataclasses.dataclass(frozen=True)
 class QTensor:
     values: jax.Array  # int8 | uint8 (int4 pairs) | float8_e4m3fn  [..., *in, *out] (int4: last axis halved)
-    scale: jax.Array  # f32[..., G, *out]
-    offset: jax.Array | None  # f32[..., G, *out] (int4), else None
+    scale: jax.Array  # f32 (or f16, as GGUF stores them)[..., G, *out]
+    offset: jax.Array | None  # like scale (int4), else None
     fmt: str = dataclasses.field(metadata=dict(static=True))
     n_in: int = dataclasses.field(metadata=dict(static=True))  # contracted (input) axes
     n_out: int = dataclasses.field(metadata=dict(static=True))  # output axes

@@ -102,7 +102,7 @@ class Runner:
         # shardings jit propagates through the step.
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
-        if engine_config.quantization is not None:
+        if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
             if self.mesh is not None:
                 raise ValueError(f"EngineConfig.quantization={engine_config.quantization!r} with "
                                  f"tensor_parallel={tp}: quantized weights run on one device for now")
