@@ -28,7 +28,7 @@ def cast_params(params: dict, dtype) -> dict:
     def cast(x):
         if is_qtensor(x):
             return x
-        return jnp.asarray(x, dtype)
+        return x.astype(dtype) if isinstance(x, jax.Array) else jnp.asarray(x, dtype)  # a placed array stays put
 
     return jax.tree_util.tree_map(cast, params, is_leaf=is_qtensor)
 

@@ -103,17 +103,13 @@ class Runner:
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
         if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
-            if self.mesh is not None:
-                raise ValueError(f"EngineConfig.quantization={engine_config.quantization!r} with "
-                                 f"tensor_parallel={tp}: quantized weights run on one device for now")
             # From the checkpoint's own precision, before any cast.
             params = quantize_params(params, llama.MATMUL_INPUT_AXES, engine_config.quantization,
                                      engine_config.quantization_group_size)
         if self.mesh is None:
             self.params = cast_params(params, dtype)
         else:  # each device receives its shard only, then casts it
-            self.params = jax.tree_util.tree_map(lambda x: x.astype(dtype),
-                                                 sharding.shard_params(params, model_config, self.mesh))
+            self.params = cast_params(sharding.shard_params(params, model_config, self.mesh), dtype)
         if engine_config.per_layer_weights:
             self.params = llama.unstack_layers(self.params)
         self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)

@@ -13,11 +13,14 @@ divide by its mesh axis (fewer KV heads than model shards) is replicated instead
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import numpy as np
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from jinfer.models.config import ModelConfig
+from jinfer.quant.qtensor import is_qtensor
 
 MESH_AXES = ("data", "model", "seq")
 
@@ -32,6 +35,7 @@ RULES: dict[str, str | None] = {
     "pages": None,
     "page_slot": None,
     "tokens": None,
+    "quant_groups": None,  # a quantized weight's groups of inputs (jinfer.quant): its scales stay whole
 }
 
 KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slot", "head_dim")  # [L, K, P, page_size, H]
@@ -88,10 +92,23 @@ def replicated(mesh: Mesh) -> NamedSharding:
 
 def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     """Places each leaf on the mesh by the rules. Each device receives only its own shard, and the mesh may
-    span hosts (every process passes the same host values; each places the shards of its own devices)."""
+    span hosts (every process passes the same host values; each places the shards of its own devices).
+    A quantized weight (QTensor) splits its values like the float weight and its scales over their output
+    axes (the groups of inputs, `quant_groups`, stay whole)."""
+    from jinfer.models import llama
 
-    def place(x, s):
+    def place_array(x, axes):
         host = np.asarray(x)
+        s = NamedSharding(mesh, partition_spec(axes, host.shape, mesh))
         return jax.make_array_from_callback(host.shape, s, lambda index: host[index])
 
-    return jax.tree_util.tree_map(place, params, param_shardings(config, mesh))
+    def place(x, axes):
+        if not is_qtensor(x):
+            return place_array(x, axes)
+        n_out_axes = axes[len(axes) - x.n_out:]
+        group_axes = axes[:len(axes) - x.n_in - x.n_out] + ("quant_groups",) + n_out_axes
+        fields = {f: None if getattr(x, f) is None else place_array(getattr(x, f), a)
+                  for f, a in (("values", axes), ("scale", group_axes), ("offset", group_axes))}
+        return dataclasses.replace(x, **fields)
+
+    return jax.tree_util.tree_map(place, params, llama.param_axes(config), is_leaf=is_qtensor)

@@ -50,4 +50,4 @@ def test_parallel_engines_equal_one_device():
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count(": ok") == 6
+    assert res.stdout.count(": ok") == 7

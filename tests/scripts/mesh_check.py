@@ -21,10 +21,10 @@ from jinfer.testing.tiny import TINY_MESH as CONFIG
 from jinfer.testing.tiny import tiny_params
 
 
-def run(dp: int, tp: int, params, prompts, per_layer_weights=None):
+def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), decode_buckets=(4,),
                        max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
-                       per_layer_weights=per_layer_weights)
+                       per_layer_weights=per_layer_weights, quantization=quantization)
     eng = make_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
@@ -133,6 +133,15 @@ def main():
         bad += not ok
         form = "stacked" if layered is False else "per-layer"
         print(f"data={dp} model={tp} {form}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
+    # int8 weights split like the float ones (values by the rules, scales over their output axes).
+    want_q, _ = run(1, 1, params, prompts, quantization="int8")
+    got_q, (runner,) = run(1, 2, params, prompts, quantization="int8")
+    wq = runner.params["layers"][1]["wq"]
+    specs = {"values": _trim(wq.values.sharding.spec), "scale": _trim(wq.scale.sharding.spec)}
+    ok = got_q == want_q and specs == {"values": (None, "model"), "scale": (None, "model")}
+    bad += not ok
+    print(f"int8 data=1 model=2: {'ok' if ok else 'MISMATCH'} tokens_equal={got_q == want_q} "
+          f"differs_from_float={want_q != want} specs={specs}")
     with tempfile.TemporaryDirectory() as tmp:
         bad += not check_orbax_reshard(params, tmp + "/ckpt")
     bad += not check_ring_prefill(params)
