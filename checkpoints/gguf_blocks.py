@@ -39,11 +39,16 @@ def read_blocks(data: np.ndarray, type_name: str, rows: int, cols: int):
     return q, d, offset
 
 
-def to_qtensor(q: np.ndarray, scale: np.ndarray, offset, out_fn, in_shape: tuple, out_shape: tuple) -> QTensor:
-    """GGUF's [out rows, inputs] fields -> a QTensor in jinfer's [*in, *out] layout. `out_fn` reorders the
-    rows as the float importer does (llama.cpp's Q/K permutation)."""
+def to_layout(a: np.ndarray, out_fn, in_shape: tuple, out_shape: tuple) -> np.ndarray:
+    """A GGUF matrix [out rows, inputs] -> jinfer's [*in, *out], its rows reordered by `out_fn` (llama.cpp's
+    Q/K permutation undone); the float importer's layout too."""
     n_out, n_in = int(np.prod(out_shape)), int(np.prod(in_shape))
-    q = out_fn(q).reshape(n_out, n_in).T.reshape(*in_shape, *out_shape)
+    return out_fn(a).reshape(n_out, n_in).T.reshape(*in_shape, *out_shape)
+
+
+def to_qtensor(q: np.ndarray, scale: np.ndarray, offset, out_fn, in_shape: tuple, out_shape: tuple) -> QTensor:
+    """GGUF's [out rows, inputs] fields -> a QTensor in jinfer's [*in, *out] layout (`to_layout`)."""
+    q = to_layout(q, out_fn, in_shape, out_shape)
     scale = out_fn(scale).T.reshape(-1, *out_shape)
     fmt = "int8" if q.dtype == np.int8 else "int4"
     if fmt == "int4":

@@ -8,11 +8,13 @@ halves of each head for the GPT-J style RoPE kernel; we use the HF half-split la
 
 from __future__ import annotations
 
+import functools
 import os
 from typing import Callable
 
 import numpy as np
 
+from jinfer.checkpoints import gguf_blocks
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.models.config import ConfigError, ModelConfig, RopeScaling
 from jinfer.models.llama import param_shapes
@@ -135,19 +137,17 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | No
             raise CheckpointError(f"{path}: tensor {name!r} has shape {w.shape}, expected {expect}")
         return w
 
-    N, K, H, D, F, V = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size, c.vocab_size
+    N, K, H, D, V = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.vocab_size
     layers = {k: np.empty(s, dtype) for k, s in shapes["layers"].items()}
     per_layer: list[tuple[str, str, tuple, Callable]] = [
         ("attn_norm", "attn_norm.weight", (D,), lambda w: w),
-        ("wq", "attn_q.weight", (N * H, D), lambda w: (_unpermute_rows(w, N) if permute else w).reshape(N, H, D).transpose(2, 0, 1)),
-        ("wk", "attn_k.weight", (K * H, D), lambda w: (_unpermute_rows(w, K) if permute else w).reshape(K, H, D).transpose(2, 0, 1)),
-        ("wv", "attn_v.weight", (K * H, D), lambda w: w.reshape(K, H, D).transpose(2, 0, 1)),
-        ("wo", "attn_output.weight", (D, N * H), lambda w: w.T.reshape(N, H, D)),
         ("mlp_norm", "ffn_norm.weight", (D,), lambda w: w),
-        ("w_gate", "ffn_gate.weight", (F, D), lambda w: w.T),
-        ("w_up", "ffn_up.weight", (F, D), lambda w: w.T),
-        ("w_down", "ffn_down.weight", (D, F), lambda w: w.T),
     ]
+    matmuls = _matmul_layout(c, permute)
+    for key, (suffix, out_fn, in_shape, out_shape) in matmuls.items():
+        per_layer.append((key, suffix, (int(np.prod(out_shape)), int(np.prod(in_shape))),
+                          functools.partial(gguf_blocks.to_layout, out_fn=out_fn, in_shape=in_shape,
+                                            out_shape=out_shape)))
     if c.attention_bias:
         per_layer += [
             ("bq", "attn_q.bias", (N * H,), lambda w: (_unpermute_rows(w, N) if permute else w).reshape(N, H)),
@@ -155,7 +155,7 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | No
             ("bv", "attn_v.bias", (K * H,), lambda w: w.reshape(K, H)),
         ]
     if keep_blocks:
-        kept = _kept_blocks(tensors, c, permute, path)
+        kept = _kept_blocks(tensors, matmuls, c.num_layers, path)
         per_layer = [job for job in per_layer if job[0] not in kept]
         layers.update(kept)
     jobs = [(i, key, f"blk.{i}.{suffix}", shape, fn) for i in range(c.num_layers) for key, suffix, shape, fn in per_layer]
@@ -174,13 +174,12 @@ def load_gguf(path: str | os.PathLike, dtype=np.float32, progress: Callable | No
     return config, params, fields
 
 
-def _kept_blocks(tensors: dict, c: ModelConfig, permute: bool, path: str) -> dict:
-    """{weight name: stacked QTensor} for the layer matmul weights stored in one kept block type throughout."""
-    from jinfer.checkpoints import gguf_blocks
-
+def _matmul_layout(c: ModelConfig, permute: bool) -> dict:
+    """{weight name: (GGUF suffix, row reordering, input shape, output shape)}: a GGUF matrix is [out rows,
+    inputs]; jinfer's weight is [*in, *out], its rows reordered back from llama.cpp's Q/K permutation."""
     N, K, H, D, F = c.num_heads, c.num_kv_heads, c.head_dim, c.hidden_size, c.intermediate_size
     keep = lambda a: a  # noqa: E731
-    layout = {  # name: (GGUF suffix, row reordering, input shape, output shape)
+    return {
         "wq": ("attn_q.weight", (lambda a: _unpermute_rows(a, N)) if permute else keep, (D,), (N, H)),
         "wk": ("attn_k.weight", (lambda a: _unpermute_rows(a, K)) if permute else keep, (D,), (K, H)),
         "wv": ("attn_v.weight", keep, (D,), (K, H)),
@@ -189,9 +188,14 @@ def _kept_blocks(tensors: dict, c: ModelConfig, permute: bool, path: str) -> dic
         "w_up": ("ffn_up.weight", keep, (D,), (F,)),
         "w_down": ("ffn_down.weight", keep, (F,), (D,)),
     }
+
+
+def _kept_blocks(tensors: dict, layout: dict, num_layers: int, path: str) -> dict:
+    """{weight name: stacked QTensor} for the layer matmul weights (`_matmul_layout`) stored in one kept block
+    type throughout."""
     out = {}
     for key, (suffix, out_fn, in_shape, out_shape) in layout.items():
-        ts = [tensors.get(f"blk.{i}.{suffix}") for i in range(c.num_layers)]
+        ts = [tensors.get(f"blk.{i}.{suffix}") for i in range(num_layers)]
         types = {t.tensor_type.name for t in ts if t is not None}
         if None in ts or len(types) != 1 or next(iter(types)) not in gguf_blocks.KEPT_TYPES:
             continue  # missing (the float path reports it) or not one kept type: dequantized instead

@@ -45,9 +45,9 @@ class LLM:
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))
         if jnp.dtype(engine_config.dtype) != self.dtype:
             engine_config = dataclasses.replace(engine_config, dtype=str(self.dtype))
-        if quantization is not None or quantization_group_size is not None:
-            engine_config = dataclasses.replace(engine_config, quantization=quantization,
-                                                quantization_group_size=quantization_group_size)
+        given = {k: v for k, v in (("quantization", quantization), ("quantization_group_size",
+                                                                     quantization_group_size)) if v is not None}
+        engine_config = dataclasses.replace(engine_config, **given)  # what engine_config says, unless given here
         loaded = model if isinstance(model, LoadedModel) else load(model, quantization=engine_config.quantization)
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer

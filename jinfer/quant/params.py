@@ -24,7 +24,7 @@ def quantize_params(params: dict, input_axes: dict[str, int], method: str, group
 
 
 def cast_params(params: dict, dtype) -> dict:
-    """Float leaves to `dtype`; a QTensor keeps its values and float32 scales."""
+    """Float leaves to `dtype`; a QTensor stays as stored (its scales keep their own float type)."""
     def cast(x):
         if is_qtensor(x):
             return x

@@ -71,21 +71,32 @@ def _groups(n_inputs: int, group_size: int) -> tuple[int, int]:
     return g, math.ceil(n_inputs / g)
 
 
+def group_inputs(w: jax.Array, n_in: int, group_size: int, lead: int, pad: str = "constant") -> jax.Array:
+    """w [*lead, *in, *out] -> f32[*lead, G, g, *out]: the inputs flattened and cut into groups, the last
+    one padded (`pad`: jnp.pad's mode; "edge" repeats the last input, so a group's min and max stay its own)."""
+    in_shape, out_shape = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
+    n = math.prod(in_shape)
+    g, G = _groups(n, group_size)
+    w = w.reshape(*w.shape[:lead], n, *out_shape).astype(jnp.float32)
+    w = jnp.pad(w, [(0, 0)] * lead + [(0, G * g - n)] + [(0, 0)] * len(out_shape), mode=pad)
+    return w.reshape(*w.shape[:lead], G, g, *out_shape)
+
+
+def ungroup_inputs(x: jax.Array, in_shape: tuple[int, ...], lead: int) -> jax.Array:
+    """The inverse of `group_inputs`: [*lead, G, g, *out] -> [*lead, *in, *out], the padding dropped."""
+    n = math.prod(in_shape)
+    x = x.reshape(*x.shape[:lead], -1, *x.shape[lead + 2:])[(slice(None),) * lead + (slice(0, n),)]
+    return x.reshape(*x.shape[:lead], *in_shape, *x.shape[lead + 1:])
+
+
 def dequantize(w: QTensor, dtype=jnp.float32) -> jax.Array:
     """The float weight, [..., *in, *out] in `dtype` (computed in float32)."""
     q = unpack_int4(w.values) if w.fmt == "int4" else w.values
     lead = q.ndim - w.n_in - w.n_out  # stacked-layer axes in front
-    in_shape, out_shape = q.shape[lead:lead + w.n_in], q.shape[lead + w.n_in:]
-    n = math.prod(in_shape)
-    g, G = _groups(n, w.group_size)
-    q = q.reshape(*q.shape[:lead], n, *out_shape).astype(jnp.float32)
-    q = jnp.pad(q, [(0, 0)] * lead + [(0, G * g - n)] + [(0, 0)] * len(out_shape))
-    q = q.reshape(*q.shape[:lead], G, g, *out_shape)
-    x = q * jnp.expand_dims(w.scale, lead + 1)
+    x = group_inputs(q, w.n_in, w.group_size, lead) * jnp.expand_dims(w.scale, lead + 1)
     if w.offset is not None:
         x = x + jnp.expand_dims(w.offset, lead + 1)
-    x = x.reshape(*x.shape[:lead], G * g, *out_shape)[(slice(None),) * lead + (slice(0, n),)]
-    return x.reshape(*x.shape[:lead], *in_shape, *out_shape).astype(dtype)
+    return ungroup_inputs(x, q.shape[lead:lead + w.n_in], lead).astype(dtype)
 
 
 def qeinsum(spec: str, x: jax.Array, w) -> jax.Array:

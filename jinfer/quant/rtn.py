@@ -3,31 +3,13 @@
 from __future__ import annotations
 
 import functools
-import math
 
 import jax
 import jax.numpy as jnp
 
-from jinfer.quant.qtensor import QTensor, _groups, pack_int4
+from jinfer.quant.qtensor import QTensor, group_inputs, pack_int4, ungroup_inputs
 
 FP8_MAX = 448.0  # the largest finite float8_e4m3fn
-
-
-def grouped(w: jax.Array, n_in: int, group_size: int, lead: int) -> jax.Array:
-    """w [*lead, *in, *out] -> f32[*lead, G, g, *out] (the last group zero-padded)."""
-    in_shape, out_shape = w.shape[lead:lead + n_in], w.shape[lead + n_in:]
-    n = math.prod(in_shape)
-    g, G = _groups(n, group_size)
-    w = w.reshape(*w.shape[:lead], n, *out_shape).astype(jnp.float32)
-    w = jnp.pad(w, [(0, 0)] * lead + [(0, G * g - n)] + [(0, 0)] * len(out_shape))
-    return w.reshape(*w.shape[:lead], G, g, *out_shape)
-
-
-def ungrouped(q: jax.Array, n_in_shape: tuple[int, ...], lead: int) -> jax.Array:
-    """The inverse of `grouped` for the quantized values: [*lead, G, g, *out] -> [*lead, *in, *out]."""
-    n = math.prod(n_in_shape)
-    q = q.reshape(*q.shape[:lead], -1, *q.shape[lead + 2:])[(slice(None),) * lead + (slice(0, n),)]
-    return q.reshape(*q.shape[:lead], *n_in_shape, *q.shape[lead + 1:])
 
 
 @functools.partial(jax.jit, static_argnames=("fmt", "n_in", "group_size", "lead"))
@@ -37,17 +19,18 @@ def quantize(w: jax.Array, *, fmt: str, n_in: int, group_size: int = 0, lead: in
     group's [min, max] onto 0..15)."""
     in_shape = w.shape[lead:lead + n_in]
     n_out = w.ndim - lead - n_in
-    x = grouped(w, n_in, group_size, lead)  # [*lead, G, g, *out]
+    # Padding repeats the last input, so it moves no group's range (zeros would widen int4's min/max).
+    x = group_inputs(w, n_in, group_size, lead, pad="edge")  # [*lead, G, g, *out]
     axis = lead + 1
     if fmt == "int4":
         lo, hi = x.min(axis=axis), x.max(axis=axis)
         scale = jnp.where(hi > lo, (hi - lo) / 15.0, 1.0)
         q = jnp.clip(jnp.round((x - jnp.expand_dims(lo, axis)) / jnp.expand_dims(scale, axis)), 0, 15)
-        values = pack_int4(ungrouped(q, in_shape, lead).astype(jnp.uint8))
+        values = pack_int4(ungroup_inputs(q, in_shape, lead).astype(jnp.uint8))
         return QTensor(values, scale, lo, fmt, n_in, n_out, group_size)
     top = {"int8": 127.0, "fp8": FP8_MAX}[fmt]
     amax = jnp.abs(x).max(axis=axis)
     scale = jnp.where(amax > 0, amax / top, 1.0)
     y = x / jnp.expand_dims(scale, axis)
     q = jnp.clip(jnp.round(y), -127, 127).astype(jnp.int8) if fmt == "int8" else y.astype(jnp.float8_e4m3fn)
-    return QTensor(ungrouped(q, in_shape, lead), scale, None, fmt, n_in, n_out, group_size)
+    return QTensor(ungroup_inputs(q, in_shape, lead), scale, None, fmt, n_in, n_out, group_size)

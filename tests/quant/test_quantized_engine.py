@@ -45,3 +45,18 @@ def test_quantized_engine_equals_quantized_reference(method, group):
     layers = sum(int(np.prod(params["layers"][n].shape)) * 4 for n in llama.MATMUL_INPUT_AXES)
     saved = param_bytes(params) - param_bytes(quantized)
     assert saved > layers * (0.6 if method == "int4" and group == 32 else 0.7)
+
+
+def test_llm_quantization_arguments_change_only_what_they_give():
+    from jinfer.checkpoints.load import LoadedModel
+    from jinfer.entrypoints.llm import LLM
+    from jinfer.quant.qtensor import QTensor
+    from jinfer.testing.tiny import tiny_tokenizer
+
+    loaded = LoadedModel(TINY, tiny_params(0), tiny_tokenizer())
+    base = EngineConfig(max_slots=2, page_size=4, num_pages=16, token_buckets=(8,), quantization="int4",
+                        quantization_group_size=32)
+    llm = LLM(loaded, engine_config=base, warmup=False, quantization_group_size=16)
+    assert (llm.engine.config.quantization, llm.engine.config.quantization_group_size) == ("int4", 16)
+    w = llm.engine.runner.params["layers"][0]["w_up"]
+    assert isinstance(w, QTensor) and (w.fmt, w.group_size) == ("int4", 16)
