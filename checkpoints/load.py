@@ -20,6 +20,7 @@ class LoadedModel:
     config: ModelConfig
     params: dict  # numpy or jax arrays in the layout of jinfer.models.llama
     tokenizer: object  # jinfer.text.tokenizer.Tokenizer
+    quantization: dict | None = None  # how a checkpoint stored quantized was made ({"method": ..., ...}), else None
 
 
 def is_gguf_file(path: Path) -> bool:
@@ -53,10 +54,13 @@ def load(model: str | os.PathLike, dtype=np.float32, progress=None, quantization
         raise CheckpointError(f"quantization='gguf' keeps a GGUF file's blocks, but {str(model)!r} is not a GGUF file")
     if path.is_dir():
         if (path / "params").is_dir():
+            from jinfer.checkpoints import quant_record
             from jinfer.checkpoints.orbax_io import restore_orbax
 
             config, params = restore_orbax(path, dtype=dtype)
-            return LoadedModel(config, params, Tokenizer.from_dir(path))
+            record = quant_record.read(path)
+            quantization = None if record is None else record["quantization"] or {"method": "unknown"}
+            return LoadedModel(config, params, Tokenizer.from_dir(path), quantization)
         if (path / "config.json").is_file():
             from jinfer.checkpoints.safetensors_io import load_hf_dir
 

@@ -33,7 +33,8 @@ class LLM:
     memory; `engine_config` sets slots, pages, buckets (see EngineConfig); `quantization` ("int8", "int4",
     "fp8") quantizes the layers' matmul weights at load, by round to nearest (`quantization_group_size`:
     inputs per scale, None for the format's default), as EngineConfig's fields of the same names; "gguf"
-    keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks as they are."""
+    keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks as they are. A checkpoint stored quantized (`jinfer quantize`,
+    an imported AWQ / GPTQ / compressed-tensors model) loads as it is stored, with no `quantization`."""
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None):
@@ -49,6 +50,9 @@ class LLM:
                                                                      quantization_group_size)) if v is not None}
         engine_config = dataclasses.replace(engine_config, **given)  # what engine_config says, unless given here
         loaded = model if isinstance(model, LoadedModel) else load(model, quantization=engine_config.quantization)
+        if loaded.quantization is not None and engine_config.quantization is not None:
+            raise ValueError(f"quantization={engine_config.quantization!r} was asked for, but the checkpoint is "
+                             f"stored quantized ({loaded.quantization}); load it without quantization")
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
         self.engine = make_engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)
