@@ -62,10 +62,13 @@ def load(model: str | os.PathLike, dtype=np.float32, progress=None, quantization
             quantization = None if record is None else record["quantization"] or {"method": "unknown"}
             return LoadedModel(config, params, Tokenizer.from_dir(path), quantization)
         if (path / "config.json").is_file():
+            from jinfer.checkpoints.hf_quantized import quantization_config, quantization_record
             from jinfer.checkpoints.safetensors_io import load_hf_dir
 
             config, params = load_hf_dir(path, dtype=dtype)
-            return LoadedModel(config, params, Tokenizer.from_dir(path))
+            qcfg = quantization_config(path)  # AWQ / GPTQ / compressed-tensors weights load as stored
+            return LoadedModel(config, params, Tokenizer.from_dir(path),
+                               None if qcfg is None else quantization_record(qcfg))
         raise CheckpointError(
             f"directory {str(path)!r} is neither an orbax checkpoint (params/) nor an HF model (config.json)")
     if "/" in str(model) and not str(model).startswith((".", "/")) and str(model).count("/") == 1:

@@ -19,6 +19,8 @@ import numpy as np
 
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.checkpoints.hf_names import HFTensor, get_leaf, hf_tensors
+from jinfer.checkpoints.hf_quantized import is_quantized_matmul, load_quantized_layers, quantization_config
+from jinfer.checkpoints.tensor_files import TensorFiles
 from jinfer.models.config import ConfigError, ModelConfig
 from jinfer.models.llama import param_shapes
 
@@ -83,6 +85,9 @@ def load_hf_dir(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]
     """Reads an HF Llama/Mistral/Qwen2 directory into (config, params of numpy arrays).
 
     dtype: the dtype of every leaf (e.g. np.float32, jnp.bfloat16); None keeps each tensor's stored dtype.
+    A checkpoint quantized by AutoAWQ, GPTQ or compressed-tensors (a `quantization_config` in config.json) keeps
+    its layer matmul weights quantized: QTensor leaves (`checkpoints.hf_quantized`), which `dtype` leaves as
+    they are.
     Tensors the model does not use (a tied model's lm_head, rotary caches of old exports) are ignored.
     """
     path = Path(path)
@@ -91,9 +96,14 @@ def load_hf_dir(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]
     config = read_hf_config(path)
     files, listing = _weight_files(path)
     dtype = None if dtype is None else np.dtype(dtype)
+    qcfg = quantization_config(path)  # None: a float checkpoint
+    kept = [s for s in hf_tensors(config) if qcfg is not None and is_quantized_matmul(s)]
+    skip = set(kept)
 
     by_file: dict[Path, list[HFTensor]] = defaultdict(list)
     for spec in hf_tensors(config):
+        if spec in skip:  # read below, in the checkpoint's quantized format
+            continue
         if spec.hf_name not in files:
             raise CheckpointError(f"tensor {spec.hf_name!r} is missing from {str(listing)!r}")
         by_file[files[spec.hf_name]].append(spec)
@@ -109,6 +119,8 @@ def load_hf_dir(path: str | os.PathLike, dtype=None) -> tuple[ModelConfig, dict]
                 except Exception as e:
                     raise CheckpointError(f"could not read tensor {spec.hf_name!r} from {str(file)!r}: {e}") from e
                 _store(params, shapes, spec, spec.to_jinfer(t), dtype)
+    if kept:
+        params["layers"].update(load_quantized_layers(TensorFiles(files, listing), kept, qcfg, dtype))
     return config, params
 
 
