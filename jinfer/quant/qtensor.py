@@ -13,6 +13,20 @@ the group of input i; the last group may be shorter (SmolLM2's 576 inputs are 4.
 - "fp8": q float8_e4m3fn, no offset.
 Every array field keeps the stacked-layer axes in front, so slicing a layer out of a stacked QTensor (a
 scan, `llama.unstack_layers`) slices each field alike; the static fields count trailing axes only.
+
+Two optional parts come from calibrated methods (jinfer.quant.calibrated):
+- `input_scale` s (f32[..., *in]): the stored weight is W·diag(s) (input row i multiplied by s[i]) and the
+  matmul divides the activation by s before the dot, so x·W = (x/s)·(W·diag(s)). AWQ's scales (which make the
+  inputs that matter most coarser-grained in x and finer in W) and SmoothQuant's (which move activation
+  outliers into the weight) both are this. They stay per matrix rather than folded into the preceding norm
+  or matmul: wq, wk and wv share an input but get scales of their own, wo's input (attention output) and
+  w_down's (silu(gate)·up) have no per-channel weight before them that could absorb a scale, and the float
+  params stay untouched for every other format.
+- `act` (static): how the activation is quantized. None: the activation stays float and the weight is
+  dequantized into the matmul. "int8" (W8A8): each token's activation (over the contracted axes) is rounded
+  to int8 by its own scale amax/127 at run time, the int8 x int8 dot accumulates in int32, and the result is
+  multiplied by the token's and the output channel's scales; it needs fmt "int8" per output channel
+  (group_size 0), so one scale per output multiplies the whole int32 sum.
 """
 
 from __future__ import annotations
@@ -23,6 +37,8 @@ import math
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+ACTS = (None, "int8")  # activation formats: float, or int8 per token (W8A8)
 
 
 @jax.tree_util.register_dataclass
@@ -35,6 +51,16 @@ class QTensor:
     n_in: int = dataclasses.field(metadata=dict(static=True))  # contracted (input) axes
     n_out: int = dataclasses.field(metadata=dict(static=True))  # output axes
     group_size: int = dataclasses.field(metadata=dict(static=True))  # inputs per group; 0: all of them
+    input_scale: jax.Array | None = None  # f32[..., *in]: stored weight = W·diag(s), x divided by s; None: 1
+    act: str | None = dataclasses.field(default=None, metadata=dict(static=True))  # None | "int8" (W8A8)
+
+    def __post_init__(self):
+        # Static fields only: jax rebuilds the dataclass with placeholder leaves when it unflattens.
+        if self.act not in ACTS:
+            raise ValueError(f"QTensor.act={self.act!r} must be one of {list(ACTS)}")
+        if self.act == "int8" and (self.fmt != "int8" or self.group_size != 0):
+            raise ValueError(f"QTensor.act='int8' (W8A8) needs fmt='int8' with group_size=0 (one scale per "
+                             f"output channel); got fmt={self.fmt!r}, group_size={self.group_size}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -44,8 +70,8 @@ class QTensor:
 
     @property
     def nbytes(self) -> int:
-        return sum(int(np.prod(x.shape)) * x.dtype.itemsize for x in (self.values, self.scale, self.offset)
-                   if x is not None)
+        return sum(int(np.prod(x.shape)) * x.dtype.itemsize
+                   for x in (self.values, self.scale, self.offset, self.input_scale) if x is not None)
 
 
 def is_qtensor(x) -> bool:
@@ -89,19 +115,51 @@ def ungroup_inputs(x: jax.Array, in_shape: tuple[int, ...], lead: int) -> jax.Ar
     return x.reshape(*x.shape[:lead], *in_shape, *x.shape[lead + 1:])
 
 
-def dequantize(w: QTensor, dtype=jnp.float32) -> jax.Array:
-    """The float weight, [..., *in, *out] in `dtype` (computed in float32)."""
+def dequantize(w: QTensor, dtype=jnp.float32, *, keep_input_scale: bool = False) -> jax.Array:
+    """The float weight this stands for, [..., *in, *out] in `dtype` (computed in float32): W, with any
+    `input_scale` divided back out, so `einsum(spec, x, dequantize(w))` is the float matmul the leaf
+    replaces (`act` is ignored: it is how the activation is rounded, not part of the weight).
+    keep_input_scale=True gives the stored W·diag(s) instead (what `qeinsum` multiplies x/s by)."""
     q = unpack_int4(w.values) if w.fmt == "int4" else w.values
     lead = q.ndim - w.n_in - w.n_out  # stacked-layer axes in front
     x = group_inputs(q, w.n_in, w.group_size, lead) * jnp.expand_dims(w.scale, lead + 1)
     if w.offset is not None:
         x = x + jnp.expand_dims(w.offset, lead + 1)
-    return ungroup_inputs(x, q.shape[lead:lead + w.n_in], lead).astype(dtype)
+    x = ungroup_inputs(x, q.shape[lead:lead + w.n_in], lead)
+    if w.input_scale is not None and not keep_input_scale:
+        x = x / w.input_scale.astype(jnp.float32).reshape(w.input_scale.shape + (1,) * w.n_out)
+    return x.astype(dtype)
 
 
 def qeinsum(spec: str, x: jax.Array, w) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for a float weight or a QTensor (dequantized in the step; XLA fuses the
-    dequantization into the matmul's operand where its backend can)."""
-    if isinstance(w, QTensor):
-        w = dequantize(w, x.dtype)
-    return jnp.einsum(spec, x, w)
+    """`jnp.einsum(spec, x, w)` for a float weight or a QTensor. x's contracted axes are its trailing
+    `w.n_in` axes, and the weight is one layer's (no stacked axes), as in every matmul of the model.
+    Float activations: x / input_scale times the weight dequantized in the step (XLA fuses the dequantization
+    into the matmul's operand where its backend can). act="int8": see `_int8_activation_einsum`."""
+    if not isinstance(w, QTensor):
+        return jnp.einsum(spec, x, w)
+    if w.input_scale is not None:
+        x = (x.astype(jnp.float32) / w.input_scale.astype(jnp.float32)).astype(x.dtype)
+    if w.act == "int8":
+        return _int8_activation_einsum(spec, x, w)
+    return jnp.einsum(spec, x, dequantize(w, x.dtype, keep_input_scale=True))
+
+
+def _int8_activation_einsum(spec: str, x: jax.Array, w: QTensor) -> jax.Array:
+    """W8A8: x rounded to int8 per token (scale = amax over the contracted axes / 127, computed at run time),
+    an int8 x int8 dot accumulated in int32, then the token's scale times the output channel's."""
+    operands, out = spec.replace(" ", "").split("->")
+    xs, ws = operands.split(",")
+    if out != xs[:len(xs) - w.n_in] + ws[w.n_in:] or xs[len(xs) - w.n_in:] != ws[:w.n_in]:
+        raise ValueError(f"qeinsum spec={spec!r}: act='int8' needs x's trailing {w.n_in} axes contracted with "
+                         f"the weight's leading ones and the output laid out as x's other axes, then the "
+                         f"weight's outputs")
+    x32 = x.astype(jnp.float32)
+    contracted = tuple(range(x.ndim - w.n_in, x.ndim))
+    amax = jnp.max(jnp.abs(x32), axis=contracted, keepdims=True)
+    x_scale = jnp.where(amax > 0, amax / 127.0, 1.0)  # [..., 1 (x n_in)]
+    xq = jnp.clip(jnp.round(x32 / x_scale), -127, 127).astype(jnp.int8)
+    acc = jnp.einsum(spec, xq, w.values, preferred_element_type=jnp.int32)
+    x_scale = x_scale.reshape(x.shape[:x.ndim - w.n_in] + (1,) * w.n_out)
+    w_scale = w.scale.reshape(w.scale.shape[1:]).astype(jnp.float32)  # [1 group, *out] -> [*out]
+    return (acc.astype(jnp.float32) * x_scale * w_scale).astype(x.dtype)
