@@ -42,6 +42,7 @@ class SamplingParams:
     stop_token_ids: tuple[int, ...] = ()
     ignore_eos: bool = False
     logprobs: int | None = None  # return this many top alternatives' logprobs (and the chosen token's)
+    prompt_logprobs: int | None = None  # each prompt token's logprob and this many top alternatives' (vLLM's)
 
     def __post_init__(self):
         # Accept a single string or any iterable for the sequence fields, as vLLM users write them.
@@ -86,8 +87,10 @@ class SamplingParams:
             v = getattr(self, name)
             if not _is_finite(v) or not -2 <= v <= 2:
                 raise ValueError(f"{name}={_short(v)} must be in [-2, 2]")
-        if self.logprobs is not None and (not _is_int(self.logprobs) or self.logprobs < 0):
-            raise ValueError(f"logprobs={_short(self.logprobs)} must be an integer >= 0")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(self, name)
+            if v is not None and (not _is_int(v) or v < 0):
+                raise ValueError(f"{name}={_short(v)} must be an integer >= 0")
         if self.seed is not None and (not _is_int(self.seed) or not 0 <= self.seed < 2**32):
             raise ValueError(f"seed={_short(self.seed)} must be an integer in [0, 2**32)")
         if not isinstance(self.ignore_eos, bool):
@@ -213,9 +216,10 @@ class InputChecker:
                 raise ValueError(f"{prefix}{e}") from None
         elif not isinstance(sampling, SamplingParams):
             raise ValueError(f"{field or 'sampling'} must be a SamplingParams, not {type(sampling).__name__}")
-        if sampling.logprobs is not None and sampling.logprobs > self.max_logprobs:
-            raise ValueError(f"{prefix}logprobs={sampling.logprobs} exceeds the engine's "
-                             f"max_logprobs={self.max_logprobs}")
+        for name in ("logprobs", "prompt_logprobs"):
+            v = getattr(sampling, name)
+            if v is not None and v > self.max_logprobs:
+                raise ValueError(f"{prefix}{name}={v} exceeds the engine's max_logprobs={self.max_logprobs}")
         for j, t in enumerate(sampling.stop_token_ids):
             if t >= self.vocab_size:
                 raise ValueError(f"{prefix}stop_token_ids[{j}]={t} is not a token id in the vocabulary "

@@ -77,7 +77,8 @@ def merge_chunks(chunks: list[Chunk]) -> Chunk:
     last = chunks[-1]
     return dataclasses.replace(
         last, token_ids=tuple(t for c in chunks for t in c.token_ids), text="".join(c.text for c in chunks),
-        logprobs=tuple(lp for c in chunks for lp in c.logprobs))
+        logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        prompt_logprobs=tuple(p for c in chunks for p in c.prompt_logprobs))
 
 
 def response(request_id: str, chunk: Chunk) -> pb.GenerateResponse:
@@ -86,6 +87,9 @@ def response(request_id: str, chunk: Chunk) -> pb.GenerateResponse:
         msg.logprobs.append(pb.TokenLogprob(
             token_id=lp.token_id, logprob=lp.logprob,
             top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in lp.top.items()]))
+    for tok, lp, top in chunk.prompt_logprobs:
+        msg.prompt_logprobs.append(pb.PromptLogprob(
+            token_id=tok, logprob=lp.logprob, rank=lp.rank, top=[pb.TopLogprob(token_id=t, logprob=v) for t, v in top]))
     if chunk.finish_reason is not None:
         msg.finish_reason = _FINISH[chunk.finish_reason]
     if chunk.usage is not None:

@@ -18,7 +18,7 @@ import time
 from typing import Callable
 
 from jinfer.engine.engine import Engine, StepEvent
-from jinfer.engine.outputs import TokenLogprobs
+from jinfer.engine.outputs import Logprob, TokenLogprobs, top_logprobs
 from jinfer.engine.scheduler import QueueFull
 from jinfer.inputs import CheckedRequest
 
@@ -43,6 +43,9 @@ class Chunk:
     token_ids: tuple[int, ...] = ()
     text: str = ""
     logprobs: tuple[TokenLogprobs, ...] = ()  # one per token, when the request asked for logprobs
+    # On the first token's chunk, when the request asked for prompt logprobs: per prompt token but the first,
+    # (its id, its Logprob, the position's top n as (id, logprob), most likely first).
+    prompt_logprobs: tuple[tuple[int, Logprob, tuple[tuple[int, float], ...]], ...] = ()
     finish_reason: str | None = None  # set on the last chunk
     usage: Usage | None = None  # set on the last chunk
     time_to_first_token: float | None = None  # seconds from arrival at the server; on the last chunk
@@ -190,6 +193,11 @@ class EngineThread:
             n = len(ev.new_token_ids)
             new_tokens += n
             chunk = Chunk(tuple(ev.new_token_ids), ev.text_delta, tuple(out.logprobs[-n:]) if out.logprobs else ())
+            if out.prompt_logprobs is not None and len(out.token_ids) == n:  # the request's first tokens
+                k = sub.request.sampling.prompt_logprobs
+                chunk = dataclasses.replace(chunk, prompt_logprobs=tuple(
+                    (tok, d[tok], tuple(top_logprobs(d, k)))
+                    for tok, d in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])))
             if out.finish_reason is not None:
                 del self._active[ev.request_id]
                 m = out.metrics

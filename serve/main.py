@@ -43,6 +43,15 @@ def add_quantization_arguments(p) -> None:
                    help="inputs per quantization scale (0: one per output channel; default: the format's)")
 
 
+def add_kv_cache_arguments(p) -> None:
+    """--kv-cache-dtype (also on `jinfer generate` and `jinfer batch`)."""
+    from jinfer.quant.formats import KV_CACHE_ALIASES, KV_CACHE_DTYPES
+
+    p.add_argument("--kv-cache-dtype", default=None, choices=[*KV_CACHE_ALIASES, *KV_CACHE_DTYPES],
+                   help="store the KV cache in 8 bits with a scale per token and head (fp8 = fp8_e4m3: "
+                        "float8_e4m3fn), ~2x the tokens of bfloat16 in the same memory; auto: the model's dtype")
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint; "
@@ -51,6 +60,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--port", type=int, default=50051, help="0: let the OS pick (the 'listening' log line has it)")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantization_arguments(p)
+    add_kv_cache_arguments(p)
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
     e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
@@ -91,7 +101,8 @@ def engine_config(args, dtype: str):
     kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
               max_waiting=args.max_waiting, max_model_len=args.max_model_len,
               max_prefill_chunk=args.max_prefill_chunk, decode_steps=args.decode_steps,
-              quantization=args.quantization, quantization_group_size=args.quantization_group_size)
+              quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+              kv_cache_dtype=args.kv_cache_dtype)
     kw = {k: v for k, v in kw.items() if v is not None}
     for flag in ("token_buckets", "decode_buckets"):
         value = getattr(args, flag)

@@ -1,7 +1,9 @@
 """The engine's attention-backend interface: how one step's ragged queries attend to the paged KV cache.
 
 Cache layout: k_pages, v_pages: [L, K, P, page_size, H], KV-head major so that each (layer, head, page)
-is one contiguous [page_size, H] tile for the kernels to load, and so a mesh can split heads. The model
+is one contiguous [page_size, H] tile for the kernels to load, and so a mesh can split heads. With a
+`kv_cache_dtype` each is a `jinfer.quant.kv.QuantizedKV` instead: int8 / fp8 values in that layout and one
+float32 scale per token and head ([L, K, P, page_size]); every backend dequantizes the tiles it loads. The model
 runs on one flattened ragged batch of tokens ([1, T] with per-token rows); `PagedMeta` says which row
 (one sequence) owns each token and where each row's pages are. Page 0 is reserved: padding tokens write there and no
 request reads it.
@@ -22,6 +24,8 @@ from typing import Generic, Protocol, TypeVar
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from jinfer.quant.kv import empty_kv, is_quantized_kv, round_trip_kv, store_kv
 
 M = TypeVar("M")  # a backend's own per-step metadata: a pytree of arrays
 
@@ -54,15 +58,18 @@ class AttentionBackend(Protocol[M]):
 
     def attend(self, q: jax.Array, k: jax.Array, v: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                layer: jax.Array, meta: PagedMeta[M], width: int) -> jax.Array:
-        """Device half (under jit): q [T, N, H] against `layer` (i32[]) of the pages, which already hold this
-        step's K/V (also given as k, v [T, K, H], for a backend that attends to them directly), -> [T, N, H].
+        """Device half (under jit): q [T, N, H] against `layer` (i32[]) of the pages (float arrays or
+        QuantizedKV), which already hold this step's K/V (also given as k, v [T, K, H], as the pages give them
+        back, for a backend that attends to them directly), -> [T, N, H].
         `width` (static) is the one given to `step_metadata`."""
         ...
 
 
-def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype):
+def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
+                   kv_cache_dtype: str | None = None):
+    """(k_pages, v_pages): float arrays of `dtype`, or QuantizedKV pools for kv_cache_dtype "int8" / "fp8"."""
     shape = (num_layers, num_kv_heads, num_pages, page_size, head_dim)
-    return jnp.zeros(shape, dtype), jnp.zeros(shape, dtype)
+    return empty_kv(shape, dtype, kv_cache_dtype), empty_kv(shape, dtype, kv_cache_dtype)
 
 
 def make_paged_attention(width: int, backend: AttentionBackend):
@@ -75,8 +82,10 @@ def make_paged_attention(width: int, backend: AttentionBackend):
         pos = positions[0]
         page = jnp.where(meta.token_valid, meta.page_table[meta.token_row, pos // ps], 0)
         offset = jnp.where(meta.token_valid, pos % ps, 0)
-        k_pages = k_pages.at[layer, :, page, offset].set(k[0].astype(k_pages.dtype))
-        v_pages = v_pages.at[layer, :, page, offset].set(v[0].astype(v_pages.dtype))
+        k_pages = store_kv(k_pages, (layer, slice(None), page, offset), k[0])
+        v_pages = store_kv(v_pages, (layer, slice(None), page, offset), v[0])
+        if is_quantized_kv(k_pages):  # a backend that reads this step's K/V directly sees what the pages hold
+            k, v = (round_trip_kv(x, k_pages.fmt) for x in (k, v))
         out = backend.attend(q[0], k[0], v[0], k_pages, v_pages, layer, meta, width)
         return out[None], k_pages, v_pages
 

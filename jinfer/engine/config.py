@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from jinfer.quant.formats import check_quantization
+from jinfer.quant.formats import check_quantization, resolve_kv_cache_dtype
 
 # Measured on the 2-core development CPU with SmolLM2-135M (benchmarks/engine_vs_peers.py, RESULTS.md):
 # - a matmul at M = 1 row costs a third of one at M = 16 (the weights stream from memory either way, but 16
@@ -59,6 +59,9 @@ class EngineConfig:
     dtype: str = "float32"
     quantization: str | None = None  # layer matmul weights quantized at load: "int8" | "int4" | "fp8" (jinfer.quant)
     quantization_group_size: int | None = None  # inputs per scale; None: the format's default (int4: 128)
+    # KV pages stored in 8 bits with a scale per token and KV head (jinfer.quant.kv): "int8" | "fp8" (alias
+    # "fp8_e4m3": float8_e4m3fn); None or "auto": the model's dtype. Set to its canonical name (None, "int8", "fp8").
+    kv_cache_dtype: str | None = None
     max_logprobs: int = 5  # top-n logprobs a request may ask for (a static width of the sampler)
     tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.runtime.sharding); 1: one device
     data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.runtime.data_parallel)
@@ -90,6 +93,8 @@ class EngineConfig:
         if self.dtype not in ("float32", "bfloat16"):
             raise ValueError(f"EngineConfig.dtype={self.dtype!r} must be 'float32' or 'bfloat16'")
         check_quantization(self.quantization, self.quantization_group_size, "EngineConfig.quantization")
+        object.__setattr__(self, "kv_cache_dtype",  # frozen: the one canonical spelling, set once here
+                           resolve_kv_cache_dtype(self.kv_cache_dtype, "EngineConfig.kv_cache_dtype"))
         if self.per_layer_weights not in (None, True, False):
             raise ValueError(f"EngineConfig.per_layer_weights={self.per_layer_weights!r} must be True, False or None")
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:

@@ -111,6 +111,9 @@ class Engine:
         else:
             checked = self.inputs.request(prompt, sampling)
         ids, sampling = list(checked.prompt.ids), checked.sampling
+        if prefill is not None and sampling.prompt_logprobs is not None:
+            raise ValueError("sampling.prompt_logprobs cannot be given for a request whose prompt is prefilled "
+                             "outside the engine (its logits never reach the engine's steps)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
         num_imported = len(ids) - 1 if prefill is not None else 0
@@ -179,9 +182,10 @@ class Engine:
         events: list[StepEvent] = []
         if self._inflight is not None:
             prev_plan, prev_out = self._inflight
-            sampled, lp = prev_out.fetch()
+            sampled, lp, plp = prev_out.fetch()
             seen = {r.request_id: len(r.output_ids) for r in (s.request for s in prev_plan.scheduled)}
-            touched = self.scheduler.update(prev_plan, sampled, self._logprob_reader(lp))
+            touched = self.scheduler.update(prev_plan, sampled, self._logprob_reader(lp),
+                                            self._prompt_logprob_reader(plp))
             events = [e for e in (self._emit(r, seen[r.request_id]) for r in touched) if e is not None]
         self._inflight = launched
         return events
@@ -193,6 +197,16 @@ class Engine:
 
         def read(step: int, row: int) -> tuple:
             return float(chosen[step, row]), ids[step, row], vals[step, row]
+
+        return read
+
+    def _prompt_logprob_reader(self, plp):
+        if plp is None:
+            return None
+        chosen, rank, ids, vals = plp
+
+        def read(t: int) -> tuple:
+            return float(chosen[t]), int(rank[t]), ids[t], vals[t]
 
         return read
 

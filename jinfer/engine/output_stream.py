@@ -2,12 +2,14 @@
 
 The engine feeds it each token the scheduler recorded (`add_token`) and, once the request has ended,
 asks for the held-back tail (`finish`). Stop strings are matched here, on detokenized text; a match
-sets `stopped`, and the engine then ends the request in the scheduler.
+sets `stopped`, and the engine then ends the request in the scheduler. Prompt logprobs, when asked for, come
+with the first token: the step that samples it computes the prompt's last position, so by then every entry
+has reached the host.
 """
 
 from __future__ import annotations
 
-from jinfer.engine.outputs import RequestMetrics, RequestOutput, TokenLogprobs
+from jinfer.engine.outputs import Logprob, PromptLogprobs, RequestMetrics, RequestOutput, TokenLogprobs
 from jinfer.engine.request import Request
 from jinfer.engine.stop_strings import StopStringMatcher
 from jinfer.inputs import CheckedRequest
@@ -21,6 +23,7 @@ class OutputStream:
                                     request_id=request_id, logprobs=[] if sampling.logprobs is not None else None,
                                     metrics=RequestMetrics(arrival_time=arrival_time))
         # No tokenizer (token ids in and out, as for random-weight benchmarks): no text, no stop strings.
+        self._tokenizer = tokenizer
         self._detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
         self._stops = StopStringMatcher(sampling.stop)
 
@@ -38,6 +41,8 @@ class OutputStream:
         m.token_times.append(req.token_times[index])
         if m.first_token_time is None:
             m.first_token_time = req.token_times[index]
+        if index == 0 and req.sampling.prompt_logprobs is not None:
+            out.prompt_logprobs = self._prompt_logprobs(req)
         if out.logprobs is not None and req.logprobs:
             lp, ids, vals = req.logprobs[index]
             n = req.sampling.logprobs
@@ -47,6 +52,23 @@ class OutputStream:
         if ended_by_token or self._detok is None:
             return ""
         return self._stops.feed(self._detok.push(tok))
+
+    def _prompt_logprobs(self, req: Request) -> PromptLogprobs:
+        """vLLM's layout: None for the first prompt token, then per token a dict of the token itself (with
+        its rank in the whole vocabulary) and the position's top n."""
+        n = req.sampling.prompt_logprobs
+        entries: PromptLogprobs = [None]
+        for p, (lp, rank, ids, vals) in enumerate(req.prompt_logprobs):
+            tok = req.prompt_ids[p + 1]
+            d = {tok: Logprob(lp, rank, self._decode(tok))}
+            for r, (i, v) in enumerate(zip(ids[:n].tolist(), vals[:n].tolist())):
+                if i not in d:
+                    d[i] = Logprob(v, r + 1, self._decode(i))
+            entries.append(d)
+        return entries
+
+    def _decode(self, token_id: int) -> str | None:
+        return None if self._tokenizer is None else self._tokenizer.decode([token_id])
 
     def finish(self, req: Request) -> str:
         """The held-back text of an ended request; fills in its finish reason and timings."""

@@ -15,6 +15,27 @@ class TokenLogprobs:
     top: dict[int, float]  # the n most likely alternatives and their logprobs
 
 
+@dataclasses.dataclass(frozen=True)
+class Logprob:
+    """One token's entry in a position's distribution (vLLM's `Logprob`): the model's raw distribution, no
+    penalties, no temperature."""
+
+    logprob: float
+    rank: int  # 1 for the most likely token (1 + the tokens strictly more likely)
+    decoded_token: str | None = None  # the token's own text; None without a tokenizer
+
+
+# Per prompt token: None for the first (nothing predicts it), otherwise token id -> Logprob for the prompt's
+# token and the position's top n (as vLLM's `RequestOutput.prompt_logprobs`).
+PromptLogprobs = list[dict[int, Logprob] | None]
+
+
+def top_logprobs(entries: dict[int, Logprob], n: int) -> list[tuple[int, float]]:
+    """The top n of one prompt position's entries as (token id, logprob), most likely first: the prompt token
+    is among them only where it ranks (`n`: the request's SamplingParams.prompt_logprobs)."""
+    return [(t, e.logprob) for t, e in sorted(entries.items(), key=lambda te: te[1].rank) if e.rank <= n][:n]
+
+
 @dataclasses.dataclass
 class RequestMetrics:
     arrival_time: float  # time.perf_counter() when the request was added
@@ -43,6 +64,8 @@ class RequestOutput:
     logprobs: list[TokenLogprobs] | None = None
     metrics: RequestMetrics | None = None
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
+    prompt_logprobs: PromptLogprobs | None = None  # when asked for (SamplingParams.prompt_logprobs); set
+    #   with the first output token
 
     @property
     def finished(self) -> bool:

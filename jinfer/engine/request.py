@@ -37,6 +37,8 @@ class Request:
     finish_reason: str | None = None
     num_preemptions: int = 0
     logprobs: list = dataclasses.field(default_factory=list)  # per output token, when asked for
+    prompt_logprobs: list = dataclasses.field(default_factory=list)  # entry p: the record of prompt token p + 1
+    #   (computed at position p), when asked for; filled in order, so a recomputed position is not added twice
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     token_times: list[float] = dataclasses.field(default_factory=list)
 
@@ -48,6 +50,18 @@ class Request:
     @property
     def finished(self) -> bool:
         return self.status is Status.FINISHED
+
+    @property
+    def needs_prompt_logprobs(self) -> bool:
+        """It asks for prompt logprobs and some have not reached the host: its prompt must be computed (not
+        taken from the prefix cache) from the first missing position."""
+        return self.sampling.prompt_logprobs is not None and len(self.prompt_logprobs) < len(self.prompt_ids) - 1
+
+    def next_prompt_id(self, i: int) -> int:
+        """The prompt token after position i when its logprob is still wanted, else -1 (TokenInputs.next_id)."""
+        if self.sampling.prompt_logprobs is None or not len(self.prompt_logprobs) <= i < len(self.prompt_ids) - 1:
+            return -1
+        return self.prompt_ids[i + 1]
 
     def token_at(self, i: int) -> int | None:
         """The id at sequence position i, or None while it is still on the device."""

@@ -17,6 +17,12 @@ tokens): a request's token still on the device is counted in `num_sampled` and f
 the device (`from_prev`), and a request that turns out to have finished simply has that step's token
 discarded.
 
+A request that asks for prompt logprobs computes its whole prompt (no prefix-cache lookup, as in vLLM, until
+they have all reached the host; its pages are still published): each plan names, per token, the prompt token
+that follows it (`TokenInputs.next_id`) where its logprob is still missing, and `update` appends the records
+in prompt order, so chunks spread over several steps and a prompt recomputed after preemption neither lose
+nor repeat an entry.
+
 A request may arrive with the KV of its first prompt tokens already computed (`num_imported`, e.g. a long
 prompt prefilled by ring attention): at admission its pages are allocated for them, the engine writes them
 in before the step runs (`Scheduled.num_imported`), and only the rest of the prompt is computed here.
@@ -182,7 +188,9 @@ class Scheduler:
             known = req.known_ids()
             imported = req.num_imported
             cached: list[int] = []
-            if cfg.enable_prefix_caching and not imported:
+            # A prefix-cache hit would skip positions whose prompt logprobs are still wanted.
+            lookup = cfg.enable_prefix_caching and not imported and not req.needs_prompt_logprobs
+            if lookup:
                 # Leave at least one token to compute: its logits give the next token.
                 cached = self.prefix_cache.match(known, (len(known) - 1) // self.page_size)
             num_cached = len(cached) * self.page_size
@@ -193,7 +201,7 @@ class Scheduler:
                 for page in reversed(cached):
                     self.prefix_cache.release(page)
                 break
-            if cfg.enable_prefix_caching and req.num_preemptions == 0 and not imported:
+            if lookup and req.num_preemptions == 0:
                 self.prefix_cache.record_query(len(req.prompt_ids), min(num_cached, len(req.prompt_ids)))
                 req.num_cached_prompt = min(num_cached, len(req.prompt_ids))
             self.waiting.pop(0)
@@ -244,6 +252,7 @@ class Scheduler:
         token_row = np.zeros(T, np.int32)
         from_prev = np.zeros(T, bool)
         is_output = np.zeros(T, bool)
+        next_id = np.full(T, -1, np.int32)
         rows = {f.name: np.zeros(R, np.int32) for f in dataclasses.fields(RowInputs)}
         rows.update(sample=np.zeros(R, bool), reset=np.zeros(R, bool),
                     page_table=np.zeros((R, self.max_pages_per_seq), np.int32),
@@ -263,6 +272,8 @@ class Scheduler:
             positions[t:t + fed] = np.arange(start, start + fed)
             token_row[t:t + fed] = r
             is_output[t:t + fed] = positions[t:t + fed] >= len(req.prompt_ids)
+            if req.sampling.prompt_logprobs is not None:
+                next_id[t:t + fed] = [req.next_prompt_id(start + i) for i in range(fed)]
             req.num_computed += n
             self.num_computed_tokens += n
             num_samples = n if decode else int(req.num_computed == req.num_tokens)
@@ -283,16 +294,17 @@ class Scheduler:
             t += fed
         return StepPlan(
             TokenInputs(ids=tokens, positions=positions, row=token_row, from_prev=from_prev, is_output=is_output,
-                        valid=np.ones(T, bool)),
+                        valid=np.ones(T, bool), next_id=next_id),
             RowInputs(**rows), SamplingInputs(**sampling), scheduled=tuple(scheduled), decode=decode)
 
     # ---- results -------------------------------------------------------------------------------
 
-    def update(self, plan: StepPlan, sampled: np.ndarray, logprobs=None) -> list[Request]:
+    def update(self, plan: StepPlan, sampled: np.ndarray, logprobs=None, prompt_logprobs=None) -> list[Request]:
         """Records the tokens sampled by `plan` (i32[N, R]: N steps, R rows); returns the requests that received
         any. A request takes its row's first `num_samples` tokens, up to and including one that ends it.
 
-        `logprobs`, if given, is a callable (step, row) -> the logprob record of that token.
+        `logprobs`, if given, is a callable (step, row) -> the logprob record of that token; `prompt_logprobs`
+        one (token index in the plan) -> the record of the prompt token after it (where `next_id` names one).
         """
         now = time.perf_counter()
         touched = []
@@ -300,6 +312,8 @@ class Scheduler:
             req = item.request
             if req.finished:
                 continue  # finished (or cancelled) after this plan was built: its tokens are discarded
+            if prompt_logprobs is not None and req.sampling.prompt_logprobs is not None:
+                self._record_prompt_logprobs(plan, item, prompt_logprobs)
             reason, got = None, 0
             for j in range(item.num_samples):
                 tok = int(sampled[j, item.row])
@@ -336,3 +350,17 @@ class Scheduler:
             if reason:
                 self.finish(req, reason)
         return touched
+
+    @staticmethod
+    def _record_prompt_logprobs(plan: StepPlan, item: Scheduled, read) -> None:
+        """Appends the entries this plan computed for the request that come next in prompt order: a position
+        recomputed after preemption (or also computed by a step that was in flight then) is already there."""
+        if plan.decode:  # a decode block feeds tokens past the prompt only
+            return
+        req = item.request
+        first = int(plan.rows.query_start[item.row])
+        for i in range(max(0, len(req.prompt_logprobs) - item.start), item.num_tokens):
+            t = first + i
+            if item.start + i != len(req.prompt_logprobs) or plan.tokens.next_id[t] < 0:
+                break
+            req.prompt_logprobs.append(read(t))

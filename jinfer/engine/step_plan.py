@@ -47,7 +47,7 @@ class Scheduled:
 @dataclasses.dataclass(frozen=True)
 class TokenInputs:
     """Per token. T: the plan's tokens, or the bucket once the runner has padded them (padding: valid False,
-    every other field 0). In a decode block token r belongs to row r."""
+    next_id -1, every other field 0). In a decode block token r belongs to row r."""
 
     ids: np.ndarray  # i32[T]: the id, or 0 where from_prev
     positions: np.ndarray  # i32[T]
@@ -55,6 +55,8 @@ class TokenInputs:
     from_prev: np.ndarray  # bool[T]: take the id the slot's previous step sampled (still on device)
     is_output: np.ndarray  # bool[T]: a generated token (counted by presence/frequency penalties)
     valid: np.ndarray  # bool[T]: False for bucket padding
+    next_id: np.ndarray  # i32[T]: the prompt token that follows this one, where its request asks for prompt
+    #   logprobs (the step returns its logprob and the position's top ones); -1 elsewhere
 
 
 @dataclasses.dataclass(frozen=True)
@@ -108,6 +110,7 @@ class StepInputs:
 
 # Padding values of the per-row arrays (every other field pads with 0); `slot` pads with max_slots.
 ROW_PADDING = dict(stop_ids=-1)
+TOKEN_PADDING = dict(next_id=-1)  # likewise per token
 
 
 @dataclasses.dataclass(frozen=True)
@@ -128,7 +131,7 @@ class StepPlan:
         i32 = np.int32
         return cls(
             TokenInputs(ids=none(i32), positions=none(i32), row=none(i32), from_prev=none(bool),
-                        is_output=none(bool), valid=none(bool)),
+                        is_output=none(bool), valid=none(bool), next_id=none(i32)),
             RowInputs(slot=none(i32), query_start=none(i32), query_len=none(i32), kv_len=none(i32),
                       page_table=none(i32, max_pages_per_seq), sample=none(bool), gen_index=none(i32),
                       reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width)),
@@ -158,3 +161,7 @@ class StepPlan:
     @property
     def wants_logprobs(self) -> bool:
         return bool(self.sampling.logprobs.any())
+
+    @property
+    def wants_prompt_logprobs(self) -> bool:
+        return bool((self.tokens.next_id >= 0).any())

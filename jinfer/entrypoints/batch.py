@@ -1,10 +1,11 @@
 """`jinfer batch IN.jsonl OUT.jsonl`: offline batch inference over the engine.
 
 Each input line is one JSON object: a prompt (`"prompt"`: text or token ids, or `"messages"`: a chat),
-any `SamplingParams` field, and an optional `"id"` that is echoed back. Output line i answers input line
-i (results that finish out of order wait in memory until the lines before them are written), so the
-output is always a prefix of the answers, and a rerun resumes after the last complete line. A bad line
-becomes an output record with an `"error"` that names the problem; the run goes on.
+any `SamplingParams` field (`"logprobs"` and `"prompt_logprobs"` add fields of those names to the output),
+and an optional `"id"` that is echoed back. Output line i answers input line i (results that finish out of
+order wait in memory until the lines before them are written), so the output is always a prefix of the
+answers, and a rerun resumes after the last complete line. A bad line becomes an output record with an
+`"error"` that names the problem; the run goes on.
 
 The engine is fed a window of lines at a time (its slots plus a waiting queue), never the whole file.
 """
@@ -16,7 +17,7 @@ import json
 import os
 from pathlib import Path
 
-from jinfer.engine.outputs import RequestOutput
+from jinfer.engine.outputs import RequestOutput, top_logprobs
 from jinfer.inputs import SAMPLING_FIELDS, CheckedRequest, InputChecker
 
 RECORD_FIELDS = ("id", "prompt", "messages")
@@ -60,6 +61,13 @@ def output_record(line: BatchLine, out: RequestOutput) -> dict:
     if out.logprobs is not None:
         rec["logprobs"] = [{"token_id": lp.token_id, "logprob": lp.logprob,
                             "top": [[t, v] for t, v in lp.top.items()]} for lp in out.logprobs]
+    if out.prompt_logprobs is not None:
+        # Per prompt token (null for the first): its own logprob and rank, and the top n as [id, logprob].
+        n = line.request.sampling.prompt_logprobs
+        rec["prompt_logprobs"] = [None] + [
+            {"token_id": tok, "logprob": d[tok].logprob, "rank": d[tok].rank,
+             "top": [list(tv) for tv in top_logprobs(d, n)]}
+            for tok, d in zip(out.prompt_token_ids[1:], out.prompt_logprobs[1:])]
     m = out.metrics
     if m is not None and m.time_to_first_token is not None:
         rec["time_to_first_token_s"] = m.time_to_first_token

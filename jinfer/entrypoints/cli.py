@@ -1,4 +1,5 @@
-"""The `jinfer` command line: `generate`, `batch`, `convert`, `pull`, `serve`, `client`."""
+"""The `jinfer` command line: `generate`, `batch`, `perplexity`, `quantize`, `convert`, `pull`, `serve`,
+`client`."""
 
 from __future__ import annotations
 
@@ -21,7 +22,7 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-              quantization_group_size=args.quantization_group_size)
+              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype)
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -47,7 +48,8 @@ def cmd_batch(args) -> int:
     _enable_compile_cache()
     # Each host runs its own engine on its own devices (tensor parallel inside the host) over its share.
     cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
-                       quantization=args.quantization, quantization_group_size=args.quantization_group_size)
+                       quantization=args.quantization, quantization_group_size=args.quantization_group_size,
+                       kv_cache_dtype=args.kv_cache_dtype)
     llm = LLM(args.model, dtype=args.dtype, engine_config=cfg)
     host = (jax.process_index(), jax.process_count())
     counts = run_batch(llm, args.input, args.output, host=host)
@@ -58,6 +60,20 @@ def cmd_batch(args) -> int:
         if host[0] == 0 and not os.path.exists(args.output):
             merge_host_outputs(args.input, args.output, host[1])
         distributed.barrier("jinfer-batch-merged")
+    return 0
+
+
+def cmd_perplexity(args) -> int:
+    from jinfer.entrypoints.llm import LLM
+    from jinfer.entrypoints.perplexity import perplexity
+
+    _enable_compile_cache()
+    with open(args.file, encoding="utf-8") as f:
+        text = f.read()
+    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype)
+    r = perplexity(llm, text, args.window, progress=True)
+    print(f"perplexity: {r.perplexity:.4f}\n{r.summary()}")
     return 0
 
 
@@ -106,6 +122,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--stop", action="append", help="a stop string (repeatable)")
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve_main.add_quantization_arguments(g)
+    serve_main.add_kv_cache_arguments(g)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("batch", help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
@@ -114,6 +131,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--model", default="smollm2")
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve_main.add_quantization_arguments(b)
+    serve_main.add_kv_cache_arguments(b)
     b.add_argument("--tensor-parallel", type=int, default=1, help="devices per engine (within this host)")
     b.add_argument("--data-parallel", type=int, default=1, help="engine replicas on this host")
     b.add_argument("--coordinator", default=None,
@@ -121,6 +139,22 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--num-processes", type=int, default=None, help="hosts in the job (or JINFER_NUM_PROCESSES)")
     b.add_argument("--process-id", type=int, default=None, help="this host's index (or JINFER_PROCESS_ID)")
     b.set_defaults(fn=cmd_batch)
+
+    pp = sub.add_parser("perplexity", help="a model's perplexity on a text file (non-overlapping windows)")
+    pp.add_argument("file", help="a UTF-8 text file")
+    pp.add_argument("--model", default="smollm2")
+    pp.add_argument("--window", type=int, default=512, help="tokens per window, each scored alone")
+    pp.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    serve_main.add_quantization_arguments(pp)
+    serve_main.add_kv_cache_arguments(pp)
+    pp.set_defaults(fn=cmd_perplexity)
+
+    from jinfer.entrypoints import quantize
+
+    q = sub.add_parser("quantize", help="quantize a float checkpoint (rtn, gptq, awq, smoothquant, w8a8) into an "
+                                        "orbax checkpoint that loads quantized with no flag")
+    quantize.add_arguments(q)
+    q.set_defaults(fn=quantize.run)
 
     c = sub.add_parser("convert", help="convert a GGUF file or HF directory to an orbax checkpoint")
     c.add_argument("src")

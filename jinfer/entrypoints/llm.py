@@ -34,10 +34,13 @@ class LLM:
     "fp8") quantizes the layers' matmul weights at load, by round to nearest (`quantization_group_size`:
     inputs per scale, None for the format's default), as EngineConfig's fields of the same names; "gguf"
     keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks as they are. A checkpoint stored quantized (`jinfer quantize`,
-    an imported AWQ / GPTQ / compressed-tensors model) loads as it is stored, with no `quantization`."""
+    an imported AWQ / GPTQ / compressed-tensors model) loads as it is stored, with no `quantization`.
+    `kv_cache_dtype` ("int8", "fp8" or "fp8_e4m3", "auto") stores the KV cache in 8 bits with a scale per
+    token and head (EngineConfig's field of that name); it combines with any weight quantization."""
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
-                 warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None):
+                 warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None,
+                 kv_cache_dtype: str | None = None):
         from jinfer.checkpoints.load import LoadedModel, load
         from jinfer.engine.config import EngineConfig
         from jinfer.runtime.build import make_engine
@@ -46,8 +49,8 @@ class LLM:
         engine_config = engine_config or EngineConfig(dtype=str(self.dtype))
         if jnp.dtype(engine_config.dtype) != self.dtype:
             engine_config = dataclasses.replace(engine_config, dtype=str(self.dtype))
-        given = {k: v for k, v in (("quantization", quantization), ("quantization_group_size",
-                                                                     quantization_group_size)) if v is not None}
+        given = {k: v for k, v in (("quantization", quantization), ("quantization_group_size", quantization_group_size),
+                                   ("kv_cache_dtype", kv_cache_dtype)) if v is not None}
         engine_config = dataclasses.replace(engine_config, **given)  # what engine_config says, unless given here
         loaded = model if isinstance(model, LoadedModel) else load(model, quantization=engine_config.quantization)
         if loaded.quantization is not None and engine_config.quantization is not None:

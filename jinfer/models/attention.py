@@ -4,12 +4,18 @@ Cache layout: k_cache, v_cache: [B, S, K, H] per layer (stacked [L, B, S, K, H] 
 A query at position p sees the keys at positions 0..p of its own row. Slots past a row's length may hold
 stale values (from padding or an earlier, longer request); the causal mask by position hides them, since
 every position a query can see was written before it in the same step or an earlier one.
+
+With a `kv_cache_dtype` ("int8", "fp8") the cache stays in the float dtype but holds what a quantized cache
+would give back (`jinfer.quant.kv.round_trip_kv`, the engine's own quantization): the oracle the engine's
+quantized KV pages are checked against.
 """
 
 from __future__ import annotations
 
 import jax
 import jax.numpy as jnp
+
+from jinfer.quant.kv import round_trip_kv
 
 
 def dense_kv_cache(num_layers: int, batch: int, max_len: int, num_kv_heads: int, head_dim: int, dtype):
@@ -29,10 +35,12 @@ def gqa_attention(q, k, v, mask):
     return out.reshape(B, T, N, H)
 
 
-def dense_cache_attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta=None):
+def dense_cache_attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta=None, kv_cache_dtype=None):
     """Writes k/v ([B, T, K, H]) of `layer` at `positions` (i32[B, T]) into the stacked caches
-    ([L, B, S, K, H]), then attends causally over that layer's rows."""
+    ([L, B, S, K, H]), quantized and dequantized when `kv_cache_dtype` is given, then attends causally over
+    that layer's rows."""
     del attn_meta  # the dense cache needs nothing beyond the positions
+    k, v = round_trip_kv(k, kv_cache_dtype), round_trip_kv(v, kv_cache_dtype)
     B, S = k_cache.shape[1:3]
     rows = jnp.arange(B)[:, None]
     # Positions past the cache (padding of a prompt bucket) are dropped rather than wrapped.

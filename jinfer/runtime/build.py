@@ -8,12 +8,12 @@ memory after the weights.
 from __future__ import annotations
 
 import jax
-import jax.numpy as jnp
 
 from jinfer.engine.config import EngineConfig
 from jinfer.engine.data_parallel import DataParallelEngine
 from jinfer.engine.engine import Engine
 from jinfer.models.config import ModelConfig
+from jinfer.quant.kv import kv_token_bytes
 from jinfer.runtime.runner import Runner
 
 
@@ -24,8 +24,9 @@ def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig, de
     if not stats or "bytes_limit" not in stats:
         return engine_config.cpu_default_pages
     c = model_config
-    page_bytes = (2 * c.num_layers * engine_config.page_size * c.num_kv_heads * c.head_dim
-                  * jnp.dtype(engine_config.dtype).itemsize)
+    # Quantized pages (kv_cache_dtype) hold ~2x the tokens of bfloat16 in the same bytes, less their scales.
+    page_bytes = engine_config.page_size * kv_token_bytes(c.num_layers, c.num_kv_heads, c.head_dim,
+                                                          engine_config.dtype, engine_config.kv_cache_dtype)
     free = stats["bytes_limit"] - stats.get("bytes_in_use", 0)
     return max(2, int(free * engine_config.memory_fraction // page_bytes))
 

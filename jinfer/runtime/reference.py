@@ -5,7 +5,8 @@ token) and the simplest way to run a model. It syncs with the host every step, s
 
 Shape buckets (each compiles once per model): batch rows and prompt lengths are padded to powers of two
 (prompt at least 16), the cache length to the next power of two of the longest prompt + max_tokens,
-capped at the model's context.
+capped at the model's context. `kv_cache_dtype` ("int8", "fp8") stores K/V as a quantized cache would
+give them back (`jinfer.models.attention.dense_cache_attention`): the oracle of the engine's quantized pages.
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from jinfer.inputs import SamplingParams
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.models.config import ModelConfig
+from jinfer.quant.formats import resolve_kv_cache_dtype
 from jinfer.runtime.sampler import sample, step_keys
 
 
@@ -29,11 +31,11 @@ def pow2_bucket(n: int, minimum: int = 1) -> int:
     return max(minimum, 1 << max(0, int(n) - 1).bit_length())
 
 
-@functools.partial(jax.jit, static_argnames=("config",), donate_argnames=("cache",))
-def forward_step(params, tokens, positions, last_index, cache, config: ModelConfig):
+@functools.partial(jax.jit, static_argnames=("config", "kv_cache_dtype"), donate_argnames=("cache",))
+def forward_step(params, tokens, positions, last_index, cache, config: ModelConfig, kv_cache_dtype=None):
     """tokens/positions: i32[B, T]; last_index: i32[B] -> (logits f32[B, V] at last_index, cache)."""
     h, cache = llama.forward(params, tokens, positions, cache, None, config=config,
-                             attention=dense_cache_attention)
+                             attention=functools.partial(dense_cache_attention, kv_cache_dtype=kv_cache_dtype))
     h_last = jnp.take_along_axis(h, last_index[:, None, None], axis=1)[:, 0]
     return llama.logits_from_hidden(params, h_last, config), cache
 
@@ -74,13 +76,14 @@ class DenseRun:
 
     def __init__(self, params, config: ModelConfig, prompts: Sequence[Sequence[int]],
                  sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None,
-                 eos_token_ids: Sequence[int] | None = None):
+                 eos_token_ids: Sequence[int] | None = None, kv_cache_dtype: str | None = None):
         if len(prompts) != len(sampling):
             raise ValueError(f"got {len(prompts)} prompts but {len(sampling)} SamplingParams")
         if not prompts:
             raise ValueError("prompts is empty")
         rng = rng or np.random.default_rng()
         self.params, self.config = params, config
+        self.kv_cache_dtype = resolve_kv_cache_dtype(kv_cache_dtype)
         n = len(prompts)
         max_pos = config.max_position_embeddings
         lens = np.array([len(p) for p in prompts])
@@ -107,7 +110,8 @@ class DenseRun:
         dtype = jax.tree_util.tree_leaves(params)[0].dtype
         cache = dense_kv_cache(config.num_layers, B, S, config.num_kv_heads, config.head_dim, dtype)
         self.logits, self.cache = forward_step(params, jnp.asarray(tokens), jnp.asarray(positions),
-                                                jnp.asarray(last), cache, config=config)
+                                                jnp.asarray(last), cache, config=config,
+                                                kv_cache_dtype=self.kv_cache_dtype)
         self.outputs = [Generation([], "length") for _ in range(n)]
         self.active = np.zeros(B, bool)
         self.active[:n] = True
@@ -143,15 +147,15 @@ class DenseRun:
         if not self.done:
             self.logits, self.cache = forward_step(
                 self.params, jnp.asarray(new[:, None]), jnp.asarray(self.pos[:, None]),
-                jnp.zeros(B, jnp.int32), self.cache, config=self.config)
+                jnp.zeros(B, jnp.int32), self.cache, config=self.config, kv_cache_dtype=self.kv_cache_dtype)
             self.pos = np.minimum(self.pos + 1, self.S - 1)  # finished rows decode into their last slot, unread
         return emitted
 
 
 def generate(params, config: ModelConfig, prompts: Sequence[Sequence[int]],
              sampling: Sequence[SamplingParams], rng: np.random.Generator | None = None,
-             eos_token_ids: Sequence[int] | None = None) -> list[Generation]:
-    run = DenseRun(params, config, prompts, sampling, rng, eos_token_ids)
+             eos_token_ids: Sequence[int] | None = None, kv_cache_dtype: str | None = None) -> list[Generation]:
+    run = DenseRun(params, config, prompts, sampling, rng, eos_token_ids, kv_cache_dtype)
     while not run.done:
         run.step()
     return run.outputs

@@ -24,9 +24,18 @@ import numpy as np
 
 from jinfer.attention.backend import AttentionBackend, paged_kv_cache
 from jinfer.engine.config import EngineConfig
-from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, StepInputs, StepPlan, TokenInputs
+from jinfer.engine.step_plan import (
+    ROW_PADDING,
+    TOKEN_PADDING,
+    RowInputs,
+    SamplingInputs,
+    StepInputs,
+    StepPlan,
+    TokenInputs,
+)
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.quant.kv import store_kv
 from jinfer.quant.params import cast_params, quantize_params
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
 
@@ -52,23 +61,32 @@ class StepOutput:
 
     result: StepResult  # N steps x R rows
     want_logprobs: bool
+    want_prompt_logprobs: bool = False
 
     def fetch(self):
-        """(tokens i32[N, R], (logprob, top ids, top logprobs) or None)."""
+        """(tokens i32[N, R], (logprob, top ids, top logprobs) or None, (prompt logprob, rank, top ids, top
+        logprobs) per token or None): only what the plan asked for leaves the device."""
         r = self.result
-        if not self.want_logprobs:
-            return np.asarray(r.tokens), None
-        tokens, lp, ids, lps = jax.device_get((r.tokens, r.logprob, r.top_ids, r.top_logprobs))
-        return tokens, (lp, ids, lps)
+        lp = plp = None
+        if self.want_logprobs:
+            lp = tuple(jax.device_get((r.logprob, r.top_ids, r.top_logprobs)))
+        if self.want_prompt_logprobs:
+            plp = tuple(jax.device_get(_prompt_fields(r)))
+        return np.asarray(r.tokens), lp, plp
+
+
+def _prompt_fields(r: StepResult) -> tuple:
+    return r.prompt_logprob, r.prompt_rank, r.prompt_top_ids, r.prompt_top_logprobs
 
 
 def _import_impl(kv, k, v, page, offset):
     """k, v: [L, m, K, H]; page, offset: i32[m] (padding rows hold an out-of-range page, which the scatter
-    drops)."""
+    drops). Quantized pages quantize them as a step's write does (`store_kv`)."""
     k_pages, v_pages = kv
     # Pages are [L, K, P, page_size, H]; the two index arrays side by side put n where they stand: [L, K, n, H].
-    k_pages = k_pages.at[:, :, page, offset].set(jnp.swapaxes(k, 1, 2).astype(k_pages.dtype), mode="drop")
-    v_pages = v_pages.at[:, :, page, offset].set(jnp.swapaxes(v, 1, 2).astype(v_pages.dtype), mode="drop")
+    index = (slice(None), slice(None), page, offset)
+    k_pages = store_kv(k_pages, index, jnp.swapaxes(k, 1, 2), mode="drop")
+    v_pages = store_kv(v_pages, index, jnp.swapaxes(v, 1, 2), mode="drop")
     return k_pages, v_pages
 
 
@@ -119,16 +137,16 @@ class Runner:
         kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
 
         def make_state():
-            return paged_kv_cache(*kv_shape, dtype), SlotState.zeros(S, c.vocab_size)
+            return paged_kv_cache(*kv_shape, dtype, engine_config.kv_cache_dtype), SlotState.zeros(S, c.vocab_size)
 
         out_shardings = None
         if self.mesh is not None:
             # Pinned, so the donated state comes back as it went in (no recompile), and created in place: the
-            # KV pool is never whole on one device.
-            kv = sharding.kv_cache_sharding((c.num_layers, c.num_kv_heads, num_pages, engine_config.page_size,
-                                             c.head_dim), self.mesh)
+            # KV pool is never whole on one device. A quantized pool's values and scales split alike.
+            pool = jax.eval_shape(make_state)[0]
+            kv = jax.tree_util.tree_map(lambda x: sharding.kv_cache_sharding(x.shape, self.mesh), pool)
             rep = sharding.replicated(self.mesh)
-            out_shardings = ((kv, kv), rep, rep)
+            out_shardings = (kv, rep, rep)
             make_state = jax.jit(make_state, out_shardings=out_shardings[:2])
         state = make_state()
         if self.mesh is None:
@@ -173,7 +191,12 @@ class Runner:
         inputs = plan.inputs()
         pad_t = shape.tokens - plan.num_tokens
         pad_r = shape.rows - plan.num_rows
-        tokens = jax.tree_util.tree_map(lambda a: np.concatenate([a, np.zeros(pad_t, a.dtype)]), inputs.tokens)
+
+        def pad_tokens(name, a):
+            return np.concatenate([a, np.full(pad_t, TOKEN_PADDING.get(name, 0), a.dtype)])
+
+        tokens = TokenInputs(**{f.name: pad_tokens(f.name, getattr(inputs.tokens, f.name))
+                                for f in dataclasses.fields(TokenInputs)})
 
         def pad_rows(name, a):
             fill = self.config.max_slots if name == "slot" else ROW_PADDING.get(name, 0)
@@ -202,10 +225,15 @@ class Runner:
 
     def dispatch(self, plan: StepPlan) -> StepOutput:
         out = self._launch(plan, self.shape_for(plan))
-        want = plan.wants_logprobs
-        for x in (out.tokens, out.logprob, out.top_ids, out.top_logprobs) if want else (out.tokens,):
+        want, want_prompt = plan.wants_logprobs, plan.wants_prompt_logprobs
+        copies = [out.tokens]
+        if want:
+            copies += [out.logprob, out.top_ids, out.top_logprobs]
+        if want_prompt:
+            copies += _prompt_fields(out)
+        for x in copies:
             x.copy_to_host_async()  # the host reads them next step: start the copy as soon as they exist
-        return StepOutput(out, want_logprobs=want)
+        return StepOutput(out, want_logprobs=want, want_prompt_logprobs=want_prompt)
 
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         """Writes the K/V of positions 0..n-1 of the request now in `slot` (k, v: [L, m, K, H] with m >= n
@@ -223,12 +251,12 @@ class Runner:
         if len(pages) * ps < n:
             raise ValueError(f"{len(pages)} pages of {ps} cannot hold {n} imported tokens")
         pos = np.arange(n)
-        page = np.full(m, self.kv[0].shape[2], np.int32)  # i32[m]: past the pool, dropped
+        page = np.full(m, self.kv[0].shape[2], np.int32)  # i32[m]: past the pool, dropped (QuantizedKV too)
         page[:n] = np.asarray(pages, np.int32)[pos // ps]
         offset = np.zeros(m, np.int32)
         offset[:n] = pos % ps
         if self.mesh is None:
-            target = self.kv[0].sharding
+            target = jax.tree_util.tree_leaves(self.kv)[0].sharding
         else:
             from jinfer.runtime import sharding
 

@@ -7,7 +7,7 @@ mentions a device. Arrays are placed with these shardings and `jit` propagates t
 Tensor parallelism (the `model` axis) is Megatron's: Q/K/V/gate/up are split by output column (heads,
 MLP width), O/down by input row, so each layer needs one all-reduce after attention and one after the
 MLP; the embedding and LM head are split over the vocabulary. The KV cache is split over KV heads like
-K/V themselves, so each device keeps the cache of the heads it computes. An axis whose size does not
+K/V themselves, so each device keeps the cache of the heads it computes (a quantized cache's scales too). An axis whose size does not
 divide by its mesh axis (fewer KV heads than model shards) is replicated instead.
 """
 
@@ -39,6 +39,7 @@ RULES: dict[str, str | None] = {
 }
 
 KV_CACHE_AXES = ("layers", "kv_heads", "pages", "page_slot", "head_dim")  # [L, K, P, page_size, H]
+KV_SCALE_AXES = KV_CACHE_AXES[:-1]  # [L, K, P, page_size]: a quantized cache's scale per token and head
 KV_IMPORT_AXES = ("layers", "tokens", "kv_heads", "head_dim")  # [L, T, K, H]: a prefix's K/V brought in
 
 
@@ -78,7 +79,13 @@ def param_shardings(config: ModelConfig, mesh: Mesh) -> dict:
 
 
 def kv_cache_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
-    return NamedSharding(mesh, partition_spec(KV_CACHE_AXES, shape, mesh))
+    """Of a KV pool's pages ([L, K, P, page_size, H]) or of a quantized pool's scales ([L, K, P, page_size]):
+    both split over KV heads, so a device's scales sit with its pages."""
+    axes = {len(KV_CACHE_AXES): KV_CACHE_AXES, len(KV_SCALE_AXES): KV_SCALE_AXES}.get(len(shape))
+    if axes is None:
+        raise ValueError(f"a KV pool array has shape [L, K, P, page_size, H] or (scales) [L, K, P, page_size]; "
+                         f"got {tuple(shape)}")
+    return NamedSharding(mesh, partition_spec(axes, shape, mesh))
 
 
 def kv_import_sharding(shape: tuple[int, ...], mesh: Mesh) -> NamedSharding:
@@ -94,7 +101,7 @@ def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
     """Places each leaf on the mesh by the rules. Each device receives only its own shard, and the mesh may
     span hosts (every process passes the same host values; each places the shards of its own devices).
     A quantized weight (QTensor) splits its values like the float weight and its scales over their output
-    axes (the groups of inputs, `quant_groups`, stay whole)."""
+    axes (the groups of inputs, `quant_groups`, stay whole), and any per-input scale over its input axes."""
     from jinfer.models import llama
 
     def place_array(x, axes):
@@ -107,8 +114,10 @@ def shard_params(params: dict, config: ModelConfig, mesh: Mesh) -> dict:
             return place_array(x, axes)
         n_out_axes = axes[len(axes) - x.n_out:]
         group_axes = axes[:len(axes) - x.n_in - x.n_out] + ("quant_groups",) + n_out_axes
+        input_axes = axes[:len(axes) - x.n_out]  # input_scale: split like the activation it divides
         fields = {f: None if getattr(x, f) is None else place_array(getattr(x, f), a)
-                  for f, a in (("values", axes), ("scale", group_axes), ("offset", group_axes))}
+                  for f, a in (("values", axes), ("scale", group_axes), ("offset", group_axes),
+                               ("input_scale", input_axes))}
         return dataclasses.replace(x, **fields)
 
     return jax.tree_util.tree_map(place, params, llama.param_axes(config), is_leaf=is_qtensor)

@@ -1,13 +1,16 @@
 """The engine's compiled steps (device side, pure functions of their arguments; the runner jits them).
 
 `prefill_step`: one forward over a plan's ragged tokens, then each row's head (penalties, sampling,
-logprobs) at its last token. `decode_block`: up to `max_steps` one-token forwards in a device-side loop, each
-feeding the token the previous one sampled, a row ending on its step count or a stop token, the loop on the
-first step at which no row is left; the host's work and the dispatch are paid once per block.
+logprobs) at its last token, and, at the tokens whose request asks for prompt logprobs, the logprob of the
+prompt token that follows and the top ones of that position. `decode_block`: up to `max_steps` one-token
+forwards in a device-side loop, each feeding the token the previous one sampled, a row ending on its step
+count or a stop token, the loop on the first step at which no row is left; the host's work and the dispatch
+are paid once per block.
 
-Work a step does not need costs nothing: the penalty state is counted and applied, and logprobs computed,
-under runtime conditionals on whether any row of the step asks for them (one compiled function serves every
-mix of requests; the sampler itself skips its vocabulary cuts when every row is greedy).
+Work a step does not need costs nothing: the penalty state is counted and applied, and logprobs computed
+(the prompt's: the logits of every token of the step), under runtime conditionals on whether any row (token)
+of the step asks for them (one compiled function serves every mix of requests; the sampler itself skips its
+vocabulary cuts when every row is greedy).
 """
 
 from __future__ import annotations
@@ -42,12 +45,19 @@ class SlotState:
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class StepResult:
-    """What a step hands back to the host: N = the steps of a decode block (1 for a prefill step)."""
+    """What a step hands back to the host: N = the steps of a decode block (1 for a prefill step); T = the
+    step's tokens (a decode block: R, and its prompt fields are zeros)."""
 
     tokens: jax.Array  # i32[N, R]: row r's token of step n (rows and steps past their end hold garbage)
     logprob: jax.Array  # f32[N, R]: of the sampled token under the unpenalized, untempered distribution
     top_ids: jax.Array  # i32[N, R, max_logprobs]
     top_logprobs: jax.Array  # f32[N, R, max_logprobs]
+    # Where TokenInputs.next_id names the prompt token after token t (garbage elsewhere), of the distribution
+    # at t (unpenalized, untempered):
+    prompt_logprob: jax.Array  # f32[T]: that token's logprob
+    prompt_rank: jax.Array  # i32[T]: its rank (1 + the tokens strictly more likely)
+    prompt_top_ids: jax.Array  # i32[T, max_logprobs]
+    prompt_top_logprobs: jax.Array  # f32[T, max_logprobs]
 
 
 def _uses_penalties(sp: SamplingInputs) -> jax.Array:
@@ -90,6 +100,31 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
 
 
+def _no_prompt_logprobs(T: int, max_logprobs: int):
+    return (jnp.zeros(T), jnp.zeros(T, jnp.int32), jnp.zeros((T, max_logprobs), jnp.int32),
+            jnp.zeros((T, max_logprobs)))
+
+
+@jax.named_scope("prompt_logprobs")
+def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int):
+    """h: [T, D], every token's hidden state; next_id: i32[T] -> (logprob f32[T], rank i32[T], top ids
+    i32[T, k], top logprobs f32[T, k]) of each token's next prompt token. The T x V logits are computed only
+    when some token asks (a runtime branch: a step without such a request pays nothing)."""
+    T = h.shape[0]
+
+    def compute():
+        lp = jax.nn.log_softmax(llama.logits_from_hidden(params, h, config), axis=-1)  # f32[T, V]
+        chosen = jnp.take_along_axis(lp, jnp.maximum(next_id, 0)[:, None], axis=-1)  # f32[T, 1]
+        rank = 1 + jnp.sum(lp > chosen, axis=-1, dtype=jnp.int32)
+        if max_logprobs:
+            top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
+        else:
+            _, _, top_ids, top_lp = _no_prompt_logprobs(T, 0)
+        return chosen[:, 0], rank, top_ids, top_lp
+
+    return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: _no_prompt_logprobs(T, max_logprobs))
+
+
 def _keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
     S = state.last_sampled.shape[0]
     last = state.last_sampled.at[jnp.where(take, rows.slot, S)].set(new, mode="drop")
@@ -121,7 +156,8 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties, config,
                                        max_logprobs)
     state = _keep_sampled(state, rows, new, rows.sample)
-    return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None])
+    prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
+    return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt)
 
 
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
@@ -135,7 +171,8 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     first = jnp.where(tok.from_prev, state.last_sampled[rows.slot], tok.ids)
     attention = make_paged_attention(1, backend)
     empty = StepResult(jnp.zeros((max_steps, R), jnp.int32), jnp.zeros((max_steps, R)),
-                       jnp.zeros((max_steps, R, max_logprobs), jnp.int32), jnp.zeros((max_steps, R, max_logprobs)))
+                       jnp.zeros((max_steps, R, max_logprobs), jnp.int32), jnp.zeros((max_steps, R, max_logprobs)),
+                       *_no_prompt_logprobs(R, max_logprobs))  # a decode block feeds no prompt token
 
     def running(i, stopped):
         return (i < rows.num_steps) & ~stopped
@@ -155,8 +192,9 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                                            max_logprobs)
         state = _keep_sampled(state, rows, new, active & rows.sample)
         stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
-        out = StepResult(out.tokens.at[i].set(new), out.logprob.at[i].set(lp), out.top_ids.at[i].set(top_ids),
-                         out.top_logprobs.at[i].set(top_lp))
+        out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new), logprob=out.logprob.at[i].set(lp),
+                                  top_ids=out.top_ids.at[i].set(top_ids),
+                                  top_logprobs=out.top_logprobs.at[i].set(top_lp))
         return i + 1, kv, state, new, stopped, out
 
     def more(carry):

@@ -3,7 +3,8 @@
 `FakeRunner` stands where `jinfer.runtime.runner.Runner` stands (the engine takes its runner by injection)
 and "samples", for every row that samples, the token after the last one the step fed it: (t + 1) % V (a
 decode block's rows count on, step after step, until a stop id). So a prompt ending in token t generates t+1,
-t+2, ... and a test knows every output without a model; the engine's scheduling, decode blocks, one-step
+t+2, ... and a test knows every output without a model (prompt logprobs too: the next prompt token t's logprob is
+-t / V, its rank 1, the top ones t, t+1, ...); the engine's scheduling, decode blocks, one-step
 lookahead (`from_prev`), stop tokens, stop strings, streaming and cancellation run for real. `fake_engine()` builds such an engine with the tiny word-level tokenizer.
 """
 
@@ -24,14 +25,22 @@ class FakeStepOutput:
     sampled: np.ndarray  # i32[N, R]
     top: int  # logprob alternatives per token
     want_logprobs: bool
+    next_id: np.ndarray  # i32[T]: the plan's TokenInputs.next_id
+    vocab_size: int
 
     def fetch(self):
-        if not self.want_logprobs:
-            return self.sampled, None
-        N, R = self.sampled.shape
-        top_ids = (self.sampled[..., None] + np.arange(self.top)) % np.iinfo(np.int32).max
-        top_lp = np.broadcast_to(-np.arange(self.top, dtype=np.float32), (N, R, self.top))
-        return self.sampled, (np.zeros((N, R), np.float32), top_ids.astype(np.int32), top_lp)
+        lp = plp = None
+        if self.want_logprobs:
+            N, R = self.sampled.shape
+            top_ids = (self.sampled[..., None] + np.arange(self.top)) % np.iinfo(np.int32).max
+            top_lp = np.broadcast_to(-np.arange(self.top, dtype=np.float32), (N, R, self.top))
+            lp = (np.zeros((N, R), np.float32), top_ids.astype(np.int32), top_lp)
+        if (self.next_id >= 0).any():
+            T, nxt = len(self.next_id), np.maximum(self.next_id, 0)
+            top_ids = ((nxt[:, None] + np.arange(self.top)) % self.vocab_size).astype(np.int32)
+            plp = (-nxt.astype(np.float32) / self.vocab_size, np.ones(T, np.int32), top_ids,
+                   np.broadcast_to(-np.arange(self.top, dtype=np.float32), (T, self.top)))
+        return self.sampled, lp, plp
 
 
 class FakeRunner:
@@ -59,7 +68,8 @@ class FakeRunner:
                 if t in rows.stop_ids[r]:  # a decode block stops the row's steps on its stop ids
                     break
             self.last_sampled[rows.slot[r]] = t
-        return FakeStepOutput(out, self.config.max_logprobs, plan.wants_logprobs)
+        return FakeStepOutput(out, self.config.max_logprobs, plan.wants_logprobs, plan.tokens.next_id,
+                              self.vocab_size)
 
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         pass

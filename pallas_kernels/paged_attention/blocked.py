@@ -6,7 +6,8 @@ The reference (`reference.py`) gathers every slot's whole page table, max_model_
 one go: simple and independent, the oracle of the tests, but on a 8k-context model with 16 slots that is
 ~100 MB of K per layer per step even when the sequences hold 200 tokens. Here the trip count of the loop
 is ceil(max(kv_len) / block): shapes stay static (one compilation per step shape), the work follows the
-sequences. Same layout and arguments as the reference.
+sequences. Same layout and arguments as the reference; the pages may be quantized (`jinfer.quant.kv.QuantizedKV`),
+each gathered block then dequantized to the queries' dtype.
 """
 
 from __future__ import annotations
@@ -17,13 +18,15 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
+from jinfer.quant.kv import load_kv
+
 NEG_INF = float("-inf")
 
 
 @functools.partial(jax.jit, static_argnames=("max_query_len", "pages_per_block", "sm_scale"))
 def blocked_paged_attention(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H], or a QuantizedKV of that shape
     v_pages: jax.Array,
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]
@@ -73,8 +76,9 @@ def _rows_stats(q, k_pages, v_pages, page_table, kv_len, q_rows, q_pos, q_valid,
         o, m, l = carry  # [R, K, G, Qm, H], [R, K, G, Qm] x 2
         n = n_pages * ps
         ids = lax.dynamic_slice_in_dim(page_table, first_page, n_pages, axis=1)  # [R, n_pages]
-        k = k_pages[layer, :, ids]  # [R, n_pages, K, ps, H] (mixed advanced indexing puts R, n_pages first)
-        v = v_pages[layer, :, ids]
+        # [R, n_pages, K, ps, H] (mixed advanced indexing puts R, n_pages first); quantized pages dequantized
+        k = load_kv(k_pages, (layer, slice(None), ids), q.dtype)
+        v = load_kv(v_pages, (layer, slice(None), ids), q.dtype)
         k, v = (jnp.swapaxes(x, 2, 3).reshape(R, n, K, H) for x in (k, v))
         key_pos = first_page * ps + jnp.arange(n)
         key_valid = key_pos[None, :] < kv_len[:, None]  # [R, n]
@@ -165,7 +169,7 @@ def blocked_prefill_attention(
     q: jax.Array,  # [T, N, H]
     k: jax.Array,  # [T, K, H]: this step's keys (also written into the pages)
     v: jax.Array,  # [T, K, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H], or a QuantizedKV of that shape
     v_pages: jax.Array,
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]: after this step's tokens

@@ -8,6 +8,11 @@ writes an unnormalized partial output plus its running max and sum; `combine.com
 
 The host lays the query blocks out (`query_layout.query_blocks`), so the kernel grid is static:
 `num_blocks` = tokens / block_q + slots covers any step of at most that many tokens.
+
+Quantized pages (`jinfer.quant.kv.QuantizedKV`: int8 / fp8 values, one float32 scale per token and head)
+are read as stored and cast to the queries' dtype (exact: both formats' values are exact in bf16); each key's
+scale multiplies its column of the scores and each value's scale its column of the probabilities, a
+[rows, block_k] product instead of dequantizing the [block_k, H] tiles.
 """
 
 from __future__ import annotations
@@ -23,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jinfer.kernels.paged_attention.combine import combine_splits
 from jinfer.kernels.paged_attention.validate import check_inputs
+from jinfer.quant.kv import is_quantized_kv
 
 NEG_INF = float("-inf")
 
@@ -48,12 +54,13 @@ def _kernel(
     # tensors
     q_ref,  # [T, Gp, H] for this program's KV head
     k_ref, v_ref,  # [L * K * P, page_size, H]: every page of every layer and head
-    # outputs, this program's block
-    o_ref,  # [block_q, Gp, H]
-    m_ref, l_ref,  # [block_q, Gp]
-    *, num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
-    sm_scale: float, group: int,
+    # quantized pages: ks_ref, vs_ref f32[L * K * P, page_size], their scales; then the outputs, this
+    # program's block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]
+    *refs,
+    num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
+    sm_scale: float, group: int, quantized: bool,
 ):
+    ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = page_table_ref.shape[1]
     _, Gp, H = q_ref.shape
@@ -91,9 +98,11 @@ def _kernel(
         # Columns past the table are clamped onto its last one: those keys are masked, and V is zeroed.
         cols = jnp.minimum(p0 + lax.broadcasted_iota(jnp.int32, (pages_per_block,), 0), max_pages - 1)
         ids = page_table_ref[slot, cols]
-        k = k_ref[base + ids].reshape(block_k, H)
-        v = v_ref[base + ids].reshape(block_k, H)
+        k = k_ref[base + ids].reshape(block_k, H).astype(q.dtype)
+        v = v_ref[base + ids].reshape(block_k, H).astype(q.dtype)
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=prec) * sm_scale
+        if quantized:  # a NaN scale past kv_len is masked just below
+            s = s * ks_ref[base + ids].reshape(1, block_k)
         k_pos = p0 * ps + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
         visible = (k_pos <= q_pos[:, None]) & (k_pos < kv_end) & q_ok[:, None]
         s = jnp.where(visible, s, NEG_INF)
@@ -104,7 +113,11 @@ def _kernel(
         l = alpha * l + p.sum(axis=-1)
         # Keys past kv_len may be stale or NaN: zero V there so 0 * NaN cannot reach the output.
         v = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (block_k, H), 0)) < kv_end, v, 0)
-        o = alpha[:, None] * o + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+        pv = p
+        if quantized:  # the sum l stays over p; the values' scales weight p's columns (zeroed past kv_len too)
+            key_ok = (p0 * ps + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < kv_end
+            pv = p * jnp.where(key_ok, vs_ref[base + ids].reshape(1, block_k), 0.0)
+        o = alpha[:, None] * o + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
         return o, m_new, l
 
     init = (jnp.zeros((rows, H), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
@@ -124,7 +137,7 @@ def _kernel(
 @functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
 def ragged_paged_attention_triton(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H], or a QuantizedKV of that shape
     v_pages: jax.Array,
     layer: jax.Array,  # i32[]
     page_table: jax.Array,  # i32[S, max_pages]
@@ -157,8 +170,9 @@ def ragged_paged_attention_triton(
     q4 = q.reshape(T, K, G, H)
     if Gp != G:
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
-    k_flat = k_pages.reshape(L * K * P, ps, H)
-    v_flat = v_pages.reshape(L * K * P, ps, H)
+    quantized = is_quantized_kv(k_pages)
+    pages = (k_pages.values, v_pages.values, k_pages.scale, v_pages.scale) if quantized else (k_pages, v_pages)
+    flat = [x.reshape(L * K * P, *x.shape[3:]) for x in pages]  # [pages, ps, H] values, [pages, ps] scales
     out_dtype = q.dtype if splits == 1 else jnp.float32
 
     def whole(x):
@@ -166,13 +180,13 @@ def ragged_paged_attention_triton(
 
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
-                               num_splits=splits, sm_scale=scale, group=G)
+                               num_splits=splits, sm_scale=scale, group=G, quantized=quantized)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(num_blocks, K, splits),
         in_specs=[*(whole(x) for x in scalars),
                   pl.BlockSpec((T, None, Gp, H), lambda b, h, s: (0, h, 0, 0)),
-                  whole(k_flat), whole(v_flat)],
+                  *(whole(x) for x in flat)],
         out_specs=[pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
                    pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
                    pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0))],
@@ -182,7 +196,7 @@ def ragged_paged_attention_triton(
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         name="ragged_paged_attention",
-    )(*scalars, q4, k_flat, v_flat)
+    )(*scalars, q4, *flat)
 
     if splits > 1:  # merge the partial softmaxes of each token's row
         o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=q.dtype, interpret=interpret,

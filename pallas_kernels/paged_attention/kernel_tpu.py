@@ -6,6 +6,10 @@ whole visible context: a TPU has one or two large cores, so splitting the contex
 pass. Page table, lengths and block layout are scalar-prefetched into SMEM; K/V pages stay in HBM and
 are DMA'd `pages_per_block` at a time into double-buffered VMEM (the next step's copies are in flight
 while the current step computes), and only pages up to the block's last visible key are fetched.
+
+Quantized pages (`jinfer.quant.kv.QuantizedKV`) are DMA'd as stored (int8 / fp8: half the bytes of bf16),
+their float32 scales beside them, one [page_size] row per page; as in the GPU kernel, the values are cast
+to the queries' dtype and the scales weight the columns of the scores (K) and of the probabilities (V).
 """
 
 from __future__ import annotations
@@ -20,6 +24,7 @@ from jax.experimental import pallas as pl
 from jax.experimental.pallas import tpu as pltpu
 
 from jinfer.kernels.paged_attention.validate import check_inputs
+from jinfer.quant.kv import is_quantized_kv
 
 NEG_INF = float("-inf")
 
@@ -44,12 +49,16 @@ def _kernel(
     # operands
     q_ref,  # [rows, H] this block's queries, row = query * G + head in group
     k_hbm, v_hbm,  # [L, K, P, page_size, H] left in HBM
-    o_ref,  # [rows, H]
-    # scratch
-    k_buf, v_buf,  # VMEM [2, pages_per_block * page_size, H]
-    sems,  # DMA [2 (K, V), 2 (buffer)]
-    *, group: int, page_size: int, pages_per_block: int, max_pages: int, sm_scale: float,
+    # quantized pages: ks_hbm, vs_hbm f32[L, K, P, page_size] (HBM); then the output o_ref [rows, H]; then
+    # scratch: k_buf, v_buf VMEM [2, pages_per_block * page_size, H], for quantized pages ks_buf, vs_buf
+    # VMEM f32[2, pages_per_block, page_size]; sems DMA [2 (K, V) or 4 (K, V, their scales), 2 (buffer)]
+    *refs,
+    group: int, page_size: int, pages_per_block: int, max_pages: int, sm_scale: float, quantized: bool,
 ):
+    if quantized:
+        ks_hbm, vs_hbm, o_ref, k_buf, v_buf, ks_buf, vs_buf, sems = refs
+    else:
+        o_ref, k_buf, v_buf, sems = refs
     b, kh = pl.program_id(0), pl.program_id(1)
     rows, _ = q_ref.shape
     ps, ppb = page_size, pages_per_block
@@ -75,6 +84,9 @@ def _kernel(
                 dst = pl.ds(j * ps, ps)
                 fn(pltpu.make_async_copy(k_hbm.at[layer, kh, page], k_buf.at[buf, dst], sems.at[0, buf]))
                 fn(pltpu.make_async_copy(v_hbm.at[layer, kh, page], v_buf.at[buf, dst], sems.at[1, buf]))
+                if quantized:
+                    fn(pltpu.make_async_copy(ks_hbm.at[layer, kh, page], ks_buf.at[buf, j], sems.at[2, buf]))
+                    fn(pltpu.make_async_copy(vs_hbm.at[layer, kh, page], vs_buf.at[buf, j], sems.at[3, buf]))
 
     @pl.when(n_steps > 0)
     def _():
@@ -96,9 +108,11 @@ def _kernel(
             page_copies(i + 1, 1 - buf, lambda c: c.start())
 
         page_copies(i, buf, lambda c: c.wait())
-        k, v = k_buf[buf], v_buf[buf]  # [block_k, H]
+        k, v = k_buf[buf].astype(q.dtype), v_buf[buf].astype(q.dtype)  # [block_k, H]
         s = lax.dot_general(q, k, (((1,), (1,)), ((), ())), preferred_element_type=jnp.float32,
                             precision=prec) * sm_scale
+        if quantized:  # stale or NaN scales of unfetched pages are masked just below
+            s = s * ks_buf[buf].reshape(1, block_k)
         k_pos = i * block_k + col
         # Row r holds query r // G; "r // G >= k_pos - first_pos" is "r >= (k_pos - first_pos) * G",
         # which needs no vector integer division. Rows past n_q only see keys below kv_end.
@@ -111,7 +125,11 @@ def _kernel(
         l = alpha * l + p.sum(axis=1, keepdims=True)
         # Rows past kv_len are stale, unfetched or NaN: zero V there so 0 * NaN cannot reach the output.
         v = jnp.where(i * block_k + v_row < kv_end, v, jnp.zeros_like(v))
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
+        pw = p
+        if quantized:  # the sum l stays over p; the values' scales weight p's columns (zeroed past kv_len too)
+            key_ok = i * block_k + lax.broadcasted_iota(jnp.int32, (1, block_k), 1) < kv_end
+            pw = p * jnp.where(key_ok, vs_buf[buf].reshape(1, block_k), 0.0)
+        pv = jnp.dot(pw.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
         return alpha * acc + pv, m_new, l
 
     H = q.shape[1]
@@ -127,16 +145,17 @@ def _validate(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_bl
     ps = k_pages.shape[3]
     if bs.block_q < 1 or bs.pages_per_block < 1:
         raise ValueError(f"block sizes must be positive; got {bs.block_q=} {bs.pages_per_block=}")
-    sublanes = 32 // jnp.dtype(q.dtype).itemsize  # one VMEM tile's rows: 8 f32, 16 bf16
+    stored = k_pages.values.dtype if is_quantized_kv(k_pages) else k_pages.dtype
+    sublanes = 32 // jnp.dtype(stored).itemsize  # one VMEM tile's rows: 8 f32, 16 bf16, 32 int8 / fp8
     if not interpret and ps % sublanes:
         # Each page is DMA'd to a row offset j * page_size of the VMEM buffer; Mosaic wants tile-aligned rows.
-        raise ValueError(f"page_size={ps} must be a multiple of {sublanes} for {q.dtype} on a TPU")
+        raise ValueError(f"page_size={ps} must be a multiple of {sublanes} for {stored} pages on a TPU")
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
 def ragged_paged_attention_tpu(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [L, K, P, page_size, H]
+    k_pages: jax.Array,  # [L, K, P, page_size, H], or a QuantizedKV of that shape
     v_pages: jax.Array,
     layer: jax.Array,  # i32[]
     page_table: jax.Array,  # i32[S, max_pages]
@@ -168,26 +187,30 @@ def ragged_paged_attention_tpu(
 
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), blk_slot, blk_len, blk_qoff,
                kv_len.astype(jnp.int32), query_len.astype(jnp.int32), page_table.reshape(-1).astype(jnp.int32))
+    quantized = is_quantized_kv(k_pages)
+    pages = (k_pages.values, v_pages.values, k_pages.scale, v_pages.scale) if quantized else (k_pages, v_pages)
+    scale_bufs = [pltpu.VMEM((2, ppb, ps), k_pages.scale.dtype)] * 2 if quantized else []
     kernel = functools.partial(_kernel, group=G, page_size=ps, pages_per_block=ppb,
-                               max_pages=page_table.shape[1], sm_scale=scale)
+                               max_pages=page_table.shape[1], sm_scale=scale, quantized=quantized)
     tile = pl.BlockSpec((None, None, rows, H), lambda b, h, *_: (b, h, 0, 0))
     o = pl.pallas_call(
         kernel,
         grid_spec=pltpu.PrefetchScalarGridSpec(
             num_scalar_prefetch=len(scalars),
             grid=(num_blocks, K),
-            in_specs=[tile, pl.BlockSpec(memory_space=pl.ANY), pl.BlockSpec(memory_space=pl.ANY)],
+            in_specs=[tile, *(pl.BlockSpec(memory_space=pl.ANY) for _ in pages)],
             out_specs=tile,
-            scratch_shapes=[pltpu.VMEM((2, ppb * ps, H), k_pages.dtype),
-                            pltpu.VMEM((2, ppb * ps, H), v_pages.dtype),
-                            pltpu.SemaphoreType.DMA((2, 2))],
+            scratch_shapes=[pltpu.VMEM((2, ppb * ps, H), pages[0].dtype),
+                            pltpu.VMEM((2, ppb * ps, H), pages[1].dtype),
+                            *scale_bufs,
+                            pltpu.SemaphoreType.DMA((len(pages), 2))],
         ),
         out_shape=jax.ShapeDtypeStruct((num_blocks, K, rows, H), q.dtype),
         # Every (block, head) program is independent: both axes may be split across a chip's cores.
         compiler_params=pltpu.CompilerParams(dimension_semantics=("parallel", "parallel")),
         interpret=pltpu.InterpretParams() if interpret is True else (interpret or False),
         name="ragged_paged_attention_tpu",
-    )(*scalars, qb, k_pages, v_pages)
+    )(*scalars, qb, *pages)
 
     o = o.reshape(num_blocks, K, bq, G, H)[tok_block, :, tok_row]  # [T, K, G, H]
     # Padding tokens point at some block's row; only a token that is that row keeps its output.

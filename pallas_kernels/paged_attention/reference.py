@@ -7,6 +7,8 @@ sequence of kv_len[s] tokens (so decode is query_len 1, a prefill chunk is query
 an offset into a longer cached context). Its K/V live in pages, KV-head major so that one head's page
 is one contiguous [page_size, head_dim] tile: token i of slot s, head h is at
 pages[h, page_table[s, i // page_size], i % page_size]. Causal: a query at position p sees keys 0..p.
+Pages may be quantized (`jinfer.quant.kv.QuantizedKV`: int8 / fp8 values with one scale per token and
+head), read here by `jinfer.quant.kv.load_kv`, the same dequantization the dense reference loop applies.
 """
 
 from __future__ import annotations
@@ -14,10 +16,12 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jinfer.quant.kv import load_kv
+
 
 def ragged_paged_attention_reference(
     q: jax.Array,  # [T, N, H]
-    k_pages: jax.Array,  # [K, P, page_size, H], or [L, K, P, page_size, H] with `layer`
+    k_pages: jax.Array,  # [K, P, page_size, H], or [L, K, P, page_size, H] with `layer`; or a QuantizedKV
     v_pages: jax.Array,  # likewise
     page_table: jax.Array,  # i32[S, max_pages]
     kv_len: jax.Array,  # i32[S]
@@ -41,10 +45,10 @@ def ragged_paged_attention_reference(
 
     ctx = page_table.shape[1] * ps
     key_pos = jnp.arange(ctx)
-    if layer is None:
-        k, v = k_pages[:, page_table], v_pages[:, page_table]
-    else:  # one gather from the stacked cache: slicing the layer out first would copy its whole pool
-        k, v = k_pages[layer, :, page_table], v_pages[layer, :, page_table]
+    # With `layer`, one gather from the stacked cache (slicing the layer out first would copy its whole pool);
+    # quantized pages are dequantized as gathered, into the queries' dtype.
+    index = (slice(None), page_table) if layer is None else (layer, slice(None), page_table)
+    k, v = load_kv(k_pages, index, q.dtype), load_kv(v_pages, index, q.dtype)
     # [K, S, max_pages, ps, H] (or [S, max_pages, K, ps, H] after mixed indexing) -> [S, ctx, K, H]
     if layer is None:
         k, v = (jnp.moveaxis(x, 0, 3).reshape(S, ctx, K, H) for x in (k, v))

@@ -28,6 +28,7 @@ def test_platform_defaults_fill_only_open_fields():
     ("max_logprobs", -1),
     ("quantization", "int3"),
     ("quantization_group_size", -32),
+    ("kv_cache_dtype", "int4"),
 ])
 def test_bad_fields_are_named(field, value):
     with pytest.raises(ValueError, match=re.escape(f"EngineConfig.{field}={value!r}")):

@@ -153,3 +153,22 @@ def test_cli_batch_on_a_checkpoint_directory(params, tmp_path):
                                                                           ignore_eos=True)])[0]
     assert recs[0]["token_ids"] == want.token_ids
     assert "max_tokens=-1" in recs[1]["error"]
+
+
+def test_prompt_logprobs_in_and_out(llm, params, tmp_path):
+    ids = [5, 9, 2, 7, 100]
+    src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
+    write_jsonl(src, [{"prompt": ids, "max_tokens": 1, "prompt_logprobs": 2}, {"prompt": [1, 2], "prompt_logprobs": 9}])
+    assert run_batch(llm, src, dst, progress=False)["errors"] == 1
+    ok, bad = read_jsonl(dst)
+    logits = reference.full_logits(params, TINY, ids).astype(np.float64)
+    lp = logits - np.log(np.exp(logits).sum(-1, keepdims=True))
+    pl = ok["prompt_logprobs"]
+    assert len(pl) == len(ids) and pl[0] is None
+    for p in range(1, len(ids)):
+        row = lp[p - 1]
+        assert pl[p]["token_id"] == ids[p] and pl[p]["rank"] == 1 + int((row > row[ids[p]]).sum())
+        np.testing.assert_allclose(pl[p]["logprob"], row[ids[p]], atol=1e-4)
+        assert [t for t, _ in pl[p]["top"]] == np.argsort(-row)[:2].tolist()
+        np.testing.assert_allclose([v for _, v in pl[p]["top"]], np.sort(row)[::-1][:2], atol=1e-4)
+    assert "prompt_logprobs=9 exceeds the engine's max_logprobs=5" in bad["error"]

@@ -1,5 +1,6 @@
 """The Pallas ragged paged attention kernel (interpret mode on the CPU) against the `jnp` reference, and
-the reference against a dense attention rebuilt from the pages. Unused pages hold NaN: a stray read fails."""
+the reference against a dense attention rebuilt from the pages. Unused pages hold NaN: a stray read fails.
+Quantized pages (int8 / fp8 with a scale per token and head) too, their unused scales NaN."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from jinfer.kernels.paged_attention import ragged_paged_attention_reference
 from jinfer.kernels.paged_attention.blocked import blocked_paged_attention, blocked_prefill_attention
 from jinfer.kernels.paged_attention.kernel import BlockSizes, ragged_paged_attention_triton
 from jinfer.kernels.paged_attention.query_layout import query_blocks
+from jinfer.quant.kv import QuantizedKV, dequantize_kv, quantize_kv
 
 # The same tests run natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere.
 NATIVE = jax.devices()[0].platform == "gpu"
@@ -42,6 +44,20 @@ def make_case(rng, *, kv_lens, q_lens, K, G, H, page_size, dtype, layers=2, spar
     q = rng.normal(size=(max(T, 1), K * G, H))
     return dict(q=jnp.asarray(q, dtype), k=jnp.asarray(k, dtype), v=jnp.asarray(v, dtype), page_table=page_table,
                 kv_len=np.asarray(kv_lens, np.int32), q_start=q_start, q_len=np.asarray(q_lens, np.int32), T=T)
+
+
+def quantize_case(c, fmt):
+    """The case with its pages quantized (`fmt` "int8" / "fp8"); unused positions get a NaN scale (and NaN fp8
+    values), so a stray read still fails. Also returns the dequantized pages, what attention should see."""
+    out, seen = dict(c), {}
+    for name in ("k", "v"):
+        x = c[name]
+        unused = jnp.isnan(x).any(axis=-1)
+        values, scale = quantize_kv(jnp.nan_to_num(x), fmt)
+        seen[name] = dequantize_kv(values, scale, x.dtype)
+        out[name] = QuantizedKV(jnp.where(unused[..., None], jnp.nan, values) if fmt == "fp8" else values,
+                                jnp.where(unused, jnp.nan, scale))
+    return out, {**c, **seen}
 
 
 def dense_from_pages(c, layer):
@@ -114,6 +130,29 @@ def test_kernel_matches_reference(dtype, G, page_size, case):
     assert rel(got[:c["T"]], want[:c["T"]]) < TOL[dtype]
 
 
+# (storage format, dtype, G, page size, case): decode with context splits, mixed chunks, odd prefills
+QUANTIZED = [("int8", jnp.float32, 4, 4, 0), ("fp8", jnp.bfloat16, 1, 8, 1), ("int8", jnp.bfloat16, 8, 8, 2)]
+
+
+@pytest.mark.parametrize("fmt,dtype,G,page_size,case", QUANTIZED,
+                         ids=[f"{f}-{jnp.dtype(d).name}-G{g}-ps{p}-case{c}" for f, d, g, p, c in QUANTIZED])
+def test_kernel_reads_quantized_pages(fmt, dtype, G, page_size, case):
+    """Against the reference reading the same quantized pages, and the reference against the float attention
+    over the dequantized pages (an independent dequantization: the pages rebuilt whole, then read as floats)."""
+    rng = np.random.default_rng([G, page_size, case])
+    kv_lens, q_lens = CASES[case]
+    c, seen = quantize_case(make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size,
+                                      dtype=dtype), fmt)
+    want = run_reference(c, 1)
+    T = c["T"]
+    assert not np.isnan(np.asarray(want[:T], np.float32)).any(), "the reference read a NaN scale"
+    assert rel(want[:T], run_reference(seen, 1)[:T]) < TOL[dtype]
+    splits = 3 if max(q_lens) == 1 else 1
+    ppb = max(2, 16 // page_size) if NATIVE and dtype == jnp.bfloat16 else 2
+    got = run_kernel(c, 1, BlockSizes(block_q=max(2, 16 // G), pages_per_block=ppb, num_splits=splits))
+    assert rel(got[:T], want[:T]) < TOL[dtype]
+
+
 @pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
 @pytest.mark.parametrize("G", [1, 4])
 @pytest.mark.parametrize("layout", ["slots", "slots-wide", "prefill"])
@@ -124,10 +163,24 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
     block takes the quarter sizes that hold the longest context); prefill steps with the step's
     own tokens in dense products (by blocks of queries when there are many) and the earlier keys per query
     block (pages of 8, three), two blocks at a time over the blocks that have earlier keys."""
+    check_blocked(dtype, G, layout, case)
+
+
+@pytest.mark.parametrize("fmt,dtype,G,layout,case", [("int8", jnp.float32, 4, "slots-wide", 0),
+                                                     ("fp8", jnp.bfloat16, 1, "prefill", 3),
+                                                     ("int8", jnp.bfloat16, 4, "prefill", 1)])
+def test_blocked_jnp_attention_reads_quantized_pages(fmt, dtype, G, layout, case):
+    check_blocked(dtype, G, layout, case, fmt)
+
+
+def check_blocked(dtype, G, layout, case, fmt=None):
     rng = np.random.default_rng(hash((G, layout, case)) % 2**32)
     kv_lens, q_lens = BLOCKED_CASES[case]
     page_size, ppb = {"slots": (4, 1), "slots-wide": (4, 4), "prefill": (8, 3)}[layout]
     c = make_case(rng, kv_lens=kv_lens, q_lens=q_lens, K=2, G=G, H=32, page_size=page_size, dtype=dtype)
+    seen = c  # the pages as attention sees them (this step's K/V come from there)
+    if fmt is not None:
+        c, seen = quantize_case(c, fmt)
     want = run_reference(c, 1)
     args = (c["q"], c["k"], c["v"], jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]))
     with jax.default_matmul_precision("highest"):
@@ -146,7 +199,7 @@ def test_blocked_jnp_attention_matches_reference(dtype, G, layout, case):
             valid = np.arange(T) < c["T"]
             page, off = c["page_table"][slot, pos // page_size], pos % page_size
             k_new, v_new = (jnp.where(valid[:, None, None], x[1][:, page, off].transpose(1, 0, 2), 0)
-                            for x in (c["k"], c["v"]))  # this step's K/V, as the model hands them over
+                            for x in (seen["k"], seen["v"]))  # this step's K/V, as the model hands them over
             got = blocked_prefill_attention(c["q"], k_new, v_new, *args[1:], jnp.asarray(c["q_start"]),
                                             jnp.asarray(c["q_len"]), jnp.asarray(slot), jnp.asarray(valid),
                                             tuple(map(jnp.asarray, blocks)), jnp.int32(1), block_q=bq,

@@ -31,6 +31,8 @@ def test_rules_split_heads_mlp_and_vocab_and_replicate_what_does_not_divide():
     assert sharding.partition_spec(("layers", "mlp", "embed"), (2, 128, 64), mesh) == P(None, "model", None)
     # 2 KV heads cannot split 4 ways: replicated, so each device keeps the whole cache of those heads.
     assert sharding.partition_spec(sharding.KV_CACHE_AXES, (2, 2, 10, 4, 16), mesh) == P(*[None] * 5)
+    # A quantized cache's scales ([L, K, P, page_size]) split over KV heads like its pages.
+    assert sharding.partition_spec(sharding.KV_SCALE_AXES, (2, 8, 10, 4), mesh) == P(None, "model", None, None)
     assert sharding.partition_spec(("vocab", "embed"), (128, 64), FakeMesh(data=1, model=1, seq=1)) == P(None, None)
     with pytest.raises(KeyError, match="'nonsense' has no sharding rule"):
         sharding.partition_spec(("nonsense",), (4,), mesh)

@@ -3,8 +3,9 @@ prompt prefilled by ring attention over a (seq=4) mesh and handed to the engine 
 beside two ordinary requests, gives the tokens of the same prompt without ring prefill (the engine's and
 the dense reference loop's), token for token. Also: the handoff really carries the K/V (zero K/V change the
 output), a preempted long request recomputes exactly, ring-written pages are not offered to the prefix
-cache, a repetition penalty sees the ring-prefilled prompt, and the handoff into a tensor-parallel engine on
-other devices works. Prints one line per check; exits 1 on a miss."""
+cache, a repetition penalty sees the ring-prefilled prompt, the handoff into a tensor-parallel engine on
+other devices works, and an int8 KV cache quantizes the imported K/V as its own steps do (equal to the dense
+loop that quantizes K/V alike). Prints one line per check; exits 1 on a miss."""
 
 import os
 import sys
@@ -155,6 +156,13 @@ def main():
     bad += not report("ring pages stay out of the prefix cache",
                       cached == [0, 48] and all(o.token_ids == want["long"] for o in again),
                       f"cached tokens on two repeats: {cached}")
+    # An int8 KV cache: the import quantizes the ring's float K/V as a step quantizes its own (`store_kv`).
+    q8 = engine(params, enable_prefix_caching=False, kv_cache_dtype="int8")
+    got_q8, _ = run(q8, ring)
+    dense_q8 = reference.generate(params, CONFIG, [LONG] + SHORTS, [GREEDY] * 3, kv_cache_dtype="int8")
+    want_q8 = {"long": dense_q8[0].token_ids, "short0": dense_q8[1].token_ids, "short1": dense_q8[2].token_ids}
+    bad += not report("ring prefill into an int8 KV cache", tokens(got_q8) == want_q8,
+                      f"long={tokens(got_q8)['long']}")
     print(f"total {time.perf_counter() - t0:.1f}s")
     sys.exit(1 if bad else 0)
 

@@ -1,7 +1,7 @@
 """Run by tests/runtime/test_sharding.py in a fresh process (it needs 8 CPU devices before jax starts): the engine
 on meshes (model=2), (model=4) and (data=2, model=2) gives the single-device greedy outputs token for token,
-with the shardings the rules say, and compiles nothing after warm-up. Prints one line per mesh; exits 1 on
-a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
+with the shardings the rules say, and compiles nothing after warm-up; so do int8 weights with an int8 KV
+cache on (model=2), values and scales split alike. Prints one line per mesh; exits 1 on a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
 device, each device reading only its shard, with the same values and logits."""
 
 import os
@@ -21,10 +21,10 @@ from jinfer.testing.tiny import TINY_MESH as CONFIG
 from jinfer.testing.tiny import tiny_params
 
 
-def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None):
+def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None, kv_cache_dtype=None):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), decode_buckets=(4,),
                        max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
-                       per_layer_weights=per_layer_weights, quantization=quantization)
+                       per_layer_weights=per_layer_weights, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     eng = make_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
@@ -133,14 +133,17 @@ def main():
         bad += not ok
         form = "stacked" if layered is False else "per-layer"
         print(f"data={dp} model={tp} {form}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}")
-    # int8 weights split like the float ones (values by the rules, scales over their output axes).
-    want_q, _ = run(1, 1, params, prompts, quantization="int8")
-    got_q, (runner,) = run(1, 2, params, prompts, quantization="int8")
-    wq = runner.params["layers"][1]["wq"]
-    specs = {"values": _trim(wq.values.sharding.spec), "scale": _trim(wq.scale.sharding.spec)}
-    ok = got_q == want_q and specs == {"values": (None, "model"), "scale": (None, "model")}
+    # int8 weights split like the float ones (values by the rules, scales over their output axes); an int8 KV
+    # cache's values and per-token-per-head scales both over KV heads.
+    want_q, _ = run(1, 1, params, prompts, quantization="int8", kv_cache_dtype="int8")
+    got_q, (runner,) = run(1, 2, params, prompts, quantization="int8", kv_cache_dtype="int8")
+    wq, kv = runner.params["layers"][1]["wq"], runner.kv[0]
+    specs = {"values": _trim(wq.values.sharding.spec), "scale": _trim(wq.scale.sharding.spec),
+             "kv": _trim(kv.values.sharding.spec), "kv_scale": _trim(kv.scale.sharding.spec)}
+    ok = got_q == want_q and specs == {"values": (None, "model"), "scale": (None, "model"),
+                                       "kv": (None, "model"), "kv_scale": (None, "model")}
     bad += not ok
-    print(f"int8 data=1 model=2: {'ok' if ok else 'MISMATCH'} tokens_equal={got_q == want_q} "
+    print(f"int8 weights, int8 KV, data=1 model=2: {'ok' if ok else 'MISMATCH'} tokens_equal={got_q == want_q} "
           f"differs_from_float={want_q != want} specs={specs}")
     with tempfile.TemporaryDirectory() as tmp:
         bad += not check_orbax_reshard(params, tmp + "/ckpt")

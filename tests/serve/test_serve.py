@@ -24,6 +24,7 @@ import pytest
 
 from jinfer.engine.config import EngineConfig
 from jinfer.engine.engine import Engine
+from jinfer.engine.outputs import top_logprobs
 from jinfer.entrypoints.llm import LLM
 from jinfer.inputs import SamplingParams
 from jinfer.runtime.build import build_engine
@@ -62,6 +63,8 @@ def make_specs(n: int = 64) -> list[tuple[object, dict]]:
             kw.update(presence_penalty=0.5, frequency_penalty=0.3, min_p=0.01)
         if i % 7 == 0:
             kw.update(logprobs=3)
+        if i % 9 == 0:
+            kw.update(prompt_logprobs=2)
         if i % 11 == 0:
             kw.update(stop_token_ids=[int(rng.integers(0, TINY.vocab_size))])
         if i % 13 == 0:
@@ -217,6 +220,17 @@ def check_output(msgs_or_resp, want, kw, request_id=""):
             assert [t.token_id for t in got.top] == list(w.top)
     else:
         assert not any(m.logprobs for m in msgs)
+    if kw.get("prompt_logprobs") is not None:  # all on the first message
+        assert not any(m.prompt_logprobs for m in msgs[1:])
+        got = msgs[0].prompt_logprobs
+        assert [p.token_id for p in got] == want.prompt_token_ids[1:]
+        for p, w in zip(got, want.prompt_logprobs[1:]):
+            assert p.logprob == pytest.approx(w[p.token_id].logprob, abs=1e-4) and p.rank == w[p.token_id].rank
+            top = top_logprobs(w, kw["prompt_logprobs"])
+            assert [t.token_id for t in p.top] == [t for t, _ in top]
+            assert [t.logprob for t in p.top] == pytest.approx([v for _, v in top], abs=1e-4)
+    else:
+        assert not any(m.prompt_logprobs for m in msgs)
 
 
 # ---- outputs -------------------------------------------------------------------------------------

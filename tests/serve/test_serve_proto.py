@@ -47,7 +47,7 @@ def test_every_sampling_field_is_in_the_proto():
 def test_sampling_params_round_trip_every_field():
     want = SamplingParams(max_tokens=7, temperature=0.3, top_k=5, top_p=0.85, min_p=0.02, repetition_penalty=1.1,
                           presence_penalty=-0.5, frequency_penalty=1.5, seed=2**32 - 1, stop=("a", "bc"),
-                          stop_token_ids=(3, 4), ignore_eos=True, logprobs=2)
+                          stop_token_ids=(3, 4), ignore_eos=True, logprobs=2, prompt_logprobs=1)
     msg = build_request([1, 2], **dataclasses.asdict(want)).sampling
     inputs = InputChecker(vocab_size=10, max_model_len=32, max_logprobs=5, usable_pages=8, page_size=4)
 
