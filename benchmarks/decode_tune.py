@@ -33,6 +33,19 @@ SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) trie
 }
 
 
+def decode_inputs(B: int, ctx: int, ps: int, rng: np.random.Generator):
+    """Fresh random bf16 pages for B sequences of ctx tokens each (pages in a random order, page 0 unused)
+    and one query per sequence -> (q, k_pages, v_pages, page_table, kv_len, query_len)."""
+    pages = ctx // ps
+    P = B * pages + 1
+    k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
+    kp = jax.random.normal(k1, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
+    vp = jax.random.normal(k2, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
+    q = jax.random.normal(k3, (B, N_HEADS, HEAD_DIM), jnp.bfloat16)
+    pt = jnp.asarray(rng.permutation(np.arange(1, P))[: B * pages].reshape(B, pages), jnp.int32)
+    return q, kp, vp, pt, jnp.full((B,), ctx, jnp.int32), np.ones(B, np.int32)
+
+
 def device_us(fn) -> tuple[float, list]:
     times = kernel_times(fn, iters=10)
     return sum(us for _, us in times), times
@@ -49,15 +62,7 @@ def main():
         if a.batch and B not in a.batch:
             continue
         ppb_options = sorted({max(1, k // ps) for k in kps_options})
-        pages = ctx // ps
-        P = B * pages + 1
-        k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
-        kp = jax.random.normal(k1, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
-        vp = jax.random.normal(k2, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
-        q = jax.random.normal(k3, (B, N_HEADS, HEAD_DIM), jnp.bfloat16)
-        pt = jnp.asarray(rng.permutation(np.arange(1, P))[: B * pages].reshape(B, pages), jnp.int32)
-        kv_len = jnp.full((B,), ctx, jnp.int32)
-        ql = np.ones(B, np.int32)
+        q, kp, vp, pt, kv_len, ql = decode_inputs(B, ctx, ps, rng)
         bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
         results = []
         for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (1, 2, 3)):

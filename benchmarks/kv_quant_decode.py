@@ -20,6 +20,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks.decode_tune import decode_inputs
 from benchmarks.gpu_trace import kernel_times
 from benchmarks.kernels import HEAD_DIM, KV_HEADS, N_HEADS
 from jinfer.kernels.paged_attention import kernel as pk
@@ -34,15 +35,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     for B, ctx in ((1, 4096), (8, 4096), (64, 4096)):
-        pages = ctx // ps
-        P = B * pages + 1
-        k1, k2, k3 = jax.random.split(jax.random.key(B), 3)
-        kp = jax.random.normal(k1, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
-        vp = jax.random.normal(k2, (1, KV_HEADS, P, ps, HEAD_DIM), jnp.bfloat16)
-        q = jax.random.normal(k3, (B, N_HEADS, HEAD_DIM), jnp.bfloat16)
-        pt = jnp.asarray(rng.permutation(np.arange(1, P))[: B * pages].reshape(B, pages), jnp.int32)
-        kv_len = jnp.full((B,), ctx, jnp.int32)
-        ql = np.ones(B, np.int32)
+        q, kp, vp, pt, kv_len, ql = decode_inputs(B, ctx, ps, rng)
         bs, _ = gpu_block_sizes(KV_HEADS, N_HEADS, B, ps)
         blocks, (tb, tr) = query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, B, B)
         meta = (jnp.int32(0), pt, kv_len, jnp.asarray(ql), tuple(jnp.asarray(x) for x in blocks), jnp.asarray(tb),

@@ -13,7 +13,7 @@ from jinfer.engine.engine import Engine
 from jinfer.inputs import SamplingParams
 from jinfer.runtime import reference
 from jinfer.runtime.build import build_engine
-from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.testing.tiny import TINY
 
 BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a shared prefix for some prompts
 
@@ -24,21 +24,6 @@ def make_engine(params, tok, **kw) -> Engine:
     eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0)
     eng.warmup()
     return eng
-
-
-@pytest.fixture(scope="module")
-def params():
-    return tiny_params()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(params, tok):
-    return make_engine(params, tok)
 
 
 def assert_pages_all_returned(eng: Engine):

@@ -14,34 +14,10 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.engine import Engine
 from jinfer.inputs import SamplingParams
 from jinfer.runtime import reference
-from jinfer.runtime.build import build_engine
 from jinfer.testing.fake_runner import fake_engine
-from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.testing.tiny import TINY
 
 ATOL = 1e-4  # float32: paged chunks against one dense forward differ only in summation order
-
-
-def make_engine(params, tok, **kw) -> Engine:
-    cfg = dict(max_slots=4, page_size=4, num_pages=28, token_buckets=(8, 32), max_prefill_chunk=16)
-    cfg.update(kw)
-    eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0)
-    eng.warmup()
-    return eng
-
-
-@pytest.fixture(scope="module")
-def params():
-    return tiny_params()
-
-
-@pytest.fixture(scope="module")
-def tok():
-    return tiny_tokenizer()
-
-
-@pytest.fixture(scope="module")
-def engine(params, tok):
-    return make_engine(params, tok)
 
 
 def reference_logprobs(params, ids) -> np.ndarray:

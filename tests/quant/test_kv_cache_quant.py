@@ -14,13 +14,12 @@ import pytest
 
 from jinfer.attention.backend import paged_kv_cache
 from jinfer.engine.config import EngineConfig
-from jinfer.models import llama
 from jinfer.quant.kv import QuantizedKV, dequantize_kv, kv_token_bytes, quantize_kv
-from jinfer.quant.params import quantize_params
 from jinfer.runtime import reference
-from jinfer.runtime.build import build_engine, resolve_num_pages
+from jinfer.runtime.build import resolve_num_pages
 from jinfer.testing.tiny import TINY, tiny_params
-from tests.engine.test_engine import assert_pages_all_returned, greedy, run_workload
+from tests.engine.test_engine import greedy
+from tests.quant.test_quantized_engine import CONFIG, engine_equals_reference
 
 
 @pytest.mark.parametrize("fmt", ["int8", "fp8"])
@@ -41,34 +40,14 @@ def test_quantize_kv_is_per_token_per_head_and_round_trips_within_half_a_step(fm
     assert (np.abs(np.asarray(values, np.float32)).max(-1)[np.abs(x).max(-1) > 0] == top).all()
 
 
-CONFIG = dataclasses.replace(TINY, attention_bias=True)
-
-
 @pytest.mark.parametrize("kv, weights", [("int8", None), ("fp8_e4m3", "int8")])
 def test_engine_with_quantized_kv_equals_the_reference_that_quantizes_kv_alike(kv, weights):
-    params = tiny_params(1, CONFIG)
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=18, token_buckets=(8, 32), max_prefill_chunk=16,
-                       quantization=weights, kv_cache_dtype=kv)
-    eng = build_engine(CONFIG, params, None, cfg, seed=0)
-    eng.warmup()
+    eng, params = engine_equals_reference(tiny_params(1, CONFIG), weights, kv_cache_dtype=kv)
     k_pages = eng.runner.kv[0]
     L, K, H = CONFIG.num_layers, CONFIG.num_kv_heads, CONFIG.head_dim
-    assert isinstance(k_pages, QuantizedKV) and k_pages.fmt == cfg.kv_cache_dtype
+    assert isinstance(k_pages, QuantizedKV) and k_pages.fmt == eng.config.kv_cache_dtype
     assert k_pages.values.shape == (L, K, 18, 4, H) and k_pages.scale.shape == (L, K, 18, 4)
-    rng = np.random.default_rng(2)
-    shared = list(rng.integers(0, CONFIG.vocab_size, 12))
-    arrivals = [(i // 2, shared + list(rng.integers(0, CONFIG.vocab_size, int(rng.integers(2, 12)))), greedy(20))
-                for i in range(7)]
-    outs = run_workload(eng, arrivals)
-    assert eng.scheduler.num_preemptions > 0 and eng.load().prefix_hit_rate > 0
-
-    if weights is not None:
-        params = quantize_params(params, llama.MATMUL_INPUT_AXES, weights)
-    prompts, sampling = [a[1] for a in arrivals], [a[2] for a in arrivals]
-    want = reference.generate(params, CONFIG, prompts, sampling, kv_cache_dtype=kv)
-    got = [outs[i].token_ids for i in range(len(arrivals))]
-    assert got == [w.token_ids for w in want]
-    assert_pages_all_returned(eng)
+    prompts, sampling = [[1, 2, 3, 4, 5, 6, 7], [9, 8, 7]], [greedy(4)] * 2
     # The reference's quantization does something (the prompts' logits move off the float cache's by more
     # than rounding), and the engine's pages hold nothing but 8-bit values and their scales.
     diff = np.abs(np.asarray(reference.DenseRun(params, CONFIG, prompts, sampling, kv_cache_dtype=kv).logits)

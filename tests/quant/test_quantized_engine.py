@@ -20,11 +20,12 @@ from tests.engine.test_engine import assert_pages_all_returned, greedy, run_work
 CONFIG = dataclasses.replace(TINY, attention_bias=True)  # every leaf kind of the layer
 
 
-@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("fp8", None)])
-def test_quantized_engine_equals_quantized_reference(method, group):
-    params = tiny_params(1, CONFIG)
+def engine_equals_reference(params, quantization=None, group=None, kv_cache_dtype=None):
+    """Seven requests sharing a prefix through a small pool (preemption and prefix hits both happen) on an
+    engine with these settings, against the dense reference on the params quantized alike, its K/V too:
+    the same greedy tokens, every page returned. -> (the engine, the quantized params)."""
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=18, token_buckets=(8, 32), max_prefill_chunk=16,
-                       quantization=method, quantization_group_size=group)
+                       quantization=quantization, quantization_group_size=group, kv_cache_dtype=kv_cache_dtype)
     eng = build_engine(CONFIG, params, None, cfg, seed=0)
     eng.warmup()
     rng = np.random.default_rng(2)
@@ -34,10 +35,19 @@ def test_quantized_engine_equals_quantized_reference(method, group):
     outs = run_workload(eng, arrivals)
     assert eng.scheduler.num_preemptions > 0 and eng.load().prefix_hit_rate > 0
 
-    quantized = quantize_params(params, llama.MATMUL_INPUT_AXES, method, group)
-    want = reference.generate(quantized, CONFIG, [a[1] for a in arrivals], [a[2] for a in arrivals])
+    if quantization is not None:
+        params = quantize_params(params, llama.MATMUL_INPUT_AXES, quantization, group)
+    want = reference.generate(params, CONFIG, [a[1] for a in arrivals], [a[2] for a in arrivals],
+                              kv_cache_dtype=kv_cache_dtype)
     assert [outs[i].token_ids for i in range(len(arrivals))] == [w.token_ids for w in want]
     assert_pages_all_returned(eng)
+    return eng, params
+
+
+@pytest.mark.parametrize("method, group", [("int8", None), ("int4", 32), ("fp8", None)])
+def test_quantized_engine_equals_quantized_reference(method, group):
+    params = tiny_params(1, CONFIG)
+    _, quantized = engine_equals_reference(params, method, group)
     # The quantization did something: each matrix moved off the float weights by more than rounding noise.
     for name in llama.MATMUL_INPUT_AXES:
         diff = np.abs(np.asarray(dequantize(quantized["layers"][name])) - np.asarray(params["layers"][name]))
