@@ -71,9 +71,15 @@ def main():
     print(f"jax {jax.__version__}; {args.model}; {os.cpu_count()} cores; {args.rounds} rounds x {args.iters} runs; "
           f"16 prompt tokens, {args.new} new", flush=True)
     engines = {}
+    # Only the shapes these workloads use (decode blocks of 1 and 8 rows, one prefill step of 8 x 16 prompt
+    # tokens), so that building a dozen engines does not take a quarter of an hour; the decode steps are the
+    # defaults' own.
+    from jinfer.engine.config import EngineConfig
+
+    small = EngineConfig(max_slots=8, decode_buckets=(1, 8), token_buckets=(128,))
     for name, (model, kw) in specs.items():
         t = time.perf_counter()
-        llm = LLM(model, **kw)
+        llm = LLM(model, engine_config=small, **kw)
         layers = llm.engine.runner.params["layers"]
         layers = layers if isinstance(layers, dict) else {n: [w[n] for w in layers] for n in layers[0]}
         mm = param_bytes({n: layers[n] for n in llama.MATMUL_INPUT_AXES})
