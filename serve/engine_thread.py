@@ -207,6 +207,9 @@ class EngineThread:
                     usage=Usage(len(out.prompt_token_ids), len(out.token_ids), out.num_cached_tokens))
                 if self._metrics is not None:
                     self._metrics.observe_latencies(ttft, m.inter_token_latencies if m else [])
+                    if m:
+                        self._metrics.observe_speculation(m.spec_draft_tokens, m.spec_accepted_tokens,
+                                                          m.spec_verify_steps)
             batch.append((sub.deliver, chunk))
         if self._metrics is not None:
             self._metrics.add_generated_tokens(new_tokens)

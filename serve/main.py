@@ -52,6 +52,34 @@ def add_kv_cache_arguments(p) -> None:
                         "float8_e4m3fn), ~2x the tokens of bfloat16 in the same memory; auto: the model's dtype")
 
 
+def add_speculative_arguments(p) -> None:
+    """--speculative-config (also on `jinfer generate` and `jinfer batch`)."""
+    p.add_argument("--speculative-config", default=None, type=_speculative_json, metavar="JSON",
+                   help='speculative decoding, vLLM\'s dict as JSON: {"method": "ngram" | "draft" | "early_exit", '
+                        '"num_speculative_tokens": k, ...} (draft: "model": the draft checkpoint)')
+
+
+def _speculative_json(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except json.JSONDecodeError as e:
+        raise argparse.ArgumentTypeError(f"not JSON ({e})") from None
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError("must be a JSON object such as {\"method\": \"ngram\"}")
+    return value
+
+
+def load_draft(config) -> tuple | None:
+    """(config, params) of a speculative config's draft model (method "draft"), loaded as the target is."""
+    spec = config.speculative
+    if spec is None or spec.method != "draft":
+        return None
+    from jinfer.checkpoints.load import load
+
+    d = load(spec.model)
+    return d.config, d.params
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--model", default="smollm2",
                    help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint; "
@@ -61,6 +89,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     add_quantization_arguments(p)
     add_kv_cache_arguments(p)
+    add_speculative_arguments(p)
     e = p.add_argument_group("engine")
     e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
     e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
@@ -102,7 +131,7 @@ def engine_config(args, dtype: str):
               max_waiting=args.max_waiting, max_model_len=args.max_model_len,
               max_prefill_chunk=args.max_prefill_chunk, decode_steps=args.decode_steps,
               quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-              kv_cache_dtype=args.kv_cache_dtype)
+              kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative_config)
     kw = {k: v for k, v in kw.items() if v is not None}
     for flag in ("token_buckets", "decode_buckets"):
         value = getattr(args, flag)
@@ -124,11 +153,12 @@ def build_engine(args):
     if args.model == TINY_RANDOM:
         from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
-        return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed)
+        return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed, draft_model=load_draft(cfg))
     from jinfer.checkpoints.load import load
 
     loaded = load(args.model, quantization=args.quantization)  # as LLM loads it; serving sits below the entry points, so not through LLM
-    return make_engine(loaded.config, loaded.params, loaded.tokenizer, cfg, seed=args.seed)
+    return make_engine(loaded.config, loaded.params, loaded.tokenizer, cfg, seed=args.seed,
+                       draft_model=load_draft(cfg))
 
 
 def read_tokens(path: str | None) -> tuple[str, ...]:

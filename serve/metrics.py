@@ -41,6 +41,12 @@ class ServeMetrics:
                                 ["method", "status"], registry=r)
         self.finish_reasons = Counter("jinfer_finish_reasons", "completed requests by finish reason",
                                       ["reason"], registry=r)
+        # Speculative decoding, counted when a request finishes (vLLM's spec_decode_num_* counters): the
+        # acceptance rate is accepted / draft tokens, the mean accepted length 1 + accepted / verify steps.
+        self.spec_draft_tokens = Counter("jinfer_spec_draft_tokens", "tokens proposed and verified", registry=r)
+        self.spec_accepted_tokens = Counter("jinfer_spec_accepted_tokens", "proposed tokens accepted", registry=r)
+        self.spec_verify_steps = Counter("jinfer_spec_verify_steps", "verify steps that carried a proposal",
+                                         registry=r)
         self._lock = threading.Lock()
         self._window_tokens = 0
         self._window_start: float | None = None
@@ -78,6 +84,12 @@ class ServeMetrics:
             self.ttft.observe(ttft)
         for x in inter_token:
             self.itl.observe(x)
+
+    def observe_speculation(self, draft_tokens: int, accepted_tokens: int, verify_steps: int) -> None:
+        if verify_steps:
+            self.spec_draft_tokens.inc(draft_tokens)
+            self.spec_accepted_tokens.inc(accepted_tokens)
+            self.spec_verify_steps.inc(verify_steps)
 
     # ---- event loop ----------------------------------------------------------------------------
 

@@ -6,6 +6,8 @@ Two kinds of compiled step, each keyed by a bucket (`jinfer.runtime.runner` name
 - a *prefill step*: the chunks of prompts being prefilled beside the other requests' decode tokens (tokens
   padded up to one of `token_buckets`, `max_slots` rows, at most `max_prefill_chunk` tokens of one request).
 So warm-up compiles len(decode_buckets) + len(token_buckets) functions, and serving compiles nothing else.
+With `speculative` set, a third kind: a *verify step* per decode bucket (rows of 1 + k tokens, k =
+num_speculative_tokens), so len(decode_buckets) more.
 
 Fields left None take the platform's default (`resolve(platform)`, which the runtime calls with the platform
 it runs on; `PLATFORM_DEFAULTS` says why each value is what it is).
@@ -15,6 +17,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from jinfer.engine.spec.config import SpeculativeConfig
 from jinfer.quant.formats import check_quantization, resolve_kv_cache_dtype
 
 # Measured on the 2-core development CPU with SmolLM2-135M (benchmarks/engine_vs_peers.py, RESULTS.md):
@@ -65,6 +68,8 @@ class EngineConfig:
     max_logprobs: int = 5  # top-n logprobs a request may ask for (a static width of the sampler)
     tensor_parallel: int = 1  # devices of the mesh's `model` axis (jinfer.runtime.sharding); 1: one device
     data_parallel: int = 1  # engine replicas, each on its own tensor_parallel devices (jinfer.runtime.data_parallel)
+    # Speculative decoding (jinfer.engine.spec.config): a SpeculativeConfig, or vLLM's dict form; None: off.
+    speculative: SpeculativeConfig | None = None
 
     def __post_init__(self):
         for name in ("page_size", "max_waiting", "cpu_default_pages", "tensor_parallel", "data_parallel"):
@@ -97,6 +102,7 @@ class EngineConfig:
                            resolve_kv_cache_dtype(self.kv_cache_dtype, "EngineConfig.kv_cache_dtype"))
         if self.per_layer_weights not in (None, True, False):
             raise ValueError(f"EngineConfig.per_layer_weights={self.per_layer_weights!r} must be True, False or None")
+        object.__setattr__(self, "speculative", SpeculativeConfig.from_dict(self.speculative))
         if not isinstance(self.max_logprobs, int) or self.max_logprobs < 0:
             raise ValueError(f"EngineConfig.max_logprobs={self.max_logprobs!r} must be an integer >= 0")
 
@@ -119,7 +125,8 @@ class EngineConfig:
             max_prefill_chunk=self.max_prefill_chunk if self.max_prefill_chunk is not None else d["max_prefill_chunk"],
             decode_steps=self.decode_steps if self.decode_steps is not None else d["decode_steps"],
             per_layer_weights=(self.per_layer_weights if self.per_layer_weights is not None
-                               else d["per_layer_weights"]))
+                               else d["per_layer_weights"]),
+            speculative=None if self.speculative is None else self.speculative.resolve(key))
 
     @property
     def resolved(self) -> bool:

@@ -165,6 +165,10 @@ class Engine:
     # ---- the loop ------------------------------------------------------------------------------
 
     def step(self) -> list[StepEvent]:
+        synced: list[StepEvent] = []
+        if self._inflight is not None and self.scheduler.needs_sync(self._inflight[0]):
+            synced = self._collect(*self._inflight)  # speculation: the next plan needs these tokens first
+            self._inflight = None
         plan = self.scheduler.schedule()
         launched = None
         if plan is not None:
@@ -181,14 +185,16 @@ class Engine:
             launched = (plan, self.runner.dispatch(plan))
         events: list[StepEvent] = []
         if self._inflight is not None:
-            prev_plan, prev_out = self._inflight
-            sampled, lp, plp = prev_out.fetch()
-            seen = {r.request_id: len(r.output_ids) for r in (s.request for s in prev_plan.scheduled)}
-            touched = self.scheduler.update(prev_plan, sampled, self._logprob_reader(lp),
-                                            self._prompt_logprob_reader(plp))
-            events = [e for e in (self._emit(r, seen[r.request_id]) for r in touched) if e is not None]
+            events = self._collect(*self._inflight)
         self._inflight = launched
-        return events
+        return synced + events
+
+    def _collect(self, plan, out) -> list[StepEvent]:
+        """Reads a dispatched step's tokens and records them (the scheduler's `update`)."""
+        sampled, lp, plp = out.fetch()
+        seen = {r.request_id: len(r.output_ids) for r in (s.request for s in plan.scheduled)}
+        touched = self.scheduler.update(plan, sampled, self._logprob_reader(lp), self._prompt_logprob_reader(plp))
+        return [e for e in (self._emit(r, seen[r.request_id]) for r in touched) if e is not None]
 
     def _logprob_reader(self, lp):
         if lp is None:

@@ -41,6 +41,9 @@ class OutputStream:
         m.token_times.append(req.token_times[index])
         if m.first_token_time is None:
             m.first_token_time = req.token_times[index]
+        if req.spec is not None:
+            m.spec_draft_tokens, m.spec_accepted_tokens, m.spec_verify_steps = (
+                req.spec.drafted, req.spec.accepted, req.spec.steps)
         if index == 0 and req.sampling.prompt_logprobs is not None:
             out.prompt_logprobs = self._prompt_logprobs(req)
         if out.logprobs is not None and req.logprobs:

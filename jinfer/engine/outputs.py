@@ -42,6 +42,21 @@ class RequestMetrics:
     first_token_time: float | None = None
     finished_time: float | None = None
     token_times: list[float] = dataclasses.field(default_factory=list)
+    # Speculative decoding (EngineConfig.speculative): tokens proposed and verified, those accepted, and the
+    # verify steps that carried a proposal.
+    spec_draft_tokens: int = 0
+    spec_accepted_tokens: int = 0
+    spec_verify_steps: int = 0
+
+    @property
+    def spec_acceptance_rate(self) -> float | None:
+        """Accepted / proposed tokens; None before any proposal."""
+        return self.spec_accepted_tokens / self.spec_draft_tokens if self.spec_draft_tokens else None
+
+    @property
+    def spec_mean_accepted_length(self) -> float | None:
+        """Tokens a verify step emitted on average (its accepted proposals plus the target's own token)."""
+        return 1 + self.spec_accepted_tokens / self.spec_verify_steps if self.spec_verify_steps else None
 
     @property
     def time_to_first_token(self) -> float | None:

@@ -6,6 +6,7 @@ import dataclasses
 import enum
 import time
 
+from jinfer.engine.spec.policy import SpecState
 from jinfer.inputs import SamplingParams
 
 
@@ -41,6 +42,7 @@ class Request:
     #   (computed at position p), when asked for; filled in order, so a recomputed position is not added twice
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     token_times: list[float] = dataclasses.field(default_factory=list)
+    spec: SpecState | None = None  # its speculation record, when the engine speculates
 
     @property
     def num_tokens(self) -> int:

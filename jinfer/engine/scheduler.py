@@ -23,6 +23,15 @@ that follows it (`TokenInputs.next_id`) where its logprob is still missing, and 
 in prompt order, so chunks spread over several steps and a prompt recomputed after preemption neither lose
 nor repeat an entry.
 
+With speculative decoding (`EngineConfig.speculative`), a plan that would be a decode block becomes a *verify
+step* (`StepPlan.verify`) when at most `disable_by_batch_size` requests run and any of them has a proposal:
+each row feeds its token and the proposed ones after it (`RowInputs.num_draft`; ids from the host proposer,
+or drafted on the device), the KV of all of them is written, and `update` keeps what the device accepted:
+the KV length and the sampled count fall back to the accepted run plus one, so the K/V of rejected tokens
+are simply overwritten later. Each request's k comes from the adaptive policy (`jinfer.engine.spec.policy`).
+A host proposer needs every token on the host: the engine reads each step before scheduling the next
+(`needs_sync`), as it does after every verify step (the accepted count decides the next positions).
+
 A request may arrive with the KV of its first prompt tokens already computed (`num_imported`, e.g. a long
 prompt prefilled by ring attention): at admission its pages are allocated for them, the engine writes them
 in before the step runs (`Scheduled.num_imported`), and only the rest of the prompt is computed here.
@@ -42,6 +51,8 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.kv_pages import PageAllocator
 from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
+from jinfer.engine.spec.policy import AdaptivePolicy, SpecState
+from jinfer.engine.spec.proposers import HostProposer, NgramProposer
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, Scheduled, StepPlan, TokenInputs
 from jinfer.inputs import MAX_STOP_TOKEN_IDS, SamplingParams
 
@@ -66,6 +77,13 @@ class Scheduler:
         self.running: list[Request] = []  # sorted by arrival
         self.requests: dict[str, Request] = {}
         self._arrivals = itertools.count()
+        spec = config.speculative
+        self.spec = spec
+        self.proposer: HostProposer | None = None
+        if spec is not None:
+            self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.verify_token_cost, spec.adaptive)
+            if spec.method == "ngram":
+                self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0
         self.num_computed_tokens = 0  # tokens whose KV was computed (prefill and decode), for statistics
 
@@ -85,7 +103,7 @@ class Scheduler:
                              f"prompt of {len(prompt_ids)} tokens")
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals),
-                      num_imported=num_imported)
+                      num_imported=num_imported, spec=SpecState() if self.spec is not None else None)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -225,9 +243,50 @@ class Scheduler:
             return None
         decode = (not reset and not precomputed and not imports
                   and all(n == 1 == req.num_tokens - req.num_computed for req, n in chunks))
+        drafts = self._proposals(chunks) if decode else None
+        if drafts is not None:
+            return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
             chunks = [(req, self._decode_steps(req)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
+
+    def needs_sync(self, plan: StepPlan) -> bool:
+        """Whether the next plan needs `plan`'s tokens on the host before it is built: after a verify step
+        (how many were accepted decides the next positions), and with a host proposer while a request may
+        speculate (it proposes from the last token)."""
+        if plan.verify:
+            return True
+        if self.proposer is None or len(self.running) > self.spec.disable_by_batch_size:
+            return False
+        return any(self.policy.k(r.spec) for r in self.running)
+
+    def _proposals(self, chunks: list[tuple[Request, int]]) -> list[list[int] | int] | None:
+        """Per row of a would-be decode block: the host proposer's token ids, or how many tokens the device
+        drafts; None when no row speculates (too many running, nothing proposed)."""
+        if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
+            return None
+        out, any_draft = [], False
+        for req, _ in chunks:
+            k = min(self.policy.k(req.spec), req.sampling.max_tokens - req.num_sampled - 1,
+                    self.max_model_len - req.num_tokens - 1)
+            k = max(0, min(k, (len(req.pages) + self._free_pages()) * self.page_size - req.num_computed - 1))
+            if k and self.proposer is not None:
+                known = req.known_ids()
+                drafts = []
+                if len(known) == req.num_tokens:  # (else its last token is still on the device)
+                    drafts = self.proposer.propose(known, k)
+                    if not drafts:
+                        self.policy.record_miss(req.spec)
+                out.append(drafts)
+                k = len(drafts)
+            else:
+                out.append(k)
+            any_draft |= k > 0
+        return out if any_draft else None
+
+    def _free_pages(self) -> int:
+        """Pages to be had without preempting anyone (free ones and evictable cached ones)."""
+        return self.allocator.num_free + self.prefix_cache.num_evictable
 
     def _decode_steps(self, req: Request) -> int:
         """Steps of a decode block for a running request that has one token to feed (and its pages for it):
@@ -242,9 +301,20 @@ class Scheduler:
         return max(n, 1)
 
     def _build_plan(self, chunks: list[tuple[Request, int]], reset: set[int], imports: dict[int, int],
-                    precomputed: dict[int, int], decode: bool) -> StepPlan:
+                    precomputed: dict[int, int], decode: bool, drafts: list[list[int] | int] | None = None) -> StepPlan:
         """`chunks`: (request, tokens) in row order; in a decode block the count is the request's steps, of
-        which the plan carries the first token only (the device feeds the rest)."""
+        which the plan carries the first token only (the device feeds the rest). `drafts` (a verify step): per
+        row, the proposed ids, or how many the device drafts."""
+        if drafts is not None:
+            for r, (req, _) in enumerate(chunks):  # pages for the proposed tokens' K/V, as far as they go
+                nd = drafts[r] if isinstance(drafts[r], int) else len(drafts[r])
+                need = self._pages_needed(req, req.num_computed + 1 + nd)
+                if not self._make_room(need):
+                    need = self.allocator.num_free
+                    nd = max(0, min(nd, (len(req.pages) + need) * self.page_size - req.num_computed - 1))
+                    drafts[r] = nd if isinstance(drafts[r], int) else drafts[r][:nd]
+                req.pages += self.allocator.allocate(need)
+                chunks[r] = (req, 1 + nd)
         R = len(chunks)
         T = R if decode else sum(n for _, n in chunks)
         tokens = np.zeros(T, np.int32)
@@ -263,8 +333,10 @@ class Scheduler:
         for r, (req, n) in enumerate(chunks):
             s, start = req.slot, req.num_computed
             fed = 1 if decode else n  # tokens the plan carries; a block's device steps feed the rest
+            proposed = drafts[r] if drafts is not None else 0
             for i in range(fed):
-                tok = req.token_at(start + i)
+                tok = req.token_at(start + i) if i == 0 or drafts is None else (
+                    proposed[i - 1] if isinstance(proposed, list) else 0)  # a device draft's id comes later
                 if tok is None:
                     from_prev[t + i] = True
                 else:
@@ -276,7 +348,7 @@ class Scheduler:
                 next_id[t:t + fed] = [req.next_prompt_id(start + i) for i in range(fed)]
             req.num_computed += n
             self.num_computed_tokens += n
-            num_samples = n if decode else int(req.num_computed == req.num_tokens)
+            num_samples = n if decode or drafts is not None else int(req.num_computed == req.num_tokens)
             rows["slot"][r], rows["query_start"][r], rows["query_len"][r] = s, t, fed
             rows["kv_len"][r] = start + fed
             rows["page_table"][r, :len(req.pages)] = req.pages
@@ -284,6 +356,7 @@ class Scheduler:
             rows["gen_index"][r] = req.num_sampled
             rows["reset"][r] = s in reset
             rows["num_steps"][r] = n if decode else 1
+            rows["num_draft"][r] = n - 1 if drafts is not None else 0
             stop = sorted(req.stop_ids)
             rows["stop_ids"][r, :len(stop)] = stop
             for k in SamplingInputs.DTYPES:
@@ -295,7 +368,8 @@ class Scheduler:
         return StepPlan(
             TokenInputs(ids=tokens, positions=positions, row=token_row, from_prev=from_prev, is_output=is_output,
                         valid=np.ones(T, bool), next_id=next_id),
-            RowInputs(**rows), SamplingInputs(**sampling), scheduled=tuple(scheduled), decode=decode)
+            RowInputs(**rows), SamplingInputs(**sampling), scheduled=tuple(scheduled), decode=decode,
+            verify=drafts is not None)
 
     # ---- results -------------------------------------------------------------------------------
 
@@ -315,7 +389,18 @@ class Scheduler:
             if prompt_logprobs is not None and req.sampling.prompt_logprobs is not None:
                 self._record_prompt_logprobs(plan, item, prompt_logprobs)
             reason, got = None, 0
-            for j in range(item.num_samples):
+            emitted = item.num_samples
+            if plan.verify:  # the accepted run and one more; the step's KV past them is not live
+                column = sampled[:item.num_samples, item.row]
+                emitted = int(np.argmax(column < 0)) if (column < 0).any() else item.num_samples
+                unused = item.num_samples - emitted
+                req.num_sampled -= unused
+                req.num_computed -= unused
+                self.num_computed_tokens -= unused
+                self.policy.record(req.spec, item.num_tokens - 1, emitted - 1)
+            elif req.spec is not None:
+                req.spec.idle += item.num_samples
+            for j in range(emitted):
                 tok = int(sampled[j, item.row])
                 got += 1
                 req.output_ids.append(tok)
@@ -331,8 +416,8 @@ class Scheduler:
                     break
             if got:
                 touched.append(req)
-            if plan.decode and got < item.num_samples:  # the row stopped on the device: no KV past its stop
-                self.num_computed_tokens -= item.num_samples - got
+            if (plan.decode or plan.verify) and got < emitted:  # the row stopped: no KV past its stop
+                self.num_computed_tokens -= emitted - got
             # Indexed before a finish releases the pages, so that a request ending on this step (max_tokens=1,
             # a stop token first) still leaves its prompt's pages to the prefix cache.
             # Pages holding imported KV stay private: a cached page must hold what this engine computes for
@@ -341,8 +426,8 @@ class Scheduler:
             if self.config.enable_prefix_caching and req.status is Status.RUNNING and not req.kv_imported:
                 known = req.known_ids()
                 computed = min(req.num_computed, len(known))
-                if got < item.num_samples:  # a decode block stopped the row on the device: later steps
-                    computed = min(computed, item.start + got)  # wrote nothing for it
+                if plan.decode and got < item.num_samples:  # a decode block stopped the row on the device:
+                    computed = min(computed, item.start + got)  # later steps wrote nothing for it
                 full = computed // self.page_size
                 if full > req.num_indexed_pages:
                     self.prefix_cache.insert(known, req.pages, full)

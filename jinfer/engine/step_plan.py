@@ -5,12 +5,16 @@ Each scheduled request is one *row*: per-row arrays have one entry per scheduled
 whose device state (the last sampled token, penalty counts) it reads and writes. Tokens of all rows are
 flattened into one ragged batch: each row contributes a run of consecutive tokens.
 
-Two kinds of plan (`decode`):
+Three kinds of plan (`decode`, `verify`, or neither):
 - a prefill step: rows contribute a chunk of prompt (or recomputed) tokens or one decode token each, and
   each row samples at most one token, after its chunk's last token when that reaches the end of its sequence;
 - a decode block: every row contributes the one token it has to feed and then runs `num_steps` decode steps
   on the device (each step feeding the token the previous one sampled), so it samples `num_steps` tokens in
-  one dispatch; a row stops early on the device when it samples one of its `stop_ids`.
+  one dispatch; a row stops early on the device when it samples one of its `stop_ids`;
+- a verify step (speculative decoding): every row contributes the token it has to feed and then
+  `num_draft` proposed tokens (ids from a host proposer, or drafted on the device), and samples up to
+  1 + num_draft tokens: the accepted run of proposals and one token of the target's own; the step returns
+  -1 past the row's last emitted token.
 
 A plan is grouped as the device step reads it: `tokens`, `rows`, `sampling` (`inputs()` is the three
 without the host's own fields). The runner registers these classes as pytrees (the host side never imports
@@ -76,6 +80,7 @@ class RowInputs:
     num_steps: np.ndarray  # i32[R]: decode steps of the row in a decode block (1 in a prefill step)
     stop_ids: np.ndarray  # i32[R, M]: token ids that end the request, padded with -1 (a decode block stops
     #   the row's steps on them; M is the scheduler's fixed width)
+    num_draft: np.ndarray  # i32[R]: proposed tokens after the row's first (a verify step; 0 elsewhere)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,9 +125,10 @@ class StepPlan:
     sampling: SamplingInputs
     scheduled: tuple[Scheduled, ...]
     decode: bool = False  # a decode block (see the module docstring)
+    verify: bool = False  # a verify step
 
     @classmethod
-    def empty(cls, max_pages_per_seq: int, stop_width: int, decode: bool = False) -> StepPlan:
+    def empty(cls, max_pages_per_seq: int, stop_width: int, decode: bool = False, verify: bool = False) -> StepPlan:
         """A plan of no tokens and no rows: padded to any bucket, it touches no page (warm-up)."""
 
         def none(dtype, *shape):
@@ -134,9 +140,9 @@ class StepPlan:
                         is_output=none(bool), valid=none(bool), next_id=none(i32)),
             RowInputs(slot=none(i32), query_start=none(i32), query_len=none(i32), kv_len=none(i32),
                       page_table=none(i32, max_pages_per_seq), sample=none(bool), gen_index=none(i32),
-                      reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width)),
+                      reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width), num_draft=none(i32)),
             SamplingInputs(**{k: none(t) for k, t in SamplingInputs.DTYPES.items()}),
-            scheduled=(), decode=decode)
+            scheduled=(), decode=decode, verify=verify)
 
     def inputs(self) -> StepInputs:
         """What the device step reads (every group but the host's own fields)."""

@@ -22,7 +22,8 @@ def cmd_generate(args) -> int:
     params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
                             top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
     llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype)
+              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
+              speculative_config=args.speculative_config)
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -49,7 +50,7 @@ def cmd_batch(args) -> int:
     # Each host runs its own engine on its own devices (tensor parallel inside the host) over its share.
     cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
                        quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                       kv_cache_dtype=args.kv_cache_dtype)
+                       kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative_config)
     llm = LLM(args.model, dtype=args.dtype, engine_config=cfg)
     host = (jax.process_index(), jax.process_count())
     counts = run_batch(llm, args.input, args.output, host=host)
@@ -123,6 +124,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve_main.add_quantization_arguments(g)
     serve_main.add_kv_cache_arguments(g)
+    serve_main.add_speculative_arguments(g)
     g.set_defaults(fn=cmd_generate)
 
     b = sub.add_parser("batch", help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
@@ -132,6 +134,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     serve_main.add_quantization_arguments(b)
     serve_main.add_kv_cache_arguments(b)
+    serve_main.add_speculative_arguments(b)
     b.add_argument("--tensor-parallel", type=int, default=1, help="devices per engine (within this host)")
     b.add_argument("--data-parallel", type=int, default=1, help="engine replicas on this host")
     b.add_argument("--coordinator", default=None,

@@ -36,11 +36,14 @@ class LLM:
     keeps a GGUF file's Q8_0 / Q4_0 / Q4_1 blocks as they are. A checkpoint stored quantized (`jinfer quantize`,
     an imported AWQ / GPTQ / compressed-tensors model) loads as it is stored, with no `quantization`.
     `kv_cache_dtype` ("int8", "fp8" or "fp8_e4m3", "auto") stores the KV cache in 8 bits with a scale per
-    token and head (EngineConfig's field of that name); it combines with any weight quantization."""
+    token and head (EngineConfig's field of that name); it combines with any weight quantization.
+    `speculative_config` (vLLM's dict: {"method": "ngram" | "draft" | "early_exit", "num_speculative_tokens": k,
+    ...}; `jinfer.engine.spec.config.SpeculativeConfig` lists the keys) turns on speculative decoding; for
+    "draft", its "model" is loaded as the target is (or given as a LoadedModel)."""
 
     def __init__(self, model="smollm2", dtype="float32", engine_config=None, seed: int | None = None,
                  warmup: bool = True, quantization: str | None = None, quantization_group_size: int | None = None,
-                 kv_cache_dtype: str | None = None):
+                 kv_cache_dtype: str | None = None, speculative_config=None):
         from jinfer.checkpoints.load import LoadedModel, load
         from jinfer.engine.config import EngineConfig
         from jinfer.runtime.build import make_engine
@@ -50,7 +53,8 @@ class LLM:
         if jnp.dtype(engine_config.dtype) != self.dtype:
             engine_config = dataclasses.replace(engine_config, dtype=str(self.dtype))
         given = {k: v for k, v in (("quantization", quantization), ("quantization_group_size", quantization_group_size),
-                                   ("kv_cache_dtype", kv_cache_dtype)) if v is not None}
+                                   ("kv_cache_dtype", kv_cache_dtype), ("speculative", speculative_config))
+                 if v is not None}
         engine_config = dataclasses.replace(engine_config, **given)  # what engine_config says, unless given here
         loaded = model if isinstance(model, LoadedModel) else load(model, quantization=engine_config.quantization)
         if loaded.quantization is not None and engine_config.quantization is not None:
@@ -58,7 +62,13 @@ class LLM:
                              f"stored quantized ({loaded.quantization}); load it without quantization")
         self.config = loaded.config
         self.tokenizer = loaded.tokenizer
-        self.engine = make_engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed)
+        spec = engine_config.speculative
+        draft = None
+        if spec is not None and spec.method == "draft":
+            d = spec.model if isinstance(spec.model, LoadedModel) else load(spec.model)
+            draft = (d.config, d.params)
+        self.engine = make_engine(loaded.config, loaded.params, loaded.tokenizer, engine_config, seed=seed,
+                                  draft_model=draft)
         self.eos_token_ids = self.engine.eos_token_ids
         if warmup:
             self.engine.warmup()

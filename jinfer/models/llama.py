@@ -120,8 +120,11 @@ def forward(
     *,
     config: ModelConfig,
     attention: AttentionFn,
+    num_layers: int | None = None,
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """Runs the decoder; returns the final-normed hidden states [B, T, D] and the updated cache.
+    `num_layers`: run only the first that many layers (then the final norm): an early-exit draft, which
+    writes the K/V of those layers only.
 
     `attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta) -> (out, k_cache, v_cache)` writes
     the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H].
@@ -132,14 +135,15 @@ def forward(
     inv_freq = rope_inv_freq(c)
     x = params["embed"][tokens]  # [B, T, D]
     norms = ("attn_norm", "mlp_norm")
+    n = c.num_layers if num_layers is None else num_layers
     if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every leaf
-        xs = params["layers"]
+        xs = params["layers"] if n == c.num_layers else jax.tree_util.tree_map(lambda w: w[:n], params["layers"])
 
         def project(fn, p, i, *args):
             return fn(p, *args)
     else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked for the scan
-        per_layer = params["layers"]
-        xs = {n: jnp.stack([w[n] for w in per_layer]) for n in norms}
+        per_layer = params["layers"][:n]
+        xs = {name: jnp.stack([w[name] for w in per_layer]) for name in norms}
 
         def project(fn, p, i, *args):
             return jax.lax.switch(i, [functools.partial(fn, w) for w in per_layer], *args)
@@ -157,7 +161,7 @@ def forward(
         x = x + project(_mlp, p, i, h)
         return (x, k_cache, v_cache), None
 
-    layer_ids = jnp.arange(c.num_layers, dtype=jnp.int32)
+    layer_ids = jnp.arange(n, dtype=jnp.int32)
     (x, *kv_cache), _ = jax.lax.scan(layer, (x, *kv_cache), (xs, layer_ids))
     return rms_norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
 

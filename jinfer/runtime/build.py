@@ -32,28 +32,33 @@ def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig, de
 
 
 def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
-                 attention_backend=None, seed: int | None = None, devices=None) -> Engine:
+                 attention_backend=None, seed: int | None = None, devices=None, drafter=None,
+                 draft_model=None) -> Engine:
     """One engine on `devices` (default: the first tensor_parallel local devices); fields the config leaves
-    None take the defaults of the devices' platform."""
+    None take the defaults of the devices' platform. `drafter`: a device proposer for the speculative config
+    other than the one its method names (`jinfer.runtime.spec.drafters`); `draft_model`: (config, params) of the
+    draft model of method "draft"."""
     cfg = (engine_config or EngineConfig()).resolve((devices[0] if devices else jax.local_devices()[0]).platform)
     num_pages = resolve_num_pages(cfg, model_config, None if devices is None else devices[0])
-    runner = Runner(model_config, cfg, params, num_pages, attention_backend, devices)
+    runner = Runner(model_config, cfg, params, num_pages, attention_backend, devices, drafter=drafter,
+                    draft_model=draft_model)
     return Engine(model_config, runner, tokenizer, cfg, num_pages, seed=seed)
 
 
 def make_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
-                attention_backend=None, seed: int | None = None, devices=None):
+                attention_backend=None, seed: int | None = None, devices=None, draft_model=None):
     """An Engine, or a DataParallelEngine of `data_parallel` replicas, each on its own `tensor_parallel`
     devices of `devices` (default: this host's), when the config asks for several."""
     cfg = engine_config or EngineConfig()
     dp, tp = cfg.data_parallel, cfg.tensor_parallel
     if dp == 1:
-        return build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=seed, devices=devices)
+        return build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=seed, devices=devices,
+                            draft_model=draft_model)
     devices = list(jax.local_devices() if devices is None else devices)
     if dp * tp > len(devices):
         raise ValueError(f"data_parallel={dp} x tensor_parallel={tp} needs {dp * tp} devices; "
                          f"{len(devices)} are available")
     return DataParallelEngine([
         build_engine(model_config, params, tokenizer, cfg, attention_backend, seed=None if seed is None else seed + r,
-                     devices=devices[r * tp:(r + 1) * tp])
+                     devices=devices[r * tp:(r + 1) * tp], draft_model=draft_model)
         for r in range(dp)])

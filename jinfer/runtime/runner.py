@@ -8,8 +8,9 @@ brings the sampled tokens to the host. `import_kv` writes K/V computed elsewhere
 ring-attention prefill) into a request's pages before its first step.
 
 The compiled set (`all_shapes`), named by `StepShape`: one decode block per EngineConfig.decode_buckets entry
-(R rows, one token each, up to decode_steps steps) and one prefill step per token_buckets entry (T tokens,
-max_slots rows, chunks of up to min(T, max_prefill_chunk) tokens). `warmup()` compiles all of them, and
+(R rows, one token each, up to decode_steps steps), one prefill step per token_buckets entry (T tokens,
+max_slots rows, chunks of up to min(T, max_prefill_chunk) tokens) and, with speculative decoding, one verify
+step per decode bucket (R rows of k + 1 tokens; `jinfer.runtime.spec.verify`). `warmup()` compiles all of them, and
 `num_compilations` counts traces so a test can prove serving never compiles again.
 """
 
@@ -37,6 +38,8 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import store_kv
 from jinfer.quant.params import cast_params, quantize_params
+from jinfer.runtime.spec.drafters import Drafter, DraftModel, DraftModelDrafter, EarlyExitDrafter
+from jinfer.runtime.spec.verify import verify_step
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
 
 # The host engine defines the plan's groups as plain dataclasses (it never imports jax); registered here,
@@ -46,13 +49,15 @@ for _cls in (TokenInputs, RowInputs, SamplingInputs, StepInputs):
 
 
 class StepShape(NamedTuple):
-    """One compiled step: `decode` block of `rows` rows (tokens == rows, width 1), or a prefill step of
-    `tokens` tokens over `rows` = max_slots rows with chunks of up to `width` tokens."""
+    """One compiled step: `decode` block of `rows` rows (tokens == rows, width 1), a prefill step of
+    `tokens` tokens over `rows` = max_slots rows with chunks of up to `width` tokens, or a `verify` step of
+    `rows` rows of up to `width` = k + 1 tokens (tokens = rows x width)."""
 
     decode: bool
     tokens: int
     rows: int
     width: int
+    verify: bool = False
 
 
 @dataclasses.dataclass
@@ -107,7 +112,10 @@ def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
 
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
-                 attention_backend: AttentionBackend | None = None, devices=None):
+                 attention_backend: AttentionBackend | None = None, devices=None, drafter: Drafter | None = None,
+                 draft_model: tuple[ModelConfig, dict] | None = None):
+        """`drafter`: the device proposer of a speculative config (default: the one its method names; host
+        proposers need none); `draft_model`: (config, params) of the draft for method "draft"."""
         from jinfer.attention.select import default_backend
         from jinfer.runtime import sharding
 
@@ -155,17 +163,52 @@ class Runner:
             state = jax.device_put(state, jax.local_devices()[0])
         self.kv, self.state = state
         self.num_compilations = 0
-        self._step = jax.jit(self._step_impl, static_argnames=("shape",), donate_argnums=(1, 2),
+        spec = engine_config.speculative
+        self.draft_params = self.draft_kv = None
+        if drafter is None and spec is not None and spec.method == "early_exit":
+            drafter = EarlyExitDrafter(spec.draft_layers(model_config.num_layers))
+        if drafter is None and spec is not None and spec.method == "draft":
+            drafter = self._init_draft(draft_model, num_pages, dtype)
+        self.drafter = drafter
+        if out_shardings is not None:
+            out_shardings = (*out_shardings[:2], None, out_shardings[2])  # no draft pool with a mesh
+        self._step = jax.jit(self._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4),
                              out_shardings=out_shardings)
         self._import = jax.jit(_import_impl, donate_argnums=(0,),
                                out_shardings=None if out_shardings is None else out_shardings[0])
         self._seed = jax.jit(_seed_impl, donate_argnums=(0,),
                              out_shardings=None if out_shardings is None else out_shardings[1])
 
+    def _init_draft(self, draft_model, num_pages: int, dtype) -> DraftModelDrafter:
+        """The draft model's params and its KV pool: as many pages as the target's, of the same size."""
+        from jinfer.attention.select import default_backend
+
+        if draft_model is None:
+            raise ValueError("speculative_config method 'draft' needs the draft model (Runner(draft_model=...))")
+        if self.mesh is not None:
+            raise ValueError("speculative_config method 'draft' runs on one device; with tensor_parallel > 1 use "
+                             "'early_exit' or 'ngram'")
+        dc, dparams = draft_model
+        if dc.vocab_size != self.model_config.vocab_size:
+            raise ValueError(f"speculative_config.model has a vocabulary of {dc.vocab_size} tokens; the target's "
+                             f"has {self.model_config.vocab_size}: a draft must share the target's vocabulary")
+        cfg = self.config
+        dparams = cast_params(dparams, dtype)
+        if cfg.per_layer_weights:
+            dparams = llama.unstack_layers(dparams)
+        kv = paged_kv_cache(dc.num_layers, num_pages, cfg.page_size, dc.num_kv_heads, dc.head_dim, dtype,
+                            cfg.kv_cache_dtype)
+        self.draft_params, self.draft_kv = jax.device_put((dparams, kv), jax.local_devices()[0])
+        return DraftModelDrafter(dc, default_backend(dc.num_kv_heads, dc.num_heads, cfg.max_slots, cfg.page_size))
+
     # ---- shapes --------------------------------------------------------------------------------
 
     def shape_for(self, plan: StepPlan) -> StepShape:
         cfg = self.config
+        if plan.verify:
+            rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
+            W = cfg.speculative.num_speculative_tokens + 1
+            return StepShape(False, rows * W, rows, W, verify=True)
         if plan.decode:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
             return StepShape(True, rows, rows, 1)
@@ -174,17 +217,36 @@ class Runner:
 
     def all_shapes(self) -> list[StepShape]:
         cfg = self.config
-        return ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
-                + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
+        shapes = ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
+                  + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
+        if cfg.speculative is not None:
+            W = cfg.speculative.num_speculative_tokens + 1
+            shapes += [StepShape(False, r * W, r, W, verify=True) for r in cfg.decode_buckets]
+        return shapes
 
     # ---- the step ------------------------------------------------------------------------------
 
-    def _step_impl(self, params, kv, state, inputs: StepInputs, attn_meta, *, shape: StepShape):
+    def _step_impl(self, params, kv, state, draft_params, draft_kv, inputs: StepInputs, attn_meta, *,
+                   shape: StepShape):
+        """-> (kv, state, draft_kv, StepResult)."""
         self.num_compilations += 1  # runs only while tracing, i.e. once per compiled shape
+        attn_meta, draft_meta = attn_meta
+        draft = None if draft_params is None else DraftModel(draft_params, draft_kv)
+        # A drafter that keeps no cache of its own has nothing to do outside verify steps.
+        follows = isinstance(self.drafter, DraftModelDrafter)
         kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs)
-        if shape.decode:
-            return decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps, **kw)
-        return prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, **kw)
+        if shape.verify:
+            step = verify_step(params, kv, state, inputs, attn_meta, width=shape.width, drafter=self.drafter,
+                               draft=draft, draft_meta=draft_meta, **kw)
+        else:
+            if follows:
+                kw.update(drafter=self.drafter, draft=draft, draft_meta=draft_meta)
+            if shape.decode:
+                step = decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps, **kw)
+            else:
+                step = prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, **kw)
+        kv, state, out, draft = step
+        return kv, state, None if draft is None else draft.kv, out
 
     def _step_inputs(self, plan: StepPlan, shape: StepShape):
         """(the plan's StepInputs padded to `shape`; the attention backend's metadata)."""
@@ -208,19 +270,28 @@ class Runner:
                                                         np.full(pad_r, SamplingInputs.NEUTRAL[k], t)])
                                      for k, t in SamplingInputs.DTYPES.items()})
         attn_meta = self.attention.step_metadata(rows.query_start, rows.query_len, shape.tokens, shape.width)
-        return StepInputs(tokens, rows, sampling), attn_meta
+        # The drafter's: of its one-token steps in a verify step, or a draft model's of this step's layout.
+        draft_backend = self.drafter.backend if isinstance(self.drafter, DraftModelDrafter) else self.attention
+        draft_meta = None
+        if shape.verify:
+            R = shape.rows
+            draft_meta = draft_backend.step_metadata(np.arange(R, dtype=np.int32), np.ones(R, np.int32), R, 1)
+        elif isinstance(self.drafter, DraftModelDrafter):
+            draft_meta = draft_backend.step_metadata(rows.query_start, rows.query_len, shape.tokens, shape.width)
+        return StepInputs(tokens, rows, sampling), (attn_meta, draft_meta)
 
     def _launch(self, plan: StepPlan, shape: StepShape) -> StepResult:
         inputs, attn_meta = self._step_inputs(plan, shape)
-        self.kv, self.state, out = self._step(self.params, self.kv, self.state, inputs, attn_meta, shape=shape)
+        self.kv, self.state, self.draft_kv, out = self._step(self.params, self.kv, self.state, self.draft_params,
+                                                             self.draft_kv, inputs, attn_meta, shape=shape)
         return out
 
     def compiled_text(self, shape: StepShape, stop_width: int) -> str:
         """The optimized HLO of one step shape (for profiles; it lowers and compiles the step once more;
         `stop_width` as for `warmup`)."""
-        empty = StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode)
+        empty = StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode, verify=shape.verify)
         inputs, attn_meta = self._step_inputs(empty, shape)
-        return self._step.lower(self.params, self.kv, self.state, inputs, attn_meta,
+        return self._step.lower(self.params, self.kv, self.state, self.draft_params, self.draft_kv, inputs, attn_meta,
                                 shape=shape).compile().as_text()
 
     def dispatch(self, plan: StepPlan) -> StepOutput:
@@ -278,6 +349,7 @@ class Runner:
         """Compiles every step shape with an all-padding plan, which touches no page (`stop_width`: the
         scheduler's RowInputs.stop_ids width)."""
         for shape in self.all_shapes():
-            self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode), shape)
+            self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode, verify=shape.verify),
+                         shape)
         self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared
         jax.block_until_ready((self.kv, self.state))

@@ -42,6 +42,13 @@ def sample(
 
 
 def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
+    choice = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, temperature, top_k, top_p, min_p))
+    return jnp.where(temperature > 0, choice.astype(jnp.int32), greedy)
+
+
+def sampling_logits(logits, temperature, top_k, top_p, min_p=None):
+    """f32[B, V]: the distribution a row with temperature > 0 samples from, as logits (scaled by its
+    temperature, -inf outside its top-k, nucleus and min-p cuts); softmax gives its probabilities."""
     # No vocabulary sort: the top-k and nucleus cuts are thresholds found by bisection (32 masked
     # reductions over the vocabulary each), which is far cheaper than a sort on every backend (an
     # XLA CPU sort of 8 x 49k logits took 0.2 s). Ties at a threshold are all kept.
@@ -55,8 +62,7 @@ def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
     keep = keep & (_ordered_key(probs) >= _nucleus_key(probs, top_p)[:, None])
     if min_p is not None:
         keep = keep & (probs >= min_p[:, None] * probs.max(axis=-1, keepdims=True))
-    choice = jax.vmap(jax.random.categorical)(keys, jnp.where(keep, scaled, -jnp.inf)).astype(jnp.int32)
-    return jnp.where(temperature > 0, choice, greedy)
+    return jnp.where(keep, scaled, -jnp.inf)
 
 
 def _ordered_key(x: jnp.ndarray) -> jnp.ndarray:

@@ -60,11 +60,11 @@ class StepResult:
     prompt_top_logprobs: jax.Array  # f32[T, max_logprobs]
 
 
-def _uses_penalties(sp: SamplingInputs) -> jax.Array:
+def uses_penalties(sp: SamplingInputs) -> jax.Array:
     return jnp.any((sp.repetition_penalty != 1) | (sp.presence_penalty != 0) | (sp.frequency_penalty != 0))
 
 
-def _count(state: SlotState, slots, tokens, counted, is_output) -> SlotState:
+def count_tokens(state: SlotState, slots, tokens, counted, is_output) -> SlotState:
     """A token counts for penalties once it enters its slot's cache (prompt tokens, then each generated token
     as it is fed back), so a recomputed (preempted) request rebuilds the same counts. Scatters to slot S
     (padding) are dropped."""
@@ -100,7 +100,7 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
 
 
-def _no_prompt_logprobs(T: int, max_logprobs: int):
+def no_prompt_logprobs(T: int, max_logprobs: int):
     return (jnp.zeros(T), jnp.zeros(T, jnp.int32), jnp.zeros((T, max_logprobs), jnp.int32),
             jnp.zeros((T, max_logprobs)))
 
@@ -119,88 +119,95 @@ def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int)
         if max_logprobs:
             top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
         else:
-            _, _, top_ids, top_lp = _no_prompt_logprobs(T, 0)
+            _, _, top_ids, top_lp = no_prompt_logprobs(T, 0)
         return chosen[:, 0], rank, top_ids, top_lp
 
-    return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: _no_prompt_logprobs(T, max_logprobs))
+    return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: no_prompt_logprobs(T, max_logprobs))
 
 
-def _keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
+def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
     S = state.last_sampled.shape[0]
     last = state.last_sampled.at[jnp.where(take, rows.slot, S)].set(new, mode="drop")
     return dataclasses.replace(state, last_sampled=last)
 
 
 def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
-                 backend: AttentionBackend, width: int, max_logprobs: int):
+                 backend: AttentionBackend, width: int, max_logprobs: int, drafter=None, draft=None, draft_meta=None):
     """One forward over T tokens of R rows (chunks of at most `width` tokens each); each sampling row samples
-    one token after its last. -> (kv, state, StepResult with N = 1)."""
+    one token after its last. A draft model (`drafter`, its state `draft`, its backend's metadata of this
+    layout `draft_meta`) writes its own K/V of the same tokens. -> (kv, state, StepResult with N = 1, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     S = state.last_sampled.shape[0]
     token_slot = rows.slot[tok.row]
     tokens = jnp.where(tok.from_prev, state.last_sampled[token_slot], tok.ids)
-    penalties = _uses_penalties(sp)
+    penalties = uses_penalties(sp)
 
     def count(state):
         reset = jnp.where(rows.reset, rows.slot, S)
         state = dataclasses.replace(state, output_counts=state.output_counts.at[reset].set(0, mode="drop"),
                                     prompt_mask=state.prompt_mask.at[reset].set(False, mode="drop"))
-        return _count(state, token_slot, tokens, tok.valid, tok.is_output)
+        return count_tokens(state, token_slot, tokens, tok.valid, tok.is_output)
 
     state = jax.lax.cond(penalties, count, lambda s: s, state)
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
                      query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
                           attention=make_paged_attention(width, backend))
+    if drafter is not None:
+        draft = drafter.advance(draft, tokens, tok.positions, dataclasses.replace(meta, backend=draft_meta), width)
     last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
     new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties, config,
                                        max_logprobs)
-    state = _keep_sampled(state, rows, new, rows.sample)
+    state = keep_sampled(state, rows, new, rows.sample)
     prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
-    return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt)
+    return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt), draft
 
 
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
-                 backend: AttentionBackend, max_steps: int, max_logprobs: int):
+                 backend: AttentionBackend, max_steps: int, max_logprobs: int, drafter=None, draft=None,
+                 draft_meta=None):
     """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
-    `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs.
-    -> (kv, state, StepResult with N = max_steps)."""
+    `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs. A
+    draft model writes its K/V of each fed token (as in `prefill_step`).
+    -> (kv, state, StepResult with N = max_steps, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     R = rows.slot.shape[0]
-    penalties = _uses_penalties(sp)
+    penalties = uses_penalties(sp)
     first = jnp.where(tok.from_prev, state.last_sampled[rows.slot], tok.ids)
     attention = make_paged_attention(1, backend)
     empty = StepResult(jnp.zeros((max_steps, R), jnp.int32), jnp.zeros((max_steps, R)),
                        jnp.zeros((max_steps, R, max_logprobs), jnp.int32), jnp.zeros((max_steps, R, max_logprobs)),
-                       *_no_prompt_logprobs(R, max_logprobs))  # a decode block feeds no prompt token
+                       *no_prompt_logprobs(R, max_logprobs))  # a decode block feeds no prompt token
 
     def running(i, stopped):
         return (i < rows.num_steps) & ~stopped
 
     def body(carry):
-        i, kv, state, feed, stopped, out = carry
+        i, kv, state, feed, stopped, out, draft = carry
         active = running(i, stopped)
         is_output = tok.is_output | (i > 0)
-        state = jax.lax.cond(penalties, lambda s: _count(s, rows.slot, feed, active, is_output), lambda s: s, state)
+        state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output), lambda s: s, state)
         # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
         kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
                          query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
         h, kv = llama.forward(params, feed[None], (tok.positions + i)[None], kv, meta, config=config,
                               attention=attention)
+        if drafter is not None:
+            draft = drafter.advance(draft, feed, tok.positions + i, dataclasses.replace(meta, backend=draft_meta), 1)
         new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties, config,
                                            max_logprobs)
-        state = _keep_sampled(state, rows, new, active & rows.sample)
+        state = keep_sampled(state, rows, new, active & rows.sample)
         stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
         out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new), logprob=out.logprob.at[i].set(lp),
                                   top_ids=out.top_ids.at[i].set(top_ids),
                                   top_logprobs=out.top_logprobs.at[i].set(top_lp))
-        return i + 1, kv, state, new, stopped, out
+        return i + 1, kv, state, new, stopped, out, draft
 
     def more(carry):
-        i, _, _, _, stopped, _ = carry
+        i, _, _, _, stopped, _, _ = carry
         return (i < max_steps) & jnp.any(running(i, stopped))
 
-    _, kv, state, _, _, out = jax.lax.while_loop(more, body, (jnp.int32(0), kv, state, first, jnp.zeros(R, bool),
-                                                              empty))
-    return kv, state, out
+    _, kv, state, _, _, out, draft = jax.lax.while_loop(
+        more, body, (jnp.int32(0), kv, state, first, jnp.zeros(R, bool), empty, draft))
+    return kv, state, out, draft

@@ -18,10 +18,10 @@ from jinfer.testing.tiny import TINY
 BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a shared prefix for some prompts
 
 
-def make_engine(params, tok, **kw) -> Engine:
+def make_engine(params, tok, drafter=None, draft_model=None, **kw) -> Engine:
     cfg = dict(max_slots=4, page_size=4, num_pages=28, token_buckets=(8, 32), max_prefill_chunk=16)
     cfg.update(kw)
-    eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0)
+    eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0, drafter=drafter, draft_model=draft_model)
     eng.warmup()
     return eng
 

@@ -1,0 +1,129 @@
+"""Speculative decoding on this machine: tok/s with and without each proposer, in one run.
+
+    python benchmarks/spec_speed.py [--model smollm2] [--methods none,ngram,early_exit,draft] [--k 4]
+                                    [--batches 1,8] [--iters 2] [--new 96] [--fixed] [--workloads grounded,chat]
+
+Every engine is built as a user asks for it (`LLM(model, speculative_config=...)`); `draft` uses the target's
+first quarter of layers as a separate draft model with its own cache (early exit's drafts, through the draft-model
+path). Workloads, chat-templated, the same prompts for every method:
+- grounded: a source file of this repository in the prompt, asked to be repeated with one rename (greedy, up to
+  --new tokens, stopping at EOS; the same tokens for every method, since greedy speculation is exact);
+- chat: open-ended requests (temperature 0.7, seeded, EOS ignored, --new tokens).
+At batch B the first B prompts of the workload run at once. tok/s = generated tokens / wall s, the median of
+--iters timed runs after a warm-up; `x none` is the ratio to the engine without speculation in the same round.
+--fixed turns the adaptive policy off (always k proposals, no batch limit): the crossover measurement.
+Acceptance rate = accepted / proposed tokens; mean length = tokens per verify step (accepted + 1).
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import glob
+import os
+import statistics
+import sys
+import time
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+CHAT = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
+        "Explain how vaccines train the immune system, for a curious teenager.",
+        "What are some good habits for learning a new language? Give details.",
+        "Describe a walk through a busy market in a city you imagine.",
+        "Why is the sky blue? Answer with a friendly explanation.",
+        "Give me a plan for a weekend trip to the mountains.",
+        "Write a letter to a friend about your new hobby, gardening.",
+        "Tell me about the history of the bicycle."]
+
+
+def grounded_prompts(n: int) -> list[str]:
+    files = sorted(glob.glob(os.path.join(ROOT, "jinfer", "**", "*.py"), recursive=True))
+    files = [f for f in files if 1000 < os.path.getsize(f) < 2400][:n]
+    out = []
+    for f in files:
+        src = open(f).read()
+        out.append(f"Here is a Python file:\n```python\n{src}```\nRepeat the whole file exactly, but rename the "
+                   f"module docstring's first word to 'Module'. Output only the code.")
+    return out
+
+
+def make_llm(model, method: str, k: int, fixed: bool):
+    from jinfer.checkpoints.load import load
+    from jinfer.entrypoints.llm import LLM
+    from jinfer.models import llama
+
+    loaded = load(model)
+    if method == "none":
+        return LLM(loaded)
+    spec = {"method": method, "num_speculative_tokens": k}
+    if fixed:
+        spec.update(adaptive=False, disable_by_batch_size=64)
+    if method == "draft":  # the target's first quarter of layers, as a model of its own
+        m = max(1, loaded.config.num_layers // 4)
+        cfg = dataclasses.replace(loaded.config, num_layers=m)
+        params = dict(loaded.params, layers={n: w[:m] for n, w in loaded.params["layers"].items()})
+        spec["model"] = dataclasses.replace(loaded, config=cfg, params=params)
+        assert llama.param_shapes(cfg)["layers"]["wq"][0] == m
+    return LLM(loaded, speculative_config=spec)
+
+
+def main():
+    from jinfer.inputs import SamplingParams
+
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--methods", default="none,ngram,early_exit,draft")
+    ap.add_argument("--k", type=int, default=4)
+    ap.add_argument("--batches", default="1,8")
+    ap.add_argument("--iters", type=int, default=2)
+    ap.add_argument("--new", type=int, default=96)
+    ap.add_argument("--fixed", action="store_true")
+    ap.add_argument("--workloads", default="grounded,chat")
+    args = ap.parse_args()
+    import jax
+
+    methods = args.methods.split(",")
+    batches = [int(b) for b in args.batches.split(",")]
+    llms = {}
+    for m in methods:
+        t = time.perf_counter()
+        llms[m] = make_llm(args.model, m, args.k, args.fixed)
+        print(f"built {m} in {time.perf_counter() - t:.0f} s", flush=True)
+    any_llm = next(iter(llms.values()))
+    prompts = {"grounded": [any_llm.chat_prompt([{"role": "user", "content": p}]) for p in grounded_prompts(8)],
+               "chat": [any_llm.chat_prompt([{"role": "user", "content": p}]) for p in CHAT]}
+    sampling = {"grounded": SamplingParams(max_tokens=args.new, temperature=0.0),
+                "chat": SamplingParams(max_tokens=args.new, temperature=0.7, ignore_eos=True)}
+    print(f"jax {jax.__version__}; {args.model}; {os.cpu_count()} cores; k={args.k}; "
+          f"{'fixed k, no batch limit' if args.fixed else 'adaptive'}; grounded prompts of "
+          f"{[len(p.ids) for p in prompts['grounded']]} tokens", flush=True)
+    print(f"{'workload':<9} {'B':>2} {'method':<11} {'tok/s':>7} {'x none':>7} {'accept':>7} {'len':>5}", flush=True)
+    for w in args.workloads.split(","):
+        for B in batches:
+            ps = prompts[w][:B]
+            sps = [dataclasses.replace(sampling[w], seed=i) for i in range(B)]
+            rates, stats = {}, {}
+            for m, llm in llms.items():
+                def run():
+                    t = time.perf_counter()
+                    outs = llm.generate(ps, sps, use_tqdm=False)
+                    return outs, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+
+                run()
+                runs = [run() for _ in range(args.iters)]
+                rates[m] = statistics.median(r for _, r in runs)
+                outs = runs[-1][0]
+                drafted = sum(o.metrics.spec_draft_tokens for o in outs)
+                acc = sum(o.metrics.spec_accepted_tokens for o in outs)
+                steps = sum(o.metrics.spec_verify_steps for o in outs)
+                stats[m] = (acc / drafted if drafted else float("nan"), 1 + acc / steps if steps else float("nan"))
+            for m in llms:
+                ratio = rates[m] / rates["none"] if "none" in rates else float("nan")
+                print(f"{w:<9} {B:>2} {m:<11} {rates[m]:>7.1f} {ratio:>7.2f} {stats[m][0]:>7.2f} {stats[m][1]:>5.2f}",
+                      flush=True)
+
+
+if __name__ == "__main__":
+    main()

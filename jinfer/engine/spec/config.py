@@ -1,0 +1,106 @@
+"""SpeculativeConfig: how the engine speculates (vLLM's `speculative_config` keys, plus early exit).
+
+`LLM(model, speculative_config={"method": "ngram", "num_speculative_tokens": 4})`; every other key has a
+default, so the method and k alone work. Methods (the proposers, `jinfer.engine.spec.proposers` on the host and
+`jinfer.runtime.spec.drafters` on the device):
+- "ngram": prompt lookup: the last n tokens (n from prompt_lookup_max down to prompt_lookup_min) matched against
+  the prompt and the output so far; what followed the latest match is proposed (host side, no model);
+- "draft": a smaller model with the target's vocabulary (`model`: anything `checkpoints.load.load` takes), run
+  by the engine beside the target with its own paged KV cache (same pages, its own pool);
+- "early_exit": the target's first `early_exit_layers` layers with its final norm and LM head draft (self
+  speculation: no second checkpoint, and the draft's K/V are the target's own for those layers).
+
+The adaptive policy (`jinfer.engine.spec.policy`): each request's k follows its running acceptance, and no
+request speculates in a step while more than `disable_by_batch_size` requests run (measured crossover on the
+platform: benchmarks/spec_speed.py). Everything here is host-side and jax-free.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Mapping
+
+from jinfer.engine.spec.policy import VERIFY_TOKEN_COST
+
+METHODS = ("ngram", "draft", "early_exit")
+# Below this many running requests a verify step pays on the CPU; measured on the 2-core development
+# machine with SmolLM2-135M (benchmarks/spec_speed.py, RESULTS.md). None: a platform's default from the table.
+DISABLE_BY_BATCH_SIZE = {"cpu": 4, "gpu": 32, "tpu": 32}
+
+
+@dataclasses.dataclass(frozen=True)
+class SpeculativeConfig:
+    method: str
+    num_speculative_tokens: int = 4  # k: the most tokens proposed per request per step
+    prompt_lookup_max: int = 4  # ngram: the longest suffix matched
+    prompt_lookup_min: int = 2  # ngram: the shortest suffix matched
+    model: object | None = None  # draft: the draft model (a path or name, or a LoadedModel)
+    early_exit_layers: int | None = None  # early_exit: the layers that draft; None: a quarter of the target's
+    disable_by_batch_size: int | None = None  # no speculation in a step with more running requests; None: platform
+    adaptive: bool = True  # each request's k follows its acceptance (off: always num_speculative_tokens)
+    verify_token_cost: float | None = None  # the adaptive policy's cost of a drafted token; None: platform's
+
+    def __post_init__(self):
+        if self.method not in METHODS:
+            raise ValueError(f"speculative_config.method={self.method!r} must be one of {list(METHODS)}")
+        for name in ("num_speculative_tokens", "prompt_lookup_max", "prompt_lookup_min"):
+            _positive_int(name, getattr(self, name))
+        if self.num_speculative_tokens > 16:
+            raise ValueError(f"speculative_config.num_speculative_tokens={self.num_speculative_tokens} must be at "
+                             "most 16 (a verify step computes k + 1 tokens per request)")
+        if self.prompt_lookup_min > self.prompt_lookup_max:
+            raise ValueError(f"speculative_config.prompt_lookup_min={self.prompt_lookup_min} must not exceed "
+                             f"prompt_lookup_max={self.prompt_lookup_max}")
+        for name in ("early_exit_layers", "disable_by_batch_size"):
+            if getattr(self, name) is not None:
+                _positive_int(name, getattr(self, name))
+        if self.method == "draft" and self.model is None:
+            raise ValueError("speculative_config.model must name the draft model for method 'draft'")
+        if self.method != "draft" and self.model is not None:
+            raise ValueError(f"speculative_config.model is only for method 'draft' (method={self.method!r})")
+        if self.method != "early_exit" and self.early_exit_layers is not None:
+            raise ValueError(f"speculative_config.early_exit_layers is only for method 'early_exit' "
+                             f"(method={self.method!r})")
+        if self.verify_token_cost is not None and not (isinstance(self.verify_token_cost, (int, float))
+                                                       and 0 <= self.verify_token_cost <= 10):
+            raise ValueError(f"speculative_config.verify_token_cost={self.verify_token_cost!r} must be a number "
+                             "in [0, 10]")
+        if not isinstance(self.adaptive, bool):
+            raise ValueError(f"speculative_config.adaptive={self.adaptive!r} must be true or false")
+
+    @classmethod
+    def from_dict(cls, d: Mapping | SpeculativeConfig | None) -> SpeculativeConfig | None:
+        """vLLM's dict form (unknown keys are an error naming them); a SpeculativeConfig or None as it is."""
+        if d is None or isinstance(d, SpeculativeConfig):
+            return d
+        if not isinstance(d, Mapping):
+            raise ValueError(f"speculative_config={d!r} must be a dict such as "
+                             "{'method': 'ngram', 'num_speculative_tokens': 4}")
+        known = {f.name for f in dataclasses.fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ValueError(f"speculative_config has unknown keys {unknown}; known: {sorted(known)}")
+        if "method" not in d:
+            raise ValueError(f"speculative_config.method is required (one of {list(METHODS)})")
+        return cls(**d)
+
+    def resolve(self, platform: str) -> SpeculativeConfig:
+        """This config with the fields left None set to the platform's defaults."""
+        return dataclasses.replace(
+            self, disable_by_batch_size=(self.disable_by_batch_size if self.disable_by_batch_size is not None
+                                         else DISABLE_BY_BATCH_SIZE.get(platform, 32)),
+            verify_token_cost=(self.verify_token_cost if self.verify_token_cost is not None
+                               else VERIFY_TOKEN_COST.get(platform, 0.02)))
+
+    def draft_layers(self, num_layers: int) -> int:
+        """early_exit: the target layers that draft (checked against the target's depth)."""
+        m = self.early_exit_layers if self.early_exit_layers is not None else max(1, num_layers // 4)
+        if m >= num_layers:
+            raise ValueError(f"speculative_config.early_exit_layers={m} must be fewer than the model's {num_layers} "
+                             "layers")
+        return m
+
+
+def _positive_int(name: str, v) -> None:
+    if not isinstance(v, int) or isinstance(v, bool) or v <= 0:
+        raise ValueError(f"speculative_config.{name}={v!r} must be a positive integer")
