@@ -9,8 +9,10 @@ path). Workloads, chat-templated, the same prompts for every method:
 - grounded: a source file of this repository in the prompt, asked to be repeated with one rename (greedy, up to
   --new tokens, stopping at EOS; the same tokens for every method, since greedy speculation is exact);
 - chat: open-ended requests (temperature 0.7, seeded, EOS ignored, --new tokens).
-At batch B the first B prompts of the workload run at once. tok/s = generated tokens / wall s, the median of
---iters timed runs after a warm-up; `x none` is the ratio to the engine without speculation in the same round.
+At batch B the first B prompts of the workload run at once. tok/s = generated tokens / wall s (prefill included),
+decode = tokens after each request's first / s from the first first token to the last finish (the decode phase
+that speculation speeds up); medians of --iters timed runs after a warm-up; `x none` is the ratio to the engine
+without speculation in the same round.
 --fixed turns the adaptive policy off (always k proposals, no batch limit): the crossover measurement.
 Acceptance rate = accepted / proposed tokens; mean length = tokens per verify step (accepted + 1).
 """
@@ -99,21 +101,26 @@ def main():
     print(f"jax {jax.__version__}; {args.model}; {os.cpu_count()} cores; k={args.k}; "
           f"{'fixed k, no batch limit' if args.fixed else 'adaptive'}; grounded prompts of "
           f"{[len(p.ids) for p in prompts['grounded']]} tokens", flush=True)
-    print(f"{'workload':<9} {'B':>2} {'method':<11} {'tok/s':>7} {'x none':>7} {'accept':>7} {'len':>5}", flush=True)
+    print(f"{'workload':<9} {'B':>2} {'method':<11} {'tok/s':>7} {'x none':>7} {'decode':>7} {'x none':>7} "
+          f"{'accept':>7} {'len':>5}", flush=True)
     for w in args.workloads.split(","):
         for B in batches:
             ps = prompts[w][:B]
             sps = [dataclasses.replace(sampling[w], seed=i) for i in range(B)]
-            rates, stats = {}, {}
+            rates, decode, stats = {}, {}, {}
             for m, llm in llms.items():
                 def run():
                     t = time.perf_counter()
                     outs = llm.generate(ps, sps, use_tqdm=False)
-                    return outs, sum(len(o.token_ids) for o in outs) / (time.perf_counter() - t)
+                    end = time.perf_counter()
+                    first = min(o.metrics.first_token_time for o in outs)
+                    n = sum(len(o.token_ids) for o in outs)
+                    return outs, n / (end - t), (n - len(outs)) / (max(o.metrics.finished_time for o in outs) - first)
 
                 run()
                 runs = [run() for _ in range(args.iters)]
-                rates[m] = statistics.median(r for _, r in runs)
+                rates[m] = statistics.median(r for _, r, _ in runs)
+                decode[m] = statistics.median(d for _, _, d in runs)
                 outs = runs[-1][0]
                 drafted = sum(o.metrics.spec_draft_tokens for o in outs)
                 acc = sum(o.metrics.spec_accepted_tokens for o in outs)
@@ -121,8 +128,9 @@ def main():
                 stats[m] = (acc / drafted if drafted else float("nan"), 1 + acc / steps if steps else float("nan"))
             for m in llms:
                 ratio = rates[m] / rates["none"] if "none" in rates else float("nan")
-                print(f"{w:<9} {B:>2} {m:<11} {rates[m]:>7.1f} {ratio:>7.2f} {stats[m][0]:>7.2f} {stats[m][1]:>5.2f}",
-                      flush=True)
+                dratio = decode[m] / decode["none"] if "none" in decode else float("nan")
+                print(f"{w:<9} {B:>2} {m:<11} {rates[m]:>7.1f} {ratio:>7.2f} {decode[m]:>7.1f} {dratio:>7.2f} "
+                      f"{stats[m][0]:>7.2f} {stats[m][1]:>5.2f}", flush=True)
 
 
 if __name__ == "__main__":

@@ -8,7 +8,10 @@ the first token, so each sample exercises one verify step's accept, reject and b
 it by chi-square tests of each position's marginal and of the pair (x2, x3) (outcomes expected fewer than 5
 times pooled), Bonferroni-corrected: a case fails falsely with probability at most 1e-4 (the file: 1.6e-3).
 Power: moving 2% of the probability between two outcomes of probability <= 0.2 gives a noncentrality of at
-least N x 2 x 0.02^2 / 0.2 = 80, caught with probability > 0.99 at the df these tests have (<= 20).
+least N x 2 x 0.02^2 / 0.2 = 48 at N = 12,000: caught with probability 0.97 by a test of 5 degrees of freedom
+(a position's marginal under top-k 4 or 5), 0.91 at 10 and 0.75 at 20 (the pair's), at the corrected level
+(scipy.stats.ncx2). Two cases per proposer: temperature 0.7 with top-k, and temperature 1.3 with top-k, top-p,
+min-p and the frequency and presence penalties.
 """
 
 from __future__ import annotations
@@ -22,16 +25,16 @@ from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY
 from tests.engine.spec.test_speculative_engine import MOTIF, spec_engine
 
-N = 20_000
+N = 12_000
 NEW = 4
 ALPHA = 1e-4  # per case
-PROMPT = MOTIF * 2
+PROMPT = list(range(0, 128, 2))  # half the vocabulary: prompt lookup finds a sampled token there about half the time
 CASES = {
     "t0.7-topk4": dict(temperature=0.7, top_k=4),
-    "t1.4-topp0.5": dict(temperature=1.4, top_p=0.5),
-    "t1.0-minp0.25-topk6": dict(temperature=1.0, min_p=0.25, top_k=6),
-    "t1.0-penalties-topk3": dict(temperature=1.0, top_k=3, repetition_penalty=1.6, frequency_penalty=0.7,
-                                 presence_penalty=0.4),
+    # Penalties of the output only: a repetition penalty would steer sampling away from the prompt, where
+    # prompt lookup finds its proposals (it is covered by tests/engine/spec/test_speculative_engine.py).
+    "t1.3-topk5-topp0.8-minp0.1-penalties": dict(temperature=1.3, top_k=5, top_p=0.8, min_p=0.1,
+                                                 frequency_penalty=0.7, presence_penalty=0.4),
 }
 
 
@@ -93,8 +96,9 @@ def marginal(dist: dict[tuple, float], positions: tuple[int, ...]) -> dict[tuple
 
 @pytest.fixture(scope="module")
 def engines(params, tok):
-    kw = dict(max_slots=64, num_pages=400, token_buckets=(64, 256), decode_buckets=(64,), max_waiting=N)
-    return {m: spec_engine(params, tok, m, k=2, **kw) for m in ("ngram", "early_exit", "draft", "uniform")}
+    kw = dict(max_slots=64, num_pages=600, token_buckets=(64, 256), decode_buckets=(64,), max_waiting=N)
+    return {m: spec_engine(params, tok, m, k=2, disable_by_batch_size=64, **kw)
+            for m in ("ngram", "early_exit", "draft", "uniform")}
 
 
 @pytest.mark.parametrize("case", CASES)
@@ -109,7 +113,7 @@ def test_sampled_outputs_follow_the_targets_distribution(engines, params, method
             if ev.output.finished:
                 done[ev.request_id] = ev.output
     samples = [done[i] for i in ids]
-    assert sum(o.metrics.spec_draft_tokens for o in samples) > N // 2, "the engine hardly speculated"
+    assert sum(o.metrics.spec_draft_tokens for o in samples) > N // 4, "the engine hardly speculated"
     exact = exact_distribution(params, sp)
     tests = [(i,) for i in range(NEW)] + [(1, 2)]
     for positions in tests:
