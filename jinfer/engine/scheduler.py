@@ -81,7 +81,8 @@ class Scheduler:
         self.spec = spec
         self.proposer: HostProposer | None = None
         if spec is not None:
-            self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.verify_token_cost, spec.adaptive)
+            self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.token_cost, spec.adaptive,
+                                         spec.verify_step_cost or 0.0)
             if spec.method == "ngram":
                 self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0

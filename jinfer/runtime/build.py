@@ -7,11 +7,14 @@ memory after the weights.
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 
 from jinfer.engine.config import EngineConfig
 from jinfer.engine.data_parallel import DataParallelEngine
 from jinfer.engine.engine import Engine
+from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import kv_token_bytes
 from jinfer.runtime.runner import Runner
@@ -31,6 +34,19 @@ def resolve_num_pages(engine_config: EngineConfig, model_config: ModelConfig, de
     return max(2, int(free * engine_config.memory_fraction // page_bytes))
 
 
+def draft_cost(spec, target: ModelConfig, draft: ModelConfig | None) -> float:
+    """What drafting one token costs relative to a decode step of the target, as the share of weights it reads:
+    nothing for prompt lookup, the first m layers and the LM head for early exit, the draft's own for a draft."""
+    if spec.method == "ngram":
+        return 0.0
+    total = llama.num_params(target)
+    if spec.method == "early_exit":
+        m, L = spec.draft_layers(target.num_layers), target.num_layers
+        layers = total - target.vocab_size * target.hidden_size * (1 if target.tie_word_embeddings else 2)
+        return (m * layers / L + target.vocab_size * target.hidden_size) / (layers + target.vocab_size * target.hidden_size)
+    return llama.num_params(draft) / total if draft is not None else 0.0
+
+
 def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: EngineConfig | None = None,
                  attention_backend=None, seed: int | None = None, devices=None, drafter=None,
                  draft_model=None) -> Engine:
@@ -39,6 +55,10 @@ def build_engine(model_config: ModelConfig, params, tokenizer, engine_config: En
     other than the one its method names (`jinfer.runtime.spec.drafters`); `draft_model`: (config, params) of the
     draft model of method "draft"."""
     cfg = (engine_config or EngineConfig()).resolve((devices[0] if devices else jax.local_devices()[0]).platform)
+    spec = cfg.speculative
+    if spec is not None and spec.draft_cost is None:
+        cfg = dataclasses.replace(cfg, speculative=dataclasses.replace(
+            spec, draft_cost=draft_cost(spec, model_config, None if draft_model is None else draft_model[0])))
     num_pages = resolve_num_pages(cfg, model_config, None if devices is None else devices[0])
     runner = Runner(model_config, cfg, params, num_pages, attention_backend, devices, drafter=drafter,
                     draft_model=draft_model)

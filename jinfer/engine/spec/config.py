@@ -20,12 +20,13 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jinfer.engine.spec.policy import VERIFY_TOKEN_COST
+from jinfer.engine.spec.policy import VERIFY_STEP_COST, VERIFY_TOKEN_COST
 
 METHODS = ("ngram", "draft", "early_exit")
-# Below this many running requests a verify step pays on the CPU; measured on the 2-core development
-# machine with SmolLM2-135M (benchmarks/spec_speed.py, RESULTS.md). None: a platform's default from the table.
-DISABLE_BY_BATCH_SIZE = {"cpu": 4, "gpu": 32, "tpu": 32}
+# The most running requests a step speculates for, per platform. On the 2-core CPU with SmolLM2-135M
+# (benchmarks/spec_speed.py, RESULTS.md): prompt lookup at 84% acceptance gained 1.5-1.6x at one request and
+# nothing at eight (0.99x: 40 matmul rows against 8), so the CPU stops at two.
+DISABLE_BY_BATCH_SIZE = {"cpu": 2, "gpu": 32, "tpu": 32}
 
 
 @dataclasses.dataclass(frozen=True)
@@ -38,7 +39,10 @@ class SpeculativeConfig:
     early_exit_layers: int | None = None  # early_exit: the layers that draft; None: a quarter of the target's
     disable_by_batch_size: int | None = None  # no speculation in a step with more running requests; None: platform
     adaptive: bool = True  # each request's k follows its acceptance (off: always num_speculative_tokens)
-    verify_token_cost: float | None = None  # the adaptive policy's cost of a drafted token; None: platform's
+    verify_step_cost: float | None = None  # a verify step's cost beyond a decode step's; None: the platform's
+    verify_token_cost: float | None = None  # a drafted token's share of a verify step; None: the platform's
+    draft_cost: float | None = None  # drafting one token, relative to a target decode step; None: the drafter's
+    #   weights' share of the target's (0 for prompt lookup), set when the engine is built
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -65,6 +69,12 @@ class SpeculativeConfig:
                                                        and 0 <= self.verify_token_cost <= 10):
             raise ValueError(f"speculative_config.verify_token_cost={self.verify_token_cost!r} must be a number "
                              "in [0, 10]")
+        if self.verify_step_cost is not None and not (isinstance(self.verify_step_cost, (int, float))
+                                                      and 0 <= self.verify_step_cost <= 10):
+            raise ValueError(f"speculative_config.verify_step_cost={self.verify_step_cost!r} must be a number "
+                             "in [0, 10]")
+        if self.draft_cost is not None and not (isinstance(self.draft_cost, (int, float)) and 0 <= self.draft_cost <= 10):
+            raise ValueError(f"speculative_config.draft_cost={self.draft_cost!r} must be a number in [0, 10]")
         if not isinstance(self.adaptive, bool):
             raise ValueError(f"speculative_config.adaptive={self.adaptive!r} must be true or false")
 
@@ -90,7 +100,14 @@ class SpeculativeConfig:
             self, disable_by_batch_size=(self.disable_by_batch_size if self.disable_by_batch_size is not None
                                          else DISABLE_BY_BATCH_SIZE.get(platform, 32)),
             verify_token_cost=(self.verify_token_cost if self.verify_token_cost is not None
-                               else VERIFY_TOKEN_COST.get(platform, 0.02)))
+                               else VERIFY_TOKEN_COST.get(platform, 0.02)),
+            verify_step_cost=(self.verify_step_cost if self.verify_step_cost is not None
+                              else VERIFY_STEP_COST.get(platform, 0.05)))
+
+    @property
+    def token_cost(self) -> float:
+        """The adaptive policy's cost of one drafted token, in target decode steps (once resolved and built)."""
+        return (self.verify_token_cost or 0.0) + (self.draft_cost or 0.0)
 
     def draft_layers(self, num_layers: int) -> int:
         """early_exit: the target layers that draft (checked against the target's depth)."""

@@ -2,27 +2,37 @@
 
 A request's acceptance rate a (the chance that a drafted token is accepted, as a running average over its
 verify steps) predicts what k drafted tokens buy: 1 + a + ... + a^k tokens per verify step (the accepted run
-plus the one token the target always gives), at a cost of 1 + c * k decode steps, where c is what one more
-token costs a verify step relative to a one-token step (`VERIFY_TOKEN_COST`, measured per platform). The
-policy picks the k in 0..num_speculative_tokens with the most tokens per cost; k = 0 (no speculation) wins when
-a is below about c. A request at k = 0 tries k = 1 again after `REPROBE_AFTER` tokens, since what it writes may
-turn copyable; one whose host proposer found nothing `MISS_LIMIT` times running waits as long before asking
-again (a request that is not speculating lets the engine run ahead of the host by a step). A step speculates only while at most `disable_by_batch_size` requests run: beyond it a verify
-step's extra tokens cost compute that a batch no longer hides.
+plus the one token the target always gives), at a cost of 1 + s + c * k decode steps: s is what a verify step
+costs beyond a decode step whatever its k (`VERIFY_STEP_COST`: on the CPU a matmul of 2 to 8 rows costs twice
+one of 1, and the step cannot overlap the host), c what one more drafted token costs: its share of the verify
+step (`VERIFY_TOKEN_COST`) plus drafting it (nothing for prompt lookup; for a draft model or an early exit, its
+weights' share of the target's: `SpeculativeConfig.draft_cost`). Both measured per platform. The policy picks
+the k in 0..num_speculative_tokens with the most tokens per cost; k = 0 (no speculation) wins unless the rate is
+high enough to pay for the step.
+
+A request at k = 0 drafts one token again after `backoff` tokens (16 at first), since what it writes may turn
+copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. One
+whose host proposer found nothing `MISS_LIMIT` times running waits likewise before asking again (a request that
+is not speculating lets the engine run ahead of the host by a step). A step speculates only while at most
+`disable_by_batch_size` requests run: beyond it a verify step's extra tokens cost compute a batch no longer hides.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-# The cost of one more token in a verify step relative to a plain decode step, per platform; measured on the
-# 2-core CPU with SmolLM2-135M at batch 1 (benchmarks/spec_speed.py; RESULTS.md). A decode step on a GPU
-# reads the weights either way, so extra tokens cost little there.
-VERIFY_TOKEN_COST = {"cpu": 0.12, "gpu": 0.02, "tpu": 0.02}
-PRIOR_ACCEPTANCE = 0.7  # a new request's assumed rate: it speculates from its first decode step, at full k
+# A verify step's cost relative to a decode step of the same rows: a fixed part and a part per proposed token,
+# per platform. Measured on the 2-core CPU with SmolLM2-135M at batch 1 (RESULTS.md, issue 14): a verify step of
+# 5 tokens took 2.85 decode-token times, one of 9 about 3.7 (a [5, 576] x [576, 1536] matmul costs 1.8x a
+# [1, 576] one, the LM head's 2x, and the host cannot run ahead of a verify step). On a GPU a decode step reads
+# the weights either way and extra rows cost little (the GPU issue measures them).
+VERIFY_STEP_COST = {"cpu": 1.0, "gpu": 0.05, "tpu": 0.05}
+VERIFY_TOKEN_COST = {"cpu": 0.15, "gpu": 0.02, "tpu": 0.02}
+PRIOR_ACCEPTANCE = 0.8  # a new request's assumed rate: prompt lookup speculates from its first decode step
 SMOOTHING = 0.3  # weight of the latest verify step in the running rate
 REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k = 0 drafts one token again
-MISS_LIMIT = 2  # empty proposals in a row after which a request waits REPROBE_AFTER tokens
+MAX_BACKOFF = 256
+MISS_LIMIT = 2  # empty proposals in a row after which a request waits `backoff` tokens
 
 
 @dataclasses.dataclass
@@ -35,31 +45,32 @@ class SpecState:
     steps: int = 0  # verify steps that carried a proposal
     idle: int = 0  # tokens decoded without speculation since the last verify step or empty proposal
     misses: int = 0  # empty proposals in a row (a host proposer found nothing)
+    backoff: int = REPROBE_AFTER  # tokens to wait before drafting again once speculation stopped paying
 
 
-def best_k(rate: float, k_max: int, token_cost: float) -> int:
+def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -> int:
     """The k in 0..k_max with the most expected tokens per unit of step cost."""
     best, best_value, run, total = 0, 1.0, 1.0, 1.0
     for k in range(1, k_max + 1):
         run *= rate
         total += run
-        value = total / (1 + token_cost * k)
+        value = total / (1 + step_cost + token_cost * k)
         if value > best_value * 1.0001:
             best, best_value = k, value
     return best
 
 
 class AdaptivePolicy:
-    def __init__(self, k_max: int, token_cost: float, adaptive: bool = True):
-        self.k_max, self.token_cost, self.adaptive = k_max, token_cost, adaptive
+    def __init__(self, k_max: int, token_cost: float, adaptive: bool = True, step_cost: float = 0.0):
+        self.k_max, self.token_cost, self.adaptive, self.step_cost = k_max, token_cost, adaptive, step_cost
 
     def k(self, state: SpecState) -> int:
         if not self.adaptive:
             return self.k_max
-        if state.misses >= MISS_LIMIT and state.idle < REPROBE_AFTER:
+        if state.misses >= MISS_LIMIT and state.idle < state.backoff:
             return 0
-        k = best_k(state.rate, self.k_max, self.token_cost)
-        if k == 0 and state.idle >= REPROBE_AFTER:
+        k = best_k(state.rate, self.k_max, self.token_cost, self.step_cost)
+        if k == 0 and state.idle >= state.backoff:
             return 1
         return k
 
@@ -67,6 +78,8 @@ class AdaptivePolicy:
         """A host proposer had nothing to propose."""
         state.misses += 1
         state.idle = 0
+        if state.misses > MISS_LIMIT:  # a probe after the wait found nothing either
+            state.backoff = min(2 * state.backoff, MAX_BACKOFF)
 
     def record(self, state: SpecState, drafted: int, accepted: int) -> None:
         """After a verify step of `drafted` proposed tokens (0: the request decoded one token plainly)."""
@@ -78,3 +91,4 @@ class AdaptivePolicy:
         state.steps += 1
         state.idle = state.misses = 0
         state.rate = (1 - SMOOTHING) * state.rate + SMOOTHING * accepted / drafted
+        state.backoff = REPROBE_AFTER if accepted else min(2 * state.backoff, MAX_BACKOFF)

@@ -8,7 +8,7 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jinfer.engine.spec.policy import MISS_LIMIT, REPROBE_AFTER, AdaptivePolicy, SpecState, best_k
+from jinfer.engine.spec.policy import MAX_BACKOFF, MISS_LIMIT, REPROBE_AFTER, AdaptivePolicy, SpecState, best_k
 from jinfer.engine.spec.proposers import NgramProposer
 
 
@@ -47,20 +47,39 @@ def test_best_k_maximizes_expected_tokens_per_cost(rate, cost):
     assert value(k) >= max(value(j) for j in range(9)) - 1e-9
 
 
-def test_a_request_that_stops_paying_stops_speculating_and_probes_again():
+def test_a_request_that_stops_paying_stops_speculating_and_probes_ever_less_often():
     policy = AdaptivePolicy(k_max=4, token_cost=0.12)
     s = SpecState()
     assert policy.k(s) == 4  # the prior: speculate from the start
-    for _ in range(12):
-        policy.record(s, policy.k(s) or 1, 0)
-    assert policy.k(s) == 0
-    for _ in range(REPROBE_AFTER):
-        policy.record(s, 0, 0)
-    assert policy.k(s) == 1  # tries again
-    for _ in range(12):
-        policy.record(s, policy.k(s), policy.k(s))
-    assert policy.k(s) == 4
+    while policy.k(s):
+        policy.record(s, policy.k(s), 0)
+    waits = []
+    for _ in range(3):  # each failed probe doubles the wait before the next
+        idle = 0
+        while policy.k(s) == 0:
+            policy.record(s, 0, 0)
+            idle += 1
+        waits.append(idle)
+        assert policy.k(s) == 1
+        policy.record(s, 1, 0)
+    assert waits[0] >= REPROBE_AFTER and all(b == min(2 * a, MAX_BACKOFF) for a, b in zip(waits, waits[1:]))
+    fresh = SpecState(rate=0.0)  # not paying from the start: waits 16, then 32 after a failed probe
+    for wait in (REPROBE_AFTER, 2 * REPROBE_AFTER):
+        for _ in range(wait):
+            assert policy.k(fresh) == 0
+            policy.record(fresh, 0, 0)
+        assert policy.k(fresh) == 1
+        policy.record(fresh, 1, 0)
+    for _ in range(12):  # it became copyable: back to full speed, and the next wait is short again
+        policy.record(s, max(policy.k(s), 1), max(policy.k(s), 1))
+    assert policy.k(s) == 4 and s.backoff == REPROBE_AFTER
     assert AdaptivePolicy(k_max=3, token_cost=0.12, adaptive=False).k(SpecState(rate=0.0)) == 3
+
+
+def test_a_costly_drafter_needs_a_higher_acceptance_to_speculate():
+    assert best_k(0.5, 4, 0.12) >= 2
+    assert best_k(0.5, 4, 0.52) == 0  # early exit at a quarter of SmolLM2's layers costs 0.40 per draft
+    assert best_k(0.8, 4, 0.52) >= 1
 
 
 def test_a_request_whose_lookups_find_nothing_waits_before_looking_again():
@@ -73,3 +92,20 @@ def test_a_request_whose_lookups_find_nothing_waits_before_looking_again():
     for _ in range(REPROBE_AFTER):
         policy.record(s, 0, 0)
     assert policy.k(s) > 0
+    policy.record_miss(s)  # still nothing: the next wait is twice as long
+    assert policy.k(s) == 0 and s.backoff == 2 * REPROBE_AFTER
+
+
+def test_draft_cost_is_the_drafters_share_of_the_weights():
+    from jinfer.engine.spec.config import SpeculativeConfig
+    from jinfer.models import llama
+    from jinfer.models.config import ModelConfig
+    from jinfer.runtime.build import draft_cost
+
+    smollm2 = ModelConfig(vocab_size=49152, hidden_size=576, num_layers=30, num_heads=9, num_kv_heads=3, head_dim=64,
+                          intermediate_size=1536, max_position_embeddings=8192, tie_word_embeddings=True)
+    assert draft_cost(SpeculativeConfig("ngram"), smollm2, None) == 0
+    ee = draft_cost(SpeculativeConfig("early_exit"), smollm2, None)  # 7 of 30 layers and the LM head
+    head = 49152 * 576
+    layers = llama.num_params(smollm2) - head
+    assert abs(ee - (7 * layers / 30 + head) / (layers + head)) < 1e-9 and 0.35 < ee < 0.45

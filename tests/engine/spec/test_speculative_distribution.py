@@ -23,7 +23,7 @@ from scipy import stats
 from jinfer.inputs import SamplingParams
 from jinfer.runtime import reference
 from jinfer.testing.tiny import TINY
-from tests.engine.spec.test_speculative_engine import MOTIF, spec_engine
+from tests.engine.spec.test_speculative_engine import spec_engine
 
 N = 12_000
 NEW = 4

@@ -30,7 +30,10 @@ def spec_engine(params, tok, method: str, k: int = 3, **kw):
     """An engine speculating with `method`: ngram (suffixes down to one token, so the random model's text finds
     matches, and not adaptive), early_exit (1 of 2 layers), draft (the target's first layer as a separate model with its own
     cache) or uniform (random tokens). One decode bucket, so each engine compiles four steps."""
-    spec = dict(method=method, num_speculative_tokens=k, disable_by_batch_size=kw.pop("disable_by_batch_size", 8))
+    # Costs of zero: the policy adapts k to acceptance alone (the CPU's measured costs would stop these models
+    # from speculating at all, which is right for speed and wrong for a test of speculation).
+    spec = dict(method=method, num_speculative_tokens=k, disable_by_batch_size=kw.pop("disable_by_batch_size", 8),
+                verify_step_cost=0.0, verify_token_cost=0.0, draft_cost=0.0)
     extra = {}
     if method == "ngram":  # proposes whenever it can: the tests want verify steps, not speed
         spec.update(prompt_lookup_min=1, adaptive=False)
