@@ -108,7 +108,9 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
                 q.at[:, at].set(jnp.where(keep, qi, q[:, at])))
 
     init = (kv, d.first, d.counts, jnp.zeros((R, k), jnp.int32), jnp.zeros((R, k, vocab_size), jnp.float32))
-    kv, _, _, drafts, q = jax.lax.fori_loop(0, steps, body, init)
+    # As many steps as the longest row drafts (a probe of one token pays for one), not always k.
+    n = jnp.minimum(jnp.max(rows.num_draft) + (steps - k), steps)
+    kv, _, _, drafts, q = jax.lax.fori_loop(0, n, body, init)
     return drafts, q, kv
 
 
