@@ -13,27 +13,17 @@ import numpy as np
 import pytest
 
 from jinfer import LLM
-from jinfer.checkpoints.load import LoadedModel
-from jinfer.engine.config import EngineConfig
 from jinfer.entrypoints import cli
 from jinfer.entrypoints import llm as llm_module
 from jinfer.entrypoints.perplexity import perplexity, windows
 from jinfer.runtime import reference
-from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+from jinfer.testing.tiny import TINY, tiny_tokenizer
+from tests.entrypoints.conftest import ENGINE
 
-ENGINE = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), max_prefill_chunk=16)
 IDS = [int(t) for t in np.random.default_rng(0).integers(0, TINY.vocab_size, 100)]
 TEXT = " ".join(f"w{t}" for t in IDS)  # the tiny tokenizer's word i is token i
 
 
-@pytest.fixture(scope="module")
-def params():
-    return tiny_params(3)
-
-
-@pytest.fixture(scope="module")
-def llm(params):
-    return LLM(LoadedModel(TINY, params, tiny_tokenizer()), engine_config=ENGINE)
 
 
 def reference_perplexity(params, ids, window) -> float:

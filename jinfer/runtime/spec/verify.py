@@ -53,7 +53,8 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
         penalties, lambda: (state.output_counts[rows.slot], state.prompt_mask[rows.slot]),
         lambda: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool)))
     offsets = jnp.arange(W)
-    keys = step_keys(jnp.repeat(sp.seed, W), (rows.gen_index[:, None] + offsets).reshape(-1)).reshape(R, W)
+    rep = lambda a: jnp.repeat(a, W)  # noqa: E731  (per row -> per token slot)
+    keys = step_keys(rep(sp.seed), (rows.gen_index[:, None] + offsets).reshape(-1)).reshape(R, W)
     draft_index = rows.query_start[:, None] + 1 + offsets[:k]  # [R, k]: the token slots of the proposals
     proposed = offsets[:k] < rows.num_draft[:, None]
     q = None
@@ -76,13 +77,11 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
         # Offset j follows the first token and the proposals d_1 .. d_j, all generated tokens.
         seen = jnp.cumsum(jax.nn.one_hot(drafts, V, dtype=jnp.int32) * proposed[..., None], axis=1)
         counts = counts0[:, None] + jnp.concatenate([jnp.zeros((R, 1, V), jnp.int32), seen], axis=1)
-        rep = lambda a: jnp.repeat(a, W)  # noqa: E731
         return apply_penalties(logits.reshape(R * W, V), counts.reshape(R * W, V), jnp.repeat(prompt_mask, W, axis=0),
                                rep(sp.repetition_penalty), rep(sp.presence_penalty),
                                rep(sp.frequency_penalty)).reshape(R, W, V)
 
     pen = jax.lax.cond(penalties, penalized, lambda: logits)
-    rep = lambda a: jnp.repeat(a, W)  # noqa: E731
     x = sample(pen.reshape(R * W, V), rep(sp.temperature), rep(sp.top_k), rep(sp.top_p), keys.reshape(-1),
                rep(sp.min_p)).reshape(R, W)
     stochastic = sp.temperature > 0
