@@ -9,7 +9,8 @@ path). Workloads, chat-templated, the same prompts for every method:
 - grounded: a source file of this repository in the prompt, asked to be repeated with one rename (greedy, up to
   --new tokens, stopping at EOS; the same tokens for every method, since greedy speculation is exact);
 - chat: open-ended requests (temperature 0.7, seeded, EOS ignored, --new tokens).
-At batch B the first B prompts of the workload run at once. tok/s = generated tokens / wall s (prefill included),
+At batch B the workload's --prompts prompts run B at a time, group after group (so every batch size generates
+the same tokens). tok/s = generated tokens / wall s (prefill included),
 decode = tokens after each request's first / s from the first first token to the last finish (the decode phase
 that speculation speeds up); medians of --iters timed runs after a warm-up; `x none` is the ratio to the engine
 without speculation in the same round.
@@ -83,6 +84,7 @@ def main():
     ap.add_argument("--new", type=int, default=96)
     ap.add_argument("--fixed", action="store_true")
     ap.add_argument("--workloads", default="grounded,chat")
+    ap.add_argument("--prompts", type=int, default=8, help="prompts per workload (a multiple of every batch size)")
     args = ap.parse_args()
     import jax
 
@@ -105,17 +107,22 @@ def main():
           f"{'accept':>7} {'len':>5}", flush=True)
     for w in args.workloads.split(","):
         for B in batches:
-            ps = prompts[w][:B]
-            sps = [dataclasses.replace(sampling[w], seed=i) for i in range(B)]
+            groups = [prompts[w][i:i + B] for i in range(0, args.prompts, B)]
             rates, decode, stats = {}, {}, {}
             for m, llm in llms.items():
                 def run():
-                    t = time.perf_counter()
-                    outs = llm.generate(ps, sps, use_tqdm=False)
-                    end = time.perf_counter()
-                    first = min(o.metrics.first_token_time for o in outs)
-                    n = sum(len(o.token_ids) for o in outs)
-                    return outs, n / (end - t), (n - len(outs)) / (max(o.metrics.finished_time for o in outs) - first)
+                    outs, n, wall, dwall = [], 0, 0.0, 0.0
+                    for g, ps in enumerate(groups):
+                        sps = [dataclasses.replace(sampling[w], seed=g * B + i) for i in range(len(ps))]
+                        t = time.perf_counter()
+                        o = llm.generate(ps, sps, use_tqdm=False)
+                        end = time.perf_counter()
+                        first = min(x.metrics.first_token_time for x in o)
+                        outs += o
+                        n += sum(len(x.token_ids) for x in o)
+                        wall += end - t
+                        dwall += max(x.metrics.finished_time for x in o) - first
+                    return outs, n / wall, (n - len(outs)) / dwall
 
                 run()
                 runs = [run() for _ in range(args.iters)]

@@ -54,25 +54,41 @@ def main():
     ap.add_argument("--workload", default="decode_b1", choices=sorted(WORKLOADS))
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all")
+    ap.add_argument("--speculative-config", default=None, help="JSON, as `jinfer generate` takes it")
+    ap.add_argument("--grounded", action="store_true",
+                    help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
     args = ap.parse_args()
     if args.model:
         from jinfer.checkpoints.load import load
 
         loaded = load(args.model)
-        config, params = loaded.config, loaded.params
+        config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
     else:
         from benchmarks.model_shapes import SHAPES
         from jinfer.models import llama
 
-        config = SHAPES[args.shape]
+        config, tokenizer = SHAPES[args.shape], None
         params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(0), jnp.dtype(args.dtype))
-    engine = make_engine(config, params, None, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps))
+    spec = None
+    if args.speculative_config:
+        from jinfer.engine.spec.config import SpeculativeConfig
+
+        spec = SpeculativeConfig.from_dict(json.loads(args.speculative_config)).resolve(jax.default_backend())
+    engine = make_engine(config, params, tokenizer, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps,
+                                                            speculative=spec))
     engine.warmup()
     n, _, new = WORKLOADS[args.workload]
-    sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=True)
+    sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=not args.grounded)
+
+    def prompts(i):
+        if not args.grounded:
+            return prompts_for(args.workload, i, config.vocab_size)
+        from benchmarks.spec_speed import grounded_prompts
+
+        return [engine.inputs.chat([{"role": "user", "content": p}]).ids for p in grounded_prompts(n)]
 
     def run(i):
-        for p in prompts_for(args.workload, i, config.vocab_size):
+        for p in prompts(i):
             engine.add_request(p, sp)
         steps = 0
         while engine.has_work:
@@ -87,6 +103,8 @@ def main():
     steps = run(1)
     wall = time.perf_counter() - t
     jax.profiler.stop_trace()
+    if os.environ.get("KEEP_TRACE"):
+        print("trace in", trace_dir)
 
     hlo = {}
     for shape in engine.runner.all_shapes():

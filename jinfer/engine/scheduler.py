@@ -81,8 +81,8 @@ class Scheduler:
         self.spec = spec
         self.proposer: HostProposer | None = None
         if spec is not None:
-            self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.token_cost, spec.adaptive,
-                                         spec.verify_step_cost or 0.0)
+            self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.draft_cost or 0.0, spec.adaptive,
+                                         spec.step_cost)
             if spec.method == "ngram":
                 self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0
@@ -244,11 +244,11 @@ class Scheduler:
             return None
         decode = (not reset and not precomputed and not imports
                   and all(n == 1 == req.num_tokens - req.num_computed for req, n in chunks))
-        drafts = self._proposals(chunks) if decode else None
+        drafts, missed = self._proposals(chunks) if decode else (None, ())
         if drafts is not None:
             return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
-            chunks = [(req, self._decode_steps(req)) for req, _ in chunks]
+            chunks = [(req, 1 if req in missed else self._decode_steps(req)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
 
     def needs_sync(self, plan: StepPlan) -> bool:
@@ -261,12 +261,14 @@ class Scheduler:
             return False
         return any(self.policy.k(r.spec) for r in self.running)
 
-    def _proposals(self, chunks: list[tuple[Request, int]]) -> list[list[int] | int] | None:
+    def _proposals(self, chunks: list[tuple[Request, int]]) -> tuple[list[list[int] | int] | None, list[Request]]:
         """Per row of a would-be decode block: the host proposer's token ids, or how many tokens the device
-        drafts; None when no row speculates (too many running, nothing proposed)."""
+        drafts; None when no row speculates (too many running, nothing proposed). Also the requests whose host
+        proposer found nothing: they decode one token and ask again, rather than a whole block, because a
+        copy usually resumes a token or two after it broke off (a new word in copied text)."""
         if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
-            return None
-        out, any_draft = [], False
+            return None, []
+        out, missed, any_draft = [], [], False
         for req, _ in chunks:
             k = min(self.policy.k(req.spec), req.sampling.max_tokens - req.num_sampled - 1,
                     self.max_model_len - req.num_tokens - 1)
@@ -278,12 +280,13 @@ class Scheduler:
                     drafts = self.proposer.propose(known, k)
                     if not drafts:
                         self.policy.record_miss(req.spec)
+                        missed.append(req)
                 out.append(drafts)
                 k = len(drafts)
             else:
                 out.append(k)
             any_draft |= k > 0
-        return out if any_draft else None
+        return (out if any_draft else None), missed
 
     def _free_pages(self) -> int:
         """Pages to be had without preempting anyone (free ones and evictable cached ones)."""

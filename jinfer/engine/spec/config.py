@@ -40,7 +40,7 @@ class SpeculativeConfig:
     disable_by_batch_size: int | None = None  # no speculation in a step with more running requests; None: platform
     adaptive: bool = True  # each request's k follows its acceptance (off: always num_speculative_tokens)
     verify_step_cost: float | None = None  # a verify step's cost beyond a decode step's; None: the platform's
-    verify_token_cost: float | None = None  # a drafted token's share of a verify step; None: the platform's
+    verify_token_cost: float | None = None  # a token slot's share of a verify step; None: the platform's
     draft_cost: float | None = None  # drafting one token, relative to a target decode step; None: the drafter's
     #   weights' share of the target's (0 for prompt lookup), set when the engine is built
 
@@ -105,9 +105,10 @@ class SpeculativeConfig:
                               else VERIFY_STEP_COST.get(platform, 0.05)))
 
     @property
-    def token_cost(self) -> float:
-        """The adaptive policy's cost of one drafted token, in target decode steps (once resolved and built)."""
-        return (self.verify_token_cost or 0.0) + (self.draft_cost or 0.0)
+    def step_cost(self) -> float:
+        """A verify step's cost beyond a decode step's, in target decode steps (once resolved): its fixed part and
+        its k + 1 tokens per row, whatever a row drafts (the step's shape has room for k)."""
+        return (self.verify_step_cost or 0.0) + (self.verify_token_cost or 0.0) * self.num_speculative_tokens
 
     def draft_layers(self, num_layers: int) -> int:
         """early_exit: the target layers that draft (checked against the target's depth)."""

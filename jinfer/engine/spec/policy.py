@@ -3,12 +3,12 @@
 A request's acceptance rate a (the chance that a drafted token is accepted, as a running average over its
 verify steps) predicts what k drafted tokens buy: 1 + a + ... + a^k tokens per verify step (the accepted run
 plus the one token the target always gives), at a cost of 1 + s + c * k decode steps: s is what a verify step
-costs beyond a decode step whatever its k (`VERIFY_STEP_COST`: on the CPU a matmul of 2 to 8 rows costs twice
-one of 1, and the step cannot overlap the host), c what one more drafted token costs: its share of the verify
-step (`VERIFY_TOKEN_COST`) plus drafting it (nothing for prompt lookup; for a draft model or an early exit, its
-weights' share of the target's: `SpeculativeConfig.draft_cost`). Both measured per platform. The policy picks
-the k in 0..num_speculative_tokens with the most tokens per cost; k = 0 (no speculation) wins unless the rate is
-high enough to pay for the step.
+costs beyond a decode step whatever a row drafts (`SpeculativeConfig.step_cost`: a fixed part, since on the CPU
+a matmul of 2 to 16 rows costs 1.5x one of 1 and the host cannot run ahead of a verify step, and each of the
+k_max + 1 token slots the step's shape computes), c what drafting one more token costs (nothing for prompt
+lookup; for a draft model or an early exit, its weights' share of the target's: `SpeculativeConfig.draft_cost`).
+Both measured per platform. The policy picks the k in 0..num_speculative_tokens with the most tokens per cost;
+k = 0 (no speculation) wins unless the rate is high enough to pay for the step.
 
 A request at k = 0 drafts one token again after `backoff` tokens (16 at first), since what it writes may turn
 copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. One
@@ -21,15 +21,15 @@ from __future__ import annotations
 
 import dataclasses
 
-# A verify step's cost relative to a decode step of the same rows: a fixed part and a part per proposed token,
-# per platform. Measured on the 2-core CPU with SmolLM2-135M at batch 1 (RESULTS.md, issue 14): a verify step of
-# 5 tokens took 2.85 decode-token times, one of 9 about 3.7 (a [5, 576] x [576, 1536] matmul costs 1.8x a
-# [1, 576] one, the LM head's 2x, and the host cannot run ahead of a verify step). On a GPU a decode step reads
-# the weights either way and extra rows cost little (the GPU issue measures them).
-VERIFY_STEP_COST = {"cpu": 1.0, "gpu": 0.05, "tpu": 0.05}
-VERIFY_TOKEN_COST = {"cpu": 0.15, "gpu": 0.02, "tpu": 0.02}
+# A verify step's cost beyond a decode step of the same rows: a fixed part and a part per token slot (k_max + 1
+# per row), per platform. Measured on the 2-core CPU with SmolLM2-135M at batch 1, a context of 800 (RESULTS.md,
+# issue 14), from one dispatch to the next: a decode step in a block 27.5 ms, a verify step of 5 slots 2.2
+# decode steps, of 9 slots 2.6. On a GPU a decode step reads the weights either way and extra rows cost little
+# (the GPU issue measures them).
+VERIFY_STEP_COST = {"cpu": 0.8, "gpu": 0.05, "tpu": 0.05}
+VERIFY_TOKEN_COST = {"cpu": 0.1, "gpu": 0.02, "tpu": 0.02}
 PRIOR_ACCEPTANCE = 0.8  # a new request's assumed rate: prompt lookup speculates from its first decode step
-SMOOTHING = 0.3  # weight of the latest verify step in the running rate
+SMOOTHING = 0.2  # weight of the latest verify step in the running rate (one failure at the prior keeps k_max)
 REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k = 0 drafts one token again
 MAX_BACKOFF = 256
 MISS_LIMIT = 2  # empty proposals in a row after which a request waits `backoff` tokens
@@ -49,7 +49,7 @@ class SpecState:
 
 
 def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -> int:
-    """The k in 0..k_max with the most expected tokens per unit of step cost."""
+    """The k in 0..k_max with the most expected tokens per unit of step cost (`token_cost`: drafting a token)."""
     best, best_value, run, total = 0, 1.0, 1.0, 1.0
     for k in range(1, k_max + 1):
         run *= rate
@@ -71,7 +71,7 @@ class AdaptivePolicy:
             return 0
         k = best_k(state.rate, self.k_max, self.token_cost, self.step_cost)
         if k == 0 and state.idle >= state.backoff:
-            return 1
+            return 1 if self.token_cost else self.k_max  # a probe; free proposals fill the step's slots
         return k
 
     def record_miss(self, state: SpecState) -> None:

@@ -21,7 +21,9 @@ class HostProposer(Protocol):
 class NgramProposer:
     """Prompt lookup (Saxena's prompt-lookup decoding; vLLM's `ngram`): the sequence's last n tokens, for n from
     `max_n` down to `min_n`, are searched for earlier in the sequence; the k tokens after the latest earlier
-    occurrence are the guess. The latest, because generated text tends to continue what it copied last."""
+    occurrence are the guess. The latest, because generated text tends to continue what it copied last. When
+    fewer than k tokens follow it (the match lies d tokens before the end: the text repeats with period d),
+    the guess continues that period rather than stopping short: a loop keeps looping."""
 
     def __init__(self, min_n: int, max_n: int):
         self.min_n, self.max_n = min_n, max_n
@@ -36,5 +38,5 @@ class NgramProposer:
             hits = np.flatnonzero((windows == suffix).all(axis=1))
             if len(hits):
                 start = int(hits[-1]) + n
-                return seq[start:start + k].tolist()
+                return seq[start + np.arange(k) % (L - start)].tolist()
         return []

@@ -19,7 +19,8 @@ def brute_force_lookup(seq: list[int], k: int, min_n: int, max_n: int) -> list[i
         suffix = seq[-n:]
         for start in range(len(seq) - n - 1, -1, -1):  # latest earlier occurrence first
             if seq[start:start + n] == suffix:
-                return seq[start + n:start + n + k]
+                after = seq[start + n:]  # what followed; past the end, the text repeats with its period
+                return [after[i % len(after)] for i in range(k)]
     return []
 
 
@@ -35,6 +36,7 @@ def test_prompt_lookup_proposes_what_followed_the_latest_match():
     ids = [vocab[w] for w in code] + [vocab["def"], vocab["f"], vocab["("]]
     assert NgramProposer(2, 3).propose(ids, 4) == [vocab[w] for w in ["x", ")", ":", "return"]]
     assert NgramProposer(2, 3).propose([1, 2, 3], 4) == []
+    assert NgramProposer(2, 3).propose([1, 2, 3, 1, 2, 3, 1, 2], 5) == [3, 1, 2, 3, 1]  # a loop keeps looping
 
 
 @pytest.mark.parametrize("rate", np.linspace(0, 1, 21))
