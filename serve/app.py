@@ -13,9 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
-import errno
 import logging
-import socket
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -26,6 +24,8 @@ from jinfer.engine.engine import Engine
 from jinfer.serve.auth import BearerTokenInterceptor
 from jinfer.serve.engine_thread import EngineThread
 from jinfer.serve.metrics import ServeMetrics
+from jinfer.serve.ports import address as _address
+from jinfer.serve.ports import check_port_free
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
 from jinfer.serve.server import SERVICE_NAME, GenerationServicer, UndecodableRequests
 
@@ -47,49 +47,19 @@ class ServeOptions:
     metrics_host: str = "127.0.0.1"
     metrics_port: int | None = None  # None: no Prometheus endpoint; 0: the OS picks one
     drain_grace_s: float = 30.0
+    http_port: int | None = None  # the OpenAI-compatible HTTP front on `host` (None: none; 0: the OS picks one)
 
     def __post_init__(self):
         if (self.tls_cert_chain is None) != (self.tls_private_key is None):
             raise ValueError("TLS needs both a certificate chain and a private key")
         if not 0 <= self.port < 65536:
             raise ValueError(f"port={self.port} must be in [0, 65536)")
+        if self.http_port is not None and not 0 <= self.http_port < 65536:
+            raise ValueError(f"http_port={self.http_port} must be in [0, 65536)")
         if self.max_message_bytes < 1024:
             raise ValueError(f"max_message_bytes={self.max_message_bytes} must be at least 1024")
         if self.drain_grace_s < 0:
             raise ValueError(f"drain_grace_s={self.drain_grace_s} must be >= 0")
-
-
-def _address(host: str, port: int) -> str:
-    return f"{host}:{port}" if ":" not in host else f"[{host}]:{port}"
-
-
-def check_port_free(host: str, port: int) -> None:
-    """Raises OSError, in one line that says why, when `host:port` is in use (another server or program
-    listens there) or not ours to bind. gRPC's own refusal says only "Failed to bind" and first writes a
-    C-core error line of its own to stderr, so the port is tried here first."""
-    if port == 0:
-        return
-    address = _address(host, port)
-    try:
-        infos = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM, flags=socket.AI_PASSIVE)
-    except socket.gaierror as e:
-        raise OSError(f"cannot listen on {address}: {e.strerror}") from None
-    for family, kind, proto, _, sockaddr in infos:
-        try:
-            s = socket.socket(family, kind, proto)
-        except OSError:
-            continue  # a family this machine lacks (IPv6 off): gRPC leaves it out too
-        with s:
-            s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)  # as gRPC binds: a port in TIME_WAIT is free
-            try:
-                s.bind(sockaddr)
-            except OSError as e:
-                # Other errors (one of localhost's addresses missing, say) are gRPC's to judge: it binds what it can.
-                if e.errno == errno.EADDRINUSE:
-                    raise OSError(f"cannot listen on {address}: the port is already in use "
-                                  "(by another server or program)") from None
-                if e.errno == errno.EACCES:
-                    raise OSError(f"cannot listen on {address}: {e.strerror}") from None
 
 
 class ServeApp:
@@ -103,6 +73,8 @@ class ServeApp:
         self.servicer: GenerationServicer | None = None
         self.port: int | None = None
         self.metrics_port: int | None = None
+        self.http = None  # serve.http_app.HttpFront, when options.http_port is set
+        self.http_port: int | None = None
         self.ready = asyncio.Event()
         self.failed = asyncio.Event()
         self._stop_metrics = None
@@ -138,6 +110,11 @@ class ServeApp:
             except OSError as e:
                 raise OSError(f"cannot serve metrics on {_address(o.metrics_host, o.metrics_port)}: "
                               f"{e.strerror or e}") from None
+        if o.http_port is not None:
+            from jinfer.serve.http_app import HttpFront
+
+            self.http = HttpFront(o.host, o.http_port, o.model_name, self.metrics, o.auth_tokens, o.max_message_bytes)
+            self.http_port = self.http.bind()
         self.server, self.port = server, port
         return port
 
@@ -160,6 +137,8 @@ class ServeApp:
             (SERVICE_NAME, health_pb2.DESCRIPTOR.services_by_name["Health"].full_name, reflection.SERVICE_NAME),
             self.server)
         await self.server.start()
+        if self.http is not None:
+            self.http.start(self.engine_thread)
         self.engine_thread.start()
         return self.port
 
@@ -196,13 +175,21 @@ class ServeApp:
     async def drain(self, grace: float | None = None) -> None:
         grace = self.options.drain_grace_s if grace is None else grace
         self.servicer.accepting = False
+        if self.http is not None:
+            self.http.accepting = False
         await self.health.enter_graceful_shutdown()
-        log.info('{"event": "draining", "in_flight": %d, "grace_s": %s}', self.servicer.in_flight, grace)
-        if self.servicer.in_flight:
-            try:
-                await asyncio.wait_for(self.servicer.wait_idle(), grace)
-            except asyncio.TimeoutError:
-                log.warning('{"event": "grace_expired", "cancelled": %d}', self.servicer.in_flight)
+        http_in_flight = self.http.in_flight if self.http is not None else 0
+        log.info('{"event": "draining", "in_flight": %d, "http_in_flight": %d, "grace_s": %s}',
+                 self.servicer.in_flight, http_in_flight, grace)
+
+        async def grpc_calls():
+            if self.servicer.in_flight:
+                try:
+                    await asyncio.wait_for(self.servicer.wait_idle(), grace)
+                except asyncio.TimeoutError:
+                    log.warning('{"event": "grace_expired", "cancelled": %d}', self.servicer.in_flight)
+
+        await asyncio.gather(grpc_calls(), *([self.http.drain(grace)] if self.http is not None else []))
         await self.server.stop(grace=0.1)  # the Generate calls are done (or out of time); others are quick
         self.servicer.close()
         await asyncio.to_thread(self.engine_thread.stop, 30.0)

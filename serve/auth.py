@@ -22,26 +22,36 @@ def bearer_metadata(token: str | None) -> tuple[tuple[str, str], ...]:
     return ((HEADER, f"Bearer {token}"),) if token else ()
 
 
+def refusal(values: list, tokens: list[bytes], how: str = "call metadata") -> str | None:
+    """Why a call whose authorization values are `values` (str or bytes) is refused, or None if its token is
+    one of `tokens`. `how`: what carries them ("call metadata", "the header")."""
+    if not values:
+        return f"missing credentials: send {how} '{HEADER}: Bearer <token>'"
+    scheme, _, token = (values[0] if isinstance(values[0], str) else values[0].decode()).partition(" ")
+    if scheme.lower() != "bearer" or not token:
+        return f"the '{HEADER}' {how.split()[-1]} must read 'Bearer <token>'"
+    # Compare against every token, in constant time, so timing tells nothing about which nearly matched.
+    ok = False
+    for t in tokens:
+        ok |= hmac.compare_digest(token.strip().encode(), t)
+    return None if ok else "the bearer token is not valid"
+
+
+def token_bytes(tokens: Iterable[str]) -> list[bytes]:
+    out = [t.encode() for t in tokens]
+    if not out or not all(t.strip() for t in out):
+        raise ValueError("auth tokens must be a non-empty list of non-blank strings")
+    return out
+
+
 class BearerTokenInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, tokens: Iterable[str], exempt_prefixes: tuple[str, ...] = EXEMPT_PREFIXES):
-        self._tokens = [t.encode() for t in tokens]
-        if not self._tokens or not all(t.strip() for t in self._tokens):
-            raise ValueError("auth tokens must be a non-empty list of non-blank strings")
+        self._tokens = token_bytes(tokens)
         self._exempt = exempt_prefixes
 
     def _refusal(self, metadata) -> str | None:
         """Why the call is refused, or None if its token is good."""
-        values = [v for k, v in (metadata or ()) if k == HEADER]
-        if not values:
-            return f"missing credentials: send call metadata '{HEADER}: Bearer <token>'"
-        scheme, _, token = (values[0] if isinstance(values[0], str) else values[0].decode()).partition(" ")
-        if scheme.lower() != "bearer" or not token:
-            return f"the '{HEADER}' metadata must read 'Bearer <token>'"
-        # Compare against every token, in constant time, so timing tells nothing about which nearly matched.
-        ok = False
-        for t in self._tokens:
-            ok |= hmac.compare_digest(token.strip().encode(), t)
-        return None if ok else "the bearer token is not valid"
+        return refusal([v for k, v in (metadata or ()) if k == HEADER], self._tokens)
 
     async def intercept_service(self, continuation, handler_call_details):
         if handler_call_details.method.startswith(self._exempt):

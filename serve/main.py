@@ -86,7 +86,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                         f"'{TINY_RANDOM}' for the tiny test model")
     p.add_argument("--host", default="127.0.0.1", help="address to bind (0.0.0.0 or :: for every interface)")
     p.add_argument("--port", type=int, default=50051, help="0: let the OS pick (the 'listening' log line has it)")
+    p.add_argument("--http-port", type=int, default=None,
+                   help="also serve the OpenAI-compatible HTTP API (/v1/completions, /v1/chat/completions, ...) on "
+                        "this port of --host; 0: let the OS pick")
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    p.add_argument("--chat-template", default=None,
+                   help="a Jinja chat template (a file, or the template itself) in place of the model's own")
     add_quantization_arguments(p)
     add_kv_cache_arguments(p)
     add_speculative_arguments(p)
@@ -145,20 +150,38 @@ def engine_config(args, dtype: str):
     return EngineConfig(dtype=dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel, **kw)
 
 
+def chat_template(value: str | None) -> str | None:
+    """--chat-template: a file's text, or the value itself when it names no file."""
+    if value is None:
+        return None
+    if os.path.isfile(value):
+        with open(value) as f:
+            return f.read()
+    if "{" not in value:
+        raise ValueError(f"--chat-template {value!r} is neither a file nor a Jinja template")
+    return value
+
+
 def build_engine(args):
     """An Engine, or a DataParallelEngine with --data-parallel > 1 (the server needs only their common API)."""
     from jinfer.runtime.build import make_engine
 
     cfg = engine_config(args, args.dtype)
+    template = chat_template(getattr(args, "chat_template", None))
     if args.model == TINY_RANDOM:
         from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
-        return make_engine(TINY, tiny_params(), tiny_tokenizer(), cfg, seed=args.seed, draft_model=load_draft(cfg))
-    from jinfer.checkpoints.load import load
+        config, params, tokenizer = TINY, tiny_params(), tiny_tokenizer()
+    else:
+        from jinfer.checkpoints.load import load
 
-    loaded = load(args.model, quantization=args.quantization)  # as LLM loads it; serving sits below the entry points, so not through LLM
-    return make_engine(loaded.config, loaded.params, loaded.tokenizer, cfg, seed=args.seed,
-                       draft_model=load_draft(cfg))
+        loaded = load(args.model, quantization=args.quantization)  # as LLM loads it; serving sits below the entry points, so not through LLM
+        config, params, tokenizer = loaded.config, loaded.params, loaded.tokenizer
+    if template is not None:
+        if tokenizer is None:
+            raise ValueError("--chat-template: this model has no tokenizer")
+        tokenizer = tokenizer.with_chat_template(template)
+    return make_engine(config, params, tokenizer, cfg, seed=args.seed, draft_model=load_draft(cfg))
 
 
 def read_tokens(path: str | None) -> tuple[str, ...]:
@@ -191,7 +214,7 @@ def options(args):
     return ServeOptions(host=args.host, port=args.port, model_name=args.model, tls_cert_chain=cert,
                         tls_private_key=key, auth_tokens=read_tokens(args.auth_token_file),
                         max_message_bytes=args.max_message_bytes, metrics_host=args.metrics_host,
-                        metrics_port=args.metrics_port, drain_grace_s=args.drain_grace)
+                        metrics_port=args.metrics_port, drain_grace_s=args.drain_grace, http_port=args.http_port)
 
 
 async def serve(args, opts) -> int:
@@ -199,7 +222,8 @@ async def serve(args, opts) -> int:
 
     app = ServeApp(opts)
     port = await app.bind()  # before the model loads: a port in use fails in a second, not after the load
-    log.info(json.dumps({"event": "listening", "host": opts.host, "port": port, "tls": opts.tls_cert_chain is not None,
+    log.info(json.dumps({"event": "listening", "host": opts.host, "port": port, "http_port": app.http_port,
+                         "tls": opts.tls_cert_chain is not None,
                          "auth": bool(opts.auth_tokens), "metrics_port": app.metrics_port, "model": opts.model_name}))
     engine = build_engine(args)  # blocking the loop: nothing is served until start()
     await app.start(engine)

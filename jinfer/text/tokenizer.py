@@ -9,6 +9,7 @@ from an HF tokenizer directory (`from_dir`) and written back as one (`save`) tha
 
 from __future__ import annotations
 
+import copy
 import json
 import os
 from collections.abc import Iterable, Sequence
@@ -181,6 +182,14 @@ class Tokenizer:
         return self._backend.token_to_id(token)
 
     # ---- chat -------------------------------------------------------------------------------------------
+
+    def with_chat_template(self, template: str) -> "Tokenizer":
+        """This tokenizer with `template` (Jinja, as in tokenizer_config.json) as its chat template."""
+        if not isinstance(template, str) or not template.strip():
+            raise ValueError("chat_template must be a non-empty Jinja template")
+        other = copy.copy(self)
+        other._chat = ChatTemplate(template, bos_token=self._bos, eos_token=self._eos)
+        return other
 
     def apply_chat_template(self, messages: list[dict], add_generation_prompt: bool = True) -> str:
         """Renders `messages` ([{'role': str, 'content': str}, ...]) with the checkpoint's jinja template,

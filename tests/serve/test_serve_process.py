@@ -31,8 +31,8 @@ ENGINE_FLAGS = ["--max-slots", "4", "--page-size", "4", "--num-pages", "256", "-
 class ServerProcess:
     """The server in a subprocess; its stderr (JSON log lines) is read on a thread into a queue."""
 
-    def __init__(self, *flags: str):
-        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1"}
+    def __init__(self, *flags: str, env: dict | None = None):
+        env = {**os.environ, "JAX_PLATFORMS": "cpu", "PYTHONUNBUFFERED": "1", **(env or {})}
         self.proc = subprocess.Popen(
             [sys.executable, "-m", "jinfer.serve.main", "--model", "tiny-random", "--host", "127.0.0.1", "--port", "0",
              "--no-compile-cache", *ENGINE_FLAGS, *flags],
