@@ -248,7 +248,10 @@ class Scheduler:
         if drafts is not None:
             return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
-            chunks = [(req, 1 if req in missed else self._decode_steps(req)) for req, _ in chunks]
+            # Rows whose lookup just missed decode one token and look again, unless the block runs longer for
+            # another row anyway (a row that stopped early would idle in it).
+            short = len(missed) == len(chunks)
+            chunks = [(req, 1 if short else self._decode_steps(req)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
 
     def needs_sync(self, plan: StepPlan) -> bool:
@@ -264,8 +267,9 @@ class Scheduler:
     def _proposals(self, chunks: list[tuple[Request, int]]) -> tuple[list[list[int] | int] | None, list[Request]]:
         """Per row of a would-be decode block: the host proposer's token ids, or how many tokens the device
         drafts; None when no row speculates (too many running, nothing proposed). Also the requests whose host
-        proposer found nothing: they decode one token and ask again, rather than a whole block, because a
-        copy usually resumes a token or two after it broke off (a new word in copied text)."""
+        proposer found nothing: when every row is one, the step decodes one token and they ask again, rather
+        than a whole block, because a copy usually resumes a token or two after it broke off (a new word in
+        copied text)."""
         if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
             return None, []
         out, missed, any_draft = [], [], False

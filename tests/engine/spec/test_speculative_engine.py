@@ -82,7 +82,7 @@ def test_preemption_and_prefix_caching_keep_greedy_exact(engines, params, method
     preempted = eng.scheduler.num_preemptions
     rng = np.random.default_rng(5)
     prompts = [MOTIF * 2 + list(rng.integers(0, 128, 4)) for _ in range(6)]
-    arrivals = [(i // 2, p, greedy(24)) for i, p in enumerate(prompts)]
+    arrivals = [(i // 3, p, greedy(24)) for i, p in enumerate(prompts)]
     outs = run_workload(eng, arrivals)
     again = run_workload(eng, arrivals[:2])  # the motif's pages come from the prefix cache now
     assert eng.scheduler.num_preemptions > preempted
