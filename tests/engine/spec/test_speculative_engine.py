@@ -78,15 +78,15 @@ def test_greedy_outputs_equal_the_reference_under_load(engines, params, method, 
 
 @pytest.mark.parametrize("method", ["ngram", "early_exit", "draft"])
 def test_preemption_and_prefix_caching_keep_greedy_exact(engines, params, method):
-    eng = engines[method]  # 27 pages of 4 tokens: four requests of 48 tokens preempt one another
+    eng = engines[method]  # 27 pages of 4 tokens: six requests of 64 tokens, three at a time, preempt one another
     preempted = eng.scheduler.num_preemptions
     rng = np.random.default_rng(5)
     prompts = [MOTIF * 2 + list(rng.integers(0, 128, 4)) for _ in range(6)]
-    arrivals = [(i // 3, p, greedy(24)) for i, p in enumerate(prompts)]
+    arrivals = [(i // 3, p, greedy(40)) for i, p in enumerate(prompts)]
     outs = run_workload(eng, arrivals)
     again = run_workload(eng, arrivals[:2])  # the motif's pages come from the prefix cache now
     assert eng.scheduler.num_preemptions > preempted
-    want = reference.generate(params, TINY, prompts, [greedy(24)] * 6)
+    want = reference.generate(params, TINY, prompts, [greedy(40)] * 6)
     assert [outs[i].token_ids for i in range(6)] == [w.token_ids for w in want]
     assert [again[i].token_ids for i in range(2)] == [w.token_ids for w in want[:2]]
     assert again[0].num_cached_tokens > 0
