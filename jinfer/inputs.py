@@ -142,7 +142,7 @@ class InputChecker:
         if isinstance(prompt, str):
             if not prompt:
                 raise ValueError(f"{field} is an empty string")
-            return self._fit(field, self._require_tokenizer(field).encode(prompt), prompt)
+            return self._fit(field, self.require_tokenizer(field).encode(prompt), prompt)
         if isinstance(prompt, (bytes, Mapping)) or not isinstance(prompt, Sequence):
             raise ValueError(f"{field} must be a string or a list of token ids, not {type(prompt).__name__}")
         return self._fit(field, self.token_ids(prompt, field), None)
@@ -173,7 +173,7 @@ class InputChecker:
             if not isinstance(content, str):
                 raise ValueError(f"{field}[{i}].content must be a string")
             checked.append({"role": role, "content": content})
-        tok = self._require_tokenizer(field)
+        tok = self.require_tokenizer(field)
         if not getattr(tok, "chat_template", None):
             raise ValueError(f"{field}: this model has no chat_template; send text or token ids")
         try:
@@ -243,7 +243,7 @@ class InputChecker:
 
     # ---- helpers -------------------------------------------------------------------------------
 
-    def _require_tokenizer(self, field: str):
+    def require_tokenizer(self, field: str):
         if self.tokenizer is None:
             raise ValueError(f"{field}: this model has no tokenizer; send token ids")
         return self.tokenizer

@@ -192,11 +192,18 @@ class HttpFront:
         return JSONResponse({"object": "list", "data": [card]})
 
     async def tokenize(self, request: Request) -> Response:
+        return await self._tokenizer_call(request, self._tokenize)
+
+    async def detokenize(self, request: Request) -> Response:
+        return await self._tokenizer_call(request, self._detokenize)
+
+    async def _tokenizer_call(self, request: Request, fn) -> Response:
+        """An authorized body handed to `fn(body) -> dict` off the event loop (tokenizer work may be long)."""
         try:
             self._auth(request)
             self._ready()
             body = await self._body(request)
-            return JSONResponse(await self._off_loop(self._tokenize, body))
+            return JSONResponse(await self._off_loop(fn, body))
         except req.ApiError as e:
             return error_response(e)
 
@@ -211,21 +218,12 @@ class HttpFront:
                 add = body.get("add_special_tokens", True)
                 if not isinstance(add, bool):
                     raise req.bad("add_special_tokens must be true or false", "add_special_tokens")
-                ids = inputs._require_tokenizer("prompt").encode(body["prompt"], add_special_tokens=add)
+                ids = inputs.require_tokenizer("prompt").encode(body["prompt"], add_special_tokens=add)
             else:
                 raise req.bad("give prompt (a string) or messages", "prompt")
         except ValueError as e:
             raise req.bad(str(e), req.param_of(str(e))) from None
         return {"tokens": ids, "count": len(ids), "max_model_len": self.engine_thread.engine.max_model_len}
-
-    async def detokenize(self, request: Request) -> Response:
-        try:
-            self._auth(request)
-            self._ready()
-            body = await self._body(request)
-            return JSONResponse(await self._off_loop(self._detokenize, body))
-        except req.ApiError as e:
-            return error_response(e)
 
     def _detokenize(self, body) -> dict:
         inputs = self.engine_thread.engine.inputs
@@ -233,7 +231,7 @@ class HttpFront:
             raise req.bad("tokens must be a list of token ids", "tokens")
         try:
             ids = inputs.token_ids(body["tokens"], "tokens")
-            return {"prompt": inputs._require_tokenizer("tokens").decode(ids)}
+            return {"prompt": inputs.require_tokenizer("tokens").decode(ids)}
         except ValueError as e:
             raise req.bad(str(e), req.param_of(str(e))) from None
 
@@ -371,6 +369,7 @@ class _Generation:
     async def stream(self):
         model, top = self.front.model_name, self.parsed.logprobs
         offsets = [0] * len(self.choices)
+        echoed: set[int] = set()  # choices whose prompt text has gone out (echo)
         try:
             if self.chat:
                 yield res.sse(res.chat(self.rid, self.created, model, [
@@ -383,7 +382,6 @@ class _Generation:
                     self.status = e.status
                     yield res.sse(e.body())
                     break
-                c = self.choices[i]
                 finish = chunk.finish_reason
                 if self.chat:
                     lp = res.chat_logprobs(list(chunk.logprobs), self.tokens, top) if top is not None else None
@@ -395,7 +393,8 @@ class _Generation:
                                                None, chunk=True))
                 else:
                     text = chunk.text
-                    if self.parsed.echo and not offsets[i] and len(c.token_ids) == len(chunk.token_ids):
+                    if self.parsed.echo and i not in echoed:
+                        echoed.add(i)
                         text = self._prompt_text(i) + text
                     lp = (res.completion_logprobs(list(chunk.logprobs), self.tokens, offsets[i], top)
                           if top is not None else None)

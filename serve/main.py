@@ -167,7 +167,7 @@ def build_engine(args):
     from jinfer.runtime.build import make_engine
 
     cfg = engine_config(args, args.dtype)
-    template = chat_template(getattr(args, "chat_template", None))
+    template = chat_template(args.chat_template)
     if args.model == TINY_RANDOM:
         from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 

@@ -17,7 +17,6 @@ class Choice:
 
     index: int
     text: str = ""
-    token_ids: list[int] = dataclasses.field(default_factory=list)
     logprobs: list[TokenLogprobs] = dataclasses.field(default_factory=list)
     finish_reason: str | None = None
     prompt_tokens: int = 0
@@ -25,7 +24,6 @@ class Choice:
 
     def add(self, chunk: Chunk) -> None:
         self.text += chunk.text
-        self.token_ids += chunk.token_ids
         self.logprobs += chunk.logprobs
         if chunk.finish_reason is not None:
             self.finish_reason = chunk.finish_reason

@@ -244,13 +244,13 @@ class Scheduler:
             return None
         decode = (not reset and not precomputed and not imports
                   and all(n == 1 == req.num_tokens - req.num_computed for req, n in chunks))
-        drafts, missed = self._proposals(chunks) if decode else (None, ())
+        drafts, missed = self._proposals(chunks) if decode else (None, 0)
         if drafts is not None:
             return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
             # Rows whose lookup just missed decode one token and look again, unless the block runs longer for
             # another row anyway (a row that stopped early would idle in it).
-            short = len(missed) == len(chunks)
+            short = missed == len(chunks)
             chunks = [(req, 1 if short else self._decode_steps(req)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
 
@@ -264,15 +264,15 @@ class Scheduler:
             return False
         return any(self.policy.k(r.spec) for r in self.running)
 
-    def _proposals(self, chunks: list[tuple[Request, int]]) -> tuple[list[list[int] | int] | None, list[Request]]:
+    def _proposals(self, chunks: list[tuple[Request, int]]) -> tuple[list[list[int] | int] | None, int]:
         """Per row of a would-be decode block: the host proposer's token ids, or how many tokens the device
-        drafts; None when no row speculates (too many running, nothing proposed). Also the requests whose host
-        proposer found nothing: when every row is one, the step decodes one token and they ask again, rather
+        drafts; None when no row speculates (too many running, nothing proposed). Also how many rows' host
+        proposer found nothing: when every row's did, the step decodes one token and they ask again, rather
         than a whole block, because a copy usually resumes a token or two after it broke off (a new word in
         copied text)."""
         if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
-            return None, []
-        out, missed, any_draft = [], [], False
+            return None, 0
+        out, missed, any_draft = [], 0, False
         for req, _ in chunks:
             k = min(self.policy.k(req.spec), req.sampling.max_tokens - req.num_sampled - 1,
                     self.max_model_len - req.num_tokens - 1)
@@ -284,7 +284,7 @@ class Scheduler:
                     drafts = self.proposer.propose(known, k)
                     if not drafts:
                         self.policy.record_miss(req.spec)
-                        missed.append(req)
+                        missed += 1
                 out.append(drafts)
                 k = len(drafts)
             else:
