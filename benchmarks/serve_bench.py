@@ -1,10 +1,13 @@
-"""Load benchmark of the gRPC server: concurrent streaming clients at a sweep of request rates.
+"""Load benchmark of the server: concurrent streaming clients at a sweep of request rates.
 
 Starts `python -m serve.main` in a subprocess (or uses `--target` of a running server), then for each rate
 sends `--num-requests` streaming Generate calls with Poisson arrivals (rate `inf`: all at once) from
 `--clients` channels, and reports throughput and client-side time to first token / inter-token latency
-percentiles. Every request is accounted for: it completed, or it failed with a gRPC status; the script
-exits 1 if any is neither (lost).
+percentiles. Every request is accounted for: it completed, or it failed with a gRPC status (HTTP: its status
+code); the script exits 1 if any is neither (lost). `--http` also sends the same workload, after the gRPC
+one, to the OpenAI-compatible HTTP front of the same server through the official `openai` async client
+(streamed /v1/completions with token-id prompts; `logprobs=0` so that each chunk says how many tokens it
+carries), and prints both tables.
 
     python benchmarks/serve_bench.py --model tiny-random --rates 5,10,20,40,inf --num-requests 64
     python benchmarks/serve_bench.py --model smollm2 --rates 1,2,4,inf --num-requests 16 --output-len 32 \
@@ -47,17 +50,7 @@ async def one_request(client, prompt: list[int], output_len: int, result: Result
     last = None
     try:
         async for msg in client.stream(prompt, max_tokens=output_len, temperature=0.0, ignore_eos=True):
-            now = time.perf_counter()
-            k = len(msg.token_ids)
-            if k:
-                if result.first is None:
-                    result.first = now
-                    k -= 1
-                    last = now
-                # Tokens that arrive together in one message share the gap since the last message.
-                result.token_gaps += [(now - last) / k] * k if k else []
-                last = now
-                result.num_tokens += len(msg.token_ids)
+            last = _record(result, len(msg.token_ids), last)
         result.status = "OK"
     except grpc.RpcError as e:
         result.status = e.code().name
@@ -66,10 +59,61 @@ async def one_request(client, prompt: list[int], output_len: int, result: Result
     result.end = time.perf_counter()
 
 
-async def run_rate(target: str, rate: float, args, rng) -> list[Result]:
+def _record(result: Result, k: int, last: float | None) -> float | None:
+    """Notes k tokens arriving now; returns when the latest tokens arrived."""
+    if not k:
+        return last
+    now = time.perf_counter()
+    result.num_tokens += k
+    if result.first is None:
+        result.first = now
+        k -= 1
+        last = now
+    # Tokens that arrive together in one message share the gap since the last message.
+    result.token_gaps += [(now - last) / k] * k if k else []
+    return now
+
+
+async def one_http_request(client, prompt: list[int], output_len: int, result: Result) -> None:
+    import openai
+
+    last = None
+    try:
+        stream = await client.completions.create(model=client.served_model, prompt=prompt, max_tokens=output_len,
+                                                 temperature=0.0, logprobs=0, stream=True,
+                                                 extra_body={"ignore_eos": True})
+        async for chunk in stream:
+            for c in chunk.choices:
+                k = len(c.logprobs.tokens) if c.logprobs is not None else 0
+                last = _record(result, k, last)
+        result.status = "OK"
+    except openai.APIStatusError as e:
+        result.status = f"HTTP_{e.status_code}"
+    except Exception as e:
+        result.status = f"CLIENT_ERROR:{type(e).__name__}"
+    result.end = time.perf_counter()
+
+
+def _http_clients(args):
+    import openai
+
+    clients = []
+    for _ in range(args.clients):
+        c = openai.AsyncOpenAI(base_url=f"http://{args.http_target}/v1", api_key="none", max_retries=0,
+                               timeout=args.timeout)
+        c.served_model = args.model_name
+        clients.append(c)
+    return clients
+
+
+async def run_rate(target: str, rate: float, args, rng, http: bool = False) -> list[Result]:
     from jinfer.serve.client import AsyncJinferClient
 
-    clients = [AsyncJinferClient(target, timeout=args.timeout) for _ in range(args.clients)]
+    if http:
+        clients, send = _http_clients(args), one_http_request
+    else:
+        clients = [AsyncJinferClient(target, timeout=args.timeout) for _ in range(args.clients)]
+        send = one_request
     try:
         lo, hi = args.input_len
         prompts = [[int(t) for t in rng.integers(0, args.vocab_size, int(rng.integers(lo, hi + 1)))]
@@ -80,7 +124,7 @@ async def run_rate(target: str, rate: float, args, rng) -> list[Result]:
             await asyncio.sleep(gaps[i])
             r = Result(sent=time.perf_counter())
             results.append(r)
-            tasks.append(asyncio.create_task(one_request(clients[i % len(clients)], prompt, args.output_len, r)))
+            tasks.append(asyncio.create_task(send(clients[i % len(clients)], prompt, args.output_len, r)))
         await asyncio.gather(*tasks)
         return results
     finally:
@@ -122,6 +166,7 @@ class ServerProcess:
     """`python -m serve.main` on an OS-picked loopback port; its log goes to a temporary file."""
 
     def __init__(self, model: str, extra: list[str]):
+        self.http_port: int | None = None
         self.log = tempfile.NamedTemporaryFile("w+", suffix=".log", prefix="serve_bench_", delete=False)
         root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
         self.proc = subprocess.Popen([sys.executable, "-m", "jinfer.serve.main", "--model", model, "--port", "0", *extra],
@@ -135,7 +180,9 @@ class ServerProcess:
             with open(self.log.name) as f:
                 for line in f:
                     if line.startswith("{") and '"listening"' in line:
-                        return json.loads(line)["port"]
+                        record = json.loads(line)
+                        self.http_port = record.get("http_port")
+                        return record["port"]
             time.sleep(0.2)
         raise TimeoutError(f"the server did not bind within {timeout}s; see {self.log.name}")
 
@@ -178,13 +225,20 @@ def main() -> int:
     p.add_argument("--timeout", type=float, default=600.0, help="deadline of each call (s)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", help="also write the rows as JSON here")
+    p.add_argument("--http", action="store_true", help="also load the server's HTTP front (OpenAI API)")
+    p.add_argument("--http-target", help="host:port of a running server's HTTP front (with --target)")
     args = p.parse_args()
 
     server = None
     target = args.target
     if target is None:
-        server = ServerProcess(args.model, shlex.split(args.server_args))
+        extra = shlex.split(args.server_args) + (["--http-port", "0"] if args.http else [])
+        server = ServerProcess(args.model, extra)
         target = f"127.0.0.1:{server.port()}"
+        if args.http:
+            args.http_target = f"127.0.0.1:{server.http_port}"
+    elif args.http and not args.http_target:
+        p.error("--http with --target needs --http-target")
     try:
         t0 = time.perf_counter()
         wait_serving(target, 900)
@@ -194,27 +248,32 @@ def main() -> int:
         with JinferClient(target) as c:
             info = c.model_info()
         args.vocab_size = info.config.vocab_size
+        args.model_name = info.model
         print(f"model {info.model}: vocab {info.config.vocab_size}, context {info.max_context}, "
               f"slots {info.limits.max_slots}, pages {info.limits.num_pages}x{info.limits.page_size}", flush=True)
-        rng = np.random.default_rng(args.seed)
-        rows = []
-        for rate in [float(x) for x in args.rates.split(",")]:
-            results = asyncio.run(run_rate(target, rate, args, rng))
-            rows.append(summarize(rate, results))
-            r = rows[-1]
-            print(f"rate {rate:g}: {r['completed']}/{r['sent']} ok, failed {r['failed']}, lost {r['lost']}, "
-                  f"{r['out_tok_per_s']:.1f} out tok/s, TTFT p50 {r['ttft_ms'][50]:.1f} ms, "
-                  f"ITL p50 {r['itl_ms'][50]:.2f} ms", flush=True)
+        tables = {}
+        for front in ["gRPC"] + (["HTTP"] if args.http else []):
+            rng = np.random.default_rng(args.seed)  # the same prompts and arrivals for both fronts
+            rows = tables[front] = []
+            for rate in [float(x) for x in args.rates.split(",")]:
+                results = asyncio.run(run_rate(target, rate, args, rng, http=front == "HTTP"))
+                rows.append(summarize(rate, results))
+                r = rows[-1]
+                print(f"{front} rate {rate:g}: {r['completed']}/{r['sent']} ok, failed {r['failed']}, lost "
+                      f"{r['lost']}, {r['out_tok_per_s']:.1f} out tok/s, TTFT p50 {r['ttft_ms'][50]:.1f} ms, "
+                      f"ITL p50 {r['itl_ms'][50]:.2f} ms", flush=True)
     finally:
         if server is not None:
             code = server.stop()
             print(f"server exited {code} after SIGTERM; log: {server.log.name}")
-    print(markdown(rows))
+    for front, rows in tables.items():
+        print(f"\n{front}:\n{markdown(rows)}")
     if args.json:
         with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    lost = sum(r["lost"] for r in rows)
-    accounted = all(r["completed"] + sum(r["failed"].values()) + r["lost"] == r["sent"] for r in rows)
+            json.dump(tables, f, indent=1)
+    every = [r for rows in tables.values() for r in rows]
+    lost = sum(r["lost"] for r in every)
+    accounted = all(r["completed"] + sum(r["failed"].values()) + r["lost"] == r["sent"] for r in every)
     if lost or not accounted:
         print(f"ERROR: {lost} requests lost", file=sys.stderr)
         return 1

@@ -19,10 +19,14 @@ import numbers
 from collections.abc import Mapping, Sequence
 from typing import Union
 
+from jinfer.grammar.params import StructuredOutputs
+
 MAX_STOP_STRINGS = 32  # OpenAI allows 4; every stop string is matched against every text delta
 MAX_STOP_STRING_CHARS = 256
 MAX_STOP_TOKEN_IDS = 256
 MAX_REQUEST_ID_CHARS = 256  # it is echoed in every response and written to the log
+MAX_LOGIT_BIAS = 4096  # entries of one request's logit_bias
+MAX_N = 128  # completions of one prompt
 # Roles a chat template is written for; a template would render any other role verbatim into the prompt.
 CHAT_ROLES = ("system", "user", "assistant", "tool")
 
@@ -43,6 +47,12 @@ class SamplingParams:
     ignore_eos: bool = False
     logprobs: int | None = None  # return this many top alternatives' logprobs (and the chosen token's)
     prompt_logprobs: int | None = None  # each prompt token's logprob and this many top alternatives' (vLLM's)
+    n: int = 1  # completions of the prompt (LLM.generate and the fronts run n requests that share its KV pages)
+    min_tokens: int = 0  # no stop token, EOS or stop string ends the output before this many tokens
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias added to its logit); a dict is accepted
+    include_stop_str_in_output: bool = False  # the matched stop string stays at the end of the text
+    skip_special_tokens: bool = True  # special tokens (EOS, chat markers) are left out of the text
+    structured_outputs: StructuredOutputs | None = None  # the output must match a JSON schema, regex, ...
 
     def __post_init__(self):
         # Accept a single string or any iterable for the sequence fields, as vLLM users write them.
@@ -97,9 +107,51 @@ class SamplingParams:
             raise ValueError(f"ignore_eos={_short(self.ignore_eos)} must be true or false")
         if self.top_k == -1:
             object.__setattr__(self, "top_k", 0)
+        if not _is_int(self.n) or not 1 <= self.n <= MAX_N:
+            raise ValueError(f"n={_short(self.n)} must be an integer in [1, {MAX_N}]")
+        if not _is_int(self.min_tokens) or not 0 <= self.min_tokens <= self.max_tokens:
+            raise ValueError(f"min_tokens={_short(self.min_tokens)} must be an integer in "
+                             f"[0, max_tokens={self.max_tokens}]")
+        for name in ("include_stop_str_in_output", "skip_special_tokens"):
+            if not isinstance(getattr(self, name), bool):
+                raise ValueError(f"{name}={_short(getattr(self, name))} must be true or false")
+        object.__setattr__(self, "logit_bias", _logit_bias(self.logit_bias))
+        if self.structured_outputs is not None:
+            try:
+                object.__setattr__(self, "structured_outputs", StructuredOutputs.of(self.structured_outputs))
+            except (ValueError, TypeError) as e:
+                names = {f.name for f in dataclasses.fields(StructuredOutputs)}
+                sep = "." if str(e).split(" ")[0].split("[")[0] in names else ": "
+                raise ValueError(f"structured_outputs{sep}{e}") from None
 
 
 SAMPLING_FIELDS = tuple(f.name for f in dataclasses.fields(SamplingParams))
+
+
+def _logit_bias(value) -> tuple[tuple[int, float], ...]:
+    """{token id: bias} (JSON object keys may be numeric strings, as OpenAI clients send them) or (id, bias)
+    pairs -> pairs sorted by id; biases in [-100, 100] as OpenAI's."""
+    if value is None:
+        return ()
+    items = value.items() if isinstance(value, Mapping) else value
+    try:
+        pairs = [tuple(kv) for kv in items]
+    except TypeError:
+        raise ValueError(f"logit_bias={_short(value)} must map token ids to numbers") from None
+    if len(pairs) > MAX_LOGIT_BIAS:
+        raise ValueError(f"logit_bias has {len(pairs)} entries; at most {MAX_LOGIT_BIAS}")
+    out = {}
+    for kv in pairs:
+        if len(kv) != 2:
+            raise ValueError(f"logit_bias={_short(value)} must map token ids to numbers")
+        k, v = kv
+        key = int(k) if isinstance(k, str) and k.strip().isdigit() else k
+        if not _is_int(key) or key < 0:
+            raise ValueError(f"logit_bias: the key {_short(k)} must be a token id (a non-negative integer)")
+        if not _is_finite(v) or not -100 <= v <= 100:
+            raise ValueError(f"logit_bias[{key}]={_short(v)} must be a number in [-100, 100]")
+        out[int(key)] = float(v)
+    return tuple(sorted(out.items()))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -116,6 +168,7 @@ class CheckedRequest:
 
     prompt: Prompt
     sampling: SamplingParams
+    grammar: str | None = None  # sampling.structured_outputs compiled for the engine's tokenizer
 
 
 PromptInput = Union[str, Sequence[int], Prompt]
@@ -125,13 +178,24 @@ class InputChecker:
     """Checks inputs against one engine's fixed limits. `tokenizer` may be None (token ids only)."""
 
     def __init__(self, *, vocab_size: int, max_model_len: int, max_logprobs: int, usable_pages: int,
-                 page_size: int, tokenizer=None):
+                 page_size: int, tokenizer=None, eos_token_ids: Sequence[int] = ()):
         self.vocab_size = vocab_size
         self.max_model_len = max_model_len
         self.max_logprobs = max_logprobs
         self.usable_pages = usable_pages
         self.page_size = page_size
         self.tokenizer = tokenizer
+        self._eos_token_ids = tuple(eos_token_ids)
+        self._grammars = None
+
+    @property
+    def grammars(self):
+        """The GrammarCompiler of this engine's tokenizer and vocabulary (built on first use)."""
+        if self._grammars is None:
+            from jinfer.grammar.matcher import GrammarCompiler  # llguidance loads only where a grammar is asked
+
+            self._grammars = GrammarCompiler(self.tokenizer.backend.to_str(), self.vocab_size, self._eos_token_ids)
+        return self._grammars
 
     # ---- prompts -------------------------------------------------------------------------------
 
@@ -224,7 +288,27 @@ class InputChecker:
             if t >= self.vocab_size:
                 raise ValueError(f"{prefix}stop_token_ids[{j}]={t} is not a token id in the vocabulary "
                                  f"[0, {self.vocab_size})")
+        for t, _ in sampling.logit_bias:
+            if t >= self.vocab_size:
+                raise ValueError(f"{prefix}logit_bias[{t}]: {t} is not a token id in the vocabulary "
+                                 f"[0, {self.vocab_size})")
         return sampling
+
+    def grammar(self, sampling: SamplingParams, field: str | None = None) -> str | None:
+        """sampling.structured_outputs compiled for this engine (None without one); ValueError names the field."""
+        if sampling.structured_outputs is None:
+            return None
+        prefix = f"{field}." if field else ""
+        if self.tokenizer is None:
+            raise ValueError(f"{prefix}structured_outputs: this model has no tokenizer, which a grammar needs")
+        from jinfer.grammar.matcher import UnsupportedTokenizer
+
+        try:
+            return self.grammars.compile(sampling.structured_outputs)
+        except UnsupportedTokenizer as e:
+            raise ValueError(f"{prefix}structured_outputs: {e}") from None
+        except ValueError as e:
+            raise ValueError(f"{prefix}structured_outputs.{e}") from None
 
     # ---- whole requests ------------------------------------------------------------------------
 
@@ -239,7 +323,7 @@ class InputChecker:
         if pages > self.usable_pages:
             raise ValueError(f"{field} ({len(p.ids)} tokens) + max_tokens={sp.max_tokens} needs {pages} KV pages; "
                              f"the pool has {self.usable_pages} (of {self.page_size} tokens each)")
-        return CheckedRequest(p, sp)
+        return CheckedRequest(p, sp, self.grammar(sp, sampling_field))
 
     # ---- helpers -------------------------------------------------------------------------------
 

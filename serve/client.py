@@ -13,6 +13,8 @@ the generation early (the server frees the request's KV pages at once).
 
 from __future__ import annotations
 
+import dataclasses
+import json
 from typing import Sequence
 
 import grpc
@@ -46,6 +48,11 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
         req.text = prompt
     else:
         req.token_ids.ids.extend(prompt)
+    structured = sampling.pop("structured_outputs", None)
+    if structured is not None:
+        sampling["structured_outputs"] = _structured(structured)
+    if isinstance(sampling.get("logit_bias"), (list, tuple)):
+        sampling["logit_bias"] = dict(sampling["logit_bias"])
     stop = sampling.pop("stop", None)
     if isinstance(stop, str):
         stop = [stop]
@@ -54,6 +61,17 @@ def build_request(prompt: str | Sequence[int] | None = None, *, messages: Sequen
     except ValueError as e:  # protobuf names the unknown field
         raise TypeError(f"unknown sampling argument: {e}") from None
     return req
+
+
+def _structured(value) -> pb.StructuredOutputs:
+    """A StructuredOutputs (or a dict of its fields) as its message."""
+    fields = dataclasses.asdict(value) if dataclasses.is_dataclass(value) else dict(value)
+    fields = {k: v for k, v in fields.items() if v not in (None, False)}
+    if isinstance(fields.get("json"), dict):
+        fields["json"] = json.dumps(fields["json"])
+    if "choice" in fields:
+        fields["choice"] = pb.Choices(values=fields["choice"])
+    return pb.StructuredOutputs(**fields)
 
 
 def _channel_args(target: str, root_certificates: bytes | None, tls: bool, max_message_bytes: int,

@@ -10,17 +10,14 @@ import argparse
 import os
 import sys
 
+from jinfer.serve.sampling_flags import add_sampling_arguments, sampling_fields
+
 
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("prompt")
     p.add_argument("--target", default="localhost:50051", help="host:port of the server")
     p.add_argument("--chat", action="store_true", help="send the prompt as a user message (chat template)")
-    p.add_argument("--max-tokens", type=int, default=128)
-    p.add_argument("--temperature", type=float, default=0.7)
-    p.add_argument("--top-k", type=int, default=None)
-    p.add_argument("--top-p", type=float, default=None)
-    p.add_argument("--seed", type=int, default=None)
-    p.add_argument("--stop", action="append", help="a stop string (repeatable)")
+    add_sampling_arguments(p)
     p.add_argument("--timeout", type=float, default=None, help="deadline of the call in seconds")
     p.add_argument("--token-file", help="file holding the bearer token (or set JINFER_AUTH_TOKEN)")
     p.add_argument("--tls", action="store_true", help="use TLS, trusting the system's root certificates")
@@ -44,8 +41,7 @@ def run(args) -> int:
     if args.tls_ca:
         with open(args.tls_ca, "rb") as f:
             roots = f.read()
-    sampling = dict(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                    seed=args.seed, stop=args.stop)
+    sampling = sampling_fields(args)
     prompt = dict(messages=[{"role": "user", "content": args.prompt}]) if args.chat else dict(prompt=args.prompt)
     with JinferClient(args.target, token=_token(args), root_certificates=roots, tls=args.tls,
                       timeout=args.timeout, server_name=args.server_name) as client:
@@ -57,7 +53,11 @@ def run(args) -> int:
                 sys.stdout.flush()
                 last = msg
         except grpc.RpcError as e:
-            sys.stdout.write("\n")
+            if last is not None:
+                sys.stdout.write("\n")
+            if e.code() == grpc.StatusCode.UNAVAILABLE and last is None:
+                print(f"jinfer client: no jinfer server answers at {args.target}", file=sys.stderr)
+                return 1
             print(f"jinfer client: error: {e.code().name}: {e.details()}", file=sys.stderr)
             return 2 if e.code() == grpc.StatusCode.INVALID_ARGUMENT else 1
         except KeyboardInterrupt:
@@ -75,7 +75,8 @@ def run(args) -> int:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m serve.client_cli", description=__doc__.split("\n")[0])
+    p = argparse.ArgumentParser(prog="python -m serve.client_cli", description=__doc__.split("\n")[0],
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     add_arguments(p)
     return run(p.parse_args(argv))
 

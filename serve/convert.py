@@ -25,7 +25,25 @@ _FINISH = {"stop": pb.FINISH_REASON_STOP, "length": pb.FINISH_REASON_LENGTH,
 def sampling_fields(msg: pb.SamplingParams) -> dict:
     """The fields the client set (unset ones take SamplingParams' defaults), as SamplingParams keywords.
     Not json_format.MessageToDict: it writes int64 (seed) as a string and inf as "Infinity"."""
-    return {f.name: tuple(v) if f.is_repeated else v for f, v in msg.ListFields()}
+    fields = {}
+    for f, v in msg.ListFields():
+        if f.name == "logit_bias":
+            v = dict(v)
+        elif f.name == "structured_outputs":
+            v = structured_fields(v)
+        elif f.is_repeated:
+            v = tuple(v)
+        fields[f.name] = v
+    return fields
+
+
+def structured_fields(msg: pb.StructuredOutputs) -> dict:
+    """The StructuredOutputs keyword of the message's one set field ({} when none is: the edge refuses it)."""
+    kind = msg.WhichOneof("kind")
+    if kind is None:
+        return {}
+    v = getattr(msg, kind)
+    return {kind: tuple(v.values) if kind == "choice" else v}
 
 
 def chat_prompt(inputs: InputChecker, msg: pb.Chat, field: str) -> Prompt:
@@ -44,7 +62,11 @@ def request(inputs: InputChecker, req: pb.GenerateRequest) -> CheckedRequest:
         prompt = inputs.prompt(list(req.token_ids.ids), field="token_ids.ids")
     else:
         prompt = chat_prompt(inputs, req.chat, "chat")
-    return inputs.request(prompt, sampling_fields(req.sampling), field=kind, sampling_field="sampling")
+    checked = inputs.request(prompt, sampling_fields(req.sampling), field=kind, sampling_field="sampling")
+    if checked.sampling.n != 1:
+        raise ValueError(f"sampling.n={checked.sampling.n}: Generate streams one completion; send n requests (with "
+                         "seeds seed, seed + 1, ...) or use the HTTP front's n")
+    return checked
 
 
 def tokenize(inputs: InputChecker, req: pb.TokenizeRequest) -> pb.TokenizeResponse:

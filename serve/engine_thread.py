@@ -58,6 +58,7 @@ class Submission:
     request: CheckedRequest  # checked at the edge (jinfer.inputs): the engine trusts it
     deliver: Callable[[Chunk], None]  # called on the event loop with each chunk
     received: float  # time.perf_counter() when the server received the call
+    same_prompt_as: str | None = None  # another completion of this prompt (n > 1): share its prompt's KV pages
 
 
 class EngineThread:
@@ -171,7 +172,7 @@ class EngineThread:
 
     def _admit(self, sub: Submission) -> None:
         try:
-            self.engine.add_request(sub.request, request_id=sub.request_id)
+            self.engine.add_request(sub.request, request_id=sub.request_id, same_prompt_as=sub.same_prompt_as)
         except Exception as e:  # QueueFull, ValueError (bad input), or a bug: the caller hears
             # Bound now: the callback runs later, on the event loop, when `e` is no longer defined.
             self._post(lambda err=e: sub.deliver(Chunk(error=err)))

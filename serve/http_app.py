@@ -264,7 +264,9 @@ class HttpFront:
         try:
             for i, r in enumerate(parsed.requests):
                 rid = f"http-{next(self._ids)}"
-                self.engine_thread.submit(Submission(rid, r, lambda c, i=i: queue.put_nowait((i, c)), started))
+                first = ids[i - i % parsed.n] if i % parsed.n else None  # choice 0 of the same prompt
+                self.engine_thread.submit(Submission(rid, r, lambda c, i=i: queue.put_nowait((i, c)), started,
+                                                     same_prompt_as=first))
                 ids.append(rid)
         except (QueueFull, EngineUnavailable) as e:
             for rid in ids:

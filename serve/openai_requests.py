@@ -2,7 +2,9 @@
 
 The edge (`jinfer.inputs.InputChecker`) checks every prompt and sampling field, as it does for gRPC; this module
 maps the OpenAI names onto it (`max_completion_tokens` -> max_tokens, `logprobs` / `top_logprobs`, content parts,
-vLLM's extra fields `top_k`, `min_p`, `repetition_penalty`, `stop_token_ids`, `ignore_eos`) and turns each
+`response_format` and vLLM's `guided_json` / `guided_regex` / `guided_choice` / `guided_grammar` /
+`structured_outputs` -> SamplingParams.structured_outputs, vLLM's extra fields `top_k`, `min_p`,
+`repetition_penalty`, `min_tokens`, `stop_token_ids`, `ignore_eos`, ...) and turns each
 refusal into an `ApiError` whose `param` names the body's field, as OpenAI's error objects do. Unknown fields
 are refused rather than silently ignored (a misspelt `temprature` would otherwise sample at 1.0).
 """
@@ -21,9 +23,13 @@ MAX_N = 16  # choices per request (each is an engine request of its own)
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
              "presence_penalty": "presence_penalty", "frequency_penalty": "frequency_penalty",
              "repetition_penalty": "repetition_penalty", "seed": "seed", "stop": "stop",
-             "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos"}
-_COMMON = {"model", "n", "stream", "stream_options", "user", "max_tokens", "logit_bias", "response_format",
-           *_SAMPLING}
+             "stop_token_ids": "stop_token_ids", "ignore_eos": "ignore_eos", "logit_bias": "logit_bias",
+             "min_tokens": "min_tokens", "include_stop_str_in_output": "include_stop_str_in_output",
+             "skip_special_tokens": "skip_special_tokens"}
+# Body fields that constrain the output (one at most) -> the StructuredOutputs field they set.
+_GUIDED = {"guided_json": "json", "guided_regex": "regex", "guided_choice": "choice", "guided_grammar": "grammar"}
+_COMMON = {"model", "n", "stream", "stream_options", "user", "max_tokens", "response_format", "structured_outputs",
+           *_GUIDED, *_SAMPLING}
 COMPLETION_FIELDS = _COMMON | {"prompt", "logprobs", "echo", "best_of", "suffix"}
 CHAT_FIELDS = _COMMON | {"messages", "logprobs", "top_logprobs", "max_completion_tokens"}
 
@@ -93,13 +99,35 @@ def _int(body: Mapping, name: str, lo: int, hi: int | None = None) -> int | None
     return v
 
 
-def _unsupported(body: Mapping) -> None:
-    bias = body.get("logit_bias")
-    if bias not in (None, {}):
-        raise bad("logit_bias is not supported yet", "logit_bias")
+def _structured(body: Mapping) -> tuple[dict | None, str | None]:
+    """The body's output constraint as StructuredOutputs fields, and the body field that gave it."""
+    given = [k for k in ("response_format", "structured_outputs", *_GUIDED) if body.get(k) is not None]
     fmt = body.get("response_format")
-    if fmt is not None and not (isinstance(fmt, Mapping) and fmt.get("type") == "text"):
-        raise bad("response_format: only {\"type\": \"text\"} is supported yet", "response_format")
+    if fmt is not None:
+        if not isinstance(fmt, Mapping) or fmt.get("type") not in ("text", "json_object", "json_schema"):
+            raise bad('response_format must be {"type": "text" | "json_object" | "json_schema", ...}',
+                      "response_format")
+        if fmt["type"] == "text":
+            given.remove("response_format")
+    if len(given) > 1:
+        raise bad(f"{given[1]}: give one output constraint, not {' and '.join(given)}", given[1])
+    if not given:
+        return None, None
+    field = given[0]
+    if field == "structured_outputs":
+        value = body[field]
+        if not isinstance(value, Mapping):
+            raise bad("structured_outputs must be an object", field)
+        return dict(value), field
+    if field in _GUIDED:
+        return {_GUIDED[field]: body[field]}, field
+    if fmt["type"] == "json_object":
+        return {"json_object": True}, field
+    spec = fmt.get("json_schema")
+    if not isinstance(spec, Mapping) or not isinstance(spec.get("schema"), Mapping):
+        raise bad("response_format.json_schema must be an object with a schema (a JSON schema object)",
+                  "response_format.json_schema")
+    return {"json": dict(spec["schema"])}, field
 
 
 def check_model(body: Mapping, served: str) -> None:
@@ -115,6 +143,9 @@ def check_model(body: Mapping, served: str) -> None:
 
 def _sampling(body: Mapping, max_tokens: int | None, logprobs: int | None) -> dict:
     fields = {ours: body[theirs] for theirs, ours in _SAMPLING.items() if body.get(theirs) is not None}
+    structured, _ = _structured(body)
+    if structured is not None:
+        fields["structured_outputs"] = structured
     if max_tokens is not None:
         fields["max_tokens"] = max_tokens
     if logprobs is not None:
@@ -134,11 +165,19 @@ def _stream(body: Mapping) -> tuple[bool, bool]:
     return stream, _bool(opts, "include_usage")
 
 
-def _check(inputs: InputChecker, prompt, sampling: dict, field: str) -> CheckedRequest:
+def _check(inputs: InputChecker, prompt, sampling: dict, field: str, body: Mapping) -> CheckedRequest:
     try:
         return inputs.request(prompt, sampling, field=field)
     except ValueError as e:
-        raise bad(str(e), param_of(str(e))) from None
+        raise _refusal(str(e), body) from None
+
+
+def _refusal(message: str, body: Mapping) -> ApiError:
+    """A checker's message as a 400 naming the body's field (structured_outputs.* -> the field that gave it)."""
+    if message.startswith("structured_outputs"):
+        _, given = _structured(body)
+        return bad(message, given)
+    return bad(message, param_of(message))
 
 
 def _fits(request: CheckedRequest, max_model_len: int, field: str) -> None:
@@ -153,14 +192,13 @@ def _copies(request: CheckedRequest, n: int) -> list[CheckedRequest]:
     """n choices of one prompt: seeded ones get seeds seed, seed + 1, ... so that they differ yet repeat."""
     sp = request.sampling
     return [request if n == 1 or sp.seed is None
-            else CheckedRequest(request.prompt, dataclasses.replace(sp, seed=sp.seed + j)) for j in range(n)]
+            else dataclasses.replace(request, sampling=dataclasses.replace(sp, seed=sp.seed + j)) for j in range(n)]
 
 
 def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     body = _object(body)
     _unknown(body, COMPLETION_FIELDS)
     check_model(body, served)
-    _unsupported(body)
     if body.get("suffix") is not None:
         raise bad("suffix is not supported", "suffix")
     n = _int(body, "n", 1, MAX_N) or 1
@@ -187,7 +225,7 @@ def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> P
     sampling = _sampling(body, max_tokens, logprobs)
     requests = []
     for p, field in prompts:
-        checked = _check(inputs, p, sampling, field)
+        checked = _check(inputs, p, sampling, field, body)
         if max_tokens is not None:
             _fits(checked, max_model_len, "max_tokens")
         requests += _copies(checked, n)
@@ -216,7 +254,6 @@ def chat(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     body = _object(body)
     _unknown(body, CHAT_FIELDS)
     check_model(body, served)
-    _unsupported(body)
     n = _int(body, "n", 1, MAX_N) or 1
     want = _bool(body, "logprobs")
     top = _int(body, "top_logprobs", 0, inputs.max_logprobs)
@@ -245,8 +282,7 @@ def chat(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     try:
         request = inputs.request(prompt, _sampling(body, max_tokens, logprobs), field="messages")
     except ValueError as e:
-        message = str(e).replace("max_tokens", field)
-        raise bad(message, param_of(message)) from None
+        raise _refusal(str(e).replace("max_tokens", field), body) from None
     _fits(request, max_model_len, field)
     return Parsed(tuple(_copies(request, n)), n, stream, usage, logprobs, False)
 

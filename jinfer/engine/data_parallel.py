@@ -43,13 +43,16 @@ class DataParallelEngine:
         return self.replicas[0].num_pages
 
     def add_request(self, prompt: PromptInput | CheckedRequest, sampling: SamplingParams | None = None,
-                    request_id: str | None = None, prefill=None) -> str:
+                    request_id: str | None = None, prefill=None, same_prompt_as: str | None = None) -> str:
         checked = prompt if isinstance(prompt, CheckedRequest) else self.inputs.request(prompt, sampling)
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         if any(request_id in e.scheduler.requests for e in self.replicas):
             raise ValueError(f"request_id={request_id!r} is already in use")
-        replica = min(self.replicas, key=lambda e: len(e.scheduler.requests))
-        return replica.add_request(checked, request_id=request_id, prefill=prefill)
+        # Another completion of a prompt goes where the prompt's pages are (Engine.add_request's same_prompt_as).
+        sibling = [e for e in self.replicas if same_prompt_as is not None and same_prompt_as in e.scheduler.requests]
+        replica = sibling[0] if sibling else min(self.replicas, key=lambda e: len(e.scheduler.requests))
+        return replica.add_request(checked, request_id=request_id, prefill=prefill,
+                                   same_prompt_as=same_prompt_as if sibling else None)
 
     def cancel(self, request_id: str) -> bool:
         return any([e.cancel(request_id) for e in self.replicas])  # a list: every replica is asked

@@ -80,11 +80,13 @@ class Engine:
         self.num_pages = num_pages
         tok_eos = tuple(getattr(tokenizer, "eos_token_ids", ()) or ())
         self.eos_token_ids = tuple(sorted(set(model_config.eos_token_ids) | set(tok_eos)))
-        self.scheduler = Scheduler(self.config, self.max_model_len, num_pages, self.eos_token_ids)
+        self.scheduler = Scheduler(self.config, self.max_model_len, num_pages, self.eos_token_ids,
+                                   model_config.vocab_size)
         self.inputs = InputChecker(vocab_size=model_config.vocab_size, max_model_len=self.max_model_len,
                                    max_logprobs=engine_config.max_logprobs,
                                    usable_pages=self.scheduler.allocator.usable_pages,
-                                   page_size=engine_config.page_size, tokenizer=tokenizer)
+                                   page_size=engine_config.page_size, tokenizer=tokenizer,
+                                   eos_token_ids=self.eos_token_ids)
         self.runner = runner
         self._inflight = None  # (plan, StepOutput) dispatched but not yet read
         self._imports: dict[str, tuple[object, object]] = {}  # request id -> prefix K/V awaiting admission
@@ -100,10 +102,13 @@ class Engine:
     # ---- requests ------------------------------------------------------------------------------
 
     def add_request(self, prompt: PromptInput | CheckedRequest, sampling: SamplingParams | None = None,
-                    request_id: str | None = None, prefill: PrefixPrefill | None = None) -> str:
+                    request_id: str | None = None, prefill: PrefixPrefill | None = None,
+                    same_prompt_as: str | None = None) -> str:
         """Queues a request: a CheckedRequest from `self.inputs` (trusted as it is), or a prompt (text or
         token ids) and sampling, which are checked here. `prefill`, if given, computes the K/V of every
-        prompt token but the last (it is called here; its device work runs asynchronously)."""
+        prompt token but the last (it is called here; its device work runs asynchronously). `same_prompt_as`:
+        the id of a request just added with the same prompt (another of its n completions): this one waits
+        until that one's prompt is computed and reads its KV pages from the prefix cache."""
         if isinstance(prompt, CheckedRequest):
             if sampling is not None:
                 raise ValueError("sampling is part of a CheckedRequest; pass it to InputChecker.request")
@@ -111,13 +116,23 @@ class Engine:
         else:
             checked = self.inputs.request(prompt, sampling)
         ids, sampling = list(checked.prompt.ids), checked.sampling
+        if sampling.n != 1:
+            raise ValueError(f"sampling.n={sampling.n}: the engine runs one completion per request; add n requests "
+                             "(LLM.generate and the servers do, sharing the prompt's KV pages)")
+        grammar = checked.grammar
+        if grammar is None and sampling.structured_outputs is not None:
+            grammar = self.inputs.grammar(sampling, "sampling")
+        matcher = self.inputs.grammars.matcher(grammar) if grammar is not None else None
         if prefill is not None and sampling.prompt_logprobs is not None:
             raise ValueError("sampling.prompt_logprobs cannot be given for a request whose prompt is prefilled "
                              "outside the engine (its logits never reach the engine's steps)")
         request_id = request_id if request_id is not None else f"req-{next(self._ids)}"
         seed = sampling.seed if sampling.seed is not None else int(self._rng.integers(0, 2**32))
         num_imported = len(ids) - 1 if prefill is not None else 0
-        req = self.scheduler.add(request_id, ids, sampling, seed, num_imported)
+        parent = self.scheduler.requests.get(same_prompt_as) if same_prompt_as is not None else None
+        if parent is not None and parent.prompt_ids != ids:
+            raise ValueError(f"same_prompt_as={same_prompt_as!r} names a request with another prompt")
+        req = self.scheduler.add(request_id, ids, sampling, seed, num_imported, grammar=matcher, parent=parent)
         if num_imported:
             try:
                 k, v = prefill(ids[:num_imported])
@@ -177,6 +192,8 @@ class Engine:
                 if item.num_imported:
                     k, v = self._imports.pop(req.request_id)
                     self.runner.import_kv(k, v, req.pages, item.slot, item.num_imported)
+                if req.sampling.logit_bias and (item.num_precomputed or plan.rows.reset[item.row]):
+                    self.runner.set_logit_bias(item.slot, req.sampling.logit_bias)  # a new occupant of the slot
                 if item.num_precomputed and _uses_penalties(req.sampling):
                     # Penalties count the whole sequence, also the tokens whose K/V the step does not
                     # compute (a cached prefix, imported K/V).

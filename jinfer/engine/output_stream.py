@@ -24,8 +24,9 @@ class OutputStream:
                                     metrics=RequestMetrics(arrival_time=arrival_time))
         # No tokenizer (token ids in and out, as for random-weight benchmarks): no text, no stop strings.
         self._tokenizer = tokenizer
-        self._detok = None if tokenizer is None else IncrementalDetokenizer(tokenizer, skip_special_tokens=True)
-        self._stops = StopStringMatcher(sampling.stop)
+        self._detok = None if tokenizer is None else IncrementalDetokenizer(
+            tokenizer, skip_special_tokens=sampling.skip_special_tokens)
+        self._stops = StopStringMatcher(sampling.stop, include=sampling.include_stop_str_in_output)
 
     @property
     def stopped(self) -> bool:
@@ -50,11 +51,13 @@ class OutputStream:
             lp, ids, vals = req.logprobs[index]
             n = req.sampling.logprobs
             out.logprobs.append(TokenLogprobs(tok, lp, {int(i): float(v) for i, v in zip(ids[:n], vals[:n])}))
-        # A stop token's text is not emitted.
-        ended_by_token = req.finished and req.finish_reason == "stop" and index == len(req.output_ids) - 1
-        if ended_by_token or self._detok is None:
+        # A stop token's text is not emitted (unless asked for, as vLLM's include_stop_str_in_output).
+        ended_by_token = (req.finished and req.finish_reason == "stop" and index == len(req.output_ids) - 1
+                          and tok in req.stop_ids)
+        if self._detok is None or (ended_by_token and not req.sampling.include_stop_str_in_output):
             return ""
-        return self._stops.feed(self._detok.push(tok))
+        # A stop string ends the output only once min_tokens are out (vLLM's rule, as for stop tokens).
+        return self._stops.feed(self._detok.push(tok), armed=index + 1 >= req.sampling.min_tokens)
 
     def _prompt_logprobs(self, req: Request) -> PromptLogprobs:
         """vLLM's layout: None for the first prompt token, then per token a dict of the token itself (with
@@ -80,6 +83,10 @@ class OutputStream:
             delta = self._stops.feed(self._detok.flush()) + self._stops.flush()
         out = self.output
         out.finish_reason = req.finish_reason
+        if self._stops.matched is not None:
+            out.stop_reason = self._stops.matched
+        elif req.finish_reason == "stop" and req.output_ids and req.output_ids[-1] in req.sampling.stop_token_ids:
+            out.stop_reason = req.output_ids[-1]
         out.num_cached_tokens = req.num_cached_prompt
         out.metrics.finished_time = req.token_times[-1]
         return delta

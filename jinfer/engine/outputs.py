@@ -21,7 +21,8 @@ class Logprob:
     penalties, no temperature."""
 
     logprob: float
-    rank: int  # 1 for the most likely token (1 + the tokens strictly more likely)
+    rank: int | None  # 1 for the most likely token (1 + the tokens strictly more likely); None where not computed
+    #   (a sampled token outside its position's reported top n)
     decoded_token: str | None = None  # the token's own text; None without a tokenizer
 
 
@@ -68,6 +69,26 @@ class RequestMetrics:
         return [b - a for a, b in zip(t, t[1:])]
 
 
+# Per generated token: {token id: Logprob} of the sampled token and its position's top n (vLLM's SampleLogprobs).
+SampleLogprobs = list[dict[int, Logprob]]
+
+
+@dataclasses.dataclass
+class CompletionOutput:
+    """One completion of a prompt (vLLM's `CompletionOutput`; RequestOutput.outputs[i])."""
+
+    index: int
+    text: str
+    token_ids: list[int]
+    cumulative_logprob: float | None  # sum of the sampled tokens' logprobs, when logprobs were asked for
+    logprobs: SampleLogprobs | None
+    finish_reason: FinishReason | None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS / length
+
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
 @dataclasses.dataclass
 class RequestOutput:
     prompt: str | None
@@ -81,7 +102,33 @@ class RequestOutput:
     num_cached_tokens: int = 0  # prompt tokens whose KV came from the prefix cache
     prompt_logprobs: PromptLogprobs | None = None  # when asked for (SamplingParams.prompt_logprobs); set
     #   with the first output token
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it; None for EOS / length
+    completions: list[RequestOutput] | None = None  # SamplingParams.n > 1: each completion's own output (the
+    #   flat fields above are the first's)
 
     @property
     def finished(self) -> bool:
         return self.finish_reason is not None
+
+    @property
+    def outputs(self) -> list[CompletionOutput]:
+        """vLLM's view: one CompletionOutput per completion (SamplingParams.n of them)."""
+        return [c._completion(i) for i, c in enumerate(self.completions or [self])]
+
+    def _completion(self, index: int) -> CompletionOutput:
+        lps = cumulative = None
+        if self.logprobs is not None:
+            lps = [_sample_logprobs(t) for t in self.logprobs]
+            cumulative = sum(t.logprob for t in self.logprobs)
+        return CompletionOutput(index, self.text, list(self.token_ids), cumulative, lps, self.finish_reason,
+                                self.stop_reason)
+
+
+def _sample_logprobs(t: TokenLogprobs) -> dict[int, Logprob]:
+    ranked = sorted(t.top.items(), key=lambda kv: -kv[1])
+    out = {i: Logprob(v, r + 1) for r, (i, v) in enumerate(ranked)}
+    if t.token_id not in out:
+        out = {t.token_id: Logprob(t.logprob, None), **out}
+    else:
+        out = {t.token_id: out[t.token_id], **out}  # the sampled token first, as vLLM lists it
+    return out

@@ -43,6 +43,10 @@ class Request:
     arrival_time: float = dataclasses.field(default_factory=time.perf_counter)
     token_times: list[float] = dataclasses.field(default_factory=list)
     spec: SpecState | None = None  # its speculation record, when the engine speculates
+    parent: "Request | None" = None  # another completion of the same prompt (SamplingParams.n): admitted only
+    #   once the parent's prompt pages are in the prefix cache, so that it reads them instead of recomputing
+    grammar: object | None = None  # its structured output's matcher (jinfer.grammar.matcher.TokenMatcher):
+    #   it has consumed every token in output_ids
 
     @property
     def num_tokens(self) -> int:

@@ -32,6 +32,11 @@ are simply overwritten later. Each request's k comes from the adaptive policy (`
 A host proposer needs every token on the host: the engine reads each step before scheduling the next
 (`needs_sync`), as it does after every verify step (the accepted count decides the next positions).
 
+A request with structured output (`Request.grammar`) samples under its grammar's token mask (`RowInputs.token_mask`),
+which depends on every token before: it is left out of a plan while its last token is still on the device
+and samples one token per dispatch (no decode block, no speculation for it), so the requests without a
+grammar keep the one-step lookahead and their decode blocks; a grammar that is complete ends its request.
+
 A request may arrive with the KV of its first prompt tokens already computed (`num_imported`, e.g. a long
 prompt prefilled by ring attention): at admission its pages are allocated for them, the engine writes them
 in before the step runs (`Scheduled.num_imported`), and only the rest of the prompt is computed here.
@@ -54,6 +59,7 @@ from jinfer.engine.request import Request, Status
 from jinfer.engine.spec.policy import AdaptivePolicy, SpecState
 from jinfer.engine.spec.proposers import HostProposer, NgramProposer
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, Scheduled, StepPlan, TokenInputs
+from jinfer.grammar.params import mask_words
 from jinfer.inputs import MAX_STOP_TOKEN_IDS, SamplingParams
 
 
@@ -63,7 +69,7 @@ class QueueFull(RuntimeError):
 
 class Scheduler:
     def __init__(self, config: EngineConfig, max_model_len: int, num_pages: int,
-                 eos_token_ids: Sequence[int] = ()):
+                 eos_token_ids: Sequence[int] = (), vocab_size: int = 0):
         self.config = config
         self.max_model_len = max_model_len
         self.page_size = config.page_size
@@ -72,6 +78,7 @@ class Scheduler:
         self.prefix_cache = PrefixCache(self.allocator, config.page_size)
         self.eos_token_ids = frozenset(eos_token_ids)
         self.stop_width = MAX_STOP_TOKEN_IDS + len(self.eos_token_ids)  # RowInputs.stop_ids: every stop id fits
+        self.mask_words = mask_words(vocab_size)  # RowInputs.token_mask
         self.slots: list[Request | None] = [None] * config.max_slots
         self.waiting: list[Request] = []  # kept sorted by arrival, so preempted requests go back in front
         self.running: list[Request] = []  # sorted by arrival
@@ -91,10 +98,11 @@ class Scheduler:
     # ---- requests in and out -------------------------------------------------------------------
 
     def add(self, request_id: str, prompt_ids: list[int], sampling: SamplingParams, seed: int,
-            num_imported: int = 0) -> Request:
+            num_imported: int = 0, grammar=None, parent: Request | None = None) -> Request:
         """The prompt and sampling come checked from the edge (jinfer.inputs: lengths, vocabulary, pool size).
         `num_imported`: leading prompt tokens whose KV the caller supplies (at least one token must remain,
-        whose logits give the first output token)."""
+        whose logits give the first output token). `grammar`: the structured output's fresh matcher. `parent`:
+        an earlier request of the same prompt whose prompt pages this one should share (Request.parent)."""
         if request_id in self.requests:
             raise ValueError(f"request_id={request_id!r} is already in use")
         if len(self.waiting) >= self.config.max_waiting:
@@ -104,7 +112,8 @@ class Scheduler:
                              f"prompt of {len(prompt_ids)} tokens")
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals),
-                      num_imported=num_imported, spec=SpecState() if self.spec is not None else None)
+                      num_imported=num_imported, spec=SpecState() if self.spec is not None else None, grammar=grammar,
+                      parent=parent if self.config.enable_prefix_caching and not num_imported else None)
         self.requests[request_id] = req
         self.waiting.append(req)
         return req
@@ -171,6 +180,11 @@ class Scheduler:
         """Its last sampled token (maybe still in flight) already reached a length limit."""
         return req.num_sampled >= req.sampling.max_tokens or req.num_tokens >= self.max_model_len
 
+    @staticmethod
+    def _awaits_token(req: Request) -> bool:
+        """Its grammar's next mask needs the token still on the device."""
+        return req.grammar is not None and len(req.output_ids) < req.num_sampled
+
     def schedule(self) -> StepPlan | None:
         cfg = self.config
         budget = cfg.max_step_tokens
@@ -181,7 +195,7 @@ class Scheduler:
 
         # Running requests first, oldest first; the newest not yet scheduled are the preemption victims.
         for req in list(self.running):
-            if req.status is not Status.RUNNING or self._finishing(req):
+            if req.status is not Status.RUNNING or self._finishing(req) or self._awaits_token(req):
                 continue
             n = min(req.num_tokens - req.num_computed, cfg.max_prefill_chunk, budget)
             if n <= 0:
@@ -204,6 +218,10 @@ class Scheduler:
             req = self.waiting[0]
             if len(req.output_ids) < req.num_sampled:
                 break  # preempted with a token still in flight; it is recomputed once that token is known
+            if req.parent is not None:
+                if not req.parent.finished and not req.parent.output_ids:
+                    break  # its sibling's prompt is still being computed: share its pages once they are cached
+                req.parent = None
             known = req.known_ids()
             imported = req.num_imported
             cached: list[int] = []
@@ -260,6 +278,8 @@ class Scheduler:
         speculate (it proposes from the last token)."""
         if plan.verify:
             return True
+        if self.running and all(self._awaits_token(r) for r in self.running):
+            return True  # nothing to run meanwhile: read the tokens now rather than dispatch nothing
         if self.proposer is None or len(self.running) > self.spec.disable_by_batch_size:
             return False
         return any(self.policy.k(r.spec) for r in self.running)
@@ -271,6 +291,8 @@ class Scheduler:
         than a whole block, because a copy usually resumes a token or two after it broke off (a new word in
         copied text)."""
         if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
+            return None, 0
+        if any(not self._may_speculate(req) for req, _ in chunks):
             return None, 0
         out, missed, any_draft = [], 0, False
         for req, _ in chunks:
@@ -292,6 +314,13 @@ class Scheduler:
             any_draft |= k > 0
         return (out if any_draft else None), missed
 
+    @staticmethod
+    def _may_speculate(req: Request) -> bool:
+        """The verify step samples from the model's distribution with penalties only: a grammar's mask, a
+        logit bias or a pending min_tokens would change the distribution it must accept against."""
+        sp = req.sampling
+        return req.grammar is None and not sp.logit_bias and req.num_sampled >= sp.min_tokens
+
     def _free_pages(self) -> int:
         """Pages to be had without preempting anyone (free ones and evictable cached ones)."""
         return self.allocator.num_free + self.prefix_cache.num_evictable
@@ -299,7 +328,7 @@ class Scheduler:
     def _decode_steps(self, req: Request) -> int:
         """Steps of a decode block for a running request that has one token to feed (and its pages for it):
         as many as its max_tokens, the context and the pages to be had without preempting allow."""
-        n = min(self.config.decode_steps, req.sampling.max_tokens - req.num_sampled,
+        n = min(self.config.decode_steps if req.grammar is None else 1, req.sampling.max_tokens - req.num_sampled,
                 self.max_model_len - req.num_tokens)
         need = self._pages_needed(req, req.num_computed + n)
         if need and not self._make_room(need):
@@ -334,7 +363,8 @@ class Scheduler:
         rows = {f.name: np.zeros(R, np.int32) for f in dataclasses.fields(RowInputs)}
         rows.update(sample=np.zeros(R, bool), reset=np.zeros(R, bool),
                     page_table=np.zeros((R, self.max_pages_per_seq), np.int32),
-                    stop_ids=np.full((R, self.stop_width), ROW_PADDING["stop_ids"], np.int32))
+                    stop_ids=np.full((R, self.stop_width), ROW_PADDING["stop_ids"], np.int32),
+                    token_mask=np.full((R, self.mask_words), -1, np.int32))
         sampling = {k: np.zeros(R, t) for k, t in SamplingInputs.DTYPES.items()}
         scheduled = []
         t = 0
@@ -365,11 +395,12 @@ class Scheduler:
             rows["reset"][r] = s in reset
             rows["num_steps"][r] = n if decode else 1
             rows["num_draft"][r] = n - 1 if drafts is not None else 0
+            if req.grammar is not None and num_samples:
+                req.grammar.fill_mask(rows["token_mask"], r)
             stop = sorted(req.stop_ids)
             rows["stop_ids"][r, :len(stop)] = stop
             for k in SamplingInputs.DTYPES:
-                sampling[k][r] = (req.sampling.logprobs is not None) if k == "logprobs" else (
-                    req.seed if k == "seed" else getattr(req.sampling, k))
+                sampling[k][r] = self._sampling_input(req, k)
             req.num_sampled += num_samples
             scheduled.append(Scheduled(req, s, r, start, n, num_samples, imports.get(s, 0), precomputed.get(s, 0)))
             t += fed
@@ -417,6 +448,8 @@ class Scheduler:
                     req.logprobs.append(logprobs(j, item.row))
                 if tok in req.stop_ids:
                     reason = "stop"
+                elif req.grammar is not None and not self._advance_grammar(req, tok):
+                    reason = "stop"
                 elif (len(req.output_ids) >= req.sampling.max_tokens
                       or len(req.prompt_ids) + len(req.output_ids) >= self.max_model_len):
                     reason = "length"
@@ -443,6 +476,23 @@ class Scheduler:
             if reason:
                 self.finish(req, reason)
         return touched
+
+    @staticmethod
+    def _sampling_input(req: Request, field: str):
+        """The request's value of a SamplingInputs field."""
+        sp = req.sampling
+        if field == "logprobs":
+            return sp.logprobs is not None
+        if field == "has_logit_bias":
+            return bool(sp.logit_bias)
+        return req.seed if field == "seed" else getattr(sp, field)
+
+    @staticmethod
+    def _advance_grammar(req: Request, tok: int) -> bool:
+        """Feeds a sampled token to the request's grammar; False once the grammar is complete (or, which the
+        mask rules out, refused the token: the request then ends rather than emit text outside it)."""
+        g = req.grammar
+        return g.accept(tok) and not g.done
 
     @staticmethod
     def _record_prompt_logprobs(plan: StepPlan, item: Scheduled, read) -> None:

@@ -81,6 +81,9 @@ class RowInputs:
     stop_ids: np.ndarray  # i32[R, M]: token ids that end the request, padded with -1 (a decode block stops
     #   the row's steps on them; M is the scheduler's fixed width)
     num_draft: np.ndarray  # i32[R]: proposed tokens after the row's first (a verify step; 0 elsewhere)
+    token_mask: np.ndarray  # i32[R, W]: the tokens the row may sample, a bitmask over the vocabulary
+    #   (jinfer.grammar.params.mask_words); all ones (-1) for a row without a grammar. A row with a grammar
+    #   samples one token per dispatch (its next mask needs that token), so the mask is its first step's
 
 
 @dataclasses.dataclass(frozen=True)
@@ -96,12 +99,14 @@ class SamplingInputs:
     frequency_penalty: np.ndarray  # f32[R]
     seed: np.ndarray  # u32[R]
     logprobs: np.ndarray  # bool[R]: the request asks for logprobs
+    min_tokens: np.ndarray  # i32[R]: its stop tokens are banned while it has sampled fewer
+    has_logit_bias: np.ndarray  # bool[R]: add its slot's logit bias (set at admission: Runner.set_logit_bias)
 
     NEUTRAL = dict(temperature=0.0, top_k=0, top_p=1.0, min_p=0.0, repetition_penalty=1.0, presence_penalty=0.0,
-                   frequency_penalty=0.0, seed=0, logprobs=False)
+                   frequency_penalty=0.0, seed=0, logprobs=False, min_tokens=0, has_logit_bias=False)
     DTYPES = dict(temperature=np.float32, top_k=np.int32, top_p=np.float32, min_p=np.float32,
                   repetition_penalty=np.float32, presence_penalty=np.float32, frequency_penalty=np.float32,
-                  seed=np.uint32, logprobs=bool)
+                  seed=np.uint32, logprobs=bool, min_tokens=np.int32, has_logit_bias=bool)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -114,7 +119,7 @@ class StepInputs:
 
 
 # Padding values of the per-row arrays (every other field pads with 0); `slot` pads with max_slots.
-ROW_PADDING = dict(stop_ids=-1)
+ROW_PADDING = dict(stop_ids=-1, token_mask=-1)
 TOKEN_PADDING = dict(next_id=-1)  # likewise per token
 
 
@@ -128,7 +133,8 @@ class StepPlan:
     verify: bool = False  # a verify step
 
     @classmethod
-    def empty(cls, max_pages_per_seq: int, stop_width: int, decode: bool = False, verify: bool = False) -> StepPlan:
+    def empty(cls, max_pages_per_seq: int, stop_width: int, mask_words: int, decode: bool = False,
+              verify: bool = False) -> StepPlan:
         """A plan of no tokens and no rows: padded to any bucket, it touches no page (warm-up)."""
 
         def none(dtype, *shape):
@@ -140,7 +146,8 @@ class StepPlan:
                         is_output=none(bool), valid=none(bool), next_id=none(i32)),
             RowInputs(slot=none(i32), query_start=none(i32), query_len=none(i32), kv_len=none(i32),
                       page_table=none(i32, max_pages_per_seq), sample=none(bool), gen_index=none(i32),
-                      reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width), num_draft=none(i32)),
+                      reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width), num_draft=none(i32),
+                      token_mask=none(i32, mask_words)),
             SamplingInputs(**{k: none(t) for k, t in SamplingInputs.DTYPES.items()}),
             scheduled=(), decode=decode, verify=verify)
 

@@ -1,5 +1,5 @@
-"""The `jinfer` command line: `generate`, `batch`, `perplexity`, `quantize`, `convert`, `pull`, `serve`,
-`client`."""
+"""The `jinfer` command line: `generate`, `chat`, `batch`, `perplexity`, `quantize`, `convert`, `pull`,
+`models`, `serve`, `client`."""
 
 from __future__ import annotations
 
@@ -15,15 +15,12 @@ def _enable_compile_cache() -> None:
 
 
 def cmd_generate(args) -> int:
-    from jinfer.entrypoints.llm import LLM
     from jinfer.inputs import SamplingParams
+    from jinfer.serve.sampling_flags import sampling_fields
 
     _enable_compile_cache()
-    params = SamplingParams(max_tokens=args.max_tokens, temperature=args.temperature, top_k=args.top_k,
-                            top_p=args.top_p, seed=args.seed, stop=tuple(args.stop or ()))
-    llm = LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-              quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
-              speculative_config=args.speculative_config)
+    params = SamplingParams(**sampling_fields(args))
+    llm = _llm(args)
     if args.chat:
         prompt = llm.chat_prompt([{"role": "user", "content": args.prompt}])
     else:
@@ -34,6 +31,43 @@ def cmd_generate(args) -> int:
         sys.stdout.write(delta)
         sys.stdout.flush()
     sys.stdout.write("\n")
+    return 0
+
+
+def _llm(args):
+    from jinfer.entrypoints.llm import LLM
+
+    return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
+               quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
+               speculative_config=args.speculative_config)
+
+
+def cmd_chat(args) -> int:
+    from jinfer.entrypoints.chat_repl import chat_repl
+    from jinfer.inputs import SamplingParams
+    from jinfer.serve.sampling_flags import sampling_fields
+
+    _enable_compile_cache()
+    sampling = sampling_fields(args)
+    SamplingParams(**{**sampling, "max_tokens": sampling["max_tokens"] or 1})  # bad flags fail before the load
+    return chat_repl(_llm(args), sampling, sys.stdin, sys.stdout, sys.stderr, system=args.system)
+
+
+def cmd_models(args) -> int:
+    from jinfer.checkpoints.registry import MODELS, cache_dir, model_dir
+
+    root = cache_dir() / "models"
+    print(f"registered models (cache: {root}):")
+    for name, spec in sorted(MODELS.items()):
+        d = model_dir(name)
+        state = ("converted" if (d / "orbax" / "config.json").is_file()
+                 else "downloaded" if (d / "source.gguf").is_file() else "not cached")
+        print(f"  {name:<12} {spec.package}=={spec.version}  {state}")
+    others = sorted(p.name for p in root.iterdir() if p.is_dir() and p.name not in MODELS) if root.is_dir() else []
+    if others:
+        print("other cached models:")
+        for name in others:
+            print(f"  {name:<12} {root / name}")
     return 0
 
 
@@ -105,29 +139,51 @@ def cmd_client(args) -> int:
     return run(args)
 
 
+def _model_arguments(p, serve_main) -> None:
+    p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
+    serve_main.add_quantization_arguments(p)
+    serve_main.add_kv_cache_arguments(p)
+    serve_main.add_speculative_arguments(p)
+
+
+def _version() -> str:
+    from importlib.metadata import PackageNotFoundError, version
+
+    try:
+        return version("jinfer")
+    except PackageNotFoundError:
+        return "unknown (not installed)"
+
+
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="jinfer", description="A compiled LLM inference engine on JAX.")
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = argparse.ArgumentParser(prog="jinfer", description="A compiled LLM inference engine on JAX.",
+                                formatter_class=fmt)
+    p.add_argument("--version", action="version", version=f"jinfer {_version()}")
     sub = p.add_subparsers(dest="command", required=True)
     from jinfer.serve import main as serve_main  # its flags: the server's, quantization's for every command
+    from jinfer.serve.sampling_flags import add_sampling_arguments
 
-    g = sub.add_parser("generate", help="generate text from a prompt, streamed to the terminal")
+    g = sub.add_parser("generate", formatter_class=fmt, help="generate text from a prompt, streamed to the terminal")
     g.add_argument("prompt")
     g.add_argument("--model", default="smollm2",
                    help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint")
     g.add_argument("--chat", action="store_true", help="wrap the prompt in the model's chat template")
-    g.add_argument("--max-tokens", type=int, default=128)
-    g.add_argument("--temperature", type=float, default=0.7)
-    g.add_argument("--top-k", type=int, default=0)
-    g.add_argument("--top-p", type=float, default=0.95)
-    g.add_argument("--seed", type=int, default=None)
-    g.add_argument("--stop", action="append", help="a stop string (repeatable)")
-    g.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    serve_main.add_quantization_arguments(g)
-    serve_main.add_kv_cache_arguments(g)
-    serve_main.add_speculative_arguments(g)
+    add_sampling_arguments(g)
+    _model_arguments(g, serve_main)
     g.set_defaults(fn=cmd_generate)
 
-    b = sub.add_parser("batch", help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
+    ch = sub.add_parser("chat", help="an interactive multi-turn chat with a model, in the terminal",
+                        formatter_class=fmt)
+    ch.add_argument("--model", default="smollm2",
+                    help="registered name (pulled on first use), GGUF file, HF directory or orbax checkpoint")
+    ch.add_argument("--system", default=None, help="a system message that opens the conversation")
+    add_sampling_arguments(ch, max_tokens_help="default: the rest of the context, as the HTTP chat endpoint's")
+    _model_arguments(ch, serve_main)
+    ch.set_defaults(fn=cmd_chat)
+
+    b = sub.add_parser("batch", formatter_class=fmt,
+                        help="offline batch inference: JSONL prompts in, JSONL results out (resumable)")
     b.add_argument("input", help="one JSON object a line: prompt or messages, sampling fields, optional id")
     b.add_argument("output", help="one result a line, in input order; a rerun skips the lines already there")
     b.add_argument("--model", default="smollm2")
@@ -143,7 +199,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--process-id", type=int, default=None, help="this host's index (or JINFER_PROCESS_ID)")
     b.set_defaults(fn=cmd_batch)
 
-    pp = sub.add_parser("perplexity", help="a model's perplexity on a text file (non-overlapping windows)")
+    pp = sub.add_parser("perplexity", formatter_class=fmt,
+                        help="a model's perplexity on a text file (non-overlapping windows)")
     pp.add_argument("file", help="a UTF-8 text file")
     pp.add_argument("--model", default="smollm2")
     pp.add_argument("--window", type=int, default=512, help="tokens per window, each scored alone")
@@ -154,29 +211,38 @@ def build_parser() -> argparse.ArgumentParser:
 
     from jinfer.entrypoints import quantize
 
-    q = sub.add_parser("quantize", help="quantize a float checkpoint (rtn, gptq, awq, smoothquant, w8a8) into an "
+    q = sub.add_parser("quantize", formatter_class=fmt,
+                        help="quantize a float checkpoint (rtn, gptq, awq, smoothquant, w8a8) into an "
                                         "orbax checkpoint that loads quantized with no flag")
     quantize.add_arguments(q)
     q.set_defaults(fn=quantize.run)
 
-    c = sub.add_parser("convert", help="convert a GGUF file or HF directory to an orbax checkpoint")
+    c = sub.add_parser("convert", formatter_class=fmt,
+                        help="convert a GGUF file or HF directory to an orbax checkpoint")
     c.add_argument("src")
     c.add_argument("dst")
     c.add_argument("--force", action="store_true", help="replace an existing destination")
     c.set_defaults(fn=cmd_convert)
 
-    pl = sub.add_parser("pull", help="download and convert a registered model (e.g. smollm2)")
+    pl = sub.add_parser("pull", formatter_class=fmt,
+                        help="download and convert a registered model (e.g. smollm2)")
     pl.add_argument("name", nargs="?", default="smollm2")
     pl.add_argument("--force", action="store_true", help="convert again even if cached")
     pl.set_defaults(fn=cmd_pull)
 
+    m = sub.add_parser("models", formatter_class=fmt,
+                        help="list the registered models and those in the cache")
+    m.set_defaults(fn=cmd_models)
+
     from jinfer.serve import client_cli
 
-    sv = sub.add_parser("serve", help="serve a model over gRPC (warm-up, then serve; SIGTERM drains)")
+    sv = sub.add_parser("serve", formatter_class=fmt,
+                        help="serve a model over gRPC (warm-up, then serve; SIGTERM drains)")
     serve_main.add_arguments(sv)
     sv.set_defaults(fn=cmd_serve)
 
-    cl = sub.add_parser("client", help="stream a generation from a jinfer server to the terminal")
+    cl = sub.add_parser("client", formatter_class=fmt,
+                        help="stream a generation from a jinfer server to the terminal")
     client_cli.add_arguments(cl)
     cl.set_defaults(fn=cmd_client)
     return p

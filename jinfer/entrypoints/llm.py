@@ -91,20 +91,30 @@ class LLM:
                                sampling_field=f"sampling_params[{i}]" if len(prompts) > 1 else None)
                 for i, (p, sp) in enumerate(zip(prompts, sampling_params))]
 
-    def _submit(self, requests: list[CheckedRequest]) -> list[str]:
-        ids = []
+    def _submit(self, requests: list[CheckedRequest]) -> list[list[str]]:
+        """Queues each request's n completions (seeded ones get seeds seed, seed + 1, ...; the later ones share
+        the first's prompt pages); -> per request, its completions' engine ids."""
+        ids: list[list[str]] = []
         try:
             for r in requests:
-                ids.append(self.engine.add_request(r))
+                sp = r.sampling
+                group = []
+                for j in range(sp.n):
+                    seed = sp.seed + j if sp.seed is not None and j else sp.seed
+                    copy = dataclasses.replace(r, sampling=dataclasses.replace(sp, n=1, seed=seed))
+                    group.append(self.engine.add_request(copy, same_prompt_as=group[0] if group else None))
+                ids.append(group)
         except BaseException:
-            for rid in ids:
+            for rid in (i for g in ids for i in g):
                 self.engine.cancel(rid)
             raise
         return ids
 
     def generate(self, prompts: PromptInput | Sequence[PromptInput], sampling_params=None,
                  use_tqdm: bool = True) -> list[RequestOutput]:
-        ids = self._submit(self._check(prompts, sampling_params))
+        """One RequestOutput per prompt, in order; with SamplingParams.n > 1 its `outputs` hold the n completions."""
+        groups = self._submit(self._check(prompts, sampling_params))
+        ids = [i for g in groups for i in g]
         results: dict[str, RequestOutput] = {}
         bar = None
         if use_tqdm and len(ids) > 1:
@@ -125,27 +135,53 @@ class LLM:
         finally:
             if bar:
                 bar.close()
-        return [results[i] for i in ids]
+        return [_merged([results[i] for i in g]) for g in groups]
 
     def stream(self, prompt: PromptInput, sampling_params: SamplingParams | None = None) -> Iterator[str]:
         """Yields the generated text in deltas as the tokens arrive."""
-        (rid,) = self._submit(self._check([prompt], sampling_params))
+        for delta, _ in self.stream_outputs(prompt, sampling_params):
+            if delta:
+                yield delta
+
+    def stream_outputs(self, prompt: PromptInput, sampling_params: SamplingParams | None = None
+                       ) -> Iterator[tuple[str, RequestOutput]]:
+        """Yields (text delta, the cumulative RequestOutput) as tokens arrive; the last has its finish_reason."""
+        checked = self._check([prompt], sampling_params)
+        if checked[0].sampling.n != 1:
+            raise ValueError(f"sampling_params.n={checked[0].sampling.n}: a stream yields one completion; use generate")
+        ((rid,),) = self._submit(checked)
         done = False
         try:
             while not done:
                 for ev in self.engine.step():
                     if ev.request_id == rid:
-                        if ev.text_delta:
-                            yield ev.text_delta
                         done = ev.output.finished
+                        yield ev.text_delta, ev.output
         finally:
             if not done:
                 self.engine.cancel(rid)
 
-    def chat(self, messages: list[dict], sampling_params: SamplingParams | None = None) -> RequestOutput:
-        """One conversation ([{'role': ..., 'content': ...}, ...]) -> the assistant's reply."""
-        return self.generate([self.chat_prompt(messages)], sampling_params, use_tqdm=False)[0]
+    def chat(self, messages, sampling_params=None, use_tqdm: bool = True) -> list[RequestOutput]:
+        """One conversation ([{'role': ..., 'content': ...}, ...]) or a list of them -> the assistant's replies,
+        one RequestOutput per conversation (vLLM's LLM.chat). `sampling_params`: one for all, or one each."""
+        many = isinstance(messages, (list, tuple)) and bool(messages) and all(
+            isinstance(m, (list, tuple)) for m in messages)
+        conversations = list(messages) if many else [messages]
+        prompts = [self.engine.inputs.chat(c, f"messages[{i}]" if many else "messages")
+                   for i, c in enumerate(conversations)]
+        return self.generate(prompts, sampling_params, use_tqdm=use_tqdm)
+
+    def get_tokenizer(self):
+        """The model's tokenizer (jinfer.text.tokenizer.Tokenizer: encode, decode, apply_chat_template)."""
+        return self.tokenizer
 
     def chat_prompt(self, messages: list[dict]) -> Prompt:
         """The conversation rendered with the model's chat template (`.text`) and its token ids (`.ids`)."""
         return self.engine.inputs.chat(messages)
+
+
+def _merged(outputs: list[RequestOutput]) -> RequestOutput:
+    """n completions of one prompt as one RequestOutput: the first's flat fields, all n in `outputs`."""
+    if len(outputs) == 1:
+        return outputs[0]
+    return dataclasses.replace(outputs[0], completions=outputs)

@@ -34,6 +34,8 @@ from jinfer.engine.step_plan import (
     StepPlan,
     TokenInputs,
 )
+from jinfer.grammar.params import mask_words
+from jinfer.inputs import MAX_LOGIT_BIAS
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import store_kv
@@ -101,6 +103,13 @@ def _seed_impl(state: SlotState, slot, tokens, is_output) -> SlotState:
     counts = state.output_counts.at[slot].set(0).at[slot, tokens].add(is_output.astype(jnp.int32), mode="drop")
     mask = state.prompt_mask.at[slot].set(False).at[slot, tokens].max(~is_output, mode="drop")
     return dataclasses.replace(state, output_counts=counts, prompt_mask=mask)
+
+
+def _bias_impl(state: SlotState, slot, ids, values) -> SlotState:
+    """The logit bias of a slot's new occupant: ids i32[MAX_LOGIT_BIAS] (padded with the out-of-range id V,
+    which the scatter drops), values f32[MAX_LOGIT_BIAS]."""
+    bias = state.logit_bias.at[slot].set(0.0).at[slot, ids].set(values, mode="drop")
+    return dataclasses.replace(state, logit_bias=bias)
 
 
 def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
@@ -177,6 +186,8 @@ class Runner:
         self._import = jax.jit(_import_impl, donate_argnums=(0,),
                                out_shardings=None if out_shardings is None else out_shardings[0])
         self._seed = jax.jit(_seed_impl, donate_argnums=(0,),
+                             out_shardings=None if out_shardings is None else out_shardings[1])
+        self._bias = jax.jit(_bias_impl, donate_argnums=(0,),
                              out_shardings=None if out_shardings is None else out_shardings[1])
 
     def _init_draft(self, draft_model, num_pages: int, dtype) -> DraftModelDrafter:
@@ -289,7 +300,8 @@ class Runner:
     def compiled_text(self, shape: StepShape, stop_width: int) -> str:
         """The optimized HLO of one step shape (for profiles; it lowers and compiles the step once more;
         `stop_width` as for `warmup`)."""
-        empty = StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode, verify=shape.verify)
+        empty = StepPlan.empty(self.max_pages_per_seq, stop_width, mask_words(self.model_config.vocab_size),
+                               decode=shape.decode, verify=shape.verify)
         inputs, attn_meta = self._step_inputs(empty, shape)
         return self._step.lower(self.params, self.kv, self.state, self.draft_params, self.draft_kv, inputs, attn_meta,
                                 shape=shape).compile().as_text()
@@ -345,11 +357,21 @@ class Runner:
         is_output = np.arange(self.max_model_len) >= num_prompt
         self.state = self._seed(self.state, np.int32(slot), ids, is_output)
 
+    def set_logit_bias(self, slot: int, bias: tuple[tuple[int, float], ...]) -> None:
+        """The logit bias ((token id, bias) pairs) of the request now in `slot`."""
+        ids = np.full(MAX_LOGIT_BIAS, self.model_config.vocab_size, np.int32)
+        values = np.zeros(MAX_LOGIT_BIAS, np.float32)
+        if bias:
+            ids[:len(bias)], values[:len(bias)] = zip(*bias)
+        self.state = self._bias(self.state, np.int32(slot), ids, values)
+
     def warmup(self, stop_width: int) -> None:
         """Compiles every step shape with an all-padding plan, which touches no page (`stop_width`: the
         scheduler's RowInputs.stop_ids width)."""
         for shape in self.all_shapes():
-            self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, decode=shape.decode, verify=shape.verify),
+            self._launch(StepPlan.empty(self.max_pages_per_seq, stop_width, mask_words(self.model_config.vocab_size),
+                               decode=shape.decode, verify=shape.verify),
                          shape)
         self.seed_penalty_state(0, [], 0)  # no occupant yet: leaves slot 0 cleared
+        self.set_logit_bias(0, ())
         jax.block_until_ready((self.kv, self.state))

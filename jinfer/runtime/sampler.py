@@ -27,6 +27,22 @@ def apply_penalties(
     return logits - frequency[:, None] * counts - presence[:, None] * (counts > 0)
 
 
+def apply_token_mask(logits: jnp.ndarray, mask: jnp.ndarray) -> jnp.ndarray:
+    """logits f32[B, V], mask i32[B, ceil(V / 32)] (token t allowed iff bit t % 32 of word t // 32 is set):
+    the disallowed tokens' logits become -inf."""
+    B, V = logits.shape
+    bits = (mask[:, :, None] >> jnp.arange(32, dtype=jnp.int32)) & 1  # i32[B, W, 32]
+    return jnp.where(bits.reshape(B, -1)[:, :V] != 0, logits, -jnp.inf)
+
+
+def ban_tokens(logits: jnp.ndarray, ids: jnp.ndarray, ban: jnp.ndarray) -> jnp.ndarray:
+    """logits f32[B, V]; ids i32[B, M] (padded with -1); ban bool[B]: a banned row's ids get -inf (min_tokens
+    keeps a row's stop tokens from being sampled)."""
+    B, V = logits.shape
+    cols = jnp.where((ids >= 0) & ban[:, None], ids, V)  # out of range: the scatter drops it
+    return logits.at[jnp.arange(B)[:, None], cols].set(-jnp.inf, mode="drop")
+
+
 def sample(
     logits: jnp.ndarray,  # f32[B, V]
     temperature: jnp.ndarray,  # f32[B]

@@ -24,7 +24,7 @@ from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_att
 from jinfer.engine.step_plan import RowInputs, SamplingInputs, StepInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
-from jinfer.runtime.sampler import apply_penalties, sample, step_keys
+from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
 
 
 @jax.tree_util.register_dataclass
@@ -35,11 +35,14 @@ class SlotState:
     last_sampled: jax.Array  # i32[S]: the token each slot sampled last (fed by the next step, `from_prev`)
     output_counts: jax.Array  # i32[S, V]: occurrences of each token among the slot's generated tokens
     prompt_mask: jax.Array  # bool[S, V]: the token occurs in the slot's prompt
+    logit_bias: jax.Array  # f32[S, V]: added to the slot's logits where its row has_logit_bias (set at admission,
+    #   so a step carries none of it)
 
     @classmethod
     def zeros(cls, max_slots: int, vocab_size: int) -> SlotState:
         S, V = max_slots, vocab_size
-        return cls(jnp.zeros(S, jnp.int32), jnp.zeros((S, V), jnp.int32), jnp.zeros((S, V), bool))
+        return cls(jnp.zeros(S, jnp.int32), jnp.zeros((S, V), jnp.int32), jnp.zeros((S, V), bool),
+                   jnp.zeros((S, V), jnp.float32))
 
 
 @jax.tree_util.register_dataclass
@@ -80,11 +83,7 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     R = h.shape[0]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
-    logits_p = jax.lax.cond(
-        penalties,
-        lambda: apply_penalties(logits, state.output_counts[rows.slot], state.prompt_mask[rows.slot],
-                                sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty),
-        lambda: logits)
+    logits_p = _processed(logits, state, rows, sp, gen_index, penalties)
     new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
 
     def logprobs():
@@ -98,6 +97,24 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     if not max_logprobs:
         return new, none()
     return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
+
+
+def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties):
+    """The logits a row samples from, in vLLM's order: logit bias, min_tokens (stop tokens banned until the
+    row has that many), penalties, then the structured output's token mask. Each under a runtime condition
+    on whether any row uses it, so a step without it pays nothing."""
+    has_bias = sp.has_logit_bias[:, None]
+    logits = jax.lax.cond(jnp.any(sp.has_logit_bias),
+                          lambda x: x + jnp.where(has_bias, state.logit_bias[rows.slot], 0.0), lambda x: x, logits)
+    early = gen_index < sp.min_tokens
+    logits = jax.lax.cond(jnp.any(early), lambda x: ban_tokens(x, rows.stop_ids, early), lambda x: x, logits)
+    logits = jax.lax.cond(
+        penalties,
+        lambda x: apply_penalties(x, state.output_counts[rows.slot], state.prompt_mask[rows.slot],
+                                  sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty),
+        lambda x: x, logits)
+    return jax.lax.cond(jnp.any(rows.token_mask != -1), lambda x: apply_token_mask(x, rows.token_mask),
+                        lambda x: x, logits)
 
 
 def no_prompt_logprobs(T: int, max_logprobs: int):
@@ -186,7 +203,8 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         i, kv, state, feed, stopped, out, draft = carry
         active = running(i, stopped)
         is_output = tok.is_output | (i > 0)
-        state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output), lambda s: s, state)
+        state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output),
+                             lambda s: s, state)
         # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
         kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,

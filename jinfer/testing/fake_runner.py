@@ -74,6 +74,9 @@ class FakeRunner:
     def import_kv(self, k, v, pages, slot: int, n: int) -> None:
         pass
 
+    def set_logit_bias(self, slot: int, bias) -> None:
+        pass
+
     def seed_penalty_state(self, slot: int, token_ids, num_prompt: int) -> None:
         self.seeded.append((slot, list(token_ids), num_prompt))
 

@@ -53,7 +53,7 @@ def test_stop_string_and_length(llm):
 
 def test_chat_ends_its_turn(llm):
     out = llm.chat([{"role": "user", "content": "What is the capital of France? Answer in one word."}],
-                   SamplingParams(max_tokens=32, temperature=0))
+                   SamplingParams(max_tokens=32, temperature=0))[0]
     assert "<|im_start|>assistant" in out.prompt
     assert "Paris" in out.text and out.finish_reason == "stop"
 

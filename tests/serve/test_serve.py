@@ -103,7 +103,7 @@ def expected(engine):
     llm = object.__new__(LLM)  # LLM's constructor loads a checkpoint by name; generate needs only an engine
     llm.engine, llm.tokenizer = engine, engine.tokenizer
     outs = llm.generate([p for p, _ in SPECS], [SamplingParams(**kw) for _, kw in SPECS], use_tqdm=False)
-    outs.append(llm.chat(CHAT, SamplingParams(**CHAT_KW)))
+    outs += llm.chat(CHAT, SamplingParams(**CHAT_KW), use_tqdm=False)
     assert_all_pages_returned(engine)
     return outs
 

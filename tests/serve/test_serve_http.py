@@ -123,7 +123,16 @@ def test_logprobs_equal_grpcs(server, client):
     ({"prompt": [1, 999999]}, "prompt[1]"),
     ({"prompt": ""}, "prompt"),
     ({"prompt": "w1", "temprature": 0.5}, "temprature"),
-    ({"prompt": "w1", "logit_bias": {"5": 1}}, "logit_bias"),
+    ({"prompt": "w1", "logit_bias": {"5": 101}}, "logit_bias[5]"),
+    ({"prompt": "w1", "logit_bias": {"w5": 1}}, "logit_bias"),
+    ({"prompt": "w1", "response_format": {"type": "json_schema", "json_schema": {"name": "x"}}},
+     "response_format.json_schema"),
+    ({"prompt": "w1", "response_format": {"type": "json_schema", "json_schema": {"schema": {"type": "nonsense"}}}},
+     "response_format"),
+    ({"prompt": "w1", "response_format": {"type": "yaml"}}, "response_format"),
+    ({"prompt": "w1", "guided_regex": "(a"}, "guided_regex"),
+    ({"prompt": "w1", "guided_regex": "a", "guided_choice": ["b"]}, "guided_choice"),
+    ({"prompt": "w1", "min_tokens": 99, "max_tokens": 5}, "min_tokens"),
     ({}, "prompt"),
 ])
 def test_each_bad_completion_field_is_a_400_naming_it(client, body, param):
@@ -145,6 +154,16 @@ def test_each_bad_chat_field_is_a_400_naming_it(client, body, param):
         client.chat.completions.create(model=MODEL, messages=body["messages"],
                                        extra_body={k: v for k, v in body.items() if k != "messages"})
     assert err.value.body["param"] == param, err.value.body
+
+
+def test_logit_bias_and_a_tokenizer_without_grammar_support(client):
+    biased = client.completions.create(model=MODEL, prompt="w1 w2", max_tokens=5, temperature=0,
+                                       logit_bias={"42": 100}, extra_body={"ignore_eos": True})
+    assert biased.choices[0].text == " ".join(["w42"] * 5)
+    # The tiny word-level tokenizer is not one llguidance reads (tests/grammar serves a real one).
+    with pytest.raises(openai.BadRequestError) as err:
+        client.completions.create(model=MODEL, prompt="w1", extra_body={"guided_choice": ["w7"]})
+    assert err.value.body["param"] == "guided_choice" and "cannot read" in err.value.body["message"]
 
 
 def test_wrong_key_and_model_and_the_open_endpoints(server, client):

@@ -31,9 +31,14 @@ def test_generated_code_matches_the_proto(tmp_path):
                           INSTALLED], cwd=tmp_path, capture_output=True, text=True)
     assert res.returncode == 0, res.stderr
     fresh = descriptor_pb2.FileDescriptorSet.FromString(out.read_bytes()).file[0]
-    for message in fresh.message_type:  # json_name is protoc's annotation; the Python gencode leaves it out
+    def clear_json_names(message):  # json_name is protoc's annotation; the Python gencode leaves it out
         for field in message.field:
             field.ClearField("json_name")
+        for nested in message.nested_type:  # a map field's entry type
+            clear_json_names(nested)
+
+    for message in fresh.message_type:
+        clear_json_names(message)
     committed = descriptor_pb2.FileDescriptorProto()
     pb.DESCRIPTOR.CopyToProto(committed)
     assert committed == fresh, "serve/proto is stale: run serve/proto/generate.sh"
@@ -47,7 +52,9 @@ def test_every_sampling_field_is_in_the_proto():
 def test_sampling_params_round_trip_every_field():
     want = SamplingParams(max_tokens=7, temperature=0.3, top_k=5, top_p=0.85, min_p=0.02, repetition_penalty=1.1,
                           presence_penalty=-0.5, frequency_penalty=1.5, seed=2**32 - 1, stop=("a", "bc"),
-                          stop_token_ids=(3, 4), ignore_eos=True, logprobs=2, prompt_logprobs=1)
+                          stop_token_ids=(3, 4), ignore_eos=True, logprobs=2, prompt_logprobs=1, n=2, min_tokens=3,
+                          logit_bias={4: -1.5, 7: 100}, include_stop_str_in_output=True, skip_special_tokens=False,
+                          structured_outputs={"choice": ["a", "b c"]})
     msg = build_request([1, 2], **dataclasses.asdict(want)).sampling
     inputs = InputChecker(vocab_size=10, max_model_len=32, max_logprobs=5, usable_pages=8, page_size=4)
 
@@ -58,6 +65,9 @@ def test_sampling_params_round_trip_every_field():
     # Unset fields take SamplingParams' defaults; -1 means no top-k cut, as in SamplingParams.
     assert sampling(pb.SamplingParams()) == SamplingParams()
     assert sampling(pb.SamplingParams(top_k=-1)) == SamplingParams(top_k=0)
+    for so in ({"json": '{"type": "object"}'}, {"json_object": True}, {"regex": "a+"}, {"grammar": 'start: "x"'}):
+        msg = build_request([1], structured_outputs=so).sampling
+        assert sampling(msg) == SamplingParams(structured_outputs=so)
     assert sampling(pb.SamplingParams(temperature=0.0)).temperature == 0.0
 
 

@@ -24,15 +24,17 @@ _sym_db = _symbol_database.Default()
 
 
 
-DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)jinfer/serve/proto/jinfer/v1/jinfer.proto\x12\tjinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\x8a\x04\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobs\"\xb7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.jinfer.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.jinfer.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.jinfer.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jinfer.v1.TopLogprob\"d\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.jinfer.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.jinfer.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jinfer.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.jinfer.v1.Usage\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.jinfer.v1.PromptLogprob\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1f\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0f.jinfer.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xcb\x02\n\x0bModelConfig\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x19\n\x11intermediate_size\x18\x08 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12\x19\n\x0c\x62os_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x12\n\nrope_theta\x18\x0c \x01(\x01\x12\x1b\n\x13tie_word_embeddings\x18\r \x01(\x08\x42\x0f\n\r_bos_token_id\"\xf9\x01\n\x0c\x45ngineLimits\x12\x11\n\tmax_slots\x18\x01 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\x12\x19\n\x11max_prefill_chunk\x18\x05 \x01(\x05\x12\x15\n\rtoken_buckets\x18\x06 \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\x12\x16\n\x0e\x64\x65\x63ode_buckets\x18\n \x03(\x05\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x0b \x01(\x05\"\xcd\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.jinfer.v1.ModelConfig\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.jinfer.v1.EngineLimits\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf3\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jinfer.v1.GenerateRequest\x1a\x1b.jinfer.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.jinfer.v1.GenerateRequest\x1a\x1b.jinfer.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.jinfer.v1.TokenizeRequest\x1a\x1b.jinfer.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jinfer.v1.DetokenizeRequest\x1a\x1d.jinfer.v1.DetokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jinfer.v1.GetModelInfoRequest\x1a\x14.jinfer.v1.ModelInfob\x06proto3')
+DESCRIPTOR = _descriptor_pool.Default().AddSerializedFile(b'\n)jinfer/serve/proto/jinfer/v1/jinfer.proto\x12\tjinfer.v1\",\n\x0b\x43hatMessage\x12\x0c\n\x04role\x18\x01 \x01(\t\x12\x0f\n\x07\x63ontent\x18\x02 \x01(\t\"0\n\x04\x43hat\x12(\n\x08messages\x18\x01 \x03(\x0b\x32\x16.jinfer.v1.ChatMessage\"\x17\n\x08TokenIds\x12\x0b\n\x03ids\x18\x01 \x03(\x05\"\xd0\x06\n\x0eSamplingParams\x12\x17\n\nmax_tokens\x18\x01 \x01(\x05H\x00\x88\x01\x01\x12\x18\n\x0btemperature\x18\x02 \x01(\x01H\x01\x88\x01\x01\x12\x12\n\x05top_k\x18\x03 \x01(\x05H\x02\x88\x01\x01\x12\x12\n\x05top_p\x18\x04 \x01(\x01H\x03\x88\x01\x01\x12\x12\n\x05min_p\x18\x05 \x01(\x01H\x04\x88\x01\x01\x12\x1f\n\x12repetition_penalty\x18\x06 \x01(\x01H\x05\x88\x01\x01\x12\x1d\n\x10presence_penalty\x18\x07 \x01(\x01H\x06\x88\x01\x01\x12\x1e\n\x11\x66requency_penalty\x18\x08 \x01(\x01H\x07\x88\x01\x01\x12\x11\n\x04seed\x18\t \x01(\x03H\x08\x88\x01\x01\x12\x0c\n\x04stop\x18\n \x03(\t\x12\x16\n\x0estop_token_ids\x18\x0b \x03(\x05\x12\x12\n\nignore_eos\x18\x0c \x01(\x08\x12\x15\n\x08logprobs\x18\r \x01(\x05H\t\x88\x01\x01\x12\x1c\n\x0fprompt_logprobs\x18\x0e \x01(\x05H\n\x88\x01\x01\x12\x0e\n\x01n\x18\x0f \x01(\x05H\x0b\x88\x01\x01\x12\x17\n\nmin_tokens\x18\x10 \x01(\x05H\x0c\x88\x01\x01\x12<\n\nlogit_bias\x18\x11 \x03(\x0b\x32(.jinfer.v1.SamplingParams.LogitBiasEntry\x12\"\n\x1ainclude_stop_str_in_output\x18\x12 \x01(\x08\x12 \n\x13skip_special_tokens\x18\x13 \x01(\x08H\r\x88\x01\x01\x12\x38\n\x12structured_outputs\x18\x14 \x01(\x0b\x32\x1c.jinfer.v1.StructuredOutputs\x1a\x30\n\x0eLogitBiasEntry\x12\x0b\n\x03key\x18\x01 \x01(\x05\x12\r\n\x05value\x18\x02 \x01(\x01:\x02\x38\x01\x42\r\n\x0b_max_tokensB\x0e\n\x0c_temperatureB\x08\n\x06_top_kB\x08\n\x06_top_pB\x08\n\x06_min_pB\x15\n\x13_repetition_penaltyB\x13\n\x11_presence_penaltyB\x14\n\x12_frequency_penaltyB\x07\n\x05_seedB\x0b\n\t_logprobsB\x12\n\x10_prompt_logprobsB\x04\n\x02_nB\r\n\x0b_min_tokensB\x16\n\x14_skip_special_tokens\"\x8c\x01\n\x11StructuredOutputs\x12\x0e\n\x04json\x18\x01 \x01(\tH\x00\x12\x15\n\x0bjson_object\x18\x02 \x01(\x08H\x00\x12\x0f\n\x05regex\x18\x03 \x01(\tH\x00\x12$\n\x06\x63hoice\x18\x04 \x01(\x0b\x32\x12.jinfer.v1.ChoicesH\x00\x12\x11\n\x07grammar\x18\x05 \x01(\tH\x00\x42\x06\n\x04kind\"\x19\n\x07\x43hoices\x12\x0e\n\x06values\x18\x01 \x03(\t\"\xb7\x01\n\x0fGenerateRequest\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x0e\n\x04text\x18\x02 \x01(\tH\x00\x12(\n\ttoken_ids\x18\x03 \x01(\x0b\x32\x13.jinfer.v1.TokenIdsH\x00\x12\x1f\n\x04\x63hat\x18\x04 \x01(\x0b\x32\x0f.jinfer.v1.ChatH\x00\x12+\n\x08sampling\x18\x05 \x01(\x0b\x32\x19.jinfer.v1.SamplingParamsB\x08\n\x06prompt\"/\n\nTopLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\"U\n\x0cTokenLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\"\n\x03top\x18\x03 \x03(\x0b\x32\x15.jinfer.v1.TopLogprob\"d\n\rPromptLogprob\x12\x10\n\x08token_id\x18\x01 \x01(\x05\x12\x0f\n\x07logprob\x18\x02 \x01(\x01\x12\x0c\n\x04rank\x18\x03 \x01(\x05\x12\"\n\x03top\x18\x04 \x03(\x0b\x32\x15.jinfer.v1.TopLogprob\"W\n\x05Usage\x12\x15\n\rprompt_tokens\x18\x01 \x01(\x05\x12\x19\n\x11\x63ompletion_tokens\x18\x02 \x01(\x05\x12\x1c\n\x14\x63\x61\x63hed_prompt_tokens\x18\x03 \x01(\x05\"\x95\x02\n\x10GenerateResponse\x12\x12\n\nrequest_id\x18\x01 \x01(\t\x12\x11\n\ttoken_ids\x18\x02 \x03(\x05\x12\x0c\n\x04text\x18\x03 \x01(\t\x12)\n\x08logprobs\x18\x04 \x03(\x0b\x32\x17.jinfer.v1.TokenLogprob\x12.\n\rfinish_reason\x18\x05 \x01(\x0e\x32\x17.jinfer.v1.FinishReason\x12\x1f\n\x05usage\x18\x06 \x01(\x0b\x32\x10.jinfer.v1.Usage\x12\x1d\n\x15time_to_first_token_s\x18\x07 \x01(\x01\x12\x31\n\x0fprompt_logprobs\x18\x08 \x03(\x0b\x32\x18.jinfer.v1.PromptLogprob\"\x83\x01\n\x0fTokenizeRequest\x12\x0e\n\x04text\x18\x01 \x01(\tH\x00\x12\x1f\n\x04\x63hat\x18\x02 \x01(\x0b\x32\x0f.jinfer.v1.ChatH\x00\x12\x1f\n\x12\x61\x64\x64_special_tokens\x18\x03 \x01(\x08H\x01\x88\x01\x01\x42\x07\n\x05inputB\x15\n\x13_add_special_tokens\"3\n\x10TokenizeResponse\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x0c\n\x04text\x18\x02 \x01(\t\"C\n\x11\x44\x65tokenizeRequest\x12\x11\n\ttoken_ids\x18\x01 \x03(\x05\x12\x1b\n\x13keep_special_tokens\x18\x02 \x01(\x08\"\"\n\x12\x44\x65tokenizeResponse\x12\x0c\n\x04text\x18\x01 \x01(\t\"\x15\n\x13GetModelInfoRequest\"\xcb\x02\n\x0bModelConfig\x12\x14\n\x0c\x61rchitecture\x18\x01 \x01(\t\x12\x12\n\nvocab_size\x18\x02 \x01(\x05\x12\x13\n\x0bhidden_size\x18\x03 \x01(\x05\x12\x12\n\nnum_layers\x18\x04 \x01(\x05\x12\x11\n\tnum_heads\x18\x05 \x01(\x05\x12\x14\n\x0cnum_kv_heads\x18\x06 \x01(\x05\x12\x10\n\x08head_dim\x18\x07 \x01(\x05\x12\x19\n\x11intermediate_size\x18\x08 \x01(\x05\x12\x1f\n\x17max_position_embeddings\x18\t \x01(\x05\x12\x19\n\x0c\x62os_token_id\x18\n \x01(\x05H\x00\x88\x01\x01\x12\x15\n\reos_token_ids\x18\x0b \x03(\x05\x12\x12\n\nrope_theta\x18\x0c \x01(\x01\x12\x1b\n\x13tie_word_embeddings\x18\r \x01(\x08\x42\x0f\n\r_bos_token_id\"\xf9\x01\n\x0c\x45ngineLimits\x12\x11\n\tmax_slots\x18\x01 \x01(\x05\x12\x13\n\x0bmax_waiting\x18\x02 \x01(\x05\x12\x11\n\tpage_size\x18\x03 \x01(\x05\x12\x11\n\tnum_pages\x18\x04 \x01(\x05\x12\x19\n\x11max_prefill_chunk\x18\x05 \x01(\x05\x12\x15\n\rtoken_buckets\x18\x06 \x03(\x05\x12\x14\n\x0cmax_logprobs\x18\x07 \x01(\x05\x12\r\n\x05\x64type\x18\x08 \x01(\t\x12\x16\n\x0eprefix_caching\x18\t \x01(\x08\x12\x16\n\x0e\x64\x65\x63ode_buckets\x18\n \x03(\x05\x12\x14\n\x0c\x64\x65\x63ode_steps\x18\x0b \x01(\x05\"\xcd\x01\n\tModelInfo\x12\r\n\x05model\x18\x01 \x01(\t\x12&\n\x06\x63onfig\x18\x02 \x01(\x0b\x32\x16.jinfer.v1.ModelConfig\x12\x13\n\x0bmax_context\x18\x03 \x01(\x05\x12\'\n\x06limits\x18\x04 \x01(\x0b\x32\x17.jinfer.v1.EngineLimits\x12\x15\n\rhas_tokenizer\x18\x05 \x01(\x08\x12\x19\n\x11has_chat_template\x18\x06 \x01(\x08\x12\x19\n\x11max_message_bytes\x18\x07 \x01(\x05*|\n\x0c\x46inishReason\x12\x1d\n\x19\x46INISH_REASON_UNSPECIFIED\x10\x00\x12\x16\n\x12\x46INISH_REASON_STOP\x10\x01\x12\x18\n\x14\x46INISH_REASON_LENGTH\x10\x02\x12\x1b\n\x17\x46INISH_REASON_CANCELLED\x10\x03\x32\xf3\x02\n\nGeneration\x12\x45\n\x08Generate\x12\x1a.jinfer.v1.GenerateRequest\x1a\x1b.jinfer.v1.GenerateResponse0\x01\x12H\n\rGenerateUnary\x12\x1a.jinfer.v1.GenerateRequest\x1a\x1b.jinfer.v1.GenerateResponse\x12\x43\n\x08Tokenize\x12\x1a.jinfer.v1.TokenizeRequest\x1a\x1b.jinfer.v1.TokenizeResponse\x12I\n\nDetokenize\x12\x1c.jinfer.v1.DetokenizeRequest\x1a\x1d.jinfer.v1.DetokenizeResponse\x12\x44\n\x0cGetModelInfo\x12\x1e.jinfer.v1.GetModelInfoRequest\x1a\x14.jinfer.v1.ModelInfob\x06proto3')
 
 _globals = globals()
 _builder.BuildMessageAndEnumDescriptors(DESCRIPTOR, _globals)
 _builder.BuildTopDescriptorsAndMessages(DESCRIPTOR, 'jinfer.serve.proto.jinfer.v1.jinfer_pb2', _globals)
 if not _descriptor._USE_C_DESCRIPTORS:
   DESCRIPTOR._loaded_options = None
-  _globals['_FINISHREASON']._serialized_start=2604
-  _globals['_FINISHREASON']._serialized_end=2728
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._loaded_options = None
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_options = b'8\001'
+  _globals['_FINISHREASON']._serialized_start=3100
+  _globals['_FINISHREASON']._serialized_end=3224
   _globals['_CHATMESSAGE']._serialized_start=56
   _globals['_CHATMESSAGE']._serialized_end=100
   _globals['_CHAT']._serialized_start=102
@@ -40,35 +42,41 @@ if not _descriptor._USE_C_DESCRIPTORS:
   _globals['_TOKENIDS']._serialized_start=152
   _globals['_TOKENIDS']._serialized_end=175
   _globals['_SAMPLINGPARAMS']._serialized_start=178
-  _globals['_SAMPLINGPARAMS']._serialized_end=700
-  _globals['_GENERATEREQUEST']._serialized_start=703
-  _globals['_GENERATEREQUEST']._serialized_end=886
-  _globals['_TOPLOGPROB']._serialized_start=888
-  _globals['_TOPLOGPROB']._serialized_end=935
-  _globals['_TOKENLOGPROB']._serialized_start=937
-  _globals['_TOKENLOGPROB']._serialized_end=1022
-  _globals['_PROMPTLOGPROB']._serialized_start=1024
-  _globals['_PROMPTLOGPROB']._serialized_end=1124
-  _globals['_USAGE']._serialized_start=1126
-  _globals['_USAGE']._serialized_end=1213
-  _globals['_GENERATERESPONSE']._serialized_start=1216
-  _globals['_GENERATERESPONSE']._serialized_end=1493
-  _globals['_TOKENIZEREQUEST']._serialized_start=1496
-  _globals['_TOKENIZEREQUEST']._serialized_end=1627
-  _globals['_TOKENIZERESPONSE']._serialized_start=1629
-  _globals['_TOKENIZERESPONSE']._serialized_end=1680
-  _globals['_DETOKENIZEREQUEST']._serialized_start=1682
-  _globals['_DETOKENIZEREQUEST']._serialized_end=1749
-  _globals['_DETOKENIZERESPONSE']._serialized_start=1751
-  _globals['_DETOKENIZERESPONSE']._serialized_end=1785
-  _globals['_GETMODELINFOREQUEST']._serialized_start=1787
-  _globals['_GETMODELINFOREQUEST']._serialized_end=1808
-  _globals['_MODELCONFIG']._serialized_start=1811
-  _globals['_MODELCONFIG']._serialized_end=2142
-  _globals['_ENGINELIMITS']._serialized_start=2145
-  _globals['_ENGINELIMITS']._serialized_end=2394
-  _globals['_MODELINFO']._serialized_start=2397
-  _globals['_MODELINFO']._serialized_end=2602
-  _globals['_GENERATION']._serialized_start=2731
-  _globals['_GENERATION']._serialized_end=3102
+  _globals['_SAMPLINGPARAMS']._serialized_end=1026
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_start=764
+  _globals['_SAMPLINGPARAMS_LOGITBIASENTRY']._serialized_end=812
+  _globals['_STRUCTUREDOUTPUTS']._serialized_start=1029
+  _globals['_STRUCTUREDOUTPUTS']._serialized_end=1169
+  _globals['_CHOICES']._serialized_start=1171
+  _globals['_CHOICES']._serialized_end=1196
+  _globals['_GENERATEREQUEST']._serialized_start=1199
+  _globals['_GENERATEREQUEST']._serialized_end=1382
+  _globals['_TOPLOGPROB']._serialized_start=1384
+  _globals['_TOPLOGPROB']._serialized_end=1431
+  _globals['_TOKENLOGPROB']._serialized_start=1433
+  _globals['_TOKENLOGPROB']._serialized_end=1518
+  _globals['_PROMPTLOGPROB']._serialized_start=1520
+  _globals['_PROMPTLOGPROB']._serialized_end=1620
+  _globals['_USAGE']._serialized_start=1622
+  _globals['_USAGE']._serialized_end=1709
+  _globals['_GENERATERESPONSE']._serialized_start=1712
+  _globals['_GENERATERESPONSE']._serialized_end=1989
+  _globals['_TOKENIZEREQUEST']._serialized_start=1992
+  _globals['_TOKENIZEREQUEST']._serialized_end=2123
+  _globals['_TOKENIZERESPONSE']._serialized_start=2125
+  _globals['_TOKENIZERESPONSE']._serialized_end=2176
+  _globals['_DETOKENIZEREQUEST']._serialized_start=2178
+  _globals['_DETOKENIZEREQUEST']._serialized_end=2245
+  _globals['_DETOKENIZERESPONSE']._serialized_start=2247
+  _globals['_DETOKENIZERESPONSE']._serialized_end=2281
+  _globals['_GETMODELINFOREQUEST']._serialized_start=2283
+  _globals['_GETMODELINFOREQUEST']._serialized_end=2304
+  _globals['_MODELCONFIG']._serialized_start=2307
+  _globals['_MODELCONFIG']._serialized_end=2638
+  _globals['_ENGINELIMITS']._serialized_start=2641
+  _globals['_ENGINELIMITS']._serialized_end=2890
+  _globals['_MODELINFO']._serialized_start=2893
+  _globals['_MODELINFO']._serialized_end=3098
+  _globals['_GENERATION']._serialized_start=3227
+  _globals['_GENERATION']._serialized_end=3598
 # @@protoc_insertion_point(module_scope)
