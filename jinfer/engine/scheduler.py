@@ -89,7 +89,7 @@ class Scheduler:
         self.proposer: HostProposer | None = None
         if spec is not None:
             self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.draft_cost or 0.0, spec.adaptive,
-                                         spec.step_cost)
+                                         spec.step_cost, retire=spec.method == "draft")
             if spec.method == "ngram":
                 self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0
@@ -290,7 +290,11 @@ class Scheduler:
         proposer found nothing: when every row's did, the step decodes one token and they ask again, rather
         than a whole block, because a copy usually resumes a token or two after it broke off (a new word in
         copied text)."""
-        if self.spec is None or len(chunks) > self.spec.disable_by_batch_size:
+        if self.spec is None:
+            return None, 0
+        if len(chunks) > self.spec.disable_by_batch_size:
+            for req, _ in chunks:
+                self.policy.sit_out(req.spec)
             return None, 0
         if any(not self._may_speculate(req) for req, _ in chunks):
             return None, 0
@@ -361,7 +365,7 @@ class Scheduler:
         is_output = np.zeros(T, bool)
         next_id = np.full(T, -1, np.int32)
         rows = {f.name: np.zeros(R, np.int32) for f in dataclasses.fields(RowInputs)}
-        rows.update(sample=np.zeros(R, bool), reset=np.zeros(R, bool),
+        rows.update(sample=np.zeros(R, bool), reset=np.zeros(R, bool), draft_live=np.zeros(R, bool),
                     page_table=np.zeros((R, self.max_pages_per_seq), np.int32),
                     stop_ids=np.full((R, self.stop_width), ROW_PADDING["stop_ids"], np.int32),
                     token_mask=np.full((R, self.mask_words), -1, np.int32))
@@ -395,6 +399,7 @@ class Scheduler:
             rows["reset"][r] = s in reset
             rows["num_steps"][r] = n if decode else 1
             rows["num_draft"][r] = n - 1 if drafts is not None else 0
+            rows["draft_live"][r] = req.spec is not None and not req.spec.retired
             if req.grammar is not None and num_samples:
                 req.grammar.fill_mask(rows["token_mask"], r)
             stop = sorted(req.stop_ids)

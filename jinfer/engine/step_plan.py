@@ -81,6 +81,8 @@ class RowInputs:
     stop_ids: np.ndarray  # i32[R, M]: token ids that end the request, padded with -1 (a decode block stops
     #   the row's steps on them; M is the scheduler's fixed width)
     num_draft: np.ndarray  # i32[R]: proposed tokens after the row's first (a verify step; 0 elsewhere)
+    draft_live: np.ndarray  # bool[R]: a draft model's cache follows the row (writes the K/V of its tokens);
+    #   False once the row has stopped speculating for good (jinfer.engine.spec.policy)
     token_mask: np.ndarray  # i32[R, W]: the tokens the row may sample, a bitmask over the vocabulary
     #   (jinfer.grammar.params.mask_words); all ones (-1) for a row without a grammar. A row with a grammar
     #   samples one token per dispatch (its next mask needs that token), so the mask is its first step's
@@ -147,6 +149,7 @@ class StepPlan:
             RowInputs(slot=none(i32), query_start=none(i32), query_len=none(i32), kv_len=none(i32),
                       page_table=none(i32, max_pages_per_seq), sample=none(bool), gen_index=none(i32),
                       reset=none(bool), num_steps=none(i32), stop_ids=none(i32, stop_width), num_draft=none(i32),
+                      draft_live=none(bool),
                       token_mask=none(i32, mask_words)),
             SamplingInputs(**{k: none(t) for k, t in SamplingInputs.DTYPES.items()}),
             scheduled=(), decode=decode, verify=verify)

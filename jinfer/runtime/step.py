@@ -142,6 +142,15 @@ def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int)
     return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: no_prompt_logprobs(T, max_logprobs))
 
 
+def _advance_draft(drafter, draft, tokens, positions, meta: PagedMeta, draft_meta, token_row, live, width: int):
+    """The draft's K/V of the step's tokens of the rows it still follows (`live`: bool[R]); nothing at all (a
+    runtime branch) when it follows none of them."""
+    follow = meta.token_valid & live[token_row]
+    draft_layout = dataclasses.replace(meta, token_valid=follow, backend=draft_meta)
+    return jax.lax.cond(jnp.any(follow), lambda d: drafter.advance(d, tokens, positions, draft_layout, width),
+                        lambda d: d, draft)
+
+
 def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
     S = state.last_sampled.shape[0]
     last = state.last_sampled.at[jnp.where(take, rows.slot, S)].set(new, mode="drop")
@@ -171,7 +180,8 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
                           attention=make_paged_attention(width, backend))
     if drafter is not None:
-        draft = drafter.advance(draft, tokens, tok.positions, dataclasses.replace(meta, backend=draft_meta), width)
+        draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
+                               width)
     last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
     new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties, config,
                                        max_logprobs)
@@ -212,7 +222,8 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         h, kv = llama.forward(params, feed[None], (tok.positions + i)[None], kv, meta, config=config,
                               attention=attention)
         if drafter is not None:
-            draft = drafter.advance(draft, feed, tok.positions + i, dataclasses.replace(meta, backend=draft_meta), 1)
+            draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
+                                   rows.draft_live, 1)
         new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties, config,
                                            max_logprobs)
         state = keep_sampled(state, rows, new, active & rows.sample)

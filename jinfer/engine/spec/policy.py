@@ -15,6 +15,12 @@ copyable; each probe that gets nothing accepted doubles the wait (up to 256), an
 whose host proposer found nothing `MISS_LIMIT` times running waits likewise before asking again (a request that
 is not speculating lets the engine run ahead of the host by a step). A step speculates only while at most
 `disable_by_batch_size` requests run: beyond it a verify step's extra tokens cost compute a batch no longer hides.
+
+A draft model keeps a cache of its own that every step must feed, at its weights' share of a step's cost,
+also while its request is not speculating. So with `retire` (the draft-model method) a request whose speculation
+stops paying (best k = 0, or a step with too many requests running) is retired instead of waiting to probe
+again: its draft stops advancing (`RowInputs.draft_live`) and it never speculates again; a probe would need
+the draft to catch up on every token it missed first.
 """
 
 from __future__ import annotations
@@ -46,6 +52,7 @@ class SpecState:
     idle: int = 0  # tokens decoded without speculation since the last verify step or empty proposal
     misses: int = 0  # empty proposals in a row (a host proposer found nothing)
     backoff: int = REPROBE_AFTER  # tokens to wait before drafting again once speculation stopped paying
+    retired: bool = False  # never speculates again; its draft model's cache no longer advances (AdaptivePolicy)
 
 
 def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -> int:
@@ -61,18 +68,32 @@ def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -
 
 
 class AdaptivePolicy:
-    def __init__(self, k_max: int, token_cost: float, adaptive: bool = True, step_cost: float = 0.0):
+    """`retire`: a request whose speculation stops paying is retired rather than probed again (see above)."""
+
+    def __init__(self, k_max: int, token_cost: float, adaptive: bool = True, step_cost: float = 0.0,
+                 retire: bool = False):
         self.k_max, self.token_cost, self.adaptive, self.step_cost = k_max, token_cost, adaptive, step_cost
+        self.retire = retire and adaptive
 
     def k(self, state: SpecState) -> int:
+        if state.retired:
+            return 0
         if not self.adaptive:
             return self.k_max
         if state.misses >= MISS_LIMIT and state.idle < state.backoff:
             return 0
         k = best_k(state.rate, self.k_max, self.token_cost, self.step_cost)
+        if k == 0 and self.retire:
+            state.retired = True
+            return 0
         if k == 0 and state.idle >= state.backoff:
             return 1 if self.token_cost else self.k_max  # a probe; free proposals fill the step's slots
         return k
+
+    def sit_out(self, state: SpecState) -> None:
+        """The request runs in a step too large to speculate in."""
+        if self.retire:
+            state.retired = True
 
     def record_miss(self, state: SpecState) -> None:
         """A host proposer had nothing to propose."""

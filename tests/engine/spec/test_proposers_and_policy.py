@@ -111,3 +111,24 @@ def test_draft_cost_is_the_drafters_share_of_the_weights():
     head = 49152 * 576
     layers = llama.num_params(smollm2) - head
     assert abs(ee - (7 * layers / 30 + head) / (layers + head)) < 1e-9 and 0.35 < ee < 0.45
+
+
+def test_a_draft_models_request_is_retired_once_speculation_stops_paying():
+    """With a cache of its own to feed, a draft model's request does not wait and probe again: it retires (its
+    draft stops advancing) the first time no k pays, or when it runs in a step too large to speculate in."""
+    policy = AdaptivePolicy(k_max=4, token_cost=0.25, step_cost=0.8, retire=True)
+    s = SpecState()
+    assert policy.k(s) > 0 and not s.retired
+    while policy.k(s):
+        policy.record(s, policy.k(s), 0)
+    assert s.retired
+    for _ in range(4 * MAX_BACKOFF):  # never probes again, however long it decodes
+        policy.record(s, 0, 0)
+        assert policy.k(s) == 0
+    crowded = SpecState()
+    policy.sit_out(crowded)
+    assert crowded.retired and policy.k(crowded) == 0
+    lookup = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=0.8)  # prompt lookup: nothing to feed, no retiring
+    policy_free = SpecState()
+    lookup.sit_out(policy_free)
+    assert not policy_free.retired and lookup.k(policy_free) > 0

@@ -183,6 +183,32 @@ def test_no_verify_step_beyond_the_batch_limit(params, tok):
     assert verified and max(verified) <= 2  # once the two short requests are done
 
 
+def test_a_retired_draft_stops_advancing_and_greedy_stays_exact(engines, params, monkeypatch):
+    """Three requests at once are too many to speculate for (limit 1 here): the draft model's requests retire and
+    its cache stops following them; a fourth, alone later, speculates; every output is the target's greedy one."""
+    eng = engines["draft"]
+    monkeypatch.setattr(eng.scheduler, "spec", dataclasses.replace(eng.scheduler.spec, disable_by_batch_size=1))
+    live: dict[str, list[bool]] = {}
+    schedule = eng.scheduler.schedule
+
+    def spy():
+        plan = schedule()
+        for item in plan.scheduled if plan is not None else ():
+            live.setdefault(item.request.request_id, []).append(bool(plan.rows.draft_live[item.row]))
+        return plan
+
+    monkeypatch.setattr(eng.scheduler, "schedule", spy)
+    arrivals = [(0, MOTIF * 2 + [i], greedy(24)) for i in range(3)] + [(80, MOTIF * 2 + [9], greedy(24))]
+    outs = run_workload(eng, arrivals)
+    want = reference.generate(params, TINY, [a[1] for a in arrivals], [a[2] for a in arrivals])
+    assert [outs[i].token_ids for i in range(4)] == [w.token_ids for w in want]
+    crowd = [live[outs[i].request_id] for i in range(3)]
+    assert all(flags[0] and not flags[-1] for flags in crowd)  # fed with the prompt, then retired
+    assert all(outs[i].metrics.spec_verify_steps == 0 for i in range(3))
+    assert outs[3].metrics.spec_verify_steps > 0 and all(live[outs[3].request_id])
+    assert_pages_all_returned(eng)
+
+
 @pytest.mark.parametrize("bad, match", [
     (dict(method="medusa"), "speculative_config.method='medusa' must be one of"),
     (dict(method="ngram", num_speculative_tokens=0), "num_speculative_tokens=0 must be a positive integer"),
