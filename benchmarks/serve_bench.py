@@ -6,8 +6,8 @@ sends `--num-requests` streaming Generate calls with Poisson arrivals (rate `inf
 percentiles. Every request is accounted for: it completed, or it failed with a gRPC status (HTTP: its status
 code); the script exits 1 if any is neither (lost). `--http` also sends the same workload, after the gRPC
 one, to the OpenAI-compatible HTTP front of the same server through the official `openai` async client
-(streamed /v1/completions with token-id prompts; `logprobs=0` so that each chunk says how many tokens it
-carries), and prints both tables.
+(streamed /v1/completions with token-id prompts; vLLM's `stream_options.continuous_usage_stats` so that each
+chunk says how many tokens it carries), and prints both tables.
 
     python benchmarks/serve_bench.py --model tiny-random --rates 5,10,20,40,inf --num-requests 64
     python benchmarks/serve_bench.py --model smollm2 --rates 1,2,4,inf --num-requests 16 --output-len 32 \
@@ -79,13 +79,12 @@ async def one_http_request(client, prompt: list[int], output_len: int, result: R
 
     last = None
     try:
-        stream = await client.completions.create(model=client.served_model, prompt=prompt, max_tokens=output_len,
-                                                 temperature=0.0, logprobs=0, stream=True,
-                                                 extra_body={"ignore_eos": True})
+        stream = await client.completions.create(
+            model=client.served_model, prompt=prompt, max_tokens=output_len, temperature=0.0, stream=True,
+            stream_options={"include_usage": True, "continuous_usage_stats": True}, extra_body={"ignore_eos": True})
         async for chunk in stream:
-            for c in chunk.choices:
-                k = len(c.logprobs.tokens) if c.logprobs is not None else 0
-                last = _record(result, k, last)
+            if chunk.choices and chunk.usage is not None:  # each chunk's usage so far says how many it carries
+                last = _record(result, chunk.usage.completion_tokens - result.num_tokens, last)
         result.status = "OK"
     except openai.APIStatusError as e:
         result.status = f"HTTP_{e.status_code}"

@@ -9,8 +9,6 @@ immutable parts; tokenizing may be slow on long text, so the servicer runs it of
 
 from __future__ import annotations
 
-import dataclasses
-
 from jinfer.engine.engine import Engine
 from jinfer.inputs import CheckedRequest, InputChecker, Prompt, check_request_id
 from jinfer.serve.engine_thread import Chunk
@@ -91,17 +89,6 @@ def detokenize(inputs: InputChecker, req: pb.DetokenizeRequest) -> pb.Detokenize
 
 
 # ---- responses -----------------------------------------------------------------------------------
-
-def merge_chunks(chunks: list[Chunk]) -> Chunk:
-    """Chunks that queued up while the client was being written to, as one (fewer, larger messages)."""
-    if len(chunks) == 1:
-        return chunks[0]
-    last = chunks[-1]
-    return dataclasses.replace(
-        last, token_ids=tuple(t for c in chunks for t in c.token_ids), text="".join(c.text for c in chunks),
-        logprobs=tuple(lp for c in chunks for lp in c.logprobs),
-        prompt_logprobs=tuple(p for c in chunks for p in c.prompt_logprobs))
-
 
 def response(request_id: str, chunk: Chunk) -> pb.GenerateResponse:
     msg = pb.GenerateResponse(request_id=request_id, token_ids=chunk.token_ids, text=chunk.text)

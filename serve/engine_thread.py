@@ -52,6 +52,17 @@ class Chunk:
     error: Exception | None = None  # a refused request's only chunk: QueueFull, ValueError, EngineUnavailable
 
 
+def merge_chunks(chunks: list[Chunk]) -> Chunk:
+    """Chunks that queued up while the client was being written to, as one (fewer, larger messages)."""
+    if len(chunks) == 1:
+        return chunks[0]
+    last = chunks[-1]
+    return dataclasses.replace(
+        last, token_ids=tuple(t for c in chunks for t in c.token_ids), text="".join(c.text for c in chunks),
+        logprobs=tuple(lp for c in chunks for lp in c.logprobs),
+        prompt_logprobs=tuple(p for c in chunks for p in c.prompt_logprobs))
+
+
 @dataclasses.dataclass(frozen=True)
 class Submission:
     request_id: str  # the engine's id, unique within this server

@@ -15,6 +15,7 @@ up or draining). A client that goes away mid-request has its engine requests can
 from __future__ import annotations
 
 import asyncio
+import collections
 import concurrent.futures
 import contextlib
 import itertools
@@ -35,7 +36,7 @@ from jinfer.engine.scheduler import QueueFull
 from jinfer.serve import openai_requests as req
 from jinfer.serve import openai_responses as res
 from jinfer.serve.auth import HEADER, refusal, token_bytes
-from jinfer.serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission
+from jinfer.serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission, merge_chunks
 from jinfer.serve.metrics import ServeMetrics
 from jinfer.serve.ports import check_port_free
 
@@ -301,6 +302,7 @@ class _Generation:
     def __init__(self, front: HttpFront, parsed: req.Parsed, ids: list[str], queue: asyncio.Queue, chat: bool,
                  started: float, path: str):
         self.front, self.parsed, self.ids, self.queue, self.chat = front, parsed, ids, queue, chat
+        self._held: collections.deque = collections.deque()  # taken from the queue by a merge, not yet handled
         self.started, self.path = started, path
         self.rid = f"{'chatcmpl' if chat else 'cmpl'}-{ids[0]}"
         self.created = int(time.time())
@@ -333,11 +335,31 @@ class _Generation:
         return res.total_usage(self.choices, [len(r.prompt.ids) for r in self.parsed.requests[::n]])
 
     async def _next(self) -> tuple[int, Chunk]:
-        i, chunk = await self.queue.get()
+        i, chunk = self._held.popleft() if self._held else await self.queue.get()
         if chunk.error is not None:
             raise _refused(chunk.error)
         self.choices[i].add(chunk)
         return i, chunk
+
+    async def _next_merged(self) -> tuple[int, Chunk]:
+        """The next chunk, with the chunks of the same choice that queued up behind it while the last event
+        was being written (one SSE event for them: under load the client reads fewer, larger messages, as
+        from the gRPC front)."""
+        i, chunk = await self._next()
+        more = [chunk]
+        while not self._held and not self.queue.empty() and more[-1].finish_reason is None:
+            j, nxt = self.queue.get_nowait()
+            if j != i or nxt.error is not None:
+                self._held.append((j, nxt))  # another choice's, or a refusal: handled next, in order
+                break
+            self.choices[i].add(nxt)
+            more.append(nxt)
+        return i, merge_chunks(more)
+
+    def _usage_so_far(self, i: int) -> dict | None:
+        if not self.parsed.continuous_usage:
+            return None
+        return res.usage(len(self.parsed.requests[i].prompt.ids), self.choices[i].generated)
 
     async def whole(self, request: Request) -> Response:
         gone = asyncio.ensure_future(_disconnected(request))
@@ -379,7 +401,7 @@ class _Generation:
                     for c in self.choices], None, chunk=True))
             while not self.done:
                 try:
-                    i, chunk = await self._next()
+                    i, chunk = await self._next_merged()
                 except req.ApiError as e:
                     self.status = e.status
                     yield res.sse(e.body())
@@ -389,10 +411,10 @@ class _Generation:
                     lp = res.chat_logprobs(list(chunk.logprobs), self.tokens, top) if top is not None else None
                     if chunk.text or lp:
                         yield res.sse(res.chat(self.rid, self.created, model, [
-                            res.chat_delta(i, {"content": chunk.text}, lp, None)], None, chunk=True))
+                            res.chat_delta(i, {"content": chunk.text}, lp, None)], self._usage_so_far(i), chunk=True))
                     if finish is not None:
                         yield res.sse(res.chat(self.rid, self.created, model, [res.chat_delta(i, {}, None, finish)],
-                                               None, chunk=True))
+                                               self._usage_so_far(i), chunk=True))
                 else:
                     text = chunk.text
                     if self.parsed.echo and i not in echoed:
@@ -402,7 +424,7 @@ class _Generation:
                           if top is not None else None)
                     offsets[i] += len(text)
                     yield res.sse(res.completion(self.rid, self.created, model,
-                                                 [res.completion_choice(i, text, lp, finish)], None))
+                                                 [res.completion_choice(i, text, lp, finish)], self._usage_so_far(i)))
             if self.parsed.include_usage and self.done:
                 make = res.chat if self.chat else res.completion
                 yield res.sse(make(self.rid, self.created, model, [], self._usage(), **(

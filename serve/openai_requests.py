@@ -64,6 +64,7 @@ class Parsed:
     n: int  # choices per prompt
     stream: bool
     include_usage: bool
+    continuous_usage: bool  # stream_options.continuous_usage_stats (vLLM's): each chunk carries its usage so far
     logprobs: int | None  # top alternatives per token to report; None: no logprobs
     echo: bool  # completions: the prompt's text before each choice's
 
@@ -153,16 +154,17 @@ def _sampling(body: Mapping, max_tokens: int | None, logprobs: int | None) -> di
     return fields
 
 
-def _stream(body: Mapping) -> tuple[bool, bool]:
+def _stream(body: Mapping) -> tuple[bool, bool, bool]:
+    """(stream, include_usage, continuous_usage_stats)."""
     stream = _bool(body, "stream")
     opts = body.get("stream_options")
     if opts is None:
-        return stream, False
+        return stream, False, False
     if not stream:
         raise bad("stream_options is only allowed with stream=true", "stream_options")
     if not isinstance(opts, Mapping) or set(opts) - {"include_usage", "continuous_usage_stats"}:
         raise bad("stream_options must be an object with include_usage", "stream_options")
-    return stream, _bool(opts, "include_usage")
+    return stream, _bool(opts, "include_usage"), _bool(opts, "continuous_usage_stats")
 
 
 def _check(inputs: InputChecker, prompt, sampling: dict, field: str, body: Mapping) -> CheckedRequest:
@@ -208,7 +210,7 @@ def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> P
     logprobs = _int(body, "logprobs", 0, inputs.max_logprobs)
     echo = _bool(body, "echo")
     max_tokens = _int(body, "max_tokens", 1)
-    stream, usage = _stream(body)
+    stream, usage, continuous = _stream(body)
     prompt = body.get("prompt")
     if prompt is None:
         raise bad("prompt is required", "prompt")
@@ -229,7 +231,7 @@ def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> P
         if max_tokens is not None:
             _fits(checked, max_model_len, "max_tokens")
         requests += _copies(checked, n)
-    return Parsed(tuple(requests), n, stream, usage, logprobs, echo)
+    return Parsed(tuple(requests), n, stream, usage, continuous, logprobs, echo)
 
 
 def _content(content, field: str) -> str:
@@ -264,7 +266,7 @@ def chat(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     field = "max_completion_tokens"
     if max_tokens is None:
         max_tokens, field = _int(body, "max_tokens", 1), "max_tokens"
-    stream, usage = _stream(body)
+    stream, usage, continuous = _stream(body)
     messages = body.get("messages")
     if not isinstance(messages, list) or not messages:
         raise bad("messages must be a non-empty list of {role, content} objects", "messages")
@@ -284,5 +286,5 @@ def chat(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     except ValueError as e:
         raise _refusal(str(e).replace("max_tokens", field), body) from None
     _fits(request, max_model_len, field)
-    return Parsed(tuple(_copies(request, n)), n, stream, usage, logprobs, False)
+    return Parsed(tuple(_copies(request, n)), n, stream, usage, continuous, logprobs, False)
 

@@ -21,8 +21,10 @@ class Choice:
     finish_reason: str | None = None
     prompt_tokens: int = 0
     completion_tokens: int = 0
+    generated: int = 0  # tokens so far (completion_tokens is set once the choice finishes)
 
     def add(self, chunk: Chunk) -> None:
+        self.generated += len(chunk.token_ids)
         self.text += chunk.text
         self.logprobs += chunk.logprobs
         if chunk.finish_reason is not None:

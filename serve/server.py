@@ -28,7 +28,7 @@ import grpc
 
 from jinfer.engine.scheduler import QueueFull
 from jinfer.serve import convert
-from jinfer.serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission
+from jinfer.serve.engine_thread import Chunk, EngineThread, EngineUnavailable, Submission, merge_chunks
 from jinfer.serve.metrics import ServeMetrics
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2 as pb
 from jinfer.serve.proto.jinfer.v1 import jinfer_pb2_grpc as pb_grpc
@@ -102,7 +102,7 @@ class _Call:
         for c in chunks:
             if c.error is not None:
                 return c
-        chunk = convert.merge_chunks(chunks)
+        chunk = merge_chunks(chunks)
         self.num_tokens += len(chunk.token_ids)
         if chunk.finish_reason is not None:
             self.finish_reason, self.usage = chunk.finish_reason, chunk.usage
@@ -168,7 +168,7 @@ class GenerationServicer(pb_grpc.GenerationServicer):
                 if chunk.error is not None:
                     await self._abort(call, context, status_of(chunk.error), str(chunk.error))
                 chunks.append(chunk)
-            return convert.response(call.client_id, convert.merge_chunks(chunks))
+            return convert.response(call.client_id, merge_chunks(chunks))
         except _PASS_THROUGH:
             raise
         except Exception as e:

@@ -59,6 +59,12 @@ def test_greedy_completion_equals_the_reference_and_the_stream_concatenates_to_i
                                            extra_body={"ignore_eos": True}))
     assert "".join(p.choices[0].text for p in parts if p.choices) == want
     assert parts[-1].choices == [] and parts[-1].usage.completion_tokens == 12
+    counted = list(client.completions.create(model=MODEL, prompt=prompt, max_tokens=12, temperature=0, stream=True,
+                                             stream_options={"include_usage": True, "continuous_usage_stats": True},
+                                             extra_body={"ignore_eos": True}))
+    so_far = [p.usage.completion_tokens for p in counted if p.choices]  # vLLM's usage on every chunk
+    assert so_far == sorted(so_far) and so_far[-1] == 12
+    assert sum(len(p.choices[0].text.split()) for p in counted if p.choices) == 12
     assert [p.choices[0].finish_reason for p in parts if p.choices][-1] == "length"
     by_ids = client.completions.create(model=MODEL, prompt=tiny_tokenizer().encode(prompt), max_tokens=12,
                                        temperature=0, extra_body={"ignore_eos": True})
