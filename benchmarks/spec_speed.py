@@ -12,8 +12,8 @@ path). Workloads, chat-templated, the same prompts for every method:
 At batch B the workload's --prompts prompts run B at a time, group after group (so every batch size generates
 the same tokens). tok/s = generated tokens / wall s (prefill included),
 decode = tokens after each request's first / s from the first first token to the last finish (the decode phase
-that speculation speeds up); medians of --iters timed runs after a warm-up; `x none` is the ratio to the engine
-without speculation in the same round.
+that speculation speeds up); medians of --iters timed rounds after a warm-up, the methods taking turns within
+each round; `x none` is the ratio to the engine without speculation.
 --fixed turns the adaptive policy off (always k proposals, no batch limit): the crossover measurement.
 Acceptance rate = accepted / proposed tokens; mean length = tokens per verify step (accepted + 1).
 """
@@ -109,26 +109,33 @@ def main():
         for B in batches:
             groups = [prompts[w][i:i + B] for i in range(0, args.prompts, B)]
             rates, decode, stats = {}, {}, {}
-            for m, llm in llms.items():
-                def run():
-                    outs, n, wall, dwall = [], 0, 0.0, 0.0
-                    for g, ps in enumerate(groups):
-                        sps = [dataclasses.replace(sampling[w], seed=g * B + i) for i in range(len(ps))]
-                        t = time.perf_counter()
-                        o = llm.generate(ps, sps, use_tqdm=False)
-                        end = time.perf_counter()
-                        first = min(x.metrics.first_token_time for x in o)
-                        outs += o
-                        n += sum(len(x.token_ids) for x in o)
-                        wall += end - t
-                        dwall += max(x.metrics.finished_time for x in o) - first
-                    return outs, n / wall, (n - len(outs)) / dwall
 
-                run()
-                runs = [run() for _ in range(args.iters)]
-                rates[m] = statistics.median(r for _, r, _ in runs)
-                decode[m] = statistics.median(d for _, _, d in runs)
-                outs = runs[-1][0]
+            def run(llm):
+                outs, n, wall, dwall = [], 0, 0.0, 0.0
+                for g, ps in enumerate(groups):
+                    sps = [dataclasses.replace(sampling[w], seed=g * B + i) for i in range(len(ps))]
+                    t = time.perf_counter()
+                    o = llm.generate(ps, sps, use_tqdm=False)
+                    end = time.perf_counter()
+                    first = min(x.metrics.first_token_time for x in o)
+                    outs += o
+                    n += sum(len(x.token_ids) for x in o)
+                    wall += end - t
+                    dwall += max(x.metrics.finished_time for x in o) - first
+                return outs, n / wall, (n - len(outs)) / dwall
+
+            for llm in llms.values():
+                run(llm)  # warm-up
+            # The methods take turns, round after round: this machine's speed drifts by 10% over minutes, which
+            # would otherwise read as a difference between whichever methods ran first and last.
+            runs = {m: [] for m in llms}
+            for _ in range(args.iters):
+                for m, llm in llms.items():
+                    runs[m].append(run(llm))
+            for m in llms:
+                rates[m] = statistics.median(r for _, r, _ in runs[m])
+                decode[m] = statistics.median(d for _, _, d in runs[m])
+                outs = runs[m][-1][0]
                 drafted = sum(o.metrics.spec_draft_tokens for o in outs)
                 acc = sum(o.metrics.spec_accepted_tokens for o in outs)
                 steps = sum(o.metrics.spec_verify_steps for o in outs)

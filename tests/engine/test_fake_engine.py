@@ -36,6 +36,20 @@ def test_a_stop_string_ends_the_request_and_is_not_emitted():
     assert out.token_ids == [21, 22, 23, 24]
 
 
+def test_skip_special_tokens_decides_whether_special_tokens_are_text(smollm2):
+    """SmolLM2's tokenizer: ids 0-16 are its special tokens (<|endoftext|>, <|im_start|>, <|im_end|>, ...); the
+    stream's text is the tokenizer's own decode of the tokens, with or without them."""
+    tok = smollm2.tokenizer
+    e = fake_engine(tokenizer=tok, vocab_size=tok.vocab_size)
+    outs = run(e, [([0], SamplingParams(max_tokens=20, ignore_eos=True)),
+                   ([0], SamplingParams(max_tokens=20, ignore_eos=True, skip_special_tokens=False))])
+    ids = list(range(1, 21))
+    assert outs[0].token_ids == outs[1].token_ids == ids
+    assert outs[0].text == tok.decode(ids, skip_special_tokens=True)
+    assert outs[1].text == tok.decode(ids, skip_special_tokens=False) != outs[0].text
+    assert "<|im_start|>" in outs[1].text
+
+
 def test_a_prefix_cache_hit_seeds_the_penalty_state_with_the_cached_tokens():
     e = fake_engine()
     prompt = list(range(1, 19))  # 4 full pages of 4, the last 2 tokens computed
