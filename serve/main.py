@@ -95,24 +95,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     add_quantization_arguments(p)
     add_kv_cache_arguments(p)
     add_speculative_arguments(p)
-    e = p.add_argument_group("engine")
-    e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
-    e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
-    e.add_argument("--page-size", type=int, default=None)
-    e.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
-    e.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
-    e.add_argument("--token-buckets", default=None,
-                   help="comma-separated tokens-per-prefill-step buckets, e.g. 16,64,256 (default: the platform's)")
-    e.add_argument("--decode-buckets", default=None,
-                   help="comma-separated requests-per-decode-block buckets, e.g. 1,4,16 (default: the platform's)")
-    e.add_argument("--decode-steps", type=int, default=None,
-                   help="most tokens a request decodes per engine step, streamed together (default: the platform's)")
-    e.add_argument("--max-prefill-chunk", type=int, default=None)
-    e.add_argument("--no-prefix-caching", action="store_true")
-    e.add_argument("--tensor-parallel", type=int, default=1, help="devices each model replica is split over")
-    e.add_argument("--data-parallel", type=int, default=1,
-                   help="engine replicas, each with its own slots and pages; a request stays on one")
-    e.add_argument("--seed", type=int, default=None, help="seed of requests that set none")
+    add_engine_arguments(p)
+    p.add_argument("--seed", type=int, default=None, help="seed of requests that set none")
     s = p.add_argument_group("security")
     s.add_argument("--tls-cert", help="PEM certificate chain file; with --tls-key the server speaks TLS only")
     s.add_argument("--tls-key", help="PEM private key file")
@@ -129,7 +113,31 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
                    choices=("DEBUG", "INFO", "WARNING", "ERROR", "CRITICAL"), help="of jinfer's own log lines")
 
 
-def engine_config(args, dtype: str):
+def add_engine_arguments(p, parallel: bool = True) -> None:
+    """The engine's shape flags (`engine_config` reads them); `parallel`: also --tensor-parallel / --data-parallel
+    (`jinfer batch` has its own)."""
+    e = p.add_argument_group("engine")
+    e.add_argument("--max-slots", type=int, default=None, help="requests decoding at once")
+    e.add_argument("--num-pages", type=int, default=None, help="KV pages (default: from free device memory)")
+    e.add_argument("--page-size", type=int, default=None)
+    e.add_argument("--max-waiting", type=int, default=None, help="queued requests before RESOURCE_EXHAUSTED")
+    e.add_argument("--max-model-len", type=int, default=None, help="context per request (default: the model's)")
+    e.add_argument("--token-buckets", default=None,
+                   help="comma-separated tokens-per-prefill-step buckets, e.g. 16,64,256 (default: the platform's)")
+    e.add_argument("--decode-buckets", default=None,
+                   help="comma-separated requests-per-decode-block buckets, e.g. 1,4,16 (default: the platform's)")
+    e.add_argument("--decode-steps", type=int, default=None,
+                   help="most tokens a request decodes per engine step, streamed together (default: the platform's)")
+    e.add_argument("--max-prefill-chunk", type=int, default=None)
+    e.add_argument("--no-prefix-caching", action="store_true")
+    if parallel:
+        e.add_argument("--tensor-parallel", type=int, default=1, help="devices each model replica is split over")
+        e.add_argument("--data-parallel", type=int, default=1,
+                       help="engine replicas, each with its own slots and pages; a request stays on one")
+
+
+def engine_config(args, dtype: str, **defaults):
+    """EngineConfig from the flags; `defaults`: a command's own values for flags left unset."""
     from jinfer.engine.config import EngineConfig
 
     kw = dict(max_slots=args.max_slots, num_pages=args.num_pages, page_size=args.page_size,
@@ -138,6 +146,7 @@ def engine_config(args, dtype: str):
               quantization=args.quantization, quantization_group_size=args.quantization_group_size,
               kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative_config)
     kw = {k: v for k, v in kw.items() if v is not None}
+    kw = {**defaults, **kw}
     for flag in ("token_buckets", "decode_buckets"):
         value = getattr(args, flag)
         if value:
@@ -147,7 +156,8 @@ def engine_config(args, dtype: str):
                 raise ValueError(f"--{flag.replace('_', '-')}={value!r} must be comma-separated integers") from None
     if args.no_prefix_caching:
         kw["enable_prefix_caching"] = False
-    return EngineConfig(dtype=dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel, **kw)
+    return EngineConfig(dtype=dtype, tensor_parallel=getattr(args, "tensor_parallel", 1),
+                        data_parallel=getattr(args, "data_parallel", 1), **kw)
 
 
 def chat_template(value: str | None) -> str | None:

@@ -35,11 +35,13 @@ def cmd_generate(args) -> int:
 
 
 def _llm(args):
+    """The model for one request at a time (generate, chat): one slot and one decode shape to compile, unless the
+    engine flags say otherwise."""
     from jinfer.entrypoints.llm import LLM
+    from jinfer.serve.main import engine_config
 
-    return LLM(args.model, dtype=args.dtype, quantization=args.quantization,
-               quantization_group_size=args.quantization_group_size, kv_cache_dtype=args.kv_cache_dtype,
-               speculative_config=args.speculative_config)
+    one = dict(max_slots=1, decode_buckets=(1,)) if args.max_slots is None and not args.decode_buckets else {}
+    return LLM(args.model, dtype=args.dtype, engine_config=engine_config(args, args.dtype, **one))
 
 
 def cmd_chat(args) -> int:
@@ -74,18 +76,15 @@ def cmd_models(args) -> int:
 def cmd_batch(args) -> int:
     import jax
 
-    from jinfer.engine.config import EngineConfig
     from jinfer.entrypoints.batch import merge_host_outputs, run_batch
     from jinfer.entrypoints.llm import LLM
     from jinfer.runtime import distributed
+    from jinfer.serve.main import engine_config
 
     distributed.initialize(args.coordinator, args.num_processes, args.process_id)
     _enable_compile_cache()
     # Each host runs its own engine on its own devices (tensor parallel inside the host) over its share.
-    cfg = EngineConfig(dtype=args.dtype, tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel,
-                       quantization=args.quantization, quantization_group_size=args.quantization_group_size,
-                       kv_cache_dtype=args.kv_cache_dtype, speculative=args.speculative_config)
-    llm = LLM(args.model, dtype=args.dtype, engine_config=cfg)
+    llm = LLM(args.model, dtype=args.dtype, engine_config=engine_config(args, args.dtype))
     host = (jax.process_index(), jax.process_count())
     counts = run_batch(llm, args.input, args.output, host=host)
     print(f"jinfer batch: host {host[0]} of {host[1]}: {counts['completed']} completed, {counts['errors']} errors, "
@@ -139,11 +138,12 @@ def cmd_client(args) -> int:
     return run(args)
 
 
-def _model_arguments(p, serve_main) -> None:
+def _model_arguments(p, serve_main, parallel: bool = False) -> None:
     p.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"], help="weights and activations")
     serve_main.add_quantization_arguments(p)
     serve_main.add_kv_cache_arguments(p)
     serve_main.add_speculative_arguments(p)
+    serve_main.add_engine_arguments(p, parallel=parallel)
 
 
 def _version() -> str:
@@ -187,10 +187,7 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("input", help="one JSON object a line: prompt or messages, sampling fields, optional id")
     b.add_argument("output", help="one result a line, in input order; a rerun skips the lines already there")
     b.add_argument("--model", default="smollm2")
-    b.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    serve_main.add_quantization_arguments(b)
-    serve_main.add_kv_cache_arguments(b)
-    serve_main.add_speculative_arguments(b)
+    _model_arguments(b, serve_main)
     b.add_argument("--tensor-parallel", type=int, default=1, help="devices per engine (within this host)")
     b.add_argument("--data-parallel", type=int, default=1, help="engine replicas on this host")
     b.add_argument("--coordinator", default=None,

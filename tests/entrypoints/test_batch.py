@@ -129,7 +129,8 @@ def test_cli_batch_on_a_checkpoint_directory(params, tmp_path):
     src, dst = tmp_path / "in.jsonl", tmp_path / "out.jsonl"
     write_jsonl(src, [{"prompt": [1, 2, 3], "max_tokens": 4, "temperature": 0, "ignore_eos": True},
                       {"prompt": [1], "max_tokens": -1}])
-    res = subprocess.run([sys.executable, "-m", "jinfer.entrypoints.cli", "batch", str(src), str(dst), "--model", str(model_dir)],
+    res = subprocess.run([sys.executable, "-m", "jinfer.entrypoints.cli", "batch", str(src), str(dst), "--model",
+                          str(model_dir), "--max-slots", "2", "--decode-buckets", "2", "--token-buckets", "16"],
                          capture_output=True, text=True, timeout=300)
     assert res.returncode == 0, res.stderr
     assert "1 completed, 1 errors, 0 already done" in res.stderr

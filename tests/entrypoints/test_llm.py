@@ -12,7 +12,13 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def llm(smollm2_gguf):
-    return LLM(model=str(smollm2_gguf), dtype="float32")
+    # Two decode and two prefill shapes rather than the CPU's default eight: compiling SmolLM2's steps is most of
+    # this module's time, and these tests batch at most three short prompts.
+    from jinfer.engine.config import EngineConfig
+
+    return LLM(model=str(smollm2_gguf), dtype="float32",
+               engine_config=EngineConfig(max_slots=4, decode_buckets=(1, 4), token_buckets=(16, 64),
+                                            max_prefill_chunk=64))
 
 
 def test_greedy_text_matches_transformers_generate(llm, hf_smollm2):

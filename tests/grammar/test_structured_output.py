@@ -14,19 +14,10 @@ import pytest
 
 from jinfer.grammar import StructuredOutputs
 from jinfer.inputs import SamplingParams
+from tests.engine.test_fake_engine import run
 from tests.grammar.schemas import REGEXES, random_schema
 
 PROMPT = "Answer in JSON:"
-
-
-def run(engine, requests: list[tuple[str, SamplingParams]]):
-    ids = [engine.add_request(p, sp) for p, sp in requests]
-    done = {}
-    while engine.has_work:
-        for ev in engine.step():
-            if ev.output.finished:
-                done[ev.request_id] = ev.output
-    return [done[i] for i in ids]
 
 
 def constrained(kind: str, value, temperature: float, seed: int) -> SamplingParams:

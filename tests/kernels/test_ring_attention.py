@@ -1,6 +1,6 @@
-"""Ring attention over 4 and 8 CPU devices equals unsharded attention: on 4, causal (zig-zag) and not with
-the GPU (Triton) per-block kernel and causal with the TPU (Mosaic) one; on 8, causal with the GPU kernel;
-both kernels interpreted."""
+"""Ring attention over 4 CPU devices equals unsharded attention: causal (zig-zag) and not with the GPU (Triton)
+per-block kernel and causal with the TPU (Mosaic) one, both interpreted. (tests/scripts/ring_check.py 8 runs the
+longer ring of 8 devices too; the suite leaves it out for time: the same code with more steps.)"""
 
 from __future__ import annotations
 
@@ -17,15 +17,11 @@ from jinfer.kernels.ring_attention import zigzag_order
 def test_ring_attention_equals_unsharded_attention():
     root = Path(__file__).resolve().parents[2]
     env = {**os.environ, "PYTHONPATH": str(root)}
-    # One process per device count, side by side: each is mostly single-threaded compilation of the
-    # interpret-mode kernels.
-    procs = [subprocess.Popen([sys.executable, str(root / "tests" / "scripts" / "ring_check.py"), str(n)], env=env, text=True,
-                              stdout=subprocess.PIPE, stderr=subprocess.PIPE) for n in (4, 8)]
-    for n, p in zip((4, 8), procs):
-        out, err = p.communicate(timeout=600)
-        print(out)
-        assert p.returncode == 0, out + err
-        assert out.count(" ok") == (3 if n == 4 else 1)
+    res = subprocess.run([sys.executable, str(root / "tests" / "scripts" / "ring_check.py"), "4"], env=env,
+                         text=True, capture_output=True, timeout=600)
+    print(res.stdout)
+    assert res.returncode == 0, res.stdout + res.stderr
+    assert res.stdout.count(" ok") == 3
 
 
 def test_zigzag_order_balances_chunks():

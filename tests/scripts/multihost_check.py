@@ -48,6 +48,7 @@ def main():
 
     rc = cli.main(["batch", os.path.join(work, "in.jsonl"), os.path.join(work, "out.jsonl"),
                    "--model", os.path.join(work, "model"), "--tensor-parallel", "2",
+                   "--max-slots", "4", "--decode-buckets", "4", "--token-buckets", "64",  # few shapes to compile
                    "--coordinator", coordinator, "--num-processes", "2", "--process-id", str(pid)])
     sys.exit(rc)
 

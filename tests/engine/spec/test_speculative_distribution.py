@@ -96,7 +96,7 @@ def marginal(dist: dict[tuple, float], positions: tuple[int, ...]) -> dict[tuple
 
 @pytest.fixture(scope="module")
 def engines(params, tok):
-    kw = dict(max_slots=64, num_pages=600, token_buckets=(64, 256), decode_buckets=(64,), max_waiting=N)
+    kw = dict(max_slots=64, num_pages=600, token_buckets=(256,), decode_buckets=(64,), max_waiting=N)
     return {m: spec_engine(params, tok, m, k=2, disable_by_batch_size=64, **kw)
             for m in ("ngram", "early_exit", "draft", "uniform")}
 

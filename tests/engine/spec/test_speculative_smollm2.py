@@ -18,7 +18,9 @@ from tests.models.test_model_parity import CHAT, NEW_TOKENS, PROMPTS
 
 pytestmark = pytest.mark.slow
 
-SMALL = dict(max_slots=9, decode_buckets=(1, 9), token_buckets=(256,), num_pages=256)  # few compiled steps
+# Few compiled steps: one decode bucket (a lone request runs in it padded, as it would beside idle slots), one
+# prefill bucket: a prefill, a decode block and a verify step per method.
+SMALL = dict(max_slots=9, decode_buckets=(9,), token_buckets=(256,), num_pages=256)
 BATCH_LIMIT = 16  # speculate in the batch of nine too (the CPU default stops at four)
 
 
