@@ -341,6 +341,15 @@ class InputChecker:
         return Prompt(tuple(ids), text)
 
 
+def completions(request: CheckedRequest, n: int | None = None) -> list[CheckedRequest]:
+    """The n completions of a request (default: its sampling.n) as requests of one completion each: seeded ones
+    get seeds seed, seed + 1, ... so that they differ yet repeat."""
+    sp = request.sampling
+    n = sp.n if n is None else n
+    return [dataclasses.replace(request, sampling=dataclasses.replace(
+        sp, n=1, seed=sp.seed + j if sp.seed is not None else None)) for j in range(n)]
+
+
 def check_request_id(request_id, field: str = "request_id") -> str:
     """A caller's name for its request: printable and short, since it is echoed and logged."""
     if not isinstance(request_id, str):

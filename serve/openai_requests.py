@@ -15,9 +15,7 @@ import dataclasses
 import re
 from collections.abc import Mapping
 
-from jinfer.inputs import CheckedRequest, InputChecker
-
-MAX_N = 16  # choices per request (each is an engine request of its own)
+from jinfer.inputs import MAX_N, CheckedRequest, InputChecker, completions
 
 # OpenAI / vLLM body field -> SamplingParams field, for the fields that are the same thing under either name.
 _SAMPLING = {"temperature": "temperature", "top_p": "top_p", "top_k": "top_k", "min_p": "min_p",
@@ -190,13 +188,6 @@ def _fits(request: CheckedRequest, max_model_len: int, field: str) -> None:
                   "tokens", field)
 
 
-def _copies(request: CheckedRequest, n: int) -> list[CheckedRequest]:
-    """n choices of one prompt: seeded ones get seeds seed, seed + 1, ... so that they differ yet repeat."""
-    sp = request.sampling
-    return [request if n == 1 or sp.seed is None
-            else dataclasses.replace(request, sampling=dataclasses.replace(sp, seed=sp.seed + j)) for j in range(n)]
-
-
 def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     body = _object(body)
     _unknown(body, COMPLETION_FIELDS)
@@ -230,7 +221,7 @@ def completion(inputs: InputChecker, body, served: str, max_model_len: int) -> P
         checked = _check(inputs, p, sampling, field, body)
         if max_tokens is not None:
             _fits(checked, max_model_len, "max_tokens")
-        requests += _copies(checked, n)
+        requests += completions(checked, n)
     return Parsed(tuple(requests), n, stream, usage, continuous, logprobs, echo)
 
 
@@ -286,5 +277,5 @@ def chat(inputs: InputChecker, body, served: str, max_model_len: int) -> Parsed:
     except ValueError as e:
         raise _refusal(str(e).replace("max_tokens", field), body) from None
     _fits(request, max_model_len, field)
-    return Parsed(tuple(_copies(request, n)), n, stream, usage, continuous, logprobs, False)
+    return Parsed(tuple(completions(request, n)), n, stream, usage, continuous, logprobs, False)
 

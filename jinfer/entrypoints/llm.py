@@ -12,7 +12,7 @@ from typing import Iterator, Sequence
 import jax.numpy as jnp
 
 from jinfer.engine.outputs import RequestOutput
-from jinfer.inputs import CheckedRequest, Prompt, PromptInput, SamplingParams
+from jinfer.inputs import CheckedRequest, Prompt, PromptInput, SamplingParams, completions
 
 DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16}
 
@@ -97,11 +97,8 @@ class LLM:
         ids: list[list[str]] = []
         try:
             for r in requests:
-                sp = r.sampling
                 group = []
-                for j in range(sp.n):
-                    seed = sp.seed + j if sp.seed is not None and j else sp.seed
-                    copy = dataclasses.replace(r, sampling=dataclasses.replace(sp, n=1, seed=seed))
+                for copy in completions(r):
                     group.append(self.engine.add_request(copy, same_prompt_as=group[0] if group else None))
                 ids.append(group)
         except BaseException:

@@ -22,7 +22,7 @@ import llguidance
 import llguidance.numpy as llg_numpy
 import numpy as np
 
-from jinfer.grammar.params import StructuredOutputs, mask_words
+from jinfer.grammar.params import StructuredOutputs
 
 # Compact JSON with one space after ',' and ':' and no other whitespace: free whitespace lets a small model
 # emit newlines and spaces until max_tokens cuts the object short (vLLM's `disable_any_whitespace`).
@@ -83,18 +83,17 @@ class GrammarCompiler:
 
     def matcher(self, grammar: str) -> TokenMatcher:
         """A fresh matcher of a grammar `compile` returned."""
-        return TokenMatcher(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0), mask_words(self.vocab_size))
+        return TokenMatcher(llguidance.LLMatcher(self.tokenizer, grammar, log_level=0))
 
 
 class TokenMatcher:
     """One request's position in its grammar."""
 
-    def __init__(self, matcher: llguidance.LLMatcher, words: int):
+    def __init__(self, matcher: llguidance.LLMatcher):
         self._m = matcher
-        self.words = words
 
     def fill_mask(self, masks: np.ndarray, row: int) -> None:
-        """Writes the tokens allowed next into masks[row] (masks: i32[R, words], C-contiguous)."""
+        """Writes the tokens allowed next into masks[row] (masks: i32[R, mask_words(V)], C-contiguous)."""
         llg_numpy.fill_next_token_bitmask(self._m, masks, row)
 
     def accept(self, token_id: int) -> bool:
@@ -105,10 +104,6 @@ class TokenMatcher:
     def done(self) -> bool:
         """The grammar is complete and allows nothing more (only an end-of-sequence token)."""
         return self._m.is_stopped()
-
-    @property
-    def error(self) -> str:
-        return self._m.get_error()
 
 
 def _first_line(message: str) -> str:

@@ -77,13 +77,14 @@ def count_tokens(state: SlotState, slots, tokens, counted, is_output) -> SlotSta
 
 
 @jax.named_scope("sampling")  # benchmarks/step_profile.py sorts the step's time by these scopes
-def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties,
+def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties, masked,
           config: ModelConfig, max_logprobs: int):
-    """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs))."""
+    """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs)). `penalties`,
+    `masked`: bool[] whether any row uses penalties, a token mask (computed once per step function)."""
     R = h.shape[0]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
-    logits_p = _processed(logits, state, rows, sp, gen_index, penalties)
+    logits_p = _processed(logits, state, rows, sp, gen_index, penalties, masked)
     new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
 
     def logprobs():
@@ -99,10 +100,10 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
 
 
-def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties):
+def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties, masked):
     """The logits a row samples from, in vLLM's order: logit bias, min_tokens (stop tokens banned until the
-    row has that many), penalties, then the structured output's token mask. Each under a runtime condition
-    on whether any row uses it, so a step without it pays nothing."""
+    row has that many), penalties, then the structured output's token mask (`masked`: any row has one). Each
+    under a runtime condition on whether any row uses it, so a step without it pays nothing."""
     has_bias = sp.has_logit_bias[:, None]
     logits = jax.lax.cond(jnp.any(sp.has_logit_bias),
                           lambda x: x + jnp.where(has_bias, state.logit_bias[rows.slot], 0.0), lambda x: x, logits)
@@ -113,8 +114,7 @@ def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, ge
         lambda x: apply_penalties(x, state.output_counts[rows.slot], state.prompt_mask[rows.slot],
                                   sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty),
         lambda x: x, logits)
-    return jax.lax.cond(jnp.any(rows.token_mask != -1), lambda x: apply_token_mask(x, rows.token_mask),
-                        lambda x: x, logits)
+    return jax.lax.cond(masked, lambda x: apply_token_mask(x, rows.token_mask), lambda x: x, logits)
 
 
 def no_prompt_logprobs(T: int, max_logprobs: int):
@@ -183,7 +183,8 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
                                width)
     last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
-    new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties, config,
+    new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties,
+                                       jnp.any(rows.token_mask != -1), config,
                                        max_logprobs)
     state = keep_sampled(state, rows, new, rows.sample)
     prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
@@ -201,6 +202,7 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     R = rows.slot.shape[0]
     penalties = uses_penalties(sp)
     first = jnp.where(tok.from_prev, state.last_sampled[rows.slot], tok.ids)
+    masked = jnp.any(rows.token_mask != -1)
     attention = make_paged_attention(1, backend)
     empty = StepResult(jnp.zeros((max_steps, R), jnp.int32), jnp.zeros((max_steps, R)),
                        jnp.zeros((max_steps, R, max_logprobs), jnp.int32), jnp.zeros((max_steps, R, max_logprobs)),
@@ -224,7 +226,9 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         if drafter is not None:
             draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
                                    rows.draft_live, 1)
-        new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties, config,
+        # A row with a grammar runs one step (its mask is its first step's): later steps skip the mask.
+        new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties,
+                                           masked & (i == 0), config,
                                            max_logprobs)
         state = keep_sampled(state, rows, new, active & rows.sample)
         stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
