@@ -29,6 +29,10 @@ import jax
 import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # the flags the CLI applies; =1 profiles XLA's own defaults
+    from jinfer.runtime.xla_flags import apply_gpu_flags
+
+    apply_gpu_flags()
 
 
 def categories(hlo_text: str) -> dict[str, str]:
