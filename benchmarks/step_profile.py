@@ -35,14 +35,35 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # the flags the CLI applies; =
     apply_gpu_flags()
 
 
-def categories(hlo_text: str) -> dict[str, str]:
-    """HLO instruction name -> 'attention' | 'lm_head' | 'sampling' | 'model', from its op_name metadata."""
-    out = {}
-    for m in re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text):
-        name, op = m.groups()
-        out[name] = ("attention" if "/attention/" in op else "lm_head" if "/lm_head/" in op
-                     else "sampling" if "/sampling/" in op else "model")
-    return out
+def op_names(hlo_text: str) -> dict[str, str]:
+    """HLO instruction name -> its op_name metadata (the jax scope and primitive it came from)."""
+    return dict(m.groups() for m in re.finditer(r"%([\w.\-]+) = [^\n]*?op_name=\"([^\"]*)\"", hlo_text))
+
+
+def category(op_name: str) -> str:
+    return ("attention" if "/attention/" in op_name else "lm_head" if "/lm_head/" in op_name
+            else "sampling" if "/sampling/" in op_name else "model")
+
+
+def idle_gaps(kernels: list[dict], steps: int, top: int) -> None:
+    """Prints where the device waits between the step's kernels: the idle time after each kernel (grouped by
+    that kernel's name) on its stream, and how the gaps are spread by length."""
+    after, spread = collections.Counter(), collections.Counter()
+    by_stream = collections.defaultdict(list)
+    for e in kernels:
+        by_stream[(e["pid"], e["tid"])].append(e)
+    bins = ((5, "<5us"), (20, "5-20us"), (100, "20-100us"), (float("inf"), ">100us"))
+    for evs in by_stream.values():
+        evs.sort(key=lambda e: e["ts"])
+        for a, b in zip(evs, evs[1:]):
+            gap = b["ts"] - (a["ts"] + a["dur"])
+            if gap > 0:
+                after[a["name"]] += gap
+                spread[next(label for lim, label in bins if gap < lim)] += gap
+    print(f"device idle between kernels: {sum(after.values()) / steps / 1e3:.2f} ms/step; by gap length: "
+          + ", ".join(f"{label} {spread[label] / steps / 1e3:.2f}" for _, label in bins))
+    for name, gap in after.most_common(top):
+        print(f"  {gap / steps / 1e3:9.2f} ms/step idle after {name}")
 
 
 def main():
@@ -57,7 +78,8 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", default="decode_b1", choices=sorted(WORKLOADS))
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
-    ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all")
+    ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all, "
+                                                       "and the N after which the device idled longest")
     ap.add_argument("--speculative-config", default=None, help="JSON, as `jinfer generate` takes it")
     ap.add_argument("--grounded", action="store_true",
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
@@ -110,14 +132,16 @@ def main():
     if os.environ.get("KEEP_TRACE"):
         print("trace in", trace_dir)
 
-    hlo = {}
+    names = {}
     for shape in engine.runner.all_shapes():
-        hlo.update(categories(engine.runner.compiled_text(shape, engine.scheduler.stop_width)))
+        names.update(op_names(engine.runner.compiled_text(shape, engine.scheduler.stop_width)))
+    hlo = {k: category(v) for k, v in names.items()}
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
-    total, by_op = collections.Counter(), collections.Counter()
+    total, by_op, kernels = collections.Counter(), collections.Counter(), []
     for e in events:
         if e.get("args", {}).get("hlo_module", "").startswith("jit__step_impl"):
+            kernels.append(e)
             total[hlo.get(e["name"], "model")] += e["dur"]
             by_op[e["name"]] += e["dur"]
         elif e["name"].startswith("PjitFunction(_step_impl)"):
@@ -137,7 +161,10 @@ def main():
     print(f"{'':<14}" + "".join(f"{v / steps / 1e3:>11.2f}" for v in vals) + f"{wall / steps * 1e3:>11.2f}")
     print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall")
     for name, dur in by_op.most_common(args.top):
-        print(f"  {dur / steps / 1e3:9.2f} ms/step  {hlo.get(name, 'model'):<10} {name}")
+        print(f"  {dur / steps / 1e3:9.2f} ms/step  {hlo.get(name, 'model'):<10} {name[:60]}  "
+              f"{names.get(name, '')[-70:]}")
+    if args.top:
+        idle_gaps(kernels, steps, args.top)
 
 
 if __name__ == "__main__":

@@ -42,7 +42,8 @@ def run_engine(config, params, tokenizer, args, prompts):
     ec = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,
                       max_model_len=1 << (max_len - 1).bit_length(), token_buckets=tuple(args.buckets),
                       max_prefill_chunk=args.chunk, dtype=args.dtype, enable_prefix_caching=False,
-                      decode_steps=args.decode_steps,
+                      decode_steps=args.decode_steps, quantization=args.quantization,
+                      kv_cache_dtype=args.kv_cache_dtype,
                       tensor_parallel=args.tensor_parallel)
     eng = build_engine(config, params, tokenizer, ec, seed=0)
     t = time.perf_counter()
@@ -103,6 +104,8 @@ def main():
     ap.add_argument("--num-pages", type=int, default=None)
     ap.add_argument("--buckets", type=int, nargs="+", default=[16, 64, 256])
     ap.add_argument("--chunk", type=int, default=128)
+    ap.add_argument("--quantization", default=None, help="weight format the engine quantizes to (int8, int4, fp8, ...)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.runtime.sharding)")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")

@@ -37,7 +37,7 @@ def llama_calibration(config: ModelConfig) -> CalibrationModel:
 
     def o_input(p, x):
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q, k, v = llama._qkv(c, p, h)
+        q, k, v = llama._qkv(c, qeinsum, p, h)
         B, T = x.shape[:2]
         positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (B, T))
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
@@ -47,7 +47,7 @@ def llama_calibration(config: ModelConfig) -> CalibrationModel:
 
     def mlp_input(p, carry):
         x, attn = carry
-        x = x + llama._out(p, attn)
+        x = x + llama._out(qeinsum, p, attn)
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
         return h, (x, h)
 

@@ -28,7 +28,7 @@ import numpy as np
 
 from jinfer.models.config import ModelConfig
 from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
-from jinfer.quant.qtensor import qeinsum
+from jinfer.quant.qtensor import LayerSlice, is_qtensor, qeinsum
 
 Params = dict
 
@@ -109,6 +109,7 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
 
 
 AttentionFn = Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]
+MatmulFn = Callable[[str, jnp.ndarray, object], jnp.ndarray]  # (einsum spec, x, weight | QTensor | LayerSlice)
 
 
 def forward(
@@ -121,10 +122,13 @@ def forward(
     config: ModelConfig,
     attention: AttentionFn,
     num_layers: int | None = None,
+    matmul: MatmulFn = qeinsum,
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """Runs the decoder; returns the final-normed hidden states [B, T, D] and the updated cache.
     `num_layers`: run only the first that many layers (then the final norm): an early-exit draft, which
-    writes the K/V of those layers only.
+    writes the K/V of those layers only. `matmul(spec, x, w)`: every weight's product (`qeinsum`, or the
+    runtime's choice per platform, `jinfer.runtime.matmul`); a stacked quantized weight reaches it as a
+    `LayerSlice`, so a kernel can read the layer in place where the scan would copy it out.
 
     `attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta) -> (out, k_cache, v_cache)` writes
     the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H].
@@ -136,11 +140,13 @@ def forward(
     x = params["embed"][tokens]  # [B, T, D]
     norms = ("attn_norm", "mlp_norm")
     n = c.num_layers if num_layers is None else num_layers
-    if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every leaf
-        xs = params["layers"] if n == c.num_layers else jax.tree_util.tree_map(lambda w: w[:n], params["layers"])
+    if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every float leaf
+        held = {k: w for k, w in params["layers"].items() if is_qtensor(w)}  # reached as LayerSlices
+        xs = {k: w for k, w in params["layers"].items() if k not in held}
+        xs = xs if n == c.num_layers else jax.tree_util.tree_map(lambda w: w[:n], xs)
 
         def project(fn, p, i, *args):
-            return fn(p, *args)
+            return fn({**p, **{k: LayerSlice(w, i) for k, w in held.items()}}, *args)
     else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked for the scan
         per_layer = params["layers"][:n]
         xs = {name: jnp.stack([w[name] for w in per_layer]) for name in norms}
@@ -152,13 +158,13 @@ def forward(
         x, k_cache, v_cache = carry
         p, i = inputs
         h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
-        q, k, v = project(functools.partial(_qkv, c), p, i, h)
+        q, k, v = project(functools.partial(_qkv, c, matmul), p, i, h)
         q = apply_rope(q, positions, inv_freq)
         k = apply_rope(k, positions, inv_freq)
         attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta)
-        x = x + project(_out, p, i, attn)
+        x = x + project(functools.partial(_out, matmul), p, i, attn)
         h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
-        x = x + project(_mlp, p, i, h)
+        x = x + project(functools.partial(_mlp, matmul), p, i, h)
         return (x, k_cache, v_cache), None
 
     layer_ids = jnp.arange(n, dtype=jnp.int32)
@@ -166,23 +172,23 @@ def forward(
     return rms_norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
 
 
-def _qkv(c: ModelConfig, w, h):
-    q = qeinsum("BTD,DNH->BTNH", h, w["wq"])
-    k = qeinsum("BTD,DKH->BTKH", h, w["wk"])
-    v = qeinsum("BTD,DKH->BTKH", h, w["wv"])
+def _qkv(c: ModelConfig, matmul: MatmulFn, w, h):
+    q = matmul("BTD,DNH->BTNH", h, w["wq"])
+    k = matmul("BTD,DKH->BTKH", h, w["wk"])
+    v = matmul("BTD,DKH->BTKH", h, w["wv"])
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     return q, k, v
 
 
-def _out(w, attn):
-    return qeinsum("BTNH,NHD->BTD", attn, w["wo"])
+def _out(matmul: MatmulFn, w, attn):
+    return matmul("BTNH,NHD->BTD", attn, w["wo"])
 
 
-def _mlp(w, h):
-    gate = qeinsum("BTD,DF->BTF", h, w["w_gate"])
-    up = qeinsum("BTD,DF->BTF", h, w["w_up"])
-    return qeinsum("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
+def _mlp(matmul: MatmulFn, w, h):
+    gate = matmul("BTD,DF->BTF", h, w["w_gate"])
+    up = matmul("BTD,DF->BTF", h, w["w_up"])
+    return matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
 
 
 def unstack_layers(params: Params) -> Params:

@@ -131,11 +131,25 @@ def dequantize(w: QTensor, dtype=jnp.float32, *, keep_input_scale: bool = False)
     return x.astype(dtype)
 
 
+@dataclasses.dataclass(frozen=True)
+class LayerSlice:
+    """Layer `layer` of a stacked QTensor, not sliced yet: `qeinsum` slices it (a copy of that layer's
+    arrays), a kernel that takes the layer index reads it in place (`jinfer.runtime.matmul`)."""
+
+    stacked: QTensor  # [L, *in, *out]
+    layer: jax.Array  # i32[]
+
+    def get(self) -> QTensor:
+        return jax.tree_util.tree_map(lambda a: a[self.layer], self.stacked)
+
+
 def qeinsum(spec: str, x: jax.Array, w) -> jax.Array:
-    """`jnp.einsum(spec, x, w)` for a float weight or a QTensor. x's contracted axes are its trailing
-    `w.n_in` axes, and the weight is one layer's (no stacked axes), as in every matmul of the model.
+    """`jnp.einsum(spec, x, w)` for a float weight, a QTensor or a LayerSlice of one. x's contracted axes are
+    its trailing `w.n_in` axes, and the weight is one layer's, as in every matmul of the model.
     Float activations: x / input_scale times the weight dequantized in the step (XLA fuses the dequantization
     into the matmul's operand where its backend can). act="int8": see `_int8_activation_einsum`."""
+    if isinstance(w, LayerSlice):
+        w = w.get()
     if not isinstance(w, QTensor):
         return jnp.einsum(spec, x, w)
     if w.input_scale is not None:
@@ -145,12 +159,18 @@ def qeinsum(spec: str, x: jax.Array, w) -> jax.Array:
     return jnp.einsum(spec, x, dequantize(w, x.dtype, keep_input_scale=True))
 
 
+def is_plain_spec(spec: str, n_in: int) -> bool:
+    """Whether `spec` contracts x's trailing n_in axes with the weight's leading ones and lays the output out
+    as x's other axes, then the weight's outputs (every matmul of the model): a flat [M, K] x [K, N] product."""
+    operands, out = spec.replace(" ", "").split("->")
+    xs, ws = operands.split(",")
+    return out == xs[:len(xs) - n_in] + ws[n_in:] and xs[len(xs) - n_in:] == ws[:n_in]
+
+
 def _int8_activation_einsum(spec: str, x: jax.Array, w: QTensor) -> jax.Array:
     """W8A8: x rounded to int8 per token (scale = amax over the contracted axes / 127, computed at run time),
     an int8 x int8 dot accumulated in int32, then the token's scale times the output channel's."""
-    operands, out = spec.replace(" ", "").split("->")
-    xs, ws = operands.split(",")
-    if out != xs[:len(xs) - w.n_in] + ws[w.n_in:] or xs[len(xs) - w.n_in:] != ws[:w.n_in]:
+    if not is_plain_spec(spec, w.n_in):
         raise ValueError(f"qeinsum spec={spec!r}: act='int8' needs x's trailing {w.n_in} axes contracted with "
                          f"the weight's leading ones and the output laid out as x's other axes, then the "
                          f"weight's outputs")

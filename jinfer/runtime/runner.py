@@ -40,6 +40,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import store_kv
 from jinfer.quant.params import cast_params, quantize_params
+from jinfer.runtime.matmul import model_matmul
 from jinfer.runtime.spec.drafters import Drafter, DraftModel, DraftModelDrafter, EarlyExitDrafter
 from jinfer.runtime.spec.verify import verify_step
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
@@ -151,6 +152,7 @@ class Runner:
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
+        self.matmul = model_matmul(jax.devices()[0].platform, 1 if self.mesh is None else self.mesh.size)
         kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
 
         def make_state():
@@ -245,7 +247,8 @@ class Runner:
         draft = None if draft_params is None else DraftModel(draft_params, draft_kv)
         # A drafter that keeps no cache of its own has nothing to do outside verify steps.
         follows = isinstance(self.drafter, DraftModelDrafter)
-        kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs)
+        kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs,
+                  matmul=self.matmul)
         if shape.verify:
             step = verify_step(params, kv, state, inputs, attn_meta, width=shape.width, drafter=self.drafter,
                                draft=draft, draft_meta=draft_meta, **kw)

@@ -24,6 +24,8 @@ from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_att
 from jinfer.engine.step_plan import RowInputs, SamplingInputs, StepInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.models.llama import MatmulFn
+from jinfer.quant.qtensor import qeinsum
 from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
 
 
@@ -158,7 +160,8 @@ def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
 
 
 def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
-                 backend: AttentionBackend, width: int, max_logprobs: int, drafter=None, draft=None, draft_meta=None):
+                 backend: AttentionBackend, width: int, max_logprobs: int, drafter=None, draft=None, draft_meta=None,
+                 matmul: MatmulFn = qeinsum):
     """One forward over T tokens of R rows (chunks of at most `width` tokens each); each sampling row samples
     one token after its last. A draft model (`drafter`, its state `draft`, its backend's metadata of this
     layout `draft_meta`) writes its own K/V of the same tokens. -> (kv, state, StepResult with N = 1, draft)."""
@@ -178,7 +181,7 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
                      query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
-                          attention=make_paged_attention(width, backend))
+                          attention=make_paged_attention(width, backend), matmul=matmul)
     if drafter is not None:
         draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
                                width)
@@ -193,7 +196,7 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
 
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, max_steps: int, max_logprobs: int, drafter=None, draft=None,
-                 draft_meta=None):
+                 draft_meta=None, matmul: MatmulFn = qeinsum):
     """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
     `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs. A
     draft model writes its K/V of each fed token (as in `prefill_step`).
@@ -222,7 +225,7 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
                          query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
         h, kv = llama.forward(params, feed[None], (tok.positions + i)[None], kv, meta, config=config,
-                              attention=attention)
+                              attention=attention, matmul=matmul)
         if drafter is not None:
             draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
                                    rows.draft_live, 1)

@@ -30,6 +30,8 @@ from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_att
 from jinfer.engine.step_plan import RowInputs, SamplingInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.models.llama import MatmulFn
+from jinfer.quant.qtensor import qeinsum
 from jinfer.runtime.sampler import apply_penalties, sampling_logits
 from jinfer.runtime.spec.accept import DRAFT_STREAM, substream
 
@@ -61,7 +63,7 @@ class DraftModel:
 
 class Drafter(Protocol):
     def propose(self, params, kv, draft: DraftModel | None, d: DraftInputs, *, config: ModelConfig,
-                backend: AttentionBackend, k: int):
+                backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
         """-> (drafts i32[R, k], q f32[R, k, V], kv, draft)."""
         ...
 
@@ -118,12 +120,12 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
 class EarlyExitDrafter:
     layers: int  # the target's leading layers that draft
 
-    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int):
+    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
         attention = make_paged_attention(1, backend)
 
         def forward(tokens, positions, meta, kv):
             h, kv = llama.forward(params, tokens[None], positions[None], kv, meta, config=config, attention=attention,
-                                  num_layers=self.layers)
+                                  num_layers=self.layers, matmul=matmul)
             return llama.logits_from_hidden(params, h[0], config), kv
 
         drafts, q, kv = _autoregress(forward, d, config.vocab_size, k, k, kv)
@@ -139,12 +141,12 @@ class DraftModelDrafter:
     backend: AttentionBackend  # for the draft's head counts
 
     def propose(self, params, kv, draft: DraftModel, d: DraftInputs, *, config: ModelConfig,
-                backend: AttentionBackend, k: int):
+                backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
         attention = make_paged_attention(1, self.backend)
 
         def forward(tokens, positions, meta, dkv):
             h, dkv = llama.forward(draft.params, tokens[None], positions[None], dkv, meta, config=self.config,
-                                   attention=attention)
+                                   attention=attention, matmul=matmul)
             return llama.logits_from_hidden(draft.params, h[0], self.config), dkv
 
         drafts, q, dkv = _autoregress(forward, d, config.vocab_size, k, k + 1, draft.kv)
@@ -158,7 +160,7 @@ class DraftModelDrafter:
 
 @dataclasses.dataclass(frozen=True)
 class UniformDrafter:
-    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int):
+    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
         R, V = d.first.shape[0], config.vocab_size
         keys = substream(d.keys, DRAFT_STREAM).reshape(-1)
         drafts = jax.vmap(lambda key: jax.random.randint(key, (), 0, V))(keys).reshape(R, k).astype(jnp.int32)

@@ -18,6 +18,8 @@ from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_att
 from jinfer.engine.step_plan import StepInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.models.llama import MatmulFn
+from jinfer.quant.qtensor import qeinsum
 from jinfer.runtime.sampler import apply_penalties, sample, step_keys
 from jinfer.runtime.spec.accept import accept
 from jinfer.runtime.spec.drafters import Drafter, DraftInputs
@@ -33,7 +35,7 @@ from jinfer.runtime.step import (
 
 def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                 backend: AttentionBackend, width: int, max_logprobs: int, drafter: Drafter | None = None,
-                draft=None, draft_meta=None):
+                draft=None, draft_meta=None, matmul: MatmulFn = qeinsum):
     """`draft_meta`: the drafter's backend metadata of an R-row one-token step; `draft`: a draft model's state.
     -> (kv, state, StepResult with N = width: row r's kept tokens, then -1, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
@@ -61,14 +63,15 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     if drafter is not None:
         d = DraftInputs(first=first, start=start, rows=rows, sp=sp, counts=counts0, prompt_mask=prompt_mask,
                         penalties=penalties, keys=keys[:, :k], meta=draft_meta)
-        drafts, q, kv, draft = drafter.propose(params, kv, draft, d, config=config, backend=backend, k=k)
+        drafts, q, kv, draft = drafter.propose(params, kv, draft, d, config=config, backend=backend, k=k,
+                                               matmul=matmul)
         tokens = tokens.at[jnp.where(proposed, draft_index, T)].set(drafts, mode="drop")
     drafts = jnp.where(proposed, tokens[jnp.minimum(draft_index, T - 1)], 0)
 
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
                      query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
-                          attention=make_paged_attention(W, backend))
+                          attention=make_paged_attention(W, backend), matmul=matmul)
     at = jnp.minimum(rows.query_start[:, None] + offsets, T - 1)  # [R, W]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h[0][at], config)  # f32[R, W, V]

@@ -1,0 +1,33 @@
+"""The model's matmul on each platform (`llama.forward(..., matmul=)`): a quantized weight goes through the
+Pallas kernel where that kernel runs natively and pays, everything else through XLA (`qeinsum`).
+
+Why: XLA's `x @ dequantize(w)` writes the dequantized weight to memory before cuBLAS reads it, so on the GPU an
+int8 or int4 decode step reads more bytes than bf16's (benchmarks/RESULTS.md); the kernel reads the stored bytes
+once, and a stacked layer's in place (a `LayerSlice` carries the layer index into it). Rows above
+`KERNEL_MAX_ROWS` (prefill chunks) are compute-bound, where XLA's dot is as good. The kernel runs on one
+device: a weight sharded over a mesh stays on XLA, which partitions it.
+"""
+
+from __future__ import annotations
+
+import math
+
+from jinfer.kernels.quant_matmul import quantized_matmul
+from jinfer.models.llama import MatmulFn
+from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, qeinsum
+
+KERNEL_MAX_ROWS = 64  # the H200 (RESULTS.md): 1.8-6x faster than XLA up to 64 rows; level for int8 / fp8 at 256
+
+
+def kernel_matmul(spec: str, x, w, *, interpret: bool | None = None):
+    """`qeinsum` with quantized weights at decode sizes computed by the Pallas kernel."""
+    qt = w.stacked if isinstance(w, LayerSlice) else w
+    if (isinstance(qt, QTensor) and qt.act is None and is_plain_spec(spec, qt.n_in)
+            and math.prod(x.shape[:x.ndim - qt.n_in]) <= KERNEL_MAX_ROWS):
+        return quantized_matmul(x, qt, layer=w.layer if isinstance(w, LayerSlice) else None, interpret=interpret)
+    return qeinsum(spec, x, w)
+
+
+def model_matmul(platform: str, num_devices: int) -> MatmulFn:
+    """The matmul the runner hands the model on `platform` over a mesh of `num_devices`."""
+    return kernel_matmul if platform == "gpu" and num_devices == 1 else qeinsum

@@ -1,0 +1,62 @@
+"""In-register readings of a quantized tile, chosen by what the GPU does fast (checked on Triton 3.6's sm_90
+machine code). A plain int-to-float cast (`astype`) becomes I2F, a conversion at a quarter of the FMA rate,
+and float8 -> bfloat16 becomes F2F at the same rate: these cost more than the weight read. Instead:
+
+- `fma_values`, for the CUDA-core path (x's few rows times float32 weights): float32 tiles f_j in [1, 2),
+  the stored bits moved into the mantissa of 1.0 by one or two integer ops (no float op at all), with the
+  stored values an affine mix of them: q_h = sum_j mix[h][j] f_j + const[h] (`FMA_MIX`), paid once per group
+  on the tiles' sums, not per weight. int8: f = 1 + (q + 128) / 256, the sign-extended q times 2^15 plus
+  the bits of 1.5 (one LEA). int4: f_0 = 1 + lo / 16 (the low nibble into mantissa bits 19-22) and
+  f_1 = 1 + byte / 256 = 1 + hi / 16 + lo / 256 (the whole byte into bits 15-22, no mask), so
+  hi = 16 f_1 - f_0 - 15. float8: Triton's own cast to float32 (F2FP unpacks two bytes into float16 numbers,
+  HADD2.F32 widens them at full rate). Products with bfloat16 x are exact in float32 (f has 9 significant
+  bits); the constant terms cancel against sum(x) terms of similar size, costing ~1e-7 relative.
+- `mma_values`, for the matrix-unit path: numbers in x's dtype. int4 in bfloat16: the nibble as the
+  mantissa of 128.0, i.e. 128 + q exactly (0x4300 | q), the 128 taken back once per group through sum(x)
+  (so int4 needs no conversion instruction at all); int8: Triton's cast (already PRMT + HADD2, no I2F);
+  float8: through float32 as above, then packed to bfloat16 (exact: e4m3 has 3 mantissa bits).
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+# fmt -> (mix, const) of fma_values: the stored value of half h is sum_j mix[h][j] * f_j + const[h].
+FMA_MIX = {
+    "int8": (((256.0,),), (-384.0,)),
+    "int4": (((16.0, 0.0), (-1.0, 16.0)), (-16.0, -15.0)),
+    "fp8": (((1.0,),), (0.0,)),
+}
+# The bias mma_values adds to each int4 value in bfloat16 / float16 (taken back through sum(x)).
+MMA_INT4_BIAS = {jnp.dtype(jnp.bfloat16): 128.0, jnp.dtype(jnp.float16): 1024.0}
+
+
+def halves(q: jax.Array, fmt: str) -> tuple[jax.Array, ...]:
+    """int4's packed bytes as (low nibbles: even columns, high nibbles: odd columns), still uint8; others as is."""
+    return ((q & 0xF), (q >> 4)) if fmt == "int4" else (q,)
+
+
+def fma_values(q: jax.Array, fmt: str) -> tuple[jax.Array, ...]:
+    """float32 tiles f_j, the stored values an affine mix of them (`FMA_MIX[fmt]`)."""
+    if fmt == "int8":  # bits of 1.5 + q / 256 = 1 + (q + 128) / 256, q sign-extended
+        return (lax.bitcast_convert_type((q.astype(jnp.int32) << 15) + 0x3FC00000, jnp.float32),)
+    if fmt == "int4":
+        u = q.astype(jnp.int32)  # the byte, zero-extended: low nibble in bits 0-3, high in 4-7
+        return (lax.bitcast_convert_type(((u << 19) & 0x780000) | 0x3F800000, jnp.float32),  # 1 + lo / 16
+                lax.bitcast_convert_type((u << 15) | 0x3F800000, jnp.float32))  # 1 + byte / 256
+    return (q.astype(jnp.float32),)
+
+
+def mma_values(q: jax.Array, fmt: str, dtype) -> tuple[jax.Array, ...]:
+    """Tiles in `dtype` (x's) for the matrix units: q exactly, except int4 in bfloat16 / float16, which is
+    q + MMA_INT4_BIAS[dtype]."""
+    dtype = jnp.dtype(dtype)
+    if fmt == "int4" and dtype in MMA_INT4_BIAS:
+        magic = 0x4300 if dtype == jnp.bfloat16 else 0x6400  # 128.0 in bfloat16, 1024.0 in float16
+        return tuple(lax.bitcast_convert_type(h.astype(jnp.uint16) | jnp.uint16(magic), dtype)
+                     for h in halves(q, fmt))
+    if fmt == "fp8" and dtype != jnp.float32:
+        return (q.astype(jnp.float32).astype(dtype),)
+    return tuple(h.astype(dtype) for h in halves(q, fmt))
