@@ -17,21 +17,30 @@ import tempfile
 import jax
 
 
-def kernel_times(fn, iters: int = 20) -> list[tuple[str, float]]:
-    """[(kernel name, microseconds per call)], longest first, summed over the GPU streams."""
-    jax.block_until_ready(fn())
+def gpu_kernels(run) -> list[dict]:
+    """The GPU kernel events (perfetto "X" events of the GPU processes) of `run()` under the profiler, in time
+    order; `run` must wait for its own results."""
     with tempfile.TemporaryDirectory() as d:
         with jax.profiler.trace(d, create_perfetto_trace=True):
-            for _ in range(iters):
-                out = fn()
-            jax.block_until_ready(out)
+            run()
         path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
         with gzip.open(path) as fh:
             events = json.load(fh)["traceEvents"]
     gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
                 and "GPU" in str(e.get("args", {}).get("name", ""))}
+    return sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids), key=lambda e: e["ts"])
+
+
+def kernel_times(fn, iters: int = 20) -> list[tuple[str, float]]:
+    """[(kernel name, microseconds per call)], longest first, summed over the GPU streams."""
+    jax.block_until_ready(fn())
+
+    def run():
+        for _ in range(iters):
+            out = fn()
+        jax.block_until_ready(out)
+
     total = collections.Counter()
-    for e in events:
-        if e.get("ph") == "X" and e.get("pid") in gpu_pids:
-            total[e["name"]] += e.get("dur", 0)
+    for e in gpu_kernels(run):
+        total[e["name"]] += e.get("dur", 0)
     return [(name, dur / iters) for name, dur in total.most_common()]

@@ -33,14 +33,10 @@ from __future__ import annotations
 import argparse
 import collections
 import dataclasses
-import glob
-import gzip
 import itertools
-import json
 import os
 import statistics
 import sys
-import tempfile
 import time
 
 import jax
@@ -48,7 +44,7 @@ import jax.numpy as jnp
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
-from benchmarks.gpu_trace import kernel_times
+from benchmarks.gpu_trace import gpu_kernels, kernel_times
 from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for, fit_block_sizes, m_bucket
 from jinfer.quant.qtensor import QTensor, dequantize
@@ -214,20 +210,14 @@ def pallas_kernel_times(calls: list, names: list, iters: int) -> dict:
     """{name: microseconds per call} of several functions traced in turn in one profiler trace: each Pallas
     kernel (named quantized_matmul_...) is charged to the call whose name its kernel bears, and any other kernel
     (split-K's sum) to the Pallas kernel before it on the device."""
-    with tempfile.TemporaryDirectory() as d:
-        with jax.profiler.trace(d, create_perfetto_trace=True):
-            for fn in calls:
-                for i in range(iters):
-                    out = fn(i)
-                jax.block_until_ready(out)
-        path = glob.glob(os.path.join(d, "**", "*.trace.json.gz"), recursive=True)[0]
-        with gzip.open(path) as fh:
-            events = json.load(fh)["traceEvents"]
-    gpu_pids = {e["pid"] for e in events if e.get("ph") == "M" and e.get("name") == "process_name"
-                and "GPU" in str(e.get("args", {}).get("name", ""))}
-    kernels = sorted((e for e in events if e.get("ph") == "X" and e.get("pid") in gpu_pids), key=lambda e: e["ts"])
+    def run():
+        for fn in calls:
+            for i in range(iters):
+                out = fn(i)
+            jax.block_until_ready(out)
+
     total, owner = collections.Counter(), None
-    for e in kernels:
+    for e in gpu_kernels(run):
         if e["name"].startswith("quantized_matmul_"):
             owner = next((n for n in names if e["name"] == n), None) or next(
                 (n for n in names if e["name"].startswith(n + "_") or n.startswith(e["name"])), e["name"])
