@@ -46,20 +46,18 @@ def category(op_name: str) -> str:
 
 
 def idle_gaps(kernels: list[dict], steps: int, top: int) -> None:
-    """Prints where the device waits between the step's kernels: the idle time after each kernel (grouped by
-    that kernel's name) on its stream, and how the gaps are spread by length."""
+    """Prints where the device waits: the time in which no kernel runs on any stream, each gap charged to the
+    kernel that ended last before it, and how the gaps are spread by length."""
     after, spread = collections.Counter(), collections.Counter()
-    by_stream = collections.defaultdict(list)
-    for e in kernels:
-        by_stream[(e["pid"], e["tid"])].append(e)
     bins = ((5, "<5us"), (20, "5-20us"), (100, "20-100us"), (float("inf"), ">100us"))
-    for evs in by_stream.values():
-        evs.sort(key=lambda e: e["ts"])
-        for a, b in zip(evs, evs[1:]):
-            gap = b["ts"] - (a["ts"] + a["dur"])
-            if gap > 0:
-                after[a["name"]] += gap
-                spread[next(label for lim, label in bins if gap < lim)] += gap
+    busy_until, last = None, None
+    for e in sorted(kernels, key=lambda e: e["ts"]):
+        if busy_until is not None and e["ts"] > busy_until:
+            gap = e["ts"] - busy_until
+            after[last] += gap
+            spread[next(label for lim, label in bins if gap < lim)] += gap
+        if busy_until is None or e["ts"] + e["dur"] >= busy_until:
+            busy_until, last = e["ts"] + e["dur"], e["name"]
     print(f"device idle between kernels: {sum(after.values()) / steps / 1e3:.2f} ms/step; by gap length: "
           + ", ".join(f"{label} {spread[label] / steps / 1e3:.2f}" for _, label in bins))
     for name, gap in after.most_common(top):

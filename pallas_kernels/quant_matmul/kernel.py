@@ -260,7 +260,8 @@ def _mma_kernel(
         acc, xsum = carry
         k0 = s * block_k
         k_ok = t.k_ok(k0)
-        x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)], _and(row_ok, None if k_ok is None else k_ok[None, :]))
+        x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)],
+                  _and(row_ok, None if k_ok is None else k_ok[None, :]))
         q, mask = t.weights(v_ref, k0)
         w = _zero_undefined(mma_values(q, fmt, dtype), fmt, mask)
         parts = tuple(jnp.dot(x, h, precision=prec, preferred_element_type=jnp.float32) for h in w)
@@ -344,7 +345,7 @@ def quantized_matmul_triton(
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
                                                                     num_stages=bs.num_stages),
         name=(f"quantized_matmul_{fmt}_{bs.path}_m{bs.block_m}n{bs.block_n}k{bs.block_k}u{bs.unroll}"
-              f"w{bs.num_warps}s{bs.num_stages}p{int(bs.prefetch)}x{splits}"),  # every size: profiles tell the variants apart
+              f"w{bs.num_warps}s{bs.num_stages}p{int(bs.prefetch)}x{splits}"),  # profiles tell variants apart
     )(*operands)
     if splits > 1:
         out = out.sum(axis=0)

@@ -22,7 +22,8 @@ class QuantMatmulBlockSizes:
     per inner step (>= 16; with groups, a divisor of group_size, so that one step lies in one group). All three
     powers of two. unroll ("fma", per-channel scales only): steps per loop iteration (with groups, a group's
     steps); prefetch ("fma"): load the next iteration's tiles before this one's FMAs (correct in interpret mode
-    and compiled for sm_90, not yet timed on a GPU: the table leaves it off). num_warps, num_stages: Triton launch options (stages pipeline the "mma" path's weight loads).
+    and compiled for sm_90, not yet timed on a GPU: the table leaves it off). num_warps, num_stages: Triton
+    launch options (stages pipeline the "mma" path's weight loads).
     split_k: programs that share one output block, each reading a contiguous share of K and writing a float32
     partial that the wrapper sums (1: no partials, the output written in x's dtype)."""
 

@@ -120,7 +120,8 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
 class EarlyExitDrafter:
     layers: int  # the target's leading layers that draft
 
-    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
+    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int,
+                matmul: MatmulFn = qeinsum):
         attention = make_paged_attention(1, backend)
 
         def forward(tokens, positions, meta, kv):
@@ -160,7 +161,8 @@ class DraftModelDrafter:
 
 @dataclasses.dataclass(frozen=True)
 class UniformDrafter:
-    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
+    def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int,
+                matmul: MatmulFn = qeinsum):
         R, V = d.first.shape[0], config.vocab_size
         keys = substream(d.keys, DRAFT_STREAM).reshape(-1)
         drafts = jax.vmap(lambda key: jax.random.randint(key, (), 0, V))(keys).reshape(R, k).astype(jnp.int32)
