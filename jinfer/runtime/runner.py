@@ -152,7 +152,10 @@ class Runner:
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
-        self.matmul = model_matmul(jax.devices()[0].platform, 1 if self.mesh is None else self.mesh.size)
+        platform = jax.devices()[0].platform
+        self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
+        # The GPU reads each runtime branch's predicate on the host (a round trip); the CPU and TPU do not.
+        self.plain_loops = platform == "gpu"
         kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
 
         def make_state():
@@ -256,7 +259,8 @@ class Runner:
             if follows:
                 kw.update(drafter=self.drafter, draft=draft, draft_meta=draft_meta)
             if shape.decode:
-                step = decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps, **kw)
+                step = decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps,
+                                    plain_loops=self.plain_loops, **kw)
             else:
                 step = prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, **kw)
         kv, state, out, draft = step

@@ -54,10 +54,11 @@ def sample(
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
     # An all-greedy batch skips the vocabulary sort entirely (a runtime branch, not a recompile).
     return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
-                        lambda: _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
+                        lambda: sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
 
 
-def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
+def sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
+    """Each row with temperature > 0 draws from its `sampling_logits`; the others take `greedy` (i32[B])."""
     choice = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, temperature, top_k, top_p, min_p))
     return jnp.where(temperature > 0, choice.astype(jnp.int32), greedy)
 

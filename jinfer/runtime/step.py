@@ -16,6 +16,7 @@ vocabulary cuts when every row is greedy).
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -26,7 +27,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import qeinsum
-from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
+from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, sample_random, step_keys
 
 
 @jax.tree_util.register_dataclass
@@ -80,12 +81,24 @@ def count_tokens(state: SlotState, slots, tokens, counted, is_output) -> SlotSta
 
 @jax.named_scope("sampling")  # benchmarks/step_profile.py sorts the step's time by these scopes
 def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties, masked,
-          config: ModelConfig, max_logprobs: int):
+          config: ModelConfig, max_logprobs: int, plain: str | None = None):
     """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs)). `penalties`,
-    `masked`: bool[] whether any row uses penalties, a token mask (computed once per step function)."""
+    `masked`: bool[] whether any row uses penalties, a token mask (computed once per step function). `plain`
+    ("greedy" or "sampled"): the caller knows that no row uses a logit processor or asks for logprobs, and
+    whether every row is greedy, so no runtime branch is needed (each costs the GPU a host round trip)."""
     R = h.shape[0]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
+
+    def none():
+        return jnp.zeros(R), jnp.zeros((R, max_logprobs), jnp.int32), jnp.zeros((R, max_logprobs))
+
+    if plain is not None:
+        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+        if plain == "greedy":
+            return greedy, none()
+        keys = step_keys(sp.seed, gen_index)
+        return sample_random(logits, sp.temperature, sp.top_k, sp.top_p, keys, sp.min_p, greedy), none()
     logits_p = _processed(logits, state, rows, sp, gen_index, penalties, masked)
     new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
 
@@ -93,9 +106,6 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
         lp = jax.nn.log_softmax(logits, axis=-1)
         top_lp, top_ids = jax.lax.top_k(lp, max_logprobs)
         return jnp.take_along_axis(lp, new[:, None], axis=-1)[:, 0], top_ids, top_lp
-
-    def none():
-        return jnp.zeros(R), jnp.zeros((R, max_logprobs), jnp.int32), jnp.zeros((R, max_logprobs))
 
     if not max_logprobs:
         return new, none()
@@ -194,12 +204,22 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt), draft
 
 
+# Steps a plain decode loop runs between two reads of its condition (a GPU while loop reads it on the host, a
+# round trip each; a loop of a fixed count reads nothing). Past a block's end the extra steps compute for no
+# row: at most this many minus one, only when every row stops on a stop token before its step count.
+PLAIN_SYNC_EVERY = 4
+
+
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, max_steps: int, max_logprobs: int, drafter=None, draft=None,
-                 draft_meta=None, matmul: MatmulFn = qeinsum):
+                 draft_meta=None, matmul: MatmulFn = qeinsum, plain_loops: bool = False):
     """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
     `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs. A
     draft model writes its K/V of each fed token (as in `prefill_step`).
+
+    `plain_loops` (for the GPU, where every runtime branch is a host round trip): a block in which no row uses
+    a logit processor (bias, min_tokens, penalties, token mask) or asks for logprobs runs a loop without
+    branches, greedy or sampled, chosen once per block; the other blocks run the general loop.
     -> (kv, state, StepResult with N = max_steps, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     R = rows.slot.shape[0]
@@ -212,14 +232,15 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                        *no_prompt_logprobs(R, max_logprobs))  # a decode block feeds no prompt token
 
     def running(i, stopped):
-        return (i < rows.num_steps) & ~stopped
+        return (i < rows.num_steps) & (i < max_steps) & ~stopped
 
-    def body(carry):
+    def body(carry, plain):
         i, kv, state, feed, stopped, out, draft = carry
         active = running(i, stopped)
-        is_output = tok.is_output | (i > 0)
-        state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output),
-                             lambda s: s, state)
+        if plain is None:
+            is_output = tok.is_output | (i > 0)
+            state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output),
+                                 lambda s: s, state)
         # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
         kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
@@ -231,19 +252,38 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                                    rows.draft_live, 1)
         # A row with a grammar runs one step (its mask is its first step's): later steps skip the mask.
         new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties,
-                                           masked & (i == 0), config,
-                                           max_logprobs)
+                                           masked & (i == 0), config, max_logprobs, plain=plain)
         state = keep_sampled(state, rows, new, active & rows.sample)
         stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
-        out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new), logprob=out.logprob.at[i].set(lp),
-                                  top_ids=out.top_ids.at[i].set(top_ids),
-                                  top_logprobs=out.top_logprobs.at[i].set(top_lp))
+        # A plain loop's steps past max_steps write nowhere.
+        out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new, mode="drop"),
+                                  logprob=out.logprob.at[i].set(lp, mode="drop"),
+                                  top_ids=out.top_ids.at[i].set(top_ids, mode="drop"),
+                                  top_logprobs=out.top_logprobs.at[i].set(top_lp, mode="drop"))
         return i + 1, kv, state, new, stopped, out, draft
 
     def more(carry):
         i, _, _, _, stopped, _, _ = carry
         return (i < max_steps) & jnp.any(running(i, stopped))
 
-    _, kv, state, _, _, out, draft = jax.lax.while_loop(
-        more, body, (jnp.int32(0), kv, state, first, jnp.zeros(R, bool), empty, draft))
+    def loop(plain):
+        if plain is None:
+            step = functools.partial(body, plain=None)
+        else:
+            every = min(PLAIN_SYNC_EVERY, max_steps)
+
+            def step(carry):
+                return jax.lax.fori_loop(0, every, lambda _, c: body(c, plain), carry)
+
+        return lambda carry: jax.lax.while_loop(more, step, carry)
+
+    init = (jnp.int32(0), kv, state, first, jnp.zeros(R, bool), empty, draft)
+    if plain_loops:
+        plain = ~(penalties | jnp.any(sp.has_logit_bias) | jnp.any(rows.gen_index < sp.min_tokens) | masked
+                  | jnp.any(sp.logprobs))
+        which = jnp.where(plain, jnp.where(jnp.all(sp.temperature <= 0), 1, 2), 0)
+        carry = jax.lax.switch(which, [loop(None), loop("greedy"), loop("sampled")], init)
+    else:
+        carry = loop(None)(init)
+    _, kv, state, _, _, out, draft = carry
     return kv, state, out, draft

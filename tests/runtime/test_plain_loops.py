@@ -1,0 +1,107 @@
+"""The branch-free decode loops the GPU runs (`decode_block(plain_loops=True)`) against the general loop: the
+same tokens for greedy, seeded sampling, stop tokens inside a loop's fixed-count stretch, and blocks that need
+the general loop (logprobs, penalties, min_tokens) in the same batch; no compile after warm-up."""
+
+from __future__ import annotations
+
+import jax
+import pytest
+
+from jinfer.engine.config import EngineConfig
+from jinfer.inputs import SamplingParams
+from jinfer.runtime import step
+from jinfer.runtime.build import build_engine
+from jinfer.runtime.step import PLAIN_SYNC_EVERY
+from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
+from tests.engine.test_engine import run_workload
+
+
+def _engine(params, plain: bool):
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(8, 32), max_prefill_chunk=16,
+                       decode_steps=8)
+    eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
+    eng.runner.plain_loops = plain
+    eng.warmup()
+    return eng
+
+
+TAKEN: list[str] = []  # the plain loops' kinds, as their steps run (a debug callback fires only when its branch runs)
+
+
+@pytest.fixture(scope="module")
+def engines():
+    head = step._head
+
+    def recording_head(*args, plain=None, **kw):
+        if plain is not None:
+            jax.debug.callback(lambda: TAKEN.append(plain))
+        return head(*args, plain=plain, **kw)
+
+    params = tiny_params(3)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step, "_head", recording_head)
+        return _engine(params, False), _engine(params, True)
+
+
+@pytest.fixture(autouse=True)
+def taken():
+    TAKEN.clear()
+    return TAKEN
+
+
+def _tokens(eng, arrivals):
+    return [o.token_ids for o in run_workload(eng, arrivals).values()]
+
+
+def _logprobs(eng, arrivals):
+    return [[(lp.token_id, round(lp.logprob, 4)) for lp in o.logprobs or []]
+            for o in run_workload(eng, arrivals).values()]
+
+
+PROMPTS = [[5, 9, 5, 17, 33], [1, 2, 3], [40, 41, 42, 43, 44, 45, 46], [7]]
+
+
+def test_greedy_and_sampled_blocks_match_the_general_loop(engines, taken):
+    general, plain = engines
+    for kind, sp in zip(["greedy", "sampled"],  (SamplingParams(max_tokens=21, temperature=0, ignore_eos=True),
+               SamplingParams(max_tokens=19, temperature=0.9, top_k=20, top_p=0.8, seed=7, ignore_eos=True))):
+        arrivals = [(i, p, sp) for i, p in enumerate(PROMPTS)]
+        assert _tokens(plain, arrivals) == _tokens(general, arrivals)
+        assert set(taken) == {kind}
+        taken.clear()
+
+
+def test_a_stop_token_inside_a_fixed_stretch_ends_the_row_there(engines):
+    general, plain = engines
+    assert PLAIN_SYNC_EVERY > 1
+    free = _tokens(general, [(0, PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))])[0]
+    # Stop on the first token that first appears after the prefill step, a step that is not a stretch's first.
+    at = next(i for i, t in enumerate(free) if i >= 2 and i % PLAIN_SYNC_EVERY != 1 and t not in free[:i])
+    sp = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[at]])
+    for eng in engines:
+        out = _tokens(eng, [(0, PROMPTS[0], sp), (0, PROMPTS[1], SamplingParams(max_tokens=5, ignore_eos=True,
+                                                                                  temperature=0))])
+        assert out[0] == free[:at + 1]
+    assert _tokens(plain, [(0, PROMPTS[2], sp)]) == _tokens(general, [(0, PROMPTS[2], sp)])
+
+
+@pytest.mark.parametrize("sp", [
+    SamplingParams(max_tokens=12, temperature=0, logprobs=2, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0, repetition_penalty=1.5, ignore_eos=True),
+    SamplingParams(max_tokens=12, temperature=0.7, seed=3, min_tokens=12),
+    SamplingParams(max_tokens=12, temperature=0, logit_bias={3: 5.0}, ignore_eos=True),
+], ids=["logprobs", "penalty", "min_tokens", "logit_bias"])
+def test_blocks_needing_the_general_loop_take_it(engines, taken, sp):
+    general, plain = engines
+    greedy = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    arrivals = [(0, PROMPTS[0], sp), (0, PROMPTS[3], greedy)]
+    assert _tokens(plain, arrivals) == _tokens(general, arrivals)
+    assert _logprobs(plain, arrivals) == _logprobs(general, arrivals)
+    assert not taken
+
+
+def test_no_compile_after_warmup(engines):
+    _, plain = engines
+    before = plain.runner.num_compilations
+    _tokens(plain, [(0, PROMPTS[0], SamplingParams(max_tokens=9, temperature=0.5, seed=1, ignore_eos=True))])
+    assert plain.runner.num_compilations == before
