@@ -11,7 +11,8 @@ Params (layers stacked on a leading axis L, run with `lax.scan` so compile time 
     lm_head     [D, V]        (absent when config.tie_word_embeddings)
 
 `param_axes` gives the logical axis names of every leaf; the sharding table maps them to mesh axes.
-`forward` also takes `layers` as a tuple of L per-layer dicts of the same leaves without the L axis
+`fuse_projections` concatenates the products that share an input (wqkv, w_gate_up), the engine's form on one
+GPU. `forward` also takes `layers` as a tuple of L per-layer dicts of the same leaves without the L axis
 (`unstack_layers`), the engine's form on the CPU, where a scanned slice of a stacked weight is a copy.
 The KV cache goes in and comes back out of `forward`; how it is laid out and read is the business of the
 attention backend passed in (`jinfer.models.attention`).
@@ -75,7 +76,31 @@ _LAYER_AXES = {
 
 # The matmul weights of a layer and how many of their leading axes (after L) the matmul contracts: what a
 # quantized format groups and scales over (jinfer.quant).
-MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
+MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1,
+                     "wqkv": 1, "w_gate_up": 1}
+
+# Weights that read the same input, concatenated on their output axis by `fuse_projections`.
+FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+
+
+def fuse_projections(params: Params) -> Params:
+    """The same model with wq, wk, wv as one `wqkv` [L, D, N + 2K, H] and w_gate, w_up as one `w_gate_up`
+    [L, D, 2F] (stacked or per-layer), which `forward` reads as one product each.
+
+    Why (the H200, Llama-3.1-8B shape, batch-1 decode; benchmarks/RESULTS.md): every product is a kernel
+    launch and a small K or V product reads well below the device's bandwidth, so five GEMVs a layer become
+    two. Only float weights are fused (a quantized leaf keeps its file's blocks), and only where the model
+    is not sharded: a fused output axis would no longer split by head over a mesh."""
+    def fuse(d: dict) -> dict:
+        out = dict(d)
+        for name, parts in FUSED.items():
+            if all(p in d and not is_qtensor(d[p]) for p in parts):
+                axis = -2 if name == "wqkv" else -1  # the heads axis, the F axis
+                out[name] = jnp.concatenate([out.pop(p) for p in parts], axis=axis)
+        return out
+
+    layers = params["layers"]
+    return {**params, "layers": fuse(layers) if isinstance(layers, dict) else tuple(map(fuse, layers))}
 
 
 def param_axes(config: ModelConfig) -> dict:
@@ -173,9 +198,13 @@ def forward(
 
 
 def _qkv(c: ModelConfig, matmul: MatmulFn, w, h):
-    q = matmul("BTD,DNH->BTNH", h, w["wq"])
-    k = matmul("BTD,DKH->BTKH", h, w["wk"])
-    v = matmul("BTD,DKH->BTKH", h, w["wv"])
+    if "wqkv" in w:
+        qkv = matmul("BTD,DNH->BTNH", h, w["wqkv"])
+        q, k, v = jnp.split(qkv, [c.num_heads, c.num_heads + c.num_kv_heads], axis=2)
+    else:
+        q = matmul("BTD,DNH->BTNH", h, w["wq"])
+        k = matmul("BTD,DKH->BTKH", h, w["wk"])
+        v = matmul("BTD,DKH->BTKH", h, w["wv"])
     if c.attention_bias:
         q, k, v = q + w["bq"], k + w["bk"], v + w["bv"]
     return q, k, v
@@ -186,8 +215,11 @@ def _out(matmul: MatmulFn, w, attn):
 
 
 def _mlp(matmul: MatmulFn, w, h):
-    gate = matmul("BTD,DF->BTF", h, w["w_gate"])
-    up = matmul("BTD,DF->BTF", h, w["w_up"])
+    if "w_gate_up" in w:
+        gate, up = jnp.split(matmul("BTD,DF->BTF", h, w["w_gate_up"]), 2, axis=-1)
+    else:
+        gate = matmul("BTD,DF->BTF", h, w["w_gate"])
+        up = matmul("BTD,DF->BTF", h, w["w_up"])
     return matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
 
 

@@ -138,6 +138,9 @@ class Runner:
         # shardings jit propagates through the step.
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
+        platform = jax.devices()[0].platform
+        if self.mesh is None and platform == "gpu":  # five products a layer become two (fuse_projections)
+            params = llama.fuse_projections(params)
         if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
             # From the checkpoint's own precision, before any cast.
             params = quantize_params(params, llama.MATMUL_INPUT_AXES, engine_config.quantization,
@@ -152,7 +155,6 @@ class Runner:
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
-        platform = jax.devices()[0].platform
         self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
         # The GPU reads each runtime branch's predicate on the host (a round trip); the CPU and TPU do not.
         self.plain_loops = platform == "gpu"

@@ -4,13 +4,18 @@ Measured on the H100 (jax 0.11.2, Llama-3.1-8B shape, bf16, batch-1 decode step)
 the layer scan copies every layer's weights out of the stacked arrays before its Triton GEMMs
 (17.2 ms a step); letting cuBLAS read the slices in place (dynamic-slice fusion, cuBLAS GEMMs)
 takes it to 10.2 ms. See benchmarks/RESULTS.md.
+
+On the H200 (jax 0.11.2, same shape, batch-1 decode blocks of 32): recording the layer loop's kernels,
+cuBLAS calls on weight slices included, as CUDA graphs (command buffers with DYNAMIC_SLICE_FUSION and
+WHILE) took 193 tok/s to 202; WHILE without DYNAMIC_SLICE_FUSION splits the graphs at every product (189).
 """
 
 from __future__ import annotations
 
 import os
 
-GPU_FLAGS = ("--xla_gpu_enable_dynamic_slice_fusion=true", "--xla_gpu_enable_triton_gemm=false")
+GPU_FLAGS = ("--xla_gpu_enable_dynamic_slice_fusion=true", "--xla_gpu_enable_triton_gemm=false",
+             "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,WHILE")
 
 
 def apply_gpu_flags() -> None:
