@@ -29,7 +29,8 @@ from jinfer.kernels.paged_attention.query_layout import query_blocks
 SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
     (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),
     (8, 32768): ((2, 4, 8), (64, 128), (4,)),
-    (64, 4096): ((1, 2), (64, 128, 256), (4,)),
+    (64, 4096): ((1, 2, 4), (64, 128, 256), (4, 8)),
+    (128, 2048): ((1, 2), (64, 128, 256), (4, 8)),  # the 128-request throughput workload's decode
 }
 
 

@@ -27,6 +27,7 @@ import time
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # the flags the CLI applies; =1 profiles XLA's own defaults
@@ -75,6 +76,9 @@ def main():
     ap.add_argument("--shape", default="smollm2-135m")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--workload", default="decode_b1", choices=sorted(WORKLOADS))
+    ap.add_argument("--requests", type=int, nargs=3, metavar=("N", "PROMPT", "NEW"), default=None,
+                    help="a workload of N random prompts of PROMPT tokens, NEW tokens each, instead of --workload")
+    ap.add_argument("--max-slots", type=int, default=None, help="EngineConfig.max_slots (default: platform's)")
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all, "
                                                        "and the N after which the device idled longest")
@@ -99,12 +103,15 @@ def main():
 
         spec = SpeculativeConfig.from_dict(json.loads(args.speculative_config)).resolve(jax.default_backend())
     engine = make_engine(config, params, tokenizer, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps,
-                                                            speculative=spec))
+                                                            max_slots=args.max_slots, speculative=spec))
     engine.warmup()
-    n, _, new = WORKLOADS[args.workload]
+    n, _, new = args.requests or WORKLOADS[args.workload]
     sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=not args.grounded)
 
     def prompts(i):
+        if args.requests:
+            rng = np.random.default_rng(i)
+            return [list(map(int, rng.integers(100, config.vocab_size, args.requests[1]))) for _ in range(n)]
         if not args.grounded:
             return prompts_for(args.workload, i, config.vocab_size)
         from benchmarks.spec_speed import grounded_prompts
@@ -151,7 +158,7 @@ def main():
     device = sum(total[k] for k in ("model", "attention", "lm_head", "sampling"))
     host = total["engine.step"] - total["fetch"] - total["dispatch"]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.model or args.shape} {args.dtype}; "
-          f"workload {args.workload} ({n} x {new} new tokens): {wall:.2f} s wall, {steps} engine steps, "
+          f"workload {'custom' if args.requests else args.workload} ({n} x {new} new tokens): {wall:.2f} s wall, {steps} engine steps, "
           f"decode_steps={engine.config.decode_steps}")
     print(f"{'per step (ms)':<14}" + "".join(f"{k:>11}" for k in
                                               ("host", "dispatch", "model", "attention", "lm_head", "sampling", "wall")))

@@ -181,3 +181,15 @@ class StepPlan:
     @property
     def wants_prompt_logprobs(self) -> bool:
         return bool((self.tokens.next_id >= 0).any())
+
+    @property
+    def plain_sampler(self) -> str | None:
+        """"greedy" (every row) or "sampled" when no row of the step uses a logit processor (bias, min_tokens,
+        penalties, a token mask) or asks for logprobs: the device may then run a step without runtime
+        branches (`jinfer.runtime.step`); None when some row does."""
+        s, r = self.sampling, self.rows
+        if (self.wants_logprobs or self.wants_prompt_logprobs or s.has_logit_bias.any() or (r.token_mask != -1).any()
+                or (r.gen_index < s.min_tokens).any() or (s.repetition_penalty != 1).any()
+                or (s.presence_penalty != 0).any() or (s.frequency_penalty != 0).any()):
+            return None
+        return "greedy" if (s.temperature <= 0).all() else "sampled"

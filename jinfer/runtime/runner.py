@@ -10,7 +10,8 @@ ring-attention prefill) into a request's pages before its first step.
 The compiled set (`all_shapes`), named by `StepShape`: one decode block per EngineConfig.decode_buckets entry
 (R rows, one token each, up to decode_steps steps), one prefill step per token_buckets entry (T tokens,
 max_slots rows, chunks of up to min(T, max_prefill_chunk) tokens) and, with speculative decoding, one verify
-step per decode bucket (R rows of k + 1 tokens; `jinfer.runtime.spec.verify`). `warmup()` compiles all of them, and
+step per decode bucket (R rows of k + 1 tokens; `jinfer.runtime.spec.verify`); on the GPU, each decode and
+prefill shape also as a greedy and a sampled step without runtime branches (`StepShape.plain`). `warmup()` compiles all of them, and
 `num_compilations` counts traces so a test can prove serving never compiles again.
 """
 
@@ -54,13 +55,16 @@ for _cls in (TokenInputs, RowInputs, SamplingInputs, StepInputs):
 class StepShape(NamedTuple):
     """One compiled step: `decode` block of `rows` rows (tokens == rows, width 1), a prefill step of
     `tokens` tokens over `rows` = max_slots rows with chunks of up to `width` tokens, or a `verify` step of
-    `rows` rows of up to `width` = k + 1 tokens (tokens = rows x width)."""
+    `rows` rows of up to `width` = k + 1 tokens (tokens = rows x width). On the GPU the decode and prefill
+    shapes come in three: the general step, and a `plain` greedy and sampled one for the steps that need no
+    logit processor or logprobs."""
 
     decode: bool
     tokens: int
     rows: int
     width: int
     verify: bool = False
+    plain: str | None = None  # "greedy" / "sampled": the step without runtime branches (StepPlan.plain_sampler)
 
 
 @dataclasses.dataclass
@@ -156,7 +160,8 @@ class Runner:
         c, S = model_config, engine_config.max_slots
         self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
         self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
-        # The GPU reads each runtime branch's predicate on the host (a round trip); the CPU and TPU do not.
+        # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
+        # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.
         self.plain_loops = platform == "gpu"
         kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
 
@@ -227,16 +232,19 @@ class Runner:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
             W = cfg.speculative.num_speculative_tokens + 1
             return StepShape(False, rows * W, rows, W, verify=True)
+        plain = plan.plain_sampler if self.plain_loops else None
         if plan.decode:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
-            return StepShape(True, rows, rows, 1)
+            return StepShape(True, rows, rows, 1, plain=plain)
         tokens = _bucket(plan.num_tokens, cfg.token_buckets, "tokens of a step", "token_buckets")
-        return StepShape(False, tokens, cfg.max_slots, min(tokens, cfg.max_prefill_chunk))
+        return StepShape(False, tokens, cfg.max_slots, min(tokens, cfg.max_prefill_chunk), plain=plain)
 
     def all_shapes(self) -> list[StepShape]:
         cfg = self.config
         shapes = ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
                   + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
+        if self.plain_loops:
+            shapes += [s._replace(plain=p) for p in ("greedy", "sampled") for s in list(shapes)]
         if cfg.speculative is not None:
             W = cfg.speculative.num_speculative_tokens + 1
             shapes += [StepShape(False, r * W, r, W, verify=True) for r in cfg.decode_buckets]
@@ -262,9 +270,9 @@ class Runner:
                 kw.update(drafter=self.drafter, draft=draft, draft_meta=draft_meta)
             if shape.decode:
                 step = decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps,
-                                    plain_loops=self.plain_loops, **kw)
+                                    plain=shape.plain, **kw)
             else:
-                step = prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, **kw)
+                step = prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, plain=shape.plain, **kw)
         kv, state, out, draft = step
         return kv, state, None if draft is None else draft.kv, out
 

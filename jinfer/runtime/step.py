@@ -154,11 +154,14 @@ def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int)
     return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: no_prompt_logprobs(T, max_logprobs))
 
 
-def _advance_draft(drafter, draft, tokens, positions, meta: PagedMeta, draft_meta, token_row, live, width: int):
-    """The draft's K/V of the step's tokens of the rows it still follows (`live`: bool[R]); nothing at all (a
-    runtime branch) when it follows none of them."""
+def _advance_draft(drafter, draft, tokens, positions, meta: PagedMeta, draft_meta, token_row, live, width: int,
+                   branch: bool = True):
+    """The draft's K/V of the step's tokens of the rows it still follows (`live`: bool[R]); with `branch`,
+    nothing at all (a runtime branch) when it follows none of them."""
     follow = meta.token_valid & live[token_row]
     draft_layout = dataclasses.replace(meta, token_valid=follow, backend=draft_meta)
+    if not branch:
+        return drafter.advance(draft, tokens, positions, draft_layout, width)
     return jax.lax.cond(jnp.any(follow), lambda d: drafter.advance(d, tokens, positions, draft_layout, width),
                         lambda d: d, draft)
 
@@ -171,10 +174,12 @@ def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
 
 def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, width: int, max_logprobs: int, drafter=None, draft=None, draft_meta=None,
-                 matmul: MatmulFn = qeinsum):
+                 matmul: MatmulFn = qeinsum, plain: str | None = None):
     """One forward over T tokens of R rows (chunks of at most `width` tokens each); each sampling row samples
     one token after its last. A draft model (`drafter`, its state `draft`, its backend's metadata of this
-    layout `draft_meta`) writes its own K/V of the same tokens. -> (kv, state, StepResult with N = 1, draft)."""
+    layout `draft_meta`) writes its own K/V of the same tokens. `plain`: the plan's `plain_sampler` when the
+    runner compiled a step without runtime branches for it (see `decode_block`).
+    -> (kv, state, StepResult with N = 1, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     S = state.last_sampled.shape[0]
     token_slot = rows.slot[tok.row]
@@ -187,39 +192,38 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                                     prompt_mask=state.prompt_mask.at[reset].set(False, mode="drop"))
         return count_tokens(state, token_slot, tokens, tok.valid, tok.is_output)
 
-    state = jax.lax.cond(penalties, count, lambda s: s, state)
+    if plain is None:
+        state = jax.lax.cond(penalties, count, lambda s: s, state)
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
                      query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
                           attention=make_paged_attention(width, backend), matmul=matmul)
     if drafter is not None:
         draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
-                               width)
+                               width, branch=plain is None)
     last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
     new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties,
-                                       jnp.any(rows.token_mask != -1), config,
-                                       max_logprobs)
+                                       jnp.any(rows.token_mask != -1), config, max_logprobs, plain=plain)
     state = keep_sampled(state, rows, new, rows.sample)
-    prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
+    if plain is None:
+        prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
+    else:
+        prompt = no_prompt_logprobs(tok.ids.shape[0], max_logprobs)
     return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt), draft
-
-
-# Steps a plain decode loop runs between two reads of its condition (a GPU while loop reads it on the host, a
-# round trip each; a loop of a fixed count reads nothing). Past a block's end the extra steps compute for no
-# row: at most this many minus one, only when every row stops on a stop token before its step count.
-PLAIN_SYNC_EVERY = 4
 
 
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, max_steps: int, max_logprobs: int, drafter=None, draft=None,
-                 draft_meta=None, matmul: MatmulFn = qeinsum, plain_loops: bool = False):
+                 draft_meta=None, matmul: MatmulFn = qeinsum, plain: str | None = None):
     """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
     `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs. A
     draft model writes its K/V of each fed token (as in `prefill_step`).
 
-    `plain_loops` (for the GPU, where every runtime branch is a host round trip): a block in which no row uses
-    a logit processor (bias, min_tokens, penalties, token mask) or asks for logprobs runs a loop without
-    branches, greedy or sampled, chosen once per block; the other blocks run the general loop.
+    `plain` ("greedy" or "sampled", the plan's `plain_sampler`; the GPU's runner): no row uses a logit
+    processor or asks for logprobs, so the block needs no runtime branch, and it runs exactly `max_steps`
+    steps (rows past their end compute for nothing). On the GPU every runtime branch and every while
+    condition is a round trip to the host, which also holds the host inside the call until the block ends; a
+    block without any returns at once, so the host prepares the next step while this one runs.
     -> (kv, state, StepResult with N = max_steps, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     R = rows.slot.shape[0]
@@ -232,7 +236,7 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                        *no_prompt_logprobs(R, max_logprobs))  # a decode block feeds no prompt token
 
     def running(i, stopped):
-        return (i < rows.num_steps) & (i < max_steps) & ~stopped
+        return (i < rows.num_steps) & ~stopped
 
     def body(carry, plain):
         i, kv, state, feed, stopped, out, draft = carry
@@ -249,41 +253,25 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                               attention=attention, matmul=matmul)
         if drafter is not None:
             draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
-                                   rows.draft_live, 1)
+                                   rows.draft_live, 1, branch=plain is None)
         # A row with a grammar runs one step (its mask is its first step's): later steps skip the mask.
         new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties,
                                            masked & (i == 0), config, max_logprobs, plain=plain)
         state = keep_sampled(state, rows, new, active & rows.sample)
         stopped = stopped | (active & jnp.any(new[:, None] == rows.stop_ids, axis=-1))
-        # A plain loop's steps past max_steps write nowhere.
-        out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new, mode="drop"),
-                                  logprob=out.logprob.at[i].set(lp, mode="drop"),
-                                  top_ids=out.top_ids.at[i].set(top_ids, mode="drop"),
-                                  top_logprobs=out.top_logprobs.at[i].set(top_lp, mode="drop"))
+        out = dataclasses.replace(out, tokens=out.tokens.at[i].set(new), logprob=out.logprob.at[i].set(lp),
+                                  top_ids=out.top_ids.at[i].set(top_ids),
+                                  top_logprobs=out.top_logprobs.at[i].set(top_lp))
         return i + 1, kv, state, new, stopped, out, draft
 
     def more(carry):
         i, _, _, _, stopped, _, _ = carry
         return (i < max_steps) & jnp.any(running(i, stopped))
 
-    def loop(plain):
-        if plain is None:
-            step = functools.partial(body, plain=None)
-        else:
-            every = min(PLAIN_SYNC_EVERY, max_steps)
-
-            def step(carry):
-                return jax.lax.fori_loop(0, every, lambda _, c: body(c, plain), carry)
-
-        return lambda carry: jax.lax.while_loop(more, step, carry)
-
     init = (jnp.int32(0), kv, state, first, jnp.zeros(R, bool), empty, draft)
-    if plain_loops:
-        plain = ~(penalties | jnp.any(sp.has_logit_bias) | jnp.any(rows.gen_index < sp.min_tokens) | masked
-                  | jnp.any(sp.logprobs))
-        which = jnp.where(plain, jnp.where(jnp.all(sp.temperature <= 0), 1, 2), 0)
-        carry = jax.lax.switch(which, [loop(None), loop("greedy"), loop("sampled")], init)
+    if plain is None:
+        carry = jax.lax.while_loop(more, functools.partial(body, plain=None), init)
     else:
-        carry = loop(None)(init)
+        carry = jax.lax.fori_loop(0, max_steps, lambda _, c: body(c, plain), init)
     _, kv, state, _, _, out, draft = carry
     return kv, state, out, draft

@@ -195,7 +195,8 @@ def ragged_paged_attention_triton(
                    jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32)],
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
-        name="ragged_paged_attention",
+        # Named by its shape of work, so a profile tells decode blocks (many splits) from prefill chunks.
+        name=f"ragged_paged_attention_q{bq}_s{splits}",
     )(*scalars, q4, *flat)
 
     if splits > 1:  # merge the partial softmaxes of each token's row

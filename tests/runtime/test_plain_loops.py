@@ -1,6 +1,7 @@
-"""The branch-free decode loops the GPU runs (`decode_block(plain_loops=True)`) against the general loop: the
-same tokens for greedy, seeded sampling, stop tokens inside a loop's fixed-count stretch, and blocks that need
-the general loop (logprobs, penalties, min_tokens) in the same batch; no compile after warm-up."""
+"""The branch-free steps the GPU runs (`StepShape.plain`, chosen by the host from `StepPlan.plain_sampler`)
+against the general steps: the same tokens for greedy and seeded sampling, a stop token inside a block (whose
+plain loop runs its fixed count of steps), and steps that need the general path (logprobs, penalties,
+min_tokens, logit bias) beside plain rows; no compile after warm-up."""
 
 from __future__ import annotations
 
@@ -11,7 +12,6 @@ from jinfer.engine.config import EngineConfig
 from jinfer.inputs import SamplingParams
 from jinfer.runtime import step
 from jinfer.runtime.build import build_engine
-from jinfer.runtime.step import PLAIN_SYNC_EVERY
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 from tests.engine.test_engine import run_workload
 
@@ -71,12 +71,11 @@ def test_greedy_and_sampled_blocks_match_the_general_loop(engines, taken):
         taken.clear()
 
 
-def test_a_stop_token_inside_a_fixed_stretch_ends_the_row_there(engines):
+def test_a_stop_token_inside_a_block_ends_the_row_there(engines):
     general, plain = engines
-    assert PLAIN_SYNC_EVERY > 1
     free = _tokens(general, [(0, PROMPTS[0], SamplingParams(max_tokens=24, temperature=0, ignore_eos=True))])[0]
-    # Stop on the first token that first appears after the prefill step, a step that is not a stretch's first.
-    at = next(i for i, t in enumerate(free) if i >= 2 and i % PLAIN_SYNC_EVERY != 1 and t not in free[:i])
+    # Stop on a token that first appears inside the first decode block, not at its first or last step.
+    at = next(i for i, t in enumerate(free) if i >= 3 and t not in free[:i])
     sp = SamplingParams(max_tokens=24, temperature=0, stop_token_ids=[free[at]])
     for eng in engines:
         out = _tokens(eng, [(0, PROMPTS[0], sp), (0, PROMPTS[1], SamplingParams(max_tokens=5, ignore_eos=True,
