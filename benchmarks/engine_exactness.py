@@ -1,8 +1,11 @@
 """Engine vs the dense-cache reference loop, greedy, on random-weight models (run on any backend).
 
     python benchmarks/engine_exactness.py [--shape smollm2-135m] [--requests 24] [--pages 64]
+        [--quantization int8|int4|fp8] [--kv-cache-dtype int8|fp8]
 
-Prints how many requests' tokens match the reference exactly; float32 should give all of them.
+Prints how many requests' tokens match the reference exactly; float32 should give all of them. With quantized
+weights the reference runs the same quantized params (through XLA's dequantize-then-dot, where the engine on one
+GPU uses the Pallas kernel), with quantized KV it stores K/V as the quantized pages give them back.
 """
 
 from __future__ import annotations
@@ -36,12 +39,15 @@ def main():
     ap.add_argument("--requests", type=int, default=24)
     ap.add_argument("--pages", type=int, default=64, help="small enough to force preemption")
     ap.add_argument("--dtype", default="float32")
+    ap.add_argument("--quantization", default=None, help="weights: int8, int4, fp8 (round to nearest)")
+    ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     args = ap.parse_args()
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)
     ec = EngineConfig(max_slots=8, page_size=16, num_pages=args.pages, max_model_len=512, token_buckets=(16, 64, 256),
-                      max_prefill_chunk=64, dtype=args.dtype)
+                      max_prefill_chunk=64, dtype=args.dtype, quantization=args.quantization,
+                      kv_cache_dtype=args.kv_cache_dtype)
     eng = build_engine(config, params, None, ec, seed=0)
     eng.warmup()
     rng = np.random.default_rng(0)
@@ -60,10 +66,15 @@ def main():
                 outs[ev.request_id] = ev.output.token_ids
         step += 1
     t_eng = time.perf_counter() - t
-    want = reference.generate(params, config, prompts, sps)
+    if args.quantization:  # the engine quantized the same float params the same way
+        from jinfer.quant.params import quantize_params
+
+        params = quantize_params(params, llama.MATMUL_INPUT_AXES, args.quantization)
+    want = reference.generate(params, config, prompts, sps, kv_cache_dtype=args.kv_cache_dtype)
     same = sum(outs[ids[i]] == w.token_ids for i, w in enumerate(want))
     s = eng.scheduler
-    print(f"engine vs reference ({args.shape}, {args.dtype}, jax {jax.__version__} on {jax.devices()[0].platform}): "
+    fmt = f"{args.dtype}, weights {args.quantization or args.dtype}, KV {args.kv_cache_dtype or args.dtype}"
+    print(f"engine vs reference ({args.shape}, {fmt}, jax {jax.__version__} on {jax.devices()[0].platform}): "
           f"{same}/{len(prompts)} requests identical; {s.num_preemptions} preemptions, prefix hit rate "
           f"{eng.load().prefix_hit_rate:.0%}, {step} steps in {t_eng:.1f}s; compilations {eng.runner.num_compilations}"
           f" (shapes {len(eng.runner.all_shapes())}); pages back: {s.allocator.num_free + s.prefix_cache.num_evictable}"

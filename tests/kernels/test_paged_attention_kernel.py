@@ -4,6 +4,8 @@ Quantized pages (int8 / fp8 with a scale per token and head) too, their unused s
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -267,3 +269,12 @@ def test_the_public_function_picks_the_kernel_by_block_sizes():
     if not NATIVE:
         with pytest.raises(ValueError, match="cannot run natively on cpu"):
             ragged_paged_attention(*args, num_blocks=nb, block_sizes=BlockSizes(), interpret=False)
+
+
+def test_decode_tuning_is_keyed_by_device_kind():
+    from jinfer.kernels.paged_attention.tuning import gpu_block_sizes
+
+    h100, _ = gpu_block_sizes(8, 32, 64, 16, "NVIDIA H100 80GB HBM3")
+    h200, _ = gpu_block_sizes(8, 32, 64, 16, "NVIDIA H200")
+    assert (h100.num_stages, h200.num_stages) == (2, 1)
+    assert dataclasses.replace(h100, num_stages=1) == h200  # everything else stays the H100's rule
