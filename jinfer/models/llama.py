@@ -76,11 +76,12 @@ _LAYER_AXES = {
 
 # The matmul weights of a layer and how many of their leading axes (after L) the matmul contracts: what a
 # quantized format groups and scales over (jinfer.quant).
-MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1,
-                     "wqkv": 1, "w_gate_up": 1}
+MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
-# Weights that read the same input, concatenated on their output axis by `fuse_projections`.
+# Weights that read the same input, concatenated on their output axis by `fuse_projections`, and the
+# contracted axes of the fused weights (quantizing fused params takes MATMUL_INPUT_AXES | FUSED_INPUT_AXES).
 FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
+FUSED_INPUT_AXES = {"wqkv": 1, "w_gate_up": 1}
 
 
 def fuse_projections(params: Params) -> Params:

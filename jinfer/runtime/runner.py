@@ -147,7 +147,7 @@ class Runner:
             params = llama.fuse_projections(params)
         if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
             # From the checkpoint's own precision, before any cast.
-            params = quantize_params(params, llama.MATMUL_INPUT_AXES, engine_config.quantization,
+            params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, engine_config.quantization,
                                      engine_config.quantization_group_size)
         if self.mesh is None:
             self.params = cast_params(params, dtype)

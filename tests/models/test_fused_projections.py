@@ -56,7 +56,7 @@ def test_fused_forward_equals_the_unfused(bias, stacked):
 def test_quantized_after_fusing_equals_quantized_unfused(fmt, group):
     params = llama.init_params(TINY, jax.random.key(5))
     q = quantize_params(params, llama.MATMUL_INPUT_AXES, fmt, group)
-    qf = quantize_params(llama.fuse_projections(params), llama.MATMUL_INPUT_AXES, fmt, group)
+    qf = quantize_params(llama.fuse_projections(params), llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, fmt, group)
     assert is_qtensor(qf["layers"]["wqkv"]) and is_qtensor(qf["layers"]["w_gate_up"])
     want = _run(TINY, q, T=1)[0]
     np.testing.assert_allclose(_run(TINY, qf, T=1)[0], want, rtol=1e-5, atol=1e-5)
