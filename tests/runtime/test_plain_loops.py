@@ -17,8 +17,9 @@ from tests.engine.test_engine import run_workload
 
 
 def _engine(params, plain: bool):
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(8, 32), max_prefill_chunk=16,
-                       decode_steps=8)
+    # One bucket of each kind: the plain engine compiles each shape three times.
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(32,), decode_buckets=(4,),
+                       max_prefill_chunk=16, decode_steps=8)
     eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
     eng.runner.plain_loops = plain
     eng.warmup()

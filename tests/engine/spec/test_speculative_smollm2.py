@@ -1,6 +1,6 @@
 """Speculative decoding on the real model: with each proposer, greedy output equals non-speculative greedy output
 (the dense reference loop, itself checked against transformers in tests/models/test_model_parity.py) token for
-token on the model-parity prompt set, request by request and all at once."""
+token on the model-parity prompt set, all at once and (every fourth prompt) request by request."""
 
 from __future__ import annotations
 
@@ -68,10 +68,15 @@ def test_greedy_with_speculation_equals_greedy_without(smollm2, prompts, want, m
                     done[ev.request_id] = ev.output
         return [done[i] for i in ids]
 
-    one_by_one = [run([p])[0] for p in prompts]
+    # Alone: every fourth prompt, the chat one among them (each alone is a batch-1 run of the same code; the suite's
+    # time goes mostly to these).
+    alone = range(0, len(prompts), 4)
+    one_by_one = {i: run([prompts[i]])[0] for i in alone}
     together = run(prompts)
+    assert len(prompts) - 1 in one_by_one
     for i, w in enumerate(want):
-        assert one_by_one[i].token_ids == w, f"prompt {i} alone"
+        if i in one_by_one:
+            assert one_by_one[i].token_ids == w, f"prompt {i} alone"
         assert together[i].token_ids == w, f"prompt {i} in the batch"
     assert sum(o.metrics.spec_verify_steps for o in together) > 0
-    print(f"{method}: acceptance {[round(o.metrics.spec_acceptance_rate or 0, 2) for o in one_by_one]}")
+    print(f"{method}: acceptance {[round(o.metrics.spec_acceptance_rate or 0, 2) for o in one_by_one.values()]}")
