@@ -10,7 +10,9 @@ are paid once per block.
 Work a step does not need costs nothing: the penalty state is counted and applied, and logprobs computed
 (the prompt's: the logits of every token of the step), under runtime conditionals on whether any row (token)
 of the step asks for them (one compiled function serves every mix of requests; the sampler itself skips its
-vocabulary cuts when every row is greedy).
+vocabulary cuts when every row is greedy). On the GPU such a conditional is a round trip to the host, so the
+runner also compiles each step `plain` (greedy or sampled): for the steps in which the host saw that no row
+needs any of it, with no conditional at all and a decode loop of a fixed count.
 """
 
 from __future__ import annotations
