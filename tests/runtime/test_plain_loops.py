@@ -105,3 +105,37 @@ def test_no_compile_after_warmup(engines):
     before = plain.runner.num_compilations
     _tokens(plain, [(0, PROMPTS[0], SamplingParams(max_tokens=9, temperature=0.5, seed=1, ignore_eos=True))])
     assert plain.runner.num_compilations == before
+
+
+def test_plain_steps_beside_a_draft_model_keep_greedy_exact(taken):
+    """A draft model advances without its runtime branch in plain steps: greedy output still equals the dense
+    reference while requests speculate (alone) and decode plainly (three at once, over the batch limit)."""
+    from jinfer.engine.spec.config import SpeculativeConfig
+    from jinfer.runtime import reference
+    from tests.engine.spec.test_speculative_engine import first_layers
+
+    params = tiny_params(5)
+    spec = SpeculativeConfig(method="draft", model="first layer", num_speculative_tokens=3, disable_by_batch_size=1,
+                             verify_step_cost=0.0, verify_token_cost=0.0, draft_cost=0.0)
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=60, token_buckets=(32,), decode_buckets=(4,),
+                       max_prefill_chunk=16, decode_steps=4, speculative=spec)
+    head = step._head
+
+    def recording_head(*args, plain=None, **kw):
+        if plain is not None:
+            jax.debug.callback(lambda: TAKEN.append(plain))
+        return head(*args, plain=plain, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(step, "_head", recording_head)
+        eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0, draft_model=first_layers(params, TINY, 1))
+        eng.runner.plain_loops = True
+        eng.warmup()
+    taken.clear()
+    sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
+    short = SamplingParams(max_tokens=6, temperature=0, ignore_eos=True)
+    arrivals = [(0, PROMPTS[0], sp), (12, PROMPTS[1], sp), (12, PROMPTS[2], short)]
+    outs = list(run_workload(eng, arrivals).values())
+    want = reference.generate(params, TINY, [p for _, p, _ in arrivals], [sp, sp, short])
+    assert [o.token_ids for o in outs] == [w.token_ids for w in want]
+    assert outs[0].metrics.spec_verify_steps > 0 and "greedy" in taken
