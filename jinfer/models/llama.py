@@ -78,10 +78,10 @@ _LAYER_AXES = {
 # quantized format groups and scales over (jinfer.quant).
 MATMUL_INPUT_AXES = {"wq": 1, "wk": 1, "wv": 1, "wo": 2, "w_gate": 1, "w_up": 1, "w_down": 1}
 
-# Weights that read the same input, concatenated on their output axis by `fuse_projections`, and the
-# contracted axes of the fused weights (quantizing fused params takes MATMUL_INPUT_AXES | FUSED_INPUT_AXES).
-FUSED = {"wqkv": ("wq", "wk", "wv"), "w_gate_up": ("w_gate", "w_up")}
-FUSED_INPUT_AXES = {"wqkv": 1, "w_gate_up": 1}
+# Weights that read the same input, concatenated by `fuse_projections` on their output axis (the heads, F),
+# and the contracted axes of the fused weights (quantizing fused params takes MATMUL_INPUT_AXES | FUSED_INPUT_AXES).
+FUSED = {"wqkv": (("wq", "wk", "wv"), -2), "w_gate_up": (("w_gate", "w_up"), -1)}
+FUSED_INPUT_AXES = {name: MATMUL_INPUT_AXES[parts[0]] for name, (parts, _) in FUSED.items()}
 
 
 def fuse_projections(params: Params) -> Params:
@@ -94,9 +94,8 @@ def fuse_projections(params: Params) -> Params:
     is not sharded: a fused output axis would no longer split by head over a mesh."""
     def fuse(d: dict) -> dict:
         out = dict(d)
-        for name, parts in FUSED.items():
+        for name, (parts, axis) in FUSED.items():
             if all(p in d and not is_qtensor(d[p]) for p in parts):
-                axis = -2 if name == "wqkv" else -1  # the heads axis, the F axis
                 out[name] = jnp.concatenate([out.pop(p) for p in parts], axis=axis)
         return out
 

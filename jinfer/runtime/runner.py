@@ -162,7 +162,7 @@ class Runner:
         self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
         # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
         # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.
-        self.plain_loops = platform == "gpu"
+        self.plain_steps = platform == "gpu"
         kv_shape = (c.num_layers, num_pages, engine_config.page_size, c.num_kv_heads, c.head_dim)
 
         def make_state():
@@ -232,7 +232,7 @@ class Runner:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
             W = cfg.speculative.num_speculative_tokens + 1
             return StepShape(False, rows * W, rows, W, verify=True)
-        plain = plan.plain_sampler if self.plain_loops else None
+        plain = plan.plain_sampler if self.plain_steps else None
         if plan.decode:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
             return StepShape(True, rows, rows, 1, plain=plain)
@@ -243,7 +243,7 @@ class Runner:
         cfg = self.config
         shapes = ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
                   + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
-        if self.plain_loops:
+        if self.plain_steps:
             shapes += [s._replace(plain=p) for p in ("greedy", "sampled") for s in list(shapes)]
         if cfg.speculative is not None:
             W = cfg.speculative.num_speculative_tokens + 1

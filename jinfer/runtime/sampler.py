@@ -50,15 +50,17 @@ def sample(
     top_p: jnp.ndarray,  # f32[B]
     keys: jnp.ndarray,  # key[B]: one typed PRNG key per row, already folded with the step
     min_p: jnp.ndarray | None = None,  # f32[B]; 0 = off
+    all_greedy: bool | None = None,  # known when compiling (True: every row greedy); None: decided at run time
 ) -> jnp.ndarray:  # i32[B]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    if all_greedy is not None:
+        return greedy if all_greedy else _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy)
     # An all-greedy batch skips the vocabulary sort entirely (a runtime branch, not a recompile).
     return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
-                        lambda: sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
+                        lambda: _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
 
 
-def sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
-    """Each row with temperature > 0 draws from its `sampling_logits`; the others take `greedy` (i32[B])."""
+def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):
     choice = jax.vmap(jax.random.categorical)(keys, sampling_logits(logits, temperature, top_k, top_p, min_p))
     return jnp.where(temperature > 0, choice.astype(jnp.int32), greedy)
 

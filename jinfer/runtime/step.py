@@ -29,7 +29,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import qeinsum
-from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, sample_random, step_keys
+from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
 
 
 @jax.tree_util.register_dataclass
@@ -96,11 +96,8 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
         return jnp.zeros(R), jnp.zeros((R, max_logprobs), jnp.int32), jnp.zeros((R, max_logprobs))
 
     if plain is not None:
-        greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-        if plain == "greedy":
-            return greedy, none()
-        keys = step_keys(sp.seed, gen_index)
-        return sample_random(logits, sp.temperature, sp.top_k, sp.top_p, keys, sp.min_p, greedy), none()
+        return sample(logits, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p,
+                      all_greedy=plain == "greedy"), none()
     logits_p = _processed(logits, state, rows, sp, gen_index, penalties, masked)
     new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
 

@@ -21,7 +21,7 @@ def _engine(params, plain: bool):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(32,), decode_buckets=(4,),
                        max_prefill_chunk=16, decode_steps=8)
     eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
-    eng.runner.plain_loops = plain
+    eng.runner.plain_steps = plain
     eng.warmup()
     return eng
 
@@ -129,7 +129,7 @@ def test_plain_steps_beside_a_draft_model_keep_greedy_exact(taken):
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(step, "_head", recording_head)
         eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0, draft_model=first_layers(params, TINY, 1))
-        eng.runner.plain_loops = True
+        eng.runner.plain_steps = True
         eng.warmup()
     taken.clear()
     sp = SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)
