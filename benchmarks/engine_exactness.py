@@ -1,11 +1,13 @@
 """Engine vs the dense-cache reference loop, greedy, on random-weight models (run on any backend).
 
     python benchmarks/engine_exactness.py [--shape smollm2-135m] [--requests 24] [--pages 64]
-        [--quantization int8|int4|fp8] [--kv-cache-dtype int8|fp8]
+        [--quantization int8|int4|fp8] [--kv-cache-dtype int8|fp8] [--speculative ngram|early_exit]
 
 Prints how many requests' tokens match the reference exactly; float32 should give all of them. With quantized
 weights the reference runs the same quantized params (through XLA's dequantize-then-dot, where the engine on one
-GPU uses the Pallas kernel), with quantized KV it stores K/V as the quantized pages give them back.
+GPU uses the Pallas kernel), with quantized KV it stores K/V as the quantized pages give them back. With
+--speculative the engine verifies k = 4 proposals whenever it has any (prompt lookup down to one-token matches, or
+early exit at half the layers; the adaptive policy off), so greedy output must still equal the reference's.
 """
 
 from __future__ import annotations
@@ -29,6 +31,7 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own de
 def main():
     from benchmarks.model_shapes import SHAPES
     from jinfer.engine.config import EngineConfig
+    from jinfer.engine.spec.config import SpeculativeConfig
     from jinfer.inputs import SamplingParams
     from jinfer.models import llama
     from jinfer.runtime import reference
@@ -41,13 +44,21 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default=None, help="weights: int8, int4, fp8 (round to nearest)")
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
+    ap.add_argument("--speculative", default=None, choices=["ngram", "early_exit"])
     args = ap.parse_args()
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)
+    spec = None
+    if args.speculative:
+        extra = (dict(prompt_lookup_min=1) if args.speculative == "ngram"
+                 else dict(early_exit_layers=max(1, config.num_layers // 2)))
+        spec = SpeculativeConfig(method=args.speculative, num_speculative_tokens=4, adaptive=False,
+                                 disable_by_batch_size=8, verify_step_cost=0.0, verify_token_cost=0.0, draft_cost=0.0,
+                                 **extra)
     ec = EngineConfig(max_slots=8, page_size=16, num_pages=args.pages, max_model_len=512, token_buckets=(16, 64, 256),
                       max_prefill_chunk=64, dtype=args.dtype, quantization=args.quantization,
-                      kv_cache_dtype=args.kv_cache_dtype)
+                      kv_cache_dtype=args.kv_cache_dtype, speculative=spec)
     eng = build_engine(config, params, None, ec, seed=0)
     eng.warmup()
     rng = np.random.default_rng(0)
@@ -57,13 +68,14 @@ def main():
     sps = [SamplingParams(max_tokens=int(rng.integers(1, 64)), temperature=0.0, ignore_eos=True) for _ in prompts]
     t = time.perf_counter()
     arrival = {i: int(rng.integers(0, 20)) for i in range(len(prompts))}
-    ids, outs, step = {}, {}, 0
+    ids, outs, metrics, step = {}, {}, {}, 0
     while len(ids) < len(prompts) or eng.has_work:
         for i in [i for i, s in arrival.items() if s == step]:
             ids[i] = eng.add_request(prompts[i], sps[i])
         for ev in eng.step():
             if ev.output.finished:
                 outs[ev.request_id] = ev.output.token_ids
+                metrics[ev.request_id] = ev.output.metrics
         step += 1
     t_eng = time.perf_counter() - t
     if args.quantization:  # the engine quantized the same float params the same way
@@ -73,6 +85,11 @@ def main():
     want = reference.generate(params, config, prompts, sps, kv_cache_dtype=args.kv_cache_dtype)
     same = sum(outs[ids[i]] == w.token_ids for i, w in enumerate(want))
     s = eng.scheduler
+    if args.speculative:
+        verify, drafted, accepted = (sum(getattr(m, f) for m in metrics.values()) for f in
+                                     ("spec_verify_steps", "spec_draft_tokens", "spec_accepted_tokens"))
+        print(f"speculation ({args.speculative}, k = 4): {verify} verify steps, {accepted}/{drafted} proposals "
+              f"accepted")
     fmt = f"{args.dtype}, weights {args.quantization or args.dtype}, KV {args.kv_cache_dtype or args.dtype}"
     print(f"engine vs reference ({args.shape}, {fmt}, jax {jax.__version__} on {jax.devices()[0].platform}): "
           f"{same}/{len(prompts)} requests identical; {s.num_preemptions} preemptions, prefix hit rate "

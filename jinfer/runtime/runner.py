@@ -57,7 +57,9 @@ class StepShape(NamedTuple):
     `tokens` tokens over `rows` = max_slots rows with chunks of up to `width` tokens, or a `verify` step of
     `rows` rows of up to `width` = k + 1 tokens (tokens = rows x width). On the GPU the decode and prefill
     shapes come in three: the general step, and a `plain` greedy and sampled one for the steps that need no
-    logit processor or logprobs."""
+    logit processor or logprobs (verify shapes too). A plain decode block runs exactly `steps` steps (a general
+    one stops when its rows do): with speculation, each plain decode shape is also compiled with `steps` = 1,
+    for the blocks of one token that follow a missed lookup."""
 
     decode: bool
     tokens: int
@@ -65,6 +67,7 @@ class StepShape(NamedTuple):
     width: int
     verify: bool = False
     plain: str | None = None  # "greedy" / "sampled": the step without runtime branches (StepPlan.plain_sampler)
+    steps: int = 0  # a decode block's most steps (0: the engine's decode_steps)
 
 
 @dataclasses.dataclass
@@ -230,12 +233,16 @@ class Runner:
         cfg = self.config
         if plan.verify:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
-            W = cfg.speculative.num_speculative_tokens + 1
-            return StepShape(False, rows * W, rows, W, verify=True)
         plain = plan.plain_sampler if self.plain_steps else None
+        if plan.verify:
+            rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
+            W = cfg.speculative.num_speculative_tokens + 1
+            return StepShape(False, rows * W, rows, W, verify=True, plain=plain)
         if plan.decode:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
-            return StepShape(True, rows, rows, 1, plain=plain)
+            # A plain block computes all its steps: one that feeds a single token has a shape of its own.
+            steps = 1 if plain and cfg.speculative is not None and plan.max_steps == 1 else 0
+            return StepShape(True, rows, rows, 1, plain=plain, steps=steps)
         tokens = _bucket(plan.num_tokens, cfg.token_buckets, "tokens of a step", "token_buckets")
         return StepShape(False, tokens, cfg.max_slots, min(tokens, cfg.max_prefill_chunk), plain=plain)
 
@@ -243,11 +250,13 @@ class Runner:
         cfg = self.config
         shapes = ([StepShape(True, r, r, 1) for r in cfg.decode_buckets]
                   + [StepShape(False, t, cfg.max_slots, min(t, cfg.max_prefill_chunk)) for t in cfg.token_buckets])
-        if self.plain_steps:
-            shapes += [s._replace(plain=p) for p in ("greedy", "sampled") for s in list(shapes)]
         if cfg.speculative is not None:
             W = cfg.speculative.num_speculative_tokens + 1
             shapes += [StepShape(False, r * W, r, W, verify=True) for r in cfg.decode_buckets]
+        if self.plain_steps:
+            shapes += [s._replace(plain=p) for p in ("greedy", "sampled") for s in list(shapes)]
+            if cfg.speculative is not None:
+                shapes += [s._replace(steps=1) for s in shapes if s.plain and s.decode]
         return shapes
 
     # ---- the step ------------------------------------------------------------------------------
@@ -264,12 +273,12 @@ class Runner:
                   matmul=self.matmul)
         if shape.verify:
             step = verify_step(params, kv, state, inputs, attn_meta, width=shape.width, drafter=self.drafter,
-                               draft=draft, draft_meta=draft_meta, **kw)
+                               draft=draft, draft_meta=draft_meta, plain=shape.plain, **kw)
         else:
             if follows:
                 kw.update(drafter=self.drafter, draft=draft, draft_meta=draft_meta)
             if shape.decode:
-                step = decode_block(params, kv, state, inputs, attn_meta, max_steps=self.config.decode_steps,
+                step = decode_block(params, kv, state, inputs, attn_meta, max_steps=shape.steps or self.config.decode_steps,
                                     plain=shape.plain, **kw)
             else:
                 step = prefill_step(params, kv, state, inputs, attn_meta, width=shape.width, plain=shape.plain, **kw)
@@ -314,14 +323,17 @@ class Runner:
                                                              self.draft_kv, inputs, attn_meta, shape=shape)
         return out
 
-    def compiled_text(self, shape: StepShape, stop_width: int) -> str:
-        """The optimized HLO of one step shape (for profiles; it lowers and compiles the step once more;
-        `stop_width` as for `warmup`)."""
+    def lowered(self, shape: StepShape, stop_width: int):
+        """One step shape traced and lowered, not compiled (`stop_width` as for `warmup`)."""
         empty = StepPlan.empty(self.max_pages_per_seq, stop_width, mask_words(self.model_config.vocab_size),
                                decode=shape.decode, verify=shape.verify)
         inputs, attn_meta = self._step_inputs(empty, shape)
         return self._step.lower(self.params, self.kv, self.state, self.draft_params, self.draft_kv, inputs, attn_meta,
-                                shape=shape).compile().as_text()
+                                shape=shape)
+
+    def compiled_text(self, shape: StepShape, stop_width: int) -> str:
+        """The optimized HLO of one step shape (for profiles; it compiles the step once more)."""
+        return self.lowered(shape, stop_width).compile().as_text()
 
     def dispatch(self, plan: StepPlan) -> StepOutput:
         out = self._launch(plan, self.shape_for(plan))

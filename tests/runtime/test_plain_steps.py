@@ -5,6 +5,8 @@ min_tokens, logit bias) beside plain rows; no compile after warm-up."""
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import pytest
 
@@ -139,3 +141,73 @@ def test_plain_steps_beside_a_draft_model_keep_greedy_exact(taken):
     want = reference.generate(params, TINY, [p for _, p, _ in arrivals], [sp, sp, short])
     assert [o.token_ids for o in outs] == [w.token_ids for w in want]
     assert outs[0].metrics.spec_verify_steps > 0 and "greedy" in taken
+
+
+def _spec_engine(params, method: str, plain: bool, warm: bool = True):
+    from jinfer.engine.spec.config import SpeculativeConfig
+    from jinfer.runtime.spec.drafters import UniformDrafter
+
+    spec = dict(method=method, num_speculative_tokens=3, disable_by_batch_size=4, verify_step_cost=0.0,
+                verify_token_cost=0.0, draft_cost=0.0)
+    drafter = None
+    if method == "ngram":
+        spec.update(prompt_lookup_min=1, adaptive=False)
+    if method == "uniform":
+        spec["method"], drafter = "early_exit", UniformDrafter()
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=60, token_buckets=(32,), decode_buckets=(4,),
+                       max_prefill_chunk=16, decode_steps=4, speculative=SpeculativeConfig(**spec))
+    eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0, drafter=drafter)
+    eng.runner.plain_steps = plain
+    if warm:
+        eng.warmup()
+    return eng
+
+
+def _runtime_branches(eng, shape) -> list[str]:
+    """The modules of the step's code (`jinfer.runtime`: steps, sampler, speculation) that trace a `lax.cond`
+    into `shape` (the attention's own branches, in CPU code the GPU kernels do not have, are not counted).
+    `eng` must not have traced `shape` before (a traced step is cached)."""
+    cond, callers = jax.lax.cond, []
+
+    def recording_cond(*args, **kw):
+        callers.append(sys._getframe(1).f_globals["__name__"])
+        return cond(*args, **kw)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(jax.lax, "cond", recording_cond)
+        eng.runner.lowered(shape, eng.scheduler.stop_width)
+    return [c for c in callers if c.startswith("jinfer.runtime")]
+
+
+@pytest.mark.parametrize("method", ["ngram", "early_exit", "uniform"])
+def test_plain_verify_steps_match_the_general_ones(method):
+    """Verify steps compile plain too (no penalty branch, the drafter's loop and the acceptance rule without
+    runtime branches), and a plain decode block of one token (after a missed lookup) has a shape of its own:
+    greedy and seeded sampled tokens equal the general engine's, and nothing compiles after warm-up."""
+    params = tiny_params(5)
+    general, plain = _spec_engine(params, method, False), _spec_engine(params, method, True)
+    launch, shapes = plain.runner._launch, []
+
+    def recording_launch(p, shape):
+        shapes.append(shape)
+        return launch(p, shape)
+
+    motif = [5, 9, 5, 17, 33, 2]
+    arrivals = [(0, motif * 3, SamplingParams(max_tokens=20, temperature=0, ignore_eos=True)),
+                (2, PROMPTS[2], SamplingParams(max_tokens=14, temperature=0.9, top_p=0.9, seed=4, ignore_eos=True))]
+    before = plain.runner.num_compilations
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(plain.runner, "_launch", recording_launch)
+        outs = list(run_workload(plain, arrivals).values())
+    assert [o.token_ids for o in outs] == _tokens(general, arrivals)
+    assert sum(o.metrics.spec_verify_steps for o in outs) > 0
+    assert plain.runner.num_compilations == before
+    assert any(s.verify and s.plain for s in shapes)
+    if method == "ngram":  # a missed lookup decodes one token
+        assert any(s.decode and s.plain and s.steps == 1 for s in shapes)
+    fresh = _spec_engine(params, method, True, warm=False)
+    verify = next(s for s in fresh.runner.all_shapes() if s.verify and s.plain is None)
+    assert _runtime_branches(fresh, verify)  # the general verify step branches at run time
+    for s in fresh.runner.all_shapes():
+        if s.plain and (s.verify or s.decode):
+            assert not _runtime_branches(fresh, s), s

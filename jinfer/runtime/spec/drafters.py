@@ -49,6 +49,7 @@ class DraftInputs:
     penalties: jax.Array  # bool[]: any row uses a penalty
     keys: jax.Array  # key[R, k]: the key of each drafted token's position (a drafter draws from a substream)
     meta: object  # the attention backend's metadata of an R-row, one-token step
+    plain: str | None = None  # the verify step's `plain` (greedy / sampled, no penalty): no runtime branch
 
 
 @jax.tree_util.register_dataclass
@@ -77,8 +78,9 @@ class Drafter(Protocol):
 def _draw(logits, d: DraftInputs, i, counts):
     """One drafted token per row from its draft logits (f32[R, V]) at draft offset i -> (token i32[R], q f32[R, V])."""
     sp = d.sp
-    pen = jax.lax.cond(d.penalties, lambda: apply_penalties(logits, counts, d.prompt_mask, sp.repetition_penalty,
-                                                            sp.presence_penalty, sp.frequency_penalty), lambda: logits)
+    pen = logits if d.plain is not None else jax.lax.cond(
+        d.penalties, lambda: apply_penalties(logits, counts, d.prompt_mask, sp.repetition_penalty,
+                                             sp.presence_penalty, sp.frequency_penalty), lambda: logits)
     greedy = jnp.argmax(pen, axis=-1).astype(jnp.int32)
 
     def sampled():
@@ -87,6 +89,8 @@ def _draw(logits, d: DraftInputs, i, counts):
         tok = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
         return jnp.where(sp.temperature > 0, tok, greedy), jax.nn.softmax(z, axis=-1)
 
+    if d.plain is not None:
+        return sampled() if d.plain == "sampled" else (greedy, jnp.zeros(pen.shape, jnp.float32))
     return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, lambda: (greedy, jnp.zeros(pen.shape, jnp.float32)))
 
 
@@ -103,15 +107,17 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
                          backend=d.meta)
         logits, kv = forward(feed, d.start + i, meta, kv)
         tok, qi = _draw(logits, d, jnp.minimum(i, k - 1), counts)
-        counts = jax.lax.cond(d.penalties, lambda: counts.at[jnp.arange(R), tok].add(1), lambda: counts)
+        if d.plain is None:
+            counts = jax.lax.cond(d.penalties, lambda: counts.at[jnp.arange(R), tok].add(1), lambda: counts)
         at = jnp.minimum(i, k - 1)  # the extra step's draw is discarded: `at` is k - 1 and i == k
         keep = i < k
         return (kv, tok, counts, drafts.at[:, at].set(jnp.where(keep, tok, drafts[:, at])),
                 q.at[:, at].set(jnp.where(keep, qi, q[:, at])))
 
     init = (kv, d.first, d.counts, jnp.zeros((R, k), jnp.int32), jnp.zeros((R, k, vocab_size), jnp.float32))
-    # As many steps as the longest row drafts (a probe of one token pays for one), not always k.
-    n = jnp.minimum(jnp.max(rows.num_draft) + (steps - k), steps)
+    # As many steps as the longest row drafts (a probe of one token pays for one), not always k; a plain step
+    # runs all of them (a loop bound read at run time is a host round trip on the GPU).
+    n = steps if d.plain is not None else jnp.minimum(jnp.max(rows.num_draft) + (steps - k), steps)
     kv, _, _, drafts, q = jax.lax.fori_loop(0, n, body, init)
     return drafts, q, kv
 

@@ -35,8 +35,10 @@ from jinfer.runtime.step import (
 
 def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                 backend: AttentionBackend, width: int, max_logprobs: int, drafter: Drafter | None = None,
-                draft=None, draft_meta=None, matmul: MatmulFn = qeinsum):
+                draft=None, draft_meta=None, matmul: MatmulFn = qeinsum, plain: str | None = None):
     """`draft_meta`: the drafter's backend metadata of an R-row one-token step; `draft`: a draft model's state.
+    `plain` ("greedy" / "sampled", the plan's `plain_sampler`; the GPU's runner): no row uses a penalty or asks
+    for logprobs, so the step compiles without runtime branches (see `jinfer.runtime.step.decode_block`).
     -> (kv, state, StepResult with N = width: row r's kept tokens, then -1, draft)."""
     tok, rows, sp = inputs.tokens, inputs.rows, inputs.sampling
     T, R, W, k = tok.ids.shape[0], rows.slot.shape[0], width, width - 1
@@ -47,11 +49,15 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     start = tok.positions[rows.query_start]
     live = rows.query_len > 0
     penalties = uses_penalties(sp)
+
+    def branch(pred, yes, no, *args):  # a plain step knows that no row uses a penalty
+        return no(*args) if plain is not None else jax.lax.cond(pred, yes, no, *args)
+
     # The first token enters the cache now (counted as a step without speculation counts it); the kept
     # proposals are counted at the end.
-    state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, first, live, tok.is_output[rows.query_start]),
-                         lambda s: s, state)
-    counts0, prompt_mask = jax.lax.cond(
+    state = branch(penalties, lambda s: count_tokens(s, rows.slot, first, live, tok.is_output[rows.query_start]),
+                   lambda s: s, state)
+    counts0, prompt_mask = branch(
         penalties, lambda: (state.output_counts[rows.slot], state.prompt_mask[rows.slot]),
         lambda: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool)))
     offsets = jnp.arange(W)
@@ -62,7 +68,7 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     q = None
     if drafter is not None:
         d = DraftInputs(first=first, start=start, rows=rows, sp=sp, counts=counts0, prompt_mask=prompt_mask,
-                        penalties=penalties, keys=keys[:, :k], meta=draft_meta)
+                        penalties=penalties, keys=keys[:, :k], meta=draft_meta, plain=plain)
         drafts, q, kv, draft = drafter.propose(params, kv, draft, d, config=config, backend=backend, k=k,
                                                matmul=matmul)
         tokens = tokens.at[jnp.where(proposed, draft_index, T)].set(drafts, mode="drop")
@@ -84,15 +90,16 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
                                rep(sp.repetition_penalty), rep(sp.presence_penalty),
                                rep(sp.frequency_penalty)).reshape(R, W, V)
 
-    pen = jax.lax.cond(penalties, penalized, lambda: logits)
+    pen = branch(penalties, penalized, lambda: logits)
     x = sample(pen.reshape(R * W, V), rep(sp.temperature), rep(sp.top_k), rep(sp.top_p), keys.reshape(-1),
-               rep(sp.min_p)).reshape(R, W)
+               rep(sp.min_p), all_greedy=None if plain is None else plain == "greedy").reshape(R, W)
     stochastic = sp.temperature > 0
-    out, accepted = accept(pen, x, drafts, rows.num_draft, q, stochastic, sp, keys)
+    out, accepted = accept(pen, x, drafts, rows.num_draft, None if plain == "greedy" else q, stochastic, sp, keys,
+                           branch=plain is None)
     last = jnp.take_along_axis(out, accepted[:, None], axis=1)[:, 0]
     state = keep_sampled(state, rows, last, live)
     kept = (offsets[:k] < accepted[:, None]) & live[:, None]
-    state = jax.lax.cond(
+    state = branch(
         penalties, lambda s: count_tokens(s, jnp.repeat(rows.slot, k), drafts.reshape(-1), kept.reshape(-1),
                                           jnp.ones(R * k, bool)), lambda s: s, state)
 
@@ -105,6 +112,6 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     def none():
         return jnp.zeros((W, R)), jnp.zeros((W, R, max_logprobs), jnp.int32), jnp.zeros((W, R, max_logprobs))
 
-    lp = jax.lax.cond(jnp.any(sp.logprobs), logprobs, none) if max_logprobs else none()
+    lp = jax.lax.cond(jnp.any(sp.logprobs), logprobs, none) if max_logprobs and plain is None else none()
     return kv, state, StepResult(out.T, *lp, *no_prompt_logprobs(T, max_logprobs)), draft
 
