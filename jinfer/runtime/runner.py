@@ -10,8 +10,9 @@ ring-attention prefill) into a request's pages before its first step.
 The compiled set (`all_shapes`), named by `StepShape`: one decode block per EngineConfig.decode_buckets entry
 (R rows, one token each, up to decode_steps steps), one prefill step per token_buckets entry (T tokens,
 max_slots rows, chunks of up to min(T, max_prefill_chunk) tokens) and, with speculative decoding, one verify
-step per decode bucket (R rows of k + 1 tokens; `jinfer.runtime.spec.verify`); on the GPU, each decode and
-prefill shape also as a greedy and a sampled step without runtime branches (`StepShape.plain`). `warmup()` compiles all of them, and
+step per decode bucket (R rows of k + 1 tokens; `jinfer.runtime.spec.verify`); on the GPU, each decode, prefill
+and verify shape also as a greedy and a sampled step without runtime branches (`StepShape.plain`; with
+speculation, plain decode blocks also of one step). `warmup()` compiles all of them, and
 `num_compilations` counts traces so a test can prove serving never compiles again.
 """
 

@@ -179,7 +179,7 @@ def _runtime_branches(eng, shape) -> list[str]:
     return [c for c in callers if c.startswith("jinfer.runtime")]
 
 
-@pytest.mark.parametrize("method", ["ngram", "early_exit", "uniform"])
+@pytest.mark.parametrize("method", ["ngram", "early_exit"])
 def test_plain_verify_steps_match_the_general_ones(method):
     """Verify steps compile plain too (no penalty branch, the drafter's loop and the acceptance rule without
     runtime branches), and a plain decode block of one token (after a missed lookup) has a shape of its own:

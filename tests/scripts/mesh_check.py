@@ -22,7 +22,7 @@ from jinfer.testing.tiny import tiny_params
 
 
 def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None, kv_cache_dtype=None):
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(8, 32), decode_buckets=(4,),
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(32,), decode_buckets=(4,),
                        max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
                        per_layer_weights=per_layer_weights, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     eng = make_engine(CONFIG, params, None, cfg, seed=0)
