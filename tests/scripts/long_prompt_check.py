@@ -37,7 +37,7 @@ SHORTS = [[int(t) for t in RNG.integers(0, CONFIG.vocab_size, n)] for n in (11, 
 
 
 def engine(params, **kw) -> Engine:
-    cfg = dict(max_slots=4, page_size=8, num_pages=48, token_buckets=(8, 32), max_prefill_chunk=16, max_model_len=128)
+    cfg = dict(max_slots=4, page_size=8, num_pages=48, token_buckets=(32,), max_prefill_chunk=16, max_model_len=128)
     devices = kw.pop("devices", None)
     cfg.update(kw)
     eng = build_engine(CONFIG, params, None, EngineConfig(**cfg), seed=0, devices=devices)
