@@ -112,7 +112,6 @@ def test_no_compile_after_warmup(engines):
 def _spec_engine(params, method: str, plain: bool, warm: bool = True):
     from jinfer.engine.spec.config import SpeculativeConfig
     from jinfer.runtime.spec.drafters import UniformDrafter
-
     from tests.engine.spec.test_speculative_engine import first_layers
 
     spec = dict(method=method, num_speculative_tokens=3, disable_by_batch_size=4, verify_step_cost=0.0,
