@@ -232,8 +232,6 @@ class Runner:
 
     def shape_for(self, plan: StepPlan) -> StepShape:
         cfg = self.config
-        if plan.verify:
-            rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")
         plain = plan.plain_sampler if self.plain_steps else None
         if plan.verify:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a verify step", "decode_buckets")

@@ -18,11 +18,16 @@ from jinfer.testing.tiny import TINY
 BASE = list(np.random.default_rng(123).integers(0, TINY.vocab_size, 40))  # a shared prefix for some prompts
 
 
-def make_engine(params, tok, drafter=None, draft_model=None, **kw) -> Engine:
+def make_engine(params, tok, drafter=None, draft_model=None, plain_steps=None, warm=True, **kw) -> Engine:
+    """plain_steps: override the platform's choice of branch-free steps (the GPU's) before warm-up; warm=False
+    leaves every step shape untraced."""
     cfg = dict(max_slots=4, page_size=4, num_pages=28, token_buckets=(8, 32), max_prefill_chunk=16)
     cfg.update(kw)
     eng = build_engine(TINY, params, tok, EngineConfig(**cfg), seed=0, drafter=drafter, draft_model=draft_model)
-    eng.warmup()
+    if plain_steps is not None:
+        eng.runner.plain_steps = plain_steps
+    if warm:
+        eng.warmup()
     return eng
 
 

@@ -110,27 +110,11 @@ def test_no_compile_after_warmup(engines):
 
 
 def _spec_engine(params, method: str, plain: bool, warm: bool = True):
-    from jinfer.engine.spec.config import SpeculativeConfig
-    from jinfer.runtime.spec.drafters import UniformDrafter
-    from tests.engine.spec.test_speculative_engine import first_layers
+    from tests.engine.spec.test_speculative_engine import spec_engine
 
-    spec = dict(method=method, num_speculative_tokens=3, disable_by_batch_size=4, verify_step_cost=0.0,
-                verify_token_cost=0.0, draft_cost=0.0)
-    drafter = draft = None
-    if method == "ngram":
-        spec.update(prompt_lookup_min=1, adaptive=False)
-    if method == "uniform":
-        spec["method"], drafter = "early_exit", UniformDrafter()
-    if method == "draft":  # speculates alone; two requests decode plainly, the draft following in those blocks
-        spec.update(model="first layer", disable_by_batch_size=1)
-        draft = first_layers(params, TINY, 1)
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=60, token_buckets=(32,), decode_buckets=(4,),
-                       max_prefill_chunk=16, decode_steps=4, speculative=SpeculativeConfig(**spec))
-    eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0, drafter=drafter, draft_model=draft)
-    eng.runner.plain_steps = plain
-    if warm:
-        eng.warmup()
-    return eng
+    # draft: speculates alone; two requests decode plainly, the draft following in those blocks.
+    return spec_engine(params, tiny_tokenizer(), method, plain_steps=plain, warm=warm, num_pages=60,
+                       token_buckets=(32,), decode_steps=4, disable_by_batch_size=1 if method == "draft" else 4)
 
 
 def _runtime_branches(eng, shape) -> list[str]:
