@@ -3,7 +3,7 @@ of one call, from a profiler trace: inside the engine's jitted step there is no 
 
     python benchmarks/decode_tune.py [--page-size 64]
 
-Prints, per (batch, context), every configuration's device time and TB/s of K/V read, best first, with
+Prints, per (batch, context), the best configurations' device time and TB/s of K/V read, best first, with
 the launches of the best one.
 """
 
@@ -56,6 +56,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--page-size", type=int, nargs="+", default=[64])
     ap.add_argument("--batch", type=int, nargs="*", help="only these batch sizes of the sweep")
+    ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -66,7 +67,7 @@ def main():
         q, kp, vp, pt, kv_len, ql = decode_inputs(B, ctx, ps, rng)
         bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
         results = []
-        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, (1, 2, 3)):
+        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, a.stages):
             bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
             nb = B  # a decode step: one query block per slot (PallasBackend.num_blocks at width 1)
             blocks, (tb, tr) = query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)

@@ -83,6 +83,7 @@ def main():
     ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all, "
                                                        "and the N after which the device idled longest")
     ap.add_argument("--speculative-config", default=None, help="JSON, as `jinfer generate` takes it")
+    ap.add_argument("--hlo-dir", default=None, help="also write each compiled shape's optimized HLO there")
     ap.add_argument("--grounded", action="store_true",
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
     args = ap.parse_args()
@@ -138,17 +139,23 @@ def main():
         print("trace in", trace_dir)
 
     names = {}
-    for shape in engine.runner.all_shapes():
-        names.update(op_names(engine.runner.compiled_text(shape, engine.scheduler.stop_width)))
+    for i, shape in enumerate(engine.runner.all_shapes()):
+        text = engine.runner.compiled_text(shape, engine.scheduler.stop_width)
+        names.update(op_names(text))
+        if args.hlo_dir:
+            os.makedirs(args.hlo_dir, exist_ok=True)
+            with open(os.path.join(args.hlo_dir, f"shape{i}.txt"), "w") as f:
+                f.write(f"# {shape}\n{text}")
     hlo = {k: category(v) for k, v in names.items()}
     (path,) = glob.glob(f"{trace_dir}/**/*.trace.json.gz", recursive=True)
     events = [e for e in json.load(gzip.open(path))["traceEvents"] if e.get("ph") == "X"]
-    total, by_op, kernels = collections.Counter(), collections.Counter(), []
+    total, by_op, count, kernels = collections.Counter(), collections.Counter(), collections.Counter(), []
     for e in events:
         if e.get("args", {}).get("hlo_module", "").startswith("jit__step_impl"):
             kernels.append(e)
             total[hlo.get(e["name"], "model")] += e["dur"]
             by_op[e["name"]] += e["dur"]
+            count[e["name"]] += 1
         elif e["name"].startswith("PjitFunction(_step_impl)"):
             total["dispatch"] += e["dur"]
         elif re.search(r"engine\.py:\d+ step$", e["name"]):
@@ -164,10 +171,10 @@ def main():
                                               ("host", "dispatch", "model", "attention", "lm_head", "sampling", "wall")))
     vals = [host, total["dispatch"], total["model"], total["attention"], total["lm_head"], total["sampling"]]
     print(f"{'':<14}" + "".join(f"{v / steps / 1e3:>11.2f}" for v in vals) + f"{wall / steps * 1e3:>11.2f}")
-    print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall")
+    print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall; {len(kernels) / steps:.0f} kernels a step")
     for name, dur in by_op.most_common(args.top):
-        print(f"  {dur / steps / 1e3:9.2f} ms/step  {hlo.get(name, 'model'):<10} {name[:60]}  "
-              f"{names.get(name, '')[-70:]}")
+        print(f"  {dur / steps / 1e3:9.3f} ms/step {count[name] / steps:7.1f}x {hlo.get(name, 'model'):<10} "
+              f"{name[:50]}  {names.get(name, '')[-70:]}")
     if args.top:
         idle_gaps(kernels, steps, args.top)
 

@@ -99,6 +99,16 @@ def store_kv(cache, index, x: jax.Array, mode: str | None = None):
     return cache.at[index].set(x.astype(cache.dtype), mode=mode)
 
 
+def store_kv_block(cache, start: tuple, x: jax.Array):
+    """`lax.dynamic_update_slice(cache, x, start)` for a float cache or a QuantizedKV: x a block of whole
+    vectors ([..., H], of the cache's rank), `start` its first index (0 on the H axis)."""
+    if isinstance(cache, QuantizedKV):
+        values, scale = quantize_kv(x, cache.fmt)
+        return QuantizedKV(jax.lax.dynamic_update_slice(cache.values, values, start),
+                           jax.lax.dynamic_update_slice(cache.scale, scale, start[:-1]))
+    return jax.lax.dynamic_update_slice(cache, x.astype(cache.dtype), start)
+
+
 def load_kv(cache, index, dtype):
     """`cache[index]` of whole vectors; a QuantizedKV's dequantized into `dtype` (a float cache as stored)."""
     if isinstance(cache, QuantizedKV):

@@ -599,6 +599,11 @@ def test_metrics_endpoint_and_one_log_line_per_request(server, caplog):
         with pytest.raises(grpc.RpcError):
             c.generate([1, 2, 3], top_p=7.0, request_id="bad")
     wait_engine_idle(server)
+    # A call's outcome is counted, then logged, just after its status reaches the client: wait for the logs.
+    deadline = time.monotonic() + 10
+    while sum(r.name == "jinfer.serve.requests" for r in caplog.records) < 5:
+        assert time.monotonic() < deadline, "fewer than 5 request log lines after 10 s"
+        time.sleep(0.01)
     body = urllib.request.urlopen(f"http://127.0.0.1:{server.app.metrics_port}/metrics", timeout=10).read().decode()
     for name in ("jinfer_queue_length", "jinfer_running_requests", "jinfer_kv_pages_used", "jinfer_kv_pages_total",
                  "jinfer_prefix_cache_hit_rate", "jinfer_time_to_first_token_seconds_bucket",
