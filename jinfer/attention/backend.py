@@ -48,7 +48,9 @@ class PagedMeta(Generic[M]):
 
 class AttentionBackend(Protocol[M]):
     """An attention backend of the engine (implemented by `blocked.BlockedBackend`,
-    `pallas.PallasBackend` and `pallas.TPUPallasBackend`)."""
+    `pallas.PallasBackend` and `pallas.TPUPallasBackend`). A class attribute `partitionable` says whether XLA
+    can split `attend` over a mesh by itself (plain jnp); where it cannot (a kernel), the runner wraps the
+    backend in `sharded.HeadShardedBackend`."""
 
     def step_metadata(self, query_start: np.ndarray, query_len: np.ndarray, num_tokens: int, width: int) -> M:
         """Host half (numpy): the backend's per-step arrays for a step of `num_tokens` token rows (bucket

@@ -29,6 +29,7 @@ class BlockedBackend:
     by query blocks of up to `block_q` queries of one sequence (the layout of the Pallas kernel;
     `blocked_prefill_attention`)."""
 
+    partitionable = True  # plain jnp: on a mesh, XLA splits it over heads from the operands' shardings
     keys_per_block: int = 256
     block_q: int = 16
     # Steps whose rows have at most this many queries (decode: 1; a verify step: k + 1 for k <= 14) take one row

@@ -32,6 +32,7 @@ class PallasBackend:
     (context split over many programs); steps with prefill chunks use `prefill`. The block sizes' type
     picks the kernel (`ragged_paged_attention`)."""
 
+    partitionable = False  # one opaque call: on a mesh the runner runs it per KV-head shard (`sharded.py`)
     decode: BlockSizes = BlockSizes(block_q=4, pages_per_block=8, num_splits=8)
     prefill: BlockSizes = BlockSizes(block_q=16, pages_per_block=4, num_splits=1)
     interpret: bool = False

@@ -135,6 +135,7 @@ class Runner:
         """`drafter`: the device proposer of a speculative config (default: the one its method names; host
         proposers need none); `draft_model`: (config, params) of the draft for method "draft"."""
         from jinfer.attention.select import default_backend
+        from jinfer.attention.sharded import shard_over_heads
         from jinfer.runtime import sharding
 
         if not engine_config.resolved:
@@ -162,7 +163,9 @@ class Runner:
         self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
-        self.attention = attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size)
+        self.attention = shard_over_heads(
+            attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size), self.mesh,
+            c.num_kv_heads)
         self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
         # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
         # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.

@@ -52,4 +52,22 @@ def test_parallel_engines_equal_one_device():
                          env={**os.environ, "PYTHONPATH": str(root)}, timeout=600)
     print(res.stdout)
     assert res.returncode == 0, res.stdout + res.stderr
-    assert res.stdout.count(": ok") == 7
+    assert res.stdout.count(": ok") == 8
+
+
+def test_kernels_run_per_kv_head_shard_where_the_heads_split():
+    """The runner wraps a backend XLA cannot partition (a Pallas kernel) in shard_map over KV heads, and only
+    where the pool is split: plain jnp attention, one device and KV heads that do not divide stay as they are
+    (the engine on such a mesh: tests/scripts/mesh_check.py)."""
+    from jinfer.attention.blocked import BlockedBackend
+    from jinfer.attention.pallas import PallasBackend
+    from jinfer.attention.sharded import HeadShardedBackend, shard_over_heads
+
+    kernel, plain, two = PallasBackend(interpret=True), BlockedBackend(), FakeMesh(data=1, model=2, seq=1)
+    wrapped = shard_over_heads(kernel, two, num_kv_heads=4)
+    assert isinstance(wrapped, HeadShardedBackend) and wrapped.inner is kernel
+    assert shard_over_heads(wrapped, two, num_kv_heads=4) is wrapped  # not twice
+    assert shard_over_heads(kernel, two, num_kv_heads=3) is kernel  # 3 KV heads: the pool is replicated
+    assert shard_over_heads(kernel, FakeMesh(data=2, model=1, seq=1), num_kv_heads=4) is kernel
+    assert shard_over_heads(kernel, None, num_kv_heads=4) is kernel
+    assert shard_over_heads(plain, two, num_kv_heads=4) is plain

@@ -1,7 +1,8 @@
 """Run by tests/runtime/test_sharding.py in a fresh process (it needs 8 CPU devices before jax starts): the engine
 on meshes (model=2), (model=4) and (data=2, model=2) gives the single-device greedy outputs token for token,
 with the shardings the rules say, and compiles nothing after warm-up; so do int8 weights with an int8 KV
-cache on (model=2), values and scales split alike. Prints one line per mesh; exits 1 on a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
+cache on (model=2), values and scales split alike; and so does the Pallas GPU kernel, interpreted, run per
+KV-head shard (`jinfer.attention.sharded`). Prints one line per mesh; exits 1 on a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
 device, each device reading only its shard, with the same values and logits."""
 
 import os
@@ -21,11 +22,12 @@ from jinfer.testing.tiny import TINY_MESH as CONFIG
 from jinfer.testing.tiny import tiny_params
 
 
-def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None, kv_cache_dtype=None):
+def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None, kv_cache_dtype=None,
+        attention_backend=None):
     cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(32,), decode_buckets=(4,),
                        max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
                        per_layer_weights=per_layer_weights, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
-    eng = make_engine(CONFIG, params, None, cfg, seed=0)
+    eng = make_engine(CONFIG, params, None, cfg, attention_backend=attention_backend, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
     compiled = [r.num_compilations for r in runners]
@@ -38,6 +40,29 @@ def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=
     assert [r.num_compilations for r in runners] == compiled, "compiled after warm-up"
     assert all(e.scheduler.num_computed_tokens > 0 for e in getattr(eng, "replicas", [eng])), "an idle replica"
     return [outs[i] for i in ids], runners
+
+
+def check_kernel_over_heads(params, prompts, want) -> bool:
+    """The Pallas GPU kernel (interpreted) on (model=2) runs per KV-head shard under shard_map: the greedy
+    tokens of one device, and no all-gather of the KV pool in the compiled steps (XLA, left to partition the
+    opaque kernel itself, gathers the whole pool onto every device at every layer)."""
+    from jinfer.attention.pallas import PallasBackend
+    from jinfer.attention.sharded import HeadShardedBackend
+    from jinfer.engine.scheduler import MAX_STOP_TOKEN_IDS
+    from jinfer.kernels.paged_attention.kernel import BlockSizes
+
+    backend = PallasBackend(decode=BlockSizes(block_q=8, pages_per_block=2, num_splits=3),
+                            prefill=BlockSizes(block_q=8, pages_per_block=2, num_splits=1), interpret=True)
+    got, (runner,) = run(1, 2, params, prompts, attention_backend=backend)
+    pool = "f32[" + ",".join(map(str, runner.kv[0].shape)) + "]"
+    gathers = 0
+    for shape in runner.all_shapes():
+        text = runner.compiled_text(shape, MAX_STOP_TOKEN_IDS + len(CONFIG.eos_token_ids))
+        gathers += sum("all-gather" in line and pool in line.split("=")[1][:60] for line in text.splitlines())
+    ok = got == want and isinstance(runner.attention, HeadShardedBackend) and gathers == 0
+    print(f"pallas kernel (interpreted) data=1 model=2: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} "
+          f"wrapped={type(runner.attention).__name__} pool all-gathers={gathers}")
+    return ok
 
 
 def check_orbax_reshard(params, tmp: str) -> bool:
@@ -145,6 +170,7 @@ def main():
     bad += not ok
     print(f"int8 weights, int8 KV, data=1 model=2: {'ok' if ok else 'MISMATCH'} tokens_equal={got_q == want_q} "
           f"differs_from_float={want_q != want} specs={specs}")
+    bad += not check_kernel_over_heads(params, prompts, want)
     with tempfile.TemporaryDirectory() as tmp:
         bad += not check_orbax_reshard(params, tmp + "/ckpt")
     bad += not check_ring_prefill(params)
