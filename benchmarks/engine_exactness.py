@@ -2,6 +2,7 @@
 
     python benchmarks/engine_exactness.py [--shape smollm2-135m] [--requests 24] [--pages 64]
         [--quantization int8|int4|fp8] [--kv-cache-dtype int8|fp8] [--speculative ngram|early_exit]
+        [--tensor-parallel 2 --shape llama-3.2-1b]
 
 Prints how many requests' tokens match the reference exactly; float32 should give all of them. With quantized
 weights the reference runs the same quantized params (through XLA's dequantize-then-dot, where the engine on one
@@ -45,6 +46,8 @@ def main():
     ap.add_argument("--quantization", default=None, help="weights: int8, int4, fp8 (round to nearest)")
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--speculative", default=None, choices=["ngram", "early_exit"])
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="the engine over a (model=N) mesh; the reference "
+                                                                   "on one device (llama-3.2-1b's 8 KV heads split)")
     args = ap.parse_args()
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
@@ -58,7 +61,7 @@ def main():
                                  **extra)
     ec = EngineConfig(max_slots=8, page_size=16, num_pages=args.pages, max_model_len=512, token_buckets=(16, 64, 256),
                       max_prefill_chunk=64, dtype=args.dtype, quantization=args.quantization,
-                      kv_cache_dtype=args.kv_cache_dtype, speculative=spec)
+                      kv_cache_dtype=args.kv_cache_dtype, speculative=spec, tensor_parallel=args.tensor_parallel)
     eng = build_engine(config, params, None, ec, seed=0)
     eng.warmup()
     rng = np.random.default_rng(0)
@@ -91,6 +94,7 @@ def main():
         print(f"speculation ({args.speculative}, k = 4): {verify} verify steps, {accepted}/{drafted} proposals "
               f"accepted")
     fmt = f"{args.dtype}, weights {args.quantization or args.dtype}, KV {args.kv_cache_dtype or args.dtype}"
+    fmt += f", model={args.tensor_parallel} ({type(eng.runner.attention).__name__})" if args.tensor_parallel > 1 else ""
     print(f"engine vs reference ({args.shape}, {fmt}, jax {jax.__version__} on {jax.devices()[0].platform}): "
           f"{same}/{len(prompts)} requests identical; {s.num_preemptions} preemptions, prefix hit rate "
           f"{eng.load().prefix_hit_rate:.0%}, {step} steps in {t_eng:.1f}s; compilations {eng.runner.num_compilations}"

@@ -46,6 +46,11 @@ def category(op_name: str) -> str:
             else "sampling" if "/sampling/" in op_name else "model")
 
 
+def is_collective(kernel: str) -> bool:
+    """NCCL's kernels and XLA's own collectives (their names are not in the HLO's op_name metadata)."""
+    return kernel.startswith("nccl") or any(c in kernel.lower() for c in ("all-reduce", "allreduce", "all-gather"))
+
+
 def idle_gaps(kernels: list[dict], steps: int, top: int) -> None:
     """Prints where the device waits: the time in which no kernel runs on any stream, each gap charged to the
     kernel that ended last before it, and how the gaps are spread by length."""
@@ -79,6 +84,8 @@ def main():
     ap.add_argument("--requests", type=int, nargs=3, metavar=("N", "PROMPT", "NEW"), default=None,
                     help="a workload of N random prompts of PROMPT tokens, NEW tokens each, instead of --workload")
     ap.add_argument("--max-slots", type=int, default=None, help="EngineConfig.max_slots (default: platform's)")
+    ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over; device "
+                                                                    "times are then per device")
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all, "
                                                        "and the N after which the device idled longest")
@@ -87,6 +94,7 @@ def main():
     ap.add_argument("--grounded", action="store_true",
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
     args = ap.parse_args()
+    tp = args.tensor_parallel
     if args.model:
         from jinfer.checkpoints.load import load
 
@@ -104,7 +112,8 @@ def main():
 
         spec = SpeculativeConfig.from_dict(json.loads(args.speculative_config)).resolve(jax.default_backend())
     engine = make_engine(config, params, tokenizer, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps,
-                                                            max_slots=args.max_slots, speculative=spec))
+                                                            max_slots=args.max_slots, speculative=spec,
+                                                            tensor_parallel=args.tensor_parallel))
     engine.warmup()
     n, _, new = args.requests or WORKLOADS[args.workload]
     sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=not args.grounded)
@@ -153,30 +162,34 @@ def main():
     for e in events:
         if e.get("args", {}).get("hlo_module", "").startswith("jit__step_impl"):
             kernels.append(e)
-            total[hlo.get(e["name"], "model")] += e["dur"]
-            by_op[e["name"]] += e["dur"]
-            count[e["name"]] += 1
+            total["collective" if is_collective(e["name"]) else hlo.get(e["name"], "model")] += e["dur"] / tp
+            by_op[e["name"]] += e["dur"] / tp
+            count[e["name"]] += 1 / tp
         elif e["name"].startswith("PjitFunction(_step_impl)"):
             total["dispatch"] += e["dur"]
         elif re.search(r"engine\.py:\d+ step$", e["name"]):
             total["engine.step"] += e["dur"]
         elif re.search(r"runner\.py:\d+ fetch$", e["name"]):
             total["fetch"] += e["dur"]
-    device = sum(total[k] for k in ("model", "attention", "lm_head", "sampling"))
+    device = sum(total[k] for k in ("model", "attention", "lm_head", "sampling", "collective"))
     host = total["engine.step"] - total["fetch"] - total["dispatch"]
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}; {args.model or args.shape} {args.dtype}; "
           f"workload {'custom' if args.requests else args.workload} ({n} x {new} new tokens): {wall:.2f} s wall, {steps} engine steps, "
           f"decode_steps={engine.config.decode_steps}")
     print(f"{'per step (ms)':<14}" + "".join(f"{k:>11}" for k in
-                                              ("host", "dispatch", "model", "attention", "lm_head", "sampling", "wall")))
-    vals = [host, total["dispatch"], total["model"], total["attention"], total["lm_head"], total["sampling"]]
+                                              ("host", "dispatch", "model", "attention", "lm_head", "sampling",
+                                               "collective", "wall")))
+    vals = [host, total["dispatch"], total["model"], total["attention"], total["lm_head"], total["sampling"],
+            total["collective"]]
     print(f"{'':<14}" + "".join(f"{v / steps / 1e3:>11.2f}" for v in vals) + f"{wall / steps * 1e3:>11.2f}")
-    print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall; {len(kernels) / steps:.0f} kernels a step")
+    print(f"device ops {device / 1e6:.2f} s of {wall:.2f} s wall; {len(kernels) / steps / tp:.0f} kernels a step"
+          + (f" (device times per device, over {tp})" if tp > 1 else ""))
     for name, dur in by_op.most_common(args.top):
         print(f"  {dur / steps / 1e3:9.3f} ms/step {count[name] / steps:7.1f}x {hlo.get(name, 'model'):<10} "
               f"{name[:50]}  {names.get(name, '')[-70:]}")
-    if args.top:
-        idle_gaps(kernels, steps, args.top)
+    if args.top:  # on one device's streams (a mesh's devices run side by side)
+        first = min((e["pid"] for e in kernels), default=None)
+        idle_gaps([e for e in kernels if e["pid"] == first], steps, args.top)
 
 
 if __name__ == "__main__":

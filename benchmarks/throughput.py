@@ -7,6 +7,7 @@ utilization; with --hf, also Hugging Face transformers' `generate` on the same b
     python benchmarks/throughput.py --shape llama-3.1-8b --dtype bfloat16 --num-requests 128 \
         --input-len 512 --output-len 256 --max-slots 128     # GPU, random weights
     ... --tensor-parallel 2                                  # the same over a 2-device model mesh
+    ... --data-parallel 2                                    # two replicas, one device each
 """
 
 from __future__ import annotations
@@ -36,7 +37,7 @@ def percentiles(xs, ps=(50, 90, 99)):
 def run_engine(config, params, tokenizer, args, prompts):
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
-    from jinfer.runtime.build import build_engine
+    from jinfer.runtime.build import make_engine
 
     max_len = args.input_len + args.output_len
     ec = EngineConfig(max_slots=args.max_slots, page_size=args.page_size, num_pages=args.num_pages,
@@ -44,12 +45,13 @@ def run_engine(config, params, tokenizer, args, prompts):
                       max_prefill_chunk=args.chunk, dtype=args.dtype, enable_prefix_caching=False,
                       decode_steps=args.decode_steps, quantization=args.quantization,
                       kv_cache_dtype=args.kv_cache_dtype,
-                      tensor_parallel=args.tensor_parallel)
-    eng = build_engine(config, params, tokenizer, ec, seed=0)
+                      tensor_parallel=args.tensor_parallel, data_parallel=args.data_parallel)
+    eng = make_engine(config, params, tokenizer, ec, seed=0)
+    replicas = getattr(eng, "replicas", [eng])  # a DataParallelEngine's, or the one engine
     t = time.perf_counter()
     eng.warmup()
-    print(f"warm-up: {len(eng.runner.all_shapes())} step shapes compiled in {time.perf_counter() - t:.1f}s; "
-          f"{eng.num_pages} KV pages of {args.page_size} tokens")
+    print(f"warm-up: {len(replicas[0].runner.all_shapes())} step shapes x {len(replicas)} replicas compiled in "
+          f"{time.perf_counter() - t:.1f}s; {eng.num_pages} KV pages of {args.page_size} tokens a replica")
     sp = SamplingParams(max_tokens=args.output_len, temperature=0.0, ignore_eos=True)
     t0 = time.perf_counter()
     for p in prompts:
@@ -59,8 +61,8 @@ def run_engine(config, params, tokenizer, args, prompts):
         for ev in eng.step():
             if ev.output.finished:
                 outs.append(ev.output)
-        s = eng.scheduler
-        util.append(1 - s.allocator.num_free / s.allocator.usable_pages)
+        util.append(np.mean([1 - e.scheduler.allocator.num_free / e.scheduler.allocator.usable_pages
+                             for e in replicas]))
         steps += 1
     wall = time.perf_counter() - t0
     n_out = sum(len(o.token_ids) for o in outs)
@@ -69,7 +71,7 @@ def run_engine(config, params, tokenizer, args, prompts):
     print(f"jinfer: {len(outs)} requests, {n_out} output tokens in {wall:.2f}s over {steps} steps "
           f"-> {n_out / wall:.1f} output tok/s")
     print(f"  TTFT {percentiles(ttft)}; ITL {percentiles(itl)}; KV pages used: mean {np.mean(util):.0%}, "
-          f"peak {max(util):.0%}; preemptions {eng.scheduler.num_preemptions}")
+          f"peak {max(util):.0%}; preemptions {sum(e.scheduler.num_preemptions for e in replicas)}")
     return n_out / wall
 
 
@@ -108,6 +110,7 @@ def main():
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.runtime.sharding)")
+    ap.add_argument("--data-parallel", type=int, default=1, help="engine replicas, each on its own devices")
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")
     args = ap.parse_args()
 
