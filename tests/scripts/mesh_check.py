@@ -2,8 +2,9 @@
 on meshes (model=2), (model=4) and (data=2, model=2) gives the single-device greedy outputs token for token,
 with the shardings the rules say, and compiles nothing after warm-up; so do int8 weights with an int8 KV
 cache on (model=2), values and scales split alike; the stacked form on (model=2) runs the Pallas GPU kernel,
-interpreted, per KV-head shard (`jinfer.attention.sharded`). Prints one line per mesh; exits 1 on a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and onto one
-device, each device reading only its shard, with the same values and logits."""
+interpreted, per KV-head shard (`jinfer.attention.sharded`), also in a one-row decode step. Prints one line per
+mesh; exits 1 on a miss. Also: params saved with orbax from a (model=2) mesh restore straight onto (model=4) and
+onto one device, each device reading only its shard, with the same values and logits."""
 
 import os
 import sys
@@ -23,15 +24,24 @@ from jinfer.testing.tiny import tiny_params
 
 
 def run(dp: int, tp: int, params, prompts, per_layer_weights=None, quantization=None, kv_cache_dtype=None,
-        attention_backend=None):
-    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(32,), decode_buckets=(4,),
+        attention_backend=None, decode_buckets=(4,)):
+    cfg = EngineConfig(max_slots=4, page_size=4, num_pages=64, token_buckets=(32,), decode_buckets=decode_buckets,
                        max_prefill_chunk=16, tensor_parallel=tp, data_parallel=dp,
                        per_layer_weights=per_layer_weights, quantization=quantization, kv_cache_dtype=kv_cache_dtype)
     eng = make_engine(CONFIG, params, None, cfg, attention_backend=attention_backend, seed=0)
     eng.warmup()
     runners = [e.runner for e in getattr(eng, "replicas", [eng])]
     compiled = [r.num_compilations for r in runners]
-    ids = [eng.add_request(p, SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)) for p in prompts]
+    for r in runners:  # each runner records the row counts of the decode steps it ran (runner.decode_rows)
+        def launch(plan, shape, r=r, inner=r._launch):
+            if shape.decode:
+                r.decode_rows.add(shape.rows)
+            return inner(plan, shape)
+
+        r.decode_rows, r._launch = set(), launch
+    # The last request outlasts the others, so the step ends alone (a one-row decode bucket, where there is one).
+    ids = [eng.add_request(p, SamplingParams(max_tokens=20 if j == len(prompts) - 1 else 12, temperature=0,
+                                             ignore_eos=True)) for j, p in enumerate(prompts)]
     outs = {}
     while eng.has_work:
         for ev in eng.step():
@@ -145,11 +155,13 @@ def main():
     kernel, pool_gathers = kernel_over_heads()
     for dp, tp, layered in ((1, 2, False), (1, 2, None), (1, 4, None), (2, 2, None)):
         # The stacked form runs the Pallas kernel (interpreted): it must match the single device's jnp attention.
+        # Its decode bucket of one row (the last request alone) writes K/V as a block update, not a scatter.
         backend = kernel if layered is False else None
-        got, runners = run(dp, tp, params, prompts, per_layer_weights=layered, attention_backend=backend)
+        got, runners = run(dp, tp, params, prompts, per_layer_weights=layered, attention_backend=backend,
+                           decode_buckets=(1, 4) if backend else (4,))
         ok = got == want
         gathers = pool_gathers(runners[0]) if backend else 0
-        ok &= gathers == 0
+        ok &= gathers == 0 and (not backend or runners[0].decode_rows == {1, 4})
         devices = set()
         for runner in runners:
             p = runner.params
@@ -163,7 +175,7 @@ def main():
         bad += not ok
         form = "stacked, Pallas kernel per KV-head shard" if backend else "per-layer"
         print(f"data={dp} model={tp} {form}: {'ok' if ok else 'MISMATCH'} tokens_equal={got == want} specs={specs}"
-              + (f" pool all-gathers={gathers}" if backend else ""))
+              + (f" pool all-gathers={gathers} decode rows={sorted(runners[0].decode_rows)}" if backend else ""))
     # int8 weights split like the float ones (values by the rules, scales over their output axes); an int8 KV
     # cache's values and per-token-per-head scales both over KV heads.
     want_q, _ = run(1, 1, params, prompts, quantization="int8", kv_cache_dtype="int8")
