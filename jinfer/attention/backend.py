@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jinfer.quant.kv import empty_kv, is_quantized_kv, round_trip_kv, store_kv, store_kv_block
+from jinfer.quant.kv import empty_kv, is_quantized_kv, round_trip_kv, store_tokens
 
 M = TypeVar("M")  # a backend's own per-step metadata: a pytree of arrays
 
@@ -84,16 +84,8 @@ def make_paged_attention(width: int, backend: AttentionBackend):
         pos = positions[0]
         page = jnp.where(meta.token_valid, meta.page_table[meta.token_row, pos // ps], 0)
         offset = jnp.where(meta.token_valid, pos % ps, 0)
-        if k.shape[1] == 1:
-            # One token in the step (batch-1 decode): an in-place block update. XLA GPU turns a one-update
-            # scatter into the same update plus a kernel that reads the old K/V to keep scatter's skipping of
-            # out-of-range indices (these never are): one more kernel a layer, a token, on the H200.
-            start = (layer, 0, page[0], offset[0], 0)
-            k_pages, v_pages = (store_kv_block(pages, start, x[0].reshape(1, x.shape[2], 1, 1, x.shape[3]))
-                                for pages, x in ((k_pages, k), (v_pages, v)))
-        else:
-            k_pages = store_kv(k_pages, (layer, slice(None), page, offset), k[0])
-            v_pages = store_kv(v_pages, (layer, slice(None), page, offset), v[0])
+        k_pages = store_tokens(k_pages, layer, page, offset, k[0])
+        v_pages = store_tokens(v_pages, layer, page, offset, v[0])
         if is_quantized_kv(k_pages):  # a backend that reads this step's K/V directly sees what the pages hold
             k, v = (round_trip_kv(x, k_pages.fmt) for x in (k, v))
         out = backend.attend(q[0], k[0], v[0], k_pages, v_pages, layer, meta, width)

@@ -35,13 +35,12 @@ class HeadShardedBackend:
         return self.inner.step_metadata(query_start, query_len, num_tokens, width)
 
     def attend(self, q, k, v, k_pages, v_pages, layer, meta: PagedMeta, width: int):
-        heads = P(None, self.axis)  # q [T, N, H], k / v [T, K, H]; pages [L, K, ...] (a QuantizedKV's leaves alike)
-        pages = P(None, self.axis)
+        heads = P(None, self.axis)  # axis 1 is heads in all: q [T, N, H], k / v [T, K, H], pages [L, K, ...]
 
         def local(q, k, v, k_pages, v_pages, layer, meta):
             return self.inner.attend(q, k, v, k_pages, v_pages, layer, meta, width)
 
-        return jax.shard_map(local, mesh=self.mesh, in_specs=(heads, heads, heads, pages, pages, P(), P()),
+        return jax.shard_map(local, mesh=self.mesh, in_specs=(heads,) * 5 + (P(), P()),
                              out_specs=heads, check_vma=False)(q, k, v, k_pages, v_pages, layer, meta)
 
 

@@ -11,7 +11,7 @@ already in its page, and an outlier token costs only its own precision.
 Scales are float32: the scale used to quantize is stored as it is (no second rounding between quantizing
 and dequantizing), and its 4 bytes are 3% of an int8 token at head_dim 128 (bfloat16 scales would save
 half of that; `kv_token_bytes` counts them). A quantized cache is a `QuantizedKV` pytree, so it rides in
-the model's scan carry and is donated to the step like a float array; `store_kv` and `load_kv` write and
+the model's scan carry and is donated to the step like a float array; `store_kv`, `store_tokens` and `load_kv` write and
 read either kind, so code that moves K/V does not branch on the format. The dense reference loop quantizes
 K/V with the same `quantize_kv` and keeps `dequantize_kv` of it (`jinfer.models.attention`), so the engine
 can be checked against it token for token.
@@ -99,9 +99,15 @@ def store_kv(cache, index, x: jax.Array, mode: str | None = None):
     return cache.at[index].set(x.astype(cache.dtype), mode=mode)
 
 
-def store_kv_block(cache, start: tuple, x: jax.Array):
-    """`lax.dynamic_update_slice(cache, x, start)` for a float cache or a QuantizedKV: x a block of whole
-    vectors ([..., H], of the cache's rank), `start` its first index (0 on the H axis)."""
+def store_tokens(cache, layer, page: jax.Array, offset: jax.Array, x: jax.Array):
+    """A step's K or V, x [T, K, H], written at (layer, every head, page[t], offset[t]) of a float cache or a
+    QuantizedKV laid out [L, K, P, page_size, H]. One token (batch-1 decode) is a block update, not a scatter:
+    XLA GPU turns a one-update scatter into the same update plus a kernel that reads the old vectors, to honour
+    scatter's skipping of out-of-range indices (these never are): a kernel more a layer, a token (the H200)."""
+    if x.shape[0] > 1:
+        return store_kv(cache, (layer, slice(None), page, offset), x)
+    start = (layer, 0, page[0], offset[0], 0)
+    x = x.reshape(1, x.shape[1], 1, 1, x.shape[2])
     if isinstance(cache, QuantizedKV):
         values, scale = quantize_kv(x, cache.fmt)
         return QuantizedKV(jax.lax.dynamic_update_slice(cache.values, values, start),
