@@ -46,6 +46,7 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from benchmarks.gpu_trace import gpu_kernels, kernel_times
 from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
+from jinfer.kernels.quant_matmul.kernel import kernel_name
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for, fit_block_sizes, m_bucket
 from jinfer.quant.qtensor import QTensor, dequantize
 from jinfer.quant.rtn import quantize
@@ -175,9 +176,9 @@ def sweep_shape(K, N, M, fmt, args, interpret):
           f"path={b.path!r})  # split_k {b.split_k} at this shape; default's {default.split_k}", flush=True)
 
 
-def _fma(bn, bk, unroll, warps, split=1, prefetch=True):
+def _fma(bn, bk, unroll, warps, split=1, prefetch=True, **kw):
     return QuantMatmulBlockSizes(block_n=bn, block_k=bk, unroll=unroll, num_warps=warps, num_stages=1, path="fma",
-                                 split_k=split, prefetch=prefetch)
+                                 split_k=split, prefetch=prefetch, **kw)
 
 
 def _mma(bm, bn, bk, warps, stages, split=1):
@@ -188,15 +189,17 @@ def _mma(bm, bn, bk, warps, stages, split=1):
 def variant_list(M: int, fmt: str) -> list[QuantMatmulBlockSizes]:
     """Curated candidates: split_k 1 is left to fit_block_sizes, another is kept. The "fma" ones keep a thread's
     share of a step to 32-64 weights (its accumulators) so that 16-32 warps fit on a multiprocessor."""
-    if M == 1 and fmt == "int4":
-        return [_fma(128, 32, 1, 4), _fma(128, 32, 1, 4, 16), _fma(256, 32, 1, 4, 20), _fma(128, 32, 1, 2, 10),
-                _fma(128, 16, 1, 4, 16), _fma(256, 32, 1, 4, 10, prefetch=False)]
+    if M == 1 and fmt == "int4":  # the nibbles unpacked by PTX or by jnp; group sums or prescaled weights
+        return [_fma(256, 32, 1, 4, prefetch=False, ptx=False), _fma(256, 32, 1, 4, prefetch=False, prescale=True),
+                _fma(128, 32, 1, 4, prefetch=False, prescale=True), _fma(256, 64, 1, 4, prefetch=False, prescale=True),
+                _fma(256, 16, 1, 4, prefetch=False, prescale=True), _fma(128, 32, 1, 4), _fma(256, 32, 1, 8, 20),
+                _fma(128, 32, 1, 2, 10, prefetch=False)]
     if M == 1:
         return [_fma(128, 32, 4, 4), _fma(128, 32, 4, 4, 16), _fma(128, 64, 2, 4, 16), _fma(256, 32, 2, 4, 20),
                 _fma(64, 64, 2, 2, 16), _fma(128, 64, 2, 2, 5, prefetch=False), _fma(128, 64, 2, 2, 10, prefetch=False)]
     if M <= 8:
         return [_mma(16, 256 if fmt == "int4" else 128, 128, 4, 4), _mma(16, 128, 64, 4, 5, 8),
-                _fma(128, 16, 4, 4, 16)]
+                _fma(128, 16, 4, 4, 16), _fma(256, 32, 1, 4, prefetch=False), _fma(128, 32, 1, 4, prefetch=False)]
     if M <= 16:
         if fmt == "int4":
             return [_mma(16, 256, 128, 4, 4), _mma(16, 256, 128, 4, 4, 10), _mma(16, 128, 128, 4, 4, 10),
@@ -206,10 +209,11 @@ def variant_list(M: int, fmt: str) -> list[QuantMatmulBlockSizes]:
     return [_mma(64, 128, 128, 4, 3), _mma(64, 128, 64, 4, 4, 6)]
 
 
-def pallas_kernel_times(calls: list, names: list, iters: int) -> dict:
+def pallas_kernel_times(calls: list, names: list, iters: int, details: dict | None = None) -> dict:
     """{name: microseconds per call} of several functions traced in turn in one profiler trace: each Pallas
     kernel (named quantized_matmul_...) is charged to the call whose name its kernel bears, and any other kernel
-    (split-K's sum) to the Pallas kernel before it on the device."""
+    (split-K's sum) to the Pallas kernel before it on the device. `details` gets each name's launch details as
+    the trace reports them (registers a thread, occupancy)."""
     def run():
         for fn in calls:
             for i in range(iters):
@@ -223,6 +227,8 @@ def pallas_kernel_times(calls: list, names: list, iters: int) -> dict:
                 (n for n in names if e["name"].startswith(n + "_") or n.startswith(e["name"])), e["name"])
         if owner is not None:
             total[owner] += e.get("dur", 0)
+            if details is not None and e["name"].startswith("quantized_matmul_"):
+                details[owner] = e.get("args", {}).get("kernel_details", "")
     return {n: total[n] / iters for n in names}
 
 
@@ -231,11 +237,6 @@ def split_count(bs: QuantMatmulBlockSizes, K: int, group: int) -> int:
     units = -(-K // (bs.block_k * ((group // bs.block_k if group else bs.unroll) if bs.path == "fma" else 1)))
     per = -(-units // min(bs.split_k, units))
     return -(-units // per)
-
-
-def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
-    return (f"quantized_matmul_{fmt}_{bs.path}_m{bs.block_m}n{bs.block_n}k{bs.block_k}u{bs.unroll}"
-            f"w{bs.num_warps}s{bs.num_stages}p{int(bs.prefetch)}x{splits}")
 
 
 def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
@@ -268,11 +269,11 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
         names.append(bs)
     if not fns:
         return None
-    samples = collections.defaultdict(list)
+    samples, launch = collections.defaultdict(list), {}
     for _ in range(args.rounds):
         prefixes = [kernel_name(fmt, bs, split_count(bs, K, w.group_size)) for bs in names]
         if jax.devices()[0].platform == "gpu":
-            got = pallas_kernel_times(fns, prefixes, args.iters)
+            got = pallas_kernel_times(fns, prefixes, args.iters, launch)
         else:  # no device trace: wall time
             got = {p: wall_time(lambda fn=fn: fn(0), args.iters) * 1e6 for p, fn in zip(prefixes, fns)}
         for bs, p in zip(names, prefixes):
@@ -297,11 +298,12 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
         tag = " (default)" if bs == default else ""
         log(f"  {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s {nbytes / t / copy_bps:5.2f} of copy  err {errs[bs]:.1e}  "
             f"{bs.path} bm{bs.block_m} bn{bs.block_n} bk{bs.block_k} u{bs.unroll} w{bs.num_warps} s{bs.num_stages} "
-            f"split{bs.split_k}{tag}")
+            f"split{bs.split_k} prefetch={int(bs.prefetch)} ptx={int(bs.ptx)} prescale={bs.prescale}{tag}  "
+            f"{launch.get(kernel_name(fmt, bs, split_count(bs, K, w.group_size)), '')}")
     b = ranked[0]
     log(f"  TABLE[({kind!r}, {fmt!r}, {m_bucket(M)})] = QuantMatmulBlockSizes(block_m={b.block_m}, block_n={b.block_n}, "
-        f"block_k={b.block_k}, num_warps={b.num_warps}, num_stages={b.num_stages}, path={b.path!r}, unroll={b.unroll})"
-        f"  # split_k {b.split_k} here")
+        f"block_k={b.block_k}, num_warps={b.num_warps}, num_stages={b.num_stages}, path={b.path!r}, unroll={b.unroll}, "
+        f"prescale={b.prescale}, ptx={b.ptx})  # split_k {b.split_k} here")
     return b, times[b], nbytes, {n: t[n] for n, t in peer_t.items()}
 
 

@@ -90,6 +90,7 @@ def main():
     ap.add_argument("--top", type=int, default=0, help="also list the N device ops that took longest in all, "
                                                        "and the N after which the device idled longest")
     ap.add_argument("--speculative-config", default=None, help="JSON, as `jinfer generate` takes it")
+    ap.add_argument("--quantization", default=None, help="weight format the engine quantizes to (int8, int4, fp8)")
     ap.add_argument("--hlo-dir", default=None, help="also write each compiled shape's optimized HLO there")
     ap.add_argument("--grounded", action="store_true",
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
@@ -113,7 +114,8 @@ def main():
         spec = SpeculativeConfig.from_dict(json.loads(args.speculative_config)).resolve(jax.default_backend())
     engine = make_engine(config, params, tokenizer, EngineConfig(dtype=args.dtype, decode_steps=args.decode_steps,
                                                             max_slots=args.max_slots, speculative=spec,
-                                                            tensor_parallel=args.tensor_parallel))
+                                                            tensor_parallel=args.tensor_parallel,
+                                                            quantization=args.quantization))
     engine.warmup()
     n, _, new = args.requests or WORKLOADS[args.workload]
     sp = SamplingParams(max_tokens=new, temperature=0, ignore_eos=not args.grounded)

@@ -6,11 +6,12 @@ and float8 -> bfloat16 becomes F2F at the same rate: these cost more than the we
   the stored bits moved into the mantissa of 1.0 by one or two integer ops (no float op at all), with the
   stored values an affine mix of them: q_h = sum_j mix[h][j] f_j + const[h] (`FMA_MIX`), paid once per group
   on the tiles' sums, not per weight. int8: f = 1 + (q + 128) / 256, the sign-extended q times 2^15 plus
-  the bits of 1.5 (one LEA). int4: f_0 = 1 + lo / 16 (the low nibble into mantissa bits 19-22) and
-  f_1 = 1 + byte / 256 = 1 + hi / 16 + lo / 256 (the whole byte into bits 15-22, no mask), so
-  hi = 16 f_1 - f_0 - 15. float8: Triton's own cast to float32 (F2FP unpacks two bytes into float16 numbers,
-  HADD2.F32 widens them at full rate). Products with bfloat16 x are exact in float32 (f has 9 significant
-  bits); the constant terms cancel against sum(x) terms of similar size, costing ~1e-7 relative.
+  the bits of 1.5 (one LEA). int4: f_h = 1 + nibble_h / 16, each nibble shifted into mantissa bits 19-22
+  and masked under the bits of 1.0 (a shift and a LOP3 a weight); compiled, a PTX block does it for four
+  bytes at once from the register they were loaded in (`INT4_PTX`; interpret mode computes the same bits
+  with jnp). float8: Triton's own cast to float32 (F2FP unpacks two bytes into float16 numbers, HADD2.F32
+  widens them at full rate). Products with bfloat16 x are exact in float32 (f has 9 significant bits); the
+  constant terms cancel against sum(x) terms of similar size, costing ~1e-7 relative.
 - `mma_values`, for the matrix-unit path: numbers in x's dtype. int4 in bfloat16: the nibble as the
   mantissa of 128.0, i.e. 128 + q exactly (0x4300 | q), the 128 taken back once per group through sum(x)
   (so int4 needs no conversion instruction at all); int8: Triton's cast (already PRMT + HADD2, no I2F);
@@ -26,7 +27,7 @@ from jax import lax
 # fmt -> (mix, const) of fma_values: the stored value of half h is sum_j mix[h][j] * f_j + const[h].
 FMA_MIX = {
     "int8": (((256.0,),), (-384.0,)),
-    "int4": (((16.0, 0.0), (-1.0, 16.0)), (-16.0, -15.0)),
+    "int4": (((16.0, 0.0), (0.0, 16.0)), (-16.0, -16.0)),
     "fp8": (((1.0,),), (0.0,)),
 }
 # The bias mma_values adds to each int4 value in bfloat16 / float16 (taken back through sum(x)).
@@ -38,14 +39,36 @@ def halves(q: jax.Array, fmt: str) -> tuple[jax.Array, ...]:
     return ((q & 0xF), (q >> 4)) if fmt == "int4" else (q,)
 
 
-def fma_values(q: jax.Array, fmt: str) -> tuple[jax.Array, ...]:
-    """float32 tiles f_j, the stored values an affine mix of them (`FMA_MIX[fmt]`)."""
+def _int4_ptx(half: int) -> str:
+    """PTX for four packed bytes ($4, byte i = element i) -> 1 + nibble_i / 16 ($0-$3), the low nibbles (half 0)
+    or the high ones (1): each shifted to mantissa bits 19-22, then (t & 0x780000) | 0x3F800000 (LUT 0xEA).
+    One block a half: Pallas' lowering takes one result an asm op."""
+    lines = []
+    for out in range(4):
+        bit = 8 * out + 4 * half
+        shift = f"shl.b32 t, $4, {19 - bit}" if bit <= 19 else f"shr.u32 t, $4, {bit - 19}"
+        lines.append(f"{shift}; lop3.b32 ${out}, t, m, one, 0xEA;")
+    return "{ .reg .b32 t, m, one; mov.b32 m, 0x780000; mov.b32 one, 0x3F800000; " + " ".join(lines) + " }"
+
+
+INT4_PTX = (_int4_ptx(0), _int4_ptx(1))
+
+
+def fma_values(q: jax.Array, fmt: str, *, ptx: bool = False) -> tuple[jax.Array, ...]:
+    """float32 tiles f_j, the stored values an affine mix of them (`FMA_MIX[fmt]`). ptx: int4 through
+    `INT4_PTX` (compiled kernels only; the same bits as the jnp form)."""
     if fmt == "int8":  # bits of 1.5 + q / 256 = 1 + (q + 128) / 256, q sign-extended
         return (lax.bitcast_convert_type((q.astype(jnp.int32) << 15) + 0x3FC00000, jnp.float32),)
+    if fmt == "int4" and ptx:
+        from jax.experimental.pallas import triton as plgpu
+
+        f32 = jax.ShapeDtypeStruct(q.shape, jnp.float32)
+        return tuple(plgpu.elementwise_inline_asm(asm, args=[q], constraints="=r,=r,=r,=r,r", pack=4,
+                                                  result_shape_dtypes=[f32])[0] for asm in INT4_PTX)
     if fmt == "int4":
         u = q.astype(jnp.int32)  # the byte, zero-extended: low nibble in bits 0-3, high in 4-7
-        return (lax.bitcast_convert_type(((u << 19) & 0x780000) | 0x3F800000, jnp.float32),  # 1 + lo / 16
-                lax.bitcast_convert_type((u << 15) | 0x3F800000, jnp.float32))  # 1 + byte / 256
+        return tuple(lax.bitcast_convert_type(((u << s) & 0x780000) | 0x3F800000, jnp.float32)
+                     for s in (19, 15))  # 1 + lo / 16, 1 + hi / 16
     return (q.astype(jnp.float32),)
 
 

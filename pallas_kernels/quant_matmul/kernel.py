@@ -39,11 +39,14 @@ Stacked weights ([L, K, N], a model's layers) are read in place: the layer index
 offsets every weight, scale and offset address, so no per-call copy of one layer is made.
 
 Where it stands (H200, `tuning.py` has the table): at M = 1 the "fma" path reads int8 / fp8 at 0.50-0.68 of
-copy bandwidth on the large shapes and int4 at 0.28; "mma" at M = 4-16 reads int8 / fp8 at ~0.49 and int4 at
-~0.25. Both are bound by instruction issue and latency, not by bytes: Triton emits each weight's unpack and
-FMA as separate scalar instructions (int8 ~3.5 SASS instructions a weight in the "fma" loop, fp8 ~3, int4
-~4.7 with its group scaling; "mma" ~4.3-5.8, the weight tile reaching the matrix layout through byte-wise
-shared-memory loads), and the best "fma" sizes keep only ~8 warps a multiprocessor (245 registers a thread).
+copy bandwidth on the large shapes and int4 at 0.29-0.32 (0.28 before its nibbles were unpacked by PTX);
+"mma" at M = 4-16 reads int8 / fp8 at ~0.49 and int4 at ~0.25. Both are bound by instruction issue and
+latency, not by bytes: Triton emits each weight's unpack and FMA as separate scalar instructions (int8 ~3.5
+SASS instructions a weight in the "fma" loop, fp8 ~3; "mma" ~4.3-5.8, the weight tile reaching the matrix
+layout through byte-wise shared-memory loads), and the "fma" accumulator tiles cost 128-250 registers a
+thread (12-25% occupancy). At int4's two weights a byte, even 3 instructions a weight need ~3/4 of a
+multiprocessor's issue rate to keep up with HBM: reaching the bandwidth takes packed (bfloat16x2) or
+matrix-unit arithmetic on a layout repacked for it, not a better float32 loop.
 """
 
 from __future__ import annotations
@@ -146,7 +149,7 @@ def _fma_kernel(
     s_ref,  # f32 | f16 [L, G, N]; int4: [L, G, N // 2, 2]
     *refs,  # int4: offset_ref like s_ref; then o_ref [S, M, N] (int4: [S, M, N // 2, 2])
     fmt: str, group_size: int, num_chunks: int, chunks_per_split: int, chunk_steps: int,
-    block_n: int, block_k: int, prescale: bool, prefetch: bool,
+    block_n: int, block_k: int, prescale: bool, prefetch: bool, ptx: bool,
 ):
     packed = fmt == "int4"
     off_ref, o_ref = refs if packed else (None, *refs)
@@ -187,7 +190,7 @@ def _fma_kernel(
         for u in range(chunk_steps):
             k0 = (c * chunk_steps + u) * block_k
             q = t.weights(v_ref, k0)[0] if qs is None else qs[u]  # None: load here, step by step
-            w = _zero_undefined(fma_values(q, fmt), fmt, t.weights_mask(k0))
+            w = _zero_undefined(fma_values(q, fmt, ptx=ptx), fmt, t.weights_mask(k0))
             if prescale:
                 w = tuple(mixed(w, s[h], h) + b[h][None, :] for h in range(nh))
             for r in range(M):
@@ -285,6 +288,14 @@ def _mma_kernel(
     t.store(o_ref, split, m0, acc, packed, _and(row_ok, None if t.col_ok is None else t.col_ok[None, :]))
 
 
+def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
+    """The compiled kernel's name: profiles tell variants apart by it (a: ptx, c: prescale, n for by M; XLA
+    renames a "-")."""
+    return (f"quantized_matmul_{fmt}_{bs.path}_m{bs.block_m}n{bs.block_n}k{bs.block_k}u{bs.unroll}"
+            f"w{bs.num_warps}s{bs.num_stages}p{int(bs.prefetch)}a{int(bs.ptx)}"
+            f"c{'n' if bs.prescale is None else int(bs.prescale)}x{splits}")
+
+
 @functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret"))
 def quantized_matmul_triton(
     x: jax.Array,  # [M, K] f32 | bf16 | f16
@@ -326,8 +337,8 @@ def quantized_matmul_triton(
     if fma:
         kernel = functools.partial(_fma_kernel, fmt=fmt, group_size=group_size, num_chunks=units,
                                    chunks_per_split=per_split, chunk_steps=chunk_steps, block_n=bs.block_n,
-                                   block_k=bs.block_k, prescale=bool(group_size) and M > 1,
-                                   prefetch=bs.prefetch)
+                                   block_k=bs.block_k, prefetch=bs.prefetch, ptx=bs.ptx and not interpret,
+                                   prescale=bool(group_size) and (M > 1 if bs.prescale is None else bs.prescale))
         grid = (1, pl.cdiv(N, bs.block_n), splits)
     else:
         kernel = functools.partial(_mma_kernel, fmt=fmt, group_size=group_size, num_steps=units,
@@ -344,8 +355,7 @@ def quantized_matmul_triton(
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
                                                                     num_stages=bs.num_stages),
-        name=(f"quantized_matmul_{fmt}_{bs.path}_m{bs.block_m}n{bs.block_n}k{bs.block_k}u{bs.unroll}"
-              f"w{bs.num_warps}s{bs.num_stages}p{int(bs.prefetch)}x{splits}"),  # profiles tell variants apart
+        name=kernel_name(fmt, bs, splits),
     )(*operands)
     if splits > 1:
         out = out.sum(axis=0)

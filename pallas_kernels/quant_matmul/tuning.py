@@ -22,8 +22,11 @@ class QuantMatmulBlockSizes:
     per inner step (>= 16; with groups, a divisor of group_size, so that one step lies in one group). All three
     powers of two. unroll ("fma", per-channel scales only): steps per loop iteration (with groups, a group's
     steps); prefetch ("fma"): load the next iteration's tiles before this one's FMAs (correct in interpret mode
-    and compiled for sm_90, not yet timed on a GPU: the table leaves it off). num_warps, num_stages: Triton
-    launch options (stages pipeline the "mma" path's weight loads).
+    and compiled for sm_90, not yet timed on a GPU: the table leaves it off). prescale ("fma", with groups):
+    scale each weight in the tile (one FMA a weight shared by all rows) instead of keeping a second tile of
+    group sums per row; None: for M > 1. ptx ("fma", int4): unpack nibbles with `dequant.INT4_PTX` (compiled
+    only; interpret mode computes the same numbers with jnp). num_warps, num_stages: Triton launch options
+    (stages pipeline the "mma" path's weight loads).
     split_k: programs that share one output block, each reading a contiguous share of K and writing a float32
     partial that the wrapper sums (1: no partials, the output written in x's dtype)."""
 
@@ -36,6 +39,8 @@ class QuantMatmulBlockSizes:
     path: str = "mma"
     unroll: int = 1
     prefetch: bool = False
+    prescale: bool | None = None
+    ptx: bool = True
 
 
 # The most rows the "fma" path takes: each row keeps its own [block_k, block_n] float32 accumulator.
@@ -45,9 +50,9 @@ FMA_MAX_M = 8
 M_BUCKETS = (1, 2, 4, 8, 16, 64, 256)
 
 
-def _fma(block_n, block_k, unroll=1, num_warps=4):
+def _fma(block_n, block_k, unroll=1, num_warps=4, prescale=None):
     return QuantMatmulBlockSizes(block_n=block_n, block_k=block_k, num_warps=num_warps, num_stages=1,
-                                 path="fma", unroll=unroll, prefetch=False)
+                                 path="fma", unroll=unroll, prefetch=False, prescale=prescale)
 
 
 def _mma(block_m, block_n, block_k, num_warps, num_stages):
@@ -64,6 +69,10 @@ def _mma(block_m, block_n, block_k, num_warps, num_stages):
 #     4096x14336: int8 27.3 us 0.50, fp8 26.0 us 0.53, int4 28.0 us 0.28
 #     14336x4096: int8 21.6 us 0.64, fp8 20.3 us 0.68, int4 28.0 us 0.28 (24.6 us with block_n 128, 2 warps)
 #     4096x4096: int8 8.6 us 0.46, int4 9.6 us 0.23; 4096x1024: int8 5.2 us 0.19, int4 4.7 us 0.12
+#   int4 at M = 1 again (session 31, nibbles unpacked by PTX, `dequant.INT4_PTX`): block_n 128, prescaled
+#     weights (128 registers a thread, occupancy 25%, against 246 and 12.5% at block_n 256): 4096x14336 26.4 us
+#     0.29, 14336x4096 23.9 us 0.32; block_n 256 with group sums: 24.4 us 0.32 and 42.8 us (29.6 us and 29.7
+#     with the jnp unpack), so the smaller block serves both. 4096x4096 10.4 us, 4096x1024 5.1 us.
 #   M = 4, "mma" (the "fma" path: int8 41.4 us, int4 57.0 us, fp8 41.0 us), 4096x14336: int8 28.3 us 0.49,
 #     fp8 27.4 us 0.51, int4 30.3 us 0.26.
 #   M = 16, 4096x14336: int8 28.2 us 0.49, fp8 28.8 us 0.48, int4 32.6 us 0.24.
@@ -73,7 +82,7 @@ def _mma(block_m, block_n, block_k, num_warps, num_stages):
 # weight and row).
 _INT8 = {1: _fma(128, 64, unroll=2, num_warps=2), 4: _mma(16, 128, 64, 4, 4), 16: _mma(16, 128, 64, 4, 5),
          64: _mma(64, 128, 128, 4, 3), 256: _mma(128, 128, 64, 8, 3)}
-_INT4 = {1: _fma(256, 32, num_warps=4), 4: _mma(16, 256, 128, 4, 4), 16: _mma(16, 256, 128, 4, 4),
+_INT4 = {1: _fma(128, 32, num_warps=4, prescale=True), 4: _mma(16, 256, 128, 4, 4), 16: _mma(16, 256, 128, 4, 4),
          64: _mma(64, 128, 128, 4, 3), 256: _mma(64, 128, 128, 4, 3)}
 _BY_BUCKET = {1: 1, 2: 4, 4: 4, 8: 4, 16: 16, 64: 64, 256: 256}  # M bucket -> the measured entry it takes
 

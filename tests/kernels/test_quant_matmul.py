@@ -190,3 +190,39 @@ def test_block_sizes_for():
     assert block_sizes_for(64, 4096, 4096, "fp8", "NVIDIA H200", group_size=32).block_k == 32
     big = block_sizes_for(256, 4096, 14336, "int8", "NVIDIA H200")
     assert big.path == "mma" and big.block_m >= 16 and big.split_k <= 2  # 2 M blocks x 112 N blocks fill it
+
+
+def _run_ptx(asm: str, words: np.ndarray) -> list[np.ndarray]:
+    """Emulates `dequant.INT4_PTX`'s instructions (mov, shl, shr, lop3) on 32-bit words ($4); returns $0-$3."""
+    regs, out = {"$4": words.astype(np.uint32)}, {}
+    for ins in (s.strip() for s in asm.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")):
+        op, args = ins.split(None, 1)
+        a = [v.strip() for v in args.split(",")]
+        val = lambda r: regs[r] if r in regs else np.uint32(int(r, 0))  # noqa: E731
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op in ("shl.b32", "shr.u32"):
+            regs[a[0]] = (val(a[1]) << np.uint32(int(a[2]))) if op == "shl.b32" else (val(a[1]) >> np.uint32(int(a[2])))
+        elif op == "lop3.b32":
+            x, y, z, lut = val(a[1]), val(a[2]), val(a[3]), int(a[4], 0)
+            assert lut == 0xEA, ins  # (x & y) | z
+            out[a[0]] = regs[a[0]] = (x & y) | z
+        else:
+            raise AssertionError(f"unexpected instruction {ins!r}")
+    return [out[f"${i}"] for i in range(4)]
+
+
+def test_int4_ptx_unpacks_each_nibble_to_one_plus_it_over_16():
+    """The compiled kernel's int4 unpack (PTX: the CPU cannot run it, so its instructions are emulated here): byte
+    i of a word gives 1 + low nibble / 16 (the first block) and 1 + high nibble / 16 (the second), as the jnp
+    form that interpret mode runs."""
+    from jinfer.kernels.quant_matmul.dequant import INT4_PTX, fma_values
+
+    words = np.random.default_rng(0).integers(0, 2**32, 4096, dtype=np.uint64).astype(np.uint32)
+    data = words.view(np.uint8).reshape(-1, 4)  # little-endian: byte i of each word
+    jnp_lo, jnp_hi = (np.asarray(f) for f in fma_values(jnp.asarray(data), "int4"))
+    for half, (asm, via_jnp) in enumerate(zip(INT4_PTX, (jnp_lo, jnp_hi))):
+        got = np.stack([r.view(np.float32) for r in _run_ptx(asm, words)], axis=1)
+        want = 1 + ((data >> (4 * half)) & 0xF).astype(np.float32) / 16
+        np.testing.assert_array_equal(got, want)
+        np.testing.assert_array_equal(via_jnp, want)
