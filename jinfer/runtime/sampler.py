@@ -10,6 +10,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jinfer.runtime.branch import cond
+
 
 def apply_penalties(
     logits: jnp.ndarray,  # f32[B, V]
@@ -53,11 +55,9 @@ def sample(
     all_greedy: bool | None = None,  # known when compiling (True: every row greedy); None: decided at run time
 ) -> jnp.ndarray:  # i32[B]
     greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
-    if all_greedy is not None:
-        return greedy if all_greedy else _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy)
     # An all-greedy batch skips the vocabulary sort entirely (a runtime branch, not a recompile).
-    return jax.lax.cond(jnp.all(temperature <= 0), lambda: greedy,
-                        lambda: _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy))
+    return cond(jnp.all(temperature <= 0), lambda: greedy,
+                lambda: _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy), known=all_greedy)
 
 
 def _sample_random(logits, temperature, top_k, top_p, keys, min_p, greedy):

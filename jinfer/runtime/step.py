@@ -12,7 +12,8 @@ Work a step does not need costs nothing: the penalty state is counted and applie
 of the step asks for them (one compiled function serves every mix of requests; the sampler itself skips its
 vocabulary cuts when every row is greedy). On the GPU such a conditional is a round trip to the host, so the
 runner also compiles each step `plain` (greedy or sampled): for the steps in which the host saw that no row
-needs any of it, with no conditional at all and a decode loop of a fixed count.
+needs any of it, with no conditional at all (`jinfer.runtime.branch.cond` decides each at trace time) and a
+decode loop of a fixed count.
 """
 
 from __future__ import annotations
@@ -29,6 +30,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import qeinsum
+from jinfer.runtime.branch import cond, regardless_when, unused_when
 from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
 
 
@@ -87,7 +89,7 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     """h: [R, D], each row's last hidden state -> (sampled i32[R], (logprob, top ids, top logprobs)). `penalties`,
     `masked`: bool[] whether any row uses penalties, a token mask (computed once per step function). `plain`
     ("greedy" or "sampled"): the caller knows that no row uses a logit processor or asks for logprobs, and
-    whether every row is greedy, so no runtime branch is needed (each costs the GPU a host round trip)."""
+    whether every row is greedy, so no runtime branch is needed (`jinfer.runtime.branch`)."""
     R = h.shape[0]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h, config)  # f32[R, V]
@@ -95,11 +97,10 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
     def none():
         return jnp.zeros(R), jnp.zeros((R, max_logprobs), jnp.int32), jnp.zeros((R, max_logprobs))
 
-    if plain is not None:
-        return sample(logits, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p,
-                      all_greedy=plain == "greedy"), none()
-    logits_p = _processed(logits, state, rows, sp, gen_index, penalties, masked)
-    new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p)
+    known = unused_when(plain)
+    logits_p = _processed(logits, state, rows, sp, gen_index, penalties, masked, known)
+    new = sample(logits_p, sp.temperature, sp.top_k, sp.top_p, step_keys(sp.seed, gen_index), sp.min_p,
+                 all_greedy=None if plain is None else plain == "greedy")
 
     def logprobs():
         lp = jax.nn.log_softmax(logits, axis=-1)
@@ -108,24 +109,26 @@ def _head(params, h, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_
 
     if not max_logprobs:
         return new, none()
-    return new, jax.lax.cond(jnp.any(sp.logprobs), logprobs, none)
+    return new, cond(jnp.any(sp.logprobs), logprobs, none, known=known)
 
 
-def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties, masked):
+def _processed(logits, state: SlotState, rows: RowInputs, sp: SamplingInputs, gen_index, penalties, masked,
+               known: bool | None = None):
     """The logits a row samples from, in vLLM's order: logit bias, min_tokens (stop tokens banned until the
     row has that many), penalties, then the structured output's token mask (`masked`: any row has one). Each
-    under a runtime condition on whether any row uses it, so a step without it pays nothing."""
+    under a runtime condition on whether any row uses it, so a step without it pays nothing (`known`: none
+    does, in a plain step)."""
     has_bias = sp.has_logit_bias[:, None]
-    logits = jax.lax.cond(jnp.any(sp.has_logit_bias),
-                          lambda x: x + jnp.where(has_bias, state.logit_bias[rows.slot], 0.0), lambda x: x, logits)
+    logits = cond(jnp.any(sp.has_logit_bias), lambda x: x + jnp.where(has_bias, state.logit_bias[rows.slot], 0.0),
+                  lambda x: x, logits, known=known)
     early = gen_index < sp.min_tokens
-    logits = jax.lax.cond(jnp.any(early), lambda x: ban_tokens(x, rows.stop_ids, early), lambda x: x, logits)
-    logits = jax.lax.cond(
+    logits = cond(jnp.any(early), lambda x: ban_tokens(x, rows.stop_ids, early), lambda x: x, logits, known=known)
+    logits = cond(
         penalties,
         lambda x: apply_penalties(x, state.output_counts[rows.slot], state.prompt_mask[rows.slot],
                                   sp.repetition_penalty, sp.presence_penalty, sp.frequency_penalty),
-        lambda x: x, logits)
-    return jax.lax.cond(masked, lambda x: apply_token_mask(x, rows.token_mask), lambda x: x, logits)
+        lambda x: x, logits, known=known)
+    return cond(masked, lambda x: apply_token_mask(x, rows.token_mask), lambda x: x, logits, known=known)
 
 
 def no_prompt_logprobs(T: int, max_logprobs: int):
@@ -134,10 +137,10 @@ def no_prompt_logprobs(T: int, max_logprobs: int):
 
 
 @jax.named_scope("prompt_logprobs")
-def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int):
+def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int, known: bool | None = None):
     """h: [T, D], every token's hidden state; next_id: i32[T] -> (logprob f32[T], rank i32[T], top ids
     i32[T, k], top logprobs f32[T, k]) of each token's next prompt token. The T x V logits are computed only
-    when some token asks (a runtime branch: a step without such a request pays nothing)."""
+    when some token asks (a runtime branch: a step without such a request pays nothing; `known`: none asks)."""
     T = h.shape[0]
 
     def compute():
@@ -150,19 +153,17 @@ def _prompt_logprobs(params, h, next_id, config: ModelConfig, max_logprobs: int)
             _, _, top_ids, top_lp = no_prompt_logprobs(T, 0)
         return chosen[:, 0], rank, top_ids, top_lp
 
-    return jax.lax.cond(jnp.any(next_id >= 0), compute, lambda: no_prompt_logprobs(T, max_logprobs))
+    return cond(jnp.any(next_id >= 0), compute, lambda: no_prompt_logprobs(T, max_logprobs), known=known)
 
 
 def _advance_draft(drafter, draft, tokens, positions, meta: PagedMeta, draft_meta, token_row, live, width: int,
-                   branch: bool = True):
-    """The draft's K/V of the step's tokens of the rows it still follows (`live`: bool[R]); with `branch`,
-    nothing at all (a runtime branch) when it follows none of them."""
+                   known: bool | None = None):
+    """The draft's K/V of the step's tokens of the rows it still follows (`live`: bool[R]); nothing at all (a
+    runtime branch) when it follows none of them, unless `known` (a plain step writes regardless)."""
     follow = meta.token_valid & live[token_row]
     draft_layout = dataclasses.replace(meta, token_valid=follow, backend=draft_meta)
-    if not branch:
-        return drafter.advance(draft, tokens, positions, draft_layout, width)
-    return jax.lax.cond(jnp.any(follow), lambda d: drafter.advance(d, tokens, positions, draft_layout, width),
-                        lambda d: d, draft)
+    return cond(jnp.any(follow), lambda d: drafter.advance(d, tokens, positions, draft_layout, width), lambda d: d,
+                draft, known=known)
 
 
 def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
@@ -191,23 +192,19 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                                     prompt_mask=state.prompt_mask.at[reset].set(False, mode="drop"))
         return count_tokens(state, token_slot, tokens, tok.valid, tok.is_output)
 
-    if plain is None:
-        state = jax.lax.cond(penalties, count, lambda s: s, state)
+    state = cond(penalties, count, lambda s: s, state, known=unused_when(plain))
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
                      query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
                           attention=make_paged_attention(width, backend), matmul=matmul)
     if drafter is not None:
         draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
-                               width, branch=plain is None)
+                               width, known=regardless_when(plain))
     last = jnp.maximum(rows.query_start + rows.query_len - 1, 0)
     new, (lp, top_ids, top_lp) = _head(params, h[0, last], state, rows, sp, rows.gen_index, penalties,
                                        jnp.any(rows.token_mask != -1), config, max_logprobs, plain=plain)
     state = keep_sampled(state, rows, new, rows.sample)
-    if plain is None:
-        prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs)
-    else:
-        prompt = no_prompt_logprobs(tok.ids.shape[0], max_logprobs)
+    prompt = _prompt_logprobs(params, h[0], tok.next_id, config, max_logprobs, known=unused_when(plain))
     return kv, state, StepResult(new[None], lp[None], top_ids[None], top_lp[None], *prompt), draft
 
 
@@ -240,10 +237,9 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
     def body(carry, plain):
         i, kv, state, feed, stopped, out, draft = carry
         active = running(i, stopped)
-        if plain is None:
-            is_output = tok.is_output | (i > 0)
-            state = jax.lax.cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output),
-                                 lambda s: s, state)
+        is_output = tok.is_output | (i > 0)
+        state = cond(penalties, lambda s: count_tokens(s, rows.slot, feed, active, is_output), lambda s: s, state,
+                     known=unused_when(plain))
         # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
         kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
@@ -252,7 +248,7 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
                               attention=attention, matmul=matmul)
         if drafter is not None:
             draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
-                                   rows.draft_live, 1, branch=plain is None)
+                                   rows.draft_live, 1, known=regardless_when(plain))
         # A row with a grammar runs one step (its mask is its first step's): later steps skip the mask.
         new, (lp, top_ids, top_lp) = _head(params, h[0], state, rows, sp, rows.gen_index + i, penalties,
                                            masked & (i == 0), config, max_logprobs, plain=plain)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jinfer.runtime.branch import cond
 from jinfer.runtime.sampler import sampling_logits
 
 ACCEPT_STREAM, RESIDUAL_STREAM, DRAFT_STREAM = 1, 2, 3  # fold_in tags: each use of a token's key its own stream
@@ -29,12 +30,12 @@ def substream(keys: jax.Array, tag: int) -> jax.Array:
     return jax.vmap(lambda k: jax.random.fold_in(k, tag))(keys.reshape(-1)).reshape(keys.shape)
 
 
-def accept(target_logits, x, drafts, num_draft, q, stochastic, sp, keys, branch: bool = True):
+def accept(target_logits, x, drafts, num_draft, q, stochastic, sp, keys, known: bool | None = None):
     """target_logits: f32[R, W, V] penalized logits of the target at each offset (W = k + 1); x: i32[R, W] the
     target's own sample at each offset (the step's plain sampler, each with its token's key); drafts: i32[R, k];
     num_draft: i32[R]; q: f32[R, k, V] draft probabilities or None; stochastic: bool[R] rows that use q;
-    sp: the rows' SamplingInputs; keys: key[R, W], each token's key; branch: skip the stochastic rule's work at
-    run time when no row needs it (False: compute it regardless, without a runtime branch: the GPU's plain steps).
+    sp: the rows' SamplingInputs; keys: key[R, W], each token's key; the stochastic rule's work is skipped at
+    run time when no row needs it, unless `known` (True: computed regardless, masked per row: a plain step).
     -> (tokens i32[R, W]: the accepted run, then the target's token, then -1; accepted i32[R])."""
     R, W, V = target_logits.shape
     k = W - 1
@@ -52,8 +53,8 @@ def accept(target_logits, x, drafts, num_draft, q, stochastic, sp, keys, branch:
             u = jax.vmap(jax.random.uniform)(substream(keys[:, :k], ACCEPT_STREAM).reshape(-1)).reshape(R, k)
             return jnp.where(stochastic[:, None], u * q_d < p_d, ok), p
 
-        ok, p = (jax.lax.cond(jnp.any(stochastic), stochastic_accept, lambda: (ok, jnp.zeros((R, k, V), jnp.float32)))
-                 if branch else stochastic_accept())
+        ok, p = cond(jnp.any(stochastic), stochastic_accept, lambda: (ok, jnp.zeros((R, k, V), jnp.float32)),
+                     known=known)
     run = jnp.cumprod(ok & proposed, axis=1)
     accepted = run.sum(axis=1).astype(jnp.int32)  # [R]
     own = jnp.take_along_axis(x, accepted[:, None], axis=1)[:, 0]  # x at the first rejection, or the bonus
@@ -68,8 +69,7 @@ def accept(target_logits, x, drafts, num_draft, q, stochastic, sp, keys, branch:
             return jnp.where(r.sum(-1) > 0, y, own)
 
         rejected = stochastic & (accepted < num_draft)
-        own = jnp.where(rejected, jax.lax.cond(jnp.any(rejected), residual, lambda: own) if branch else residual(),
-                        own)
+        own = jnp.where(rejected, cond(jnp.any(rejected), residual, lambda: own, known=known), own)
     j = jnp.arange(W)[None, :]
     padded = jnp.concatenate([drafts, jnp.zeros((R, 1), drafts.dtype)], axis=1)
     tokens = jnp.where(j < accepted[:, None], padded, jnp.where(j == accepted[:, None], own[:, None], -1))

@@ -32,6 +32,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import qeinsum
+from jinfer.runtime.branch import cond, unused_when
 from jinfer.runtime.sampler import apply_penalties, sampling_logits
 from jinfer.runtime.spec.accept import DRAFT_STREAM, substream
 
@@ -78,9 +79,9 @@ class Drafter(Protocol):
 def _draw(logits, d: DraftInputs, i, counts):
     """One drafted token per row from its draft logits (f32[R, V]) at draft offset i -> (token i32[R], q f32[R, V])."""
     sp = d.sp
-    pen = logits if d.plain is not None else jax.lax.cond(
-        d.penalties, lambda: apply_penalties(logits, counts, d.prompt_mask, sp.repetition_penalty,
-                                             sp.presence_penalty, sp.frequency_penalty), lambda: logits)
+    pen = cond(d.penalties, lambda: apply_penalties(logits, counts, d.prompt_mask, sp.repetition_penalty,
+                                                    sp.presence_penalty, sp.frequency_penalty),
+               lambda: logits, known=unused_when(d.plain))
     greedy = jnp.argmax(pen, axis=-1).astype(jnp.int32)
 
     def sampled():
@@ -89,9 +90,8 @@ def _draw(logits, d: DraftInputs, i, counts):
         tok = jax.vmap(jax.random.categorical)(keys, z).astype(jnp.int32)
         return jnp.where(sp.temperature > 0, tok, greedy), jax.nn.softmax(z, axis=-1)
 
-    if d.plain is not None:
-        return sampled() if d.plain == "sampled" else (greedy, jnp.zeros(pen.shape, jnp.float32))
-    return jax.lax.cond(jnp.any(sp.temperature > 0), sampled, lambda: (greedy, jnp.zeros(pen.shape, jnp.float32)))
+    return cond(jnp.any(sp.temperature > 0), sampled, lambda: (greedy, jnp.zeros(pen.shape, jnp.float32)),
+                known=None if d.plain is None else d.plain == "sampled")
 
 
 def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, kv):
@@ -107,8 +107,8 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
                          backend=d.meta)
         logits, kv = forward(feed, d.start + i, meta, kv)
         tok, qi = _draw(logits, d, jnp.minimum(i, k - 1), counts)
-        if d.plain is None:
-            counts = jax.lax.cond(d.penalties, lambda: counts.at[jnp.arange(R), tok].add(1), lambda: counts)
+        counts = cond(d.penalties, lambda: counts.at[jnp.arange(R), tok].add(1), lambda: counts,
+                      known=unused_when(d.plain))
         at = jnp.minimum(i, k - 1)  # the extra step's draw is discarded: `at` is k - 1 and i == k
         keep = i < k
         return (kv, tok, counts, drafts.at[:, at].set(jnp.where(keep, tok, drafts[:, at])),

@@ -20,6 +20,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import qeinsum
+from jinfer.runtime.branch import cond, regardless_when, unused_when
 from jinfer.runtime.sampler import apply_penalties, sample, step_keys
 from jinfer.runtime.spec.accept import accept
 from jinfer.runtime.spec.drafters import Drafter, DraftInputs
@@ -49,17 +50,15 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     start = tok.positions[rows.query_start]
     live = rows.query_len > 0
     penalties = uses_penalties(sp)
-
-    def branch(pred, yes, no, *args):  # a plain step knows that no row uses a penalty
-        return no(*args) if plain is not None else jax.lax.cond(pred, yes, no, *args)
+    unused = unused_when(plain)  # a plain step knows that no row uses a penalty or asks for logprobs
 
     # The first token enters the cache now (counted as a step without speculation counts it); the kept
     # proposals are counted at the end.
-    state = branch(penalties, lambda s: count_tokens(s, rows.slot, first, live, tok.is_output[rows.query_start]),
-                   lambda s: s, state)
-    counts0, prompt_mask = branch(
+    state = cond(penalties, lambda s: count_tokens(s, rows.slot, first, live, tok.is_output[rows.query_start]),
+                 lambda s: s, state, known=unused)
+    counts0, prompt_mask = cond(
         penalties, lambda: (state.output_counts[rows.slot], state.prompt_mask[rows.slot]),
-        lambda: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool)))
+        lambda: (jnp.zeros((R, V), jnp.int32), jnp.zeros((R, V), bool)), known=unused)
     offsets = jnp.arange(W)
     rep = lambda a: jnp.repeat(a, W)  # noqa: E731  (per row -> per token slot)
     keys = step_keys(rep(sp.seed), (rows.gen_index[:, None] + offsets).reshape(-1)).reshape(R, W)
@@ -90,18 +89,18 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
                                rep(sp.repetition_penalty), rep(sp.presence_penalty),
                                rep(sp.frequency_penalty)).reshape(R, W, V)
 
-    pen = branch(penalties, penalized, lambda: logits)
+    pen = cond(penalties, penalized, lambda: logits, known=unused)
     x = sample(pen.reshape(R * W, V), rep(sp.temperature), rep(sp.top_k), rep(sp.top_p), keys.reshape(-1),
                rep(sp.min_p), all_greedy=None if plain is None else plain == "greedy").reshape(R, W)
     stochastic = sp.temperature > 0
     out, accepted = accept(pen, x, drafts, rows.num_draft, None if plain == "greedy" else q, stochastic, sp, keys,
-                           branch=plain is None)
+                           known=regardless_when(plain))
     last = jnp.take_along_axis(out, accepted[:, None], axis=1)[:, 0]
     state = keep_sampled(state, rows, last, live)
     kept = (offsets[:k] < accepted[:, None]) & live[:, None]
-    state = branch(
+    state = cond(
         penalties, lambda s: count_tokens(s, jnp.repeat(rows.slot, k), drafts.reshape(-1), kept.reshape(-1),
-                                          jnp.ones(R * k, bool)), lambda s: s, state)
+                                          jnp.ones(R * k, bool)), lambda s: s, state, known=unused)
 
     def logprobs():
         lp = jax.nn.log_softmax(logits, axis=-1)  # the raw distribution, as a step without speculation reports
@@ -112,6 +111,6 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
     def none():
         return jnp.zeros((W, R)), jnp.zeros((W, R, max_logprobs), jnp.int32), jnp.zeros((W, R, max_logprobs))
 
-    lp = jax.lax.cond(jnp.any(sp.logprobs), logprobs, none) if max_logprobs and plain is None else none()
+    lp = cond(jnp.any(sp.logprobs), logprobs, none, known=unused) if max_logprobs else none()
     return kv, state, StepResult(out.T, *lp, *no_prompt_logprobs(T, max_logprobs)), draft
 
