@@ -288,6 +288,13 @@ def _mma_kernel(
     t.store(o_ref, split, m0, acc, packed, _and(row_ok, None if t.col_ok is None else t.col_ok[None, :]))
 
 
+def _packs_by_four(bs: QuantMatmulBlockSizes) -> bool:
+    """Whether each thread holds a multiple of four bytes of a weight tile, as `INT4_PTX` (pack=4) needs; smaller
+    tiles unpack with jnp."""
+    per_thread, rest = divmod(bs.block_k * bs.block_n // 2, 32 * bs.num_warps)
+    return not rest and per_thread % 4 == 0
+
+
 def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
     """The compiled kernel's name: profiles tell variants apart by it (a: ptx, c: prescale, n for by M; XLA
     renames a "-")."""
@@ -337,7 +344,8 @@ def quantized_matmul_triton(
     if fma:
         kernel = functools.partial(_fma_kernel, fmt=fmt, group_size=group_size, num_chunks=units,
                                    chunks_per_split=per_split, chunk_steps=chunk_steps, block_n=bs.block_n,
-                                   block_k=bs.block_k, prefetch=bs.prefetch, ptx=bs.ptx and not interpret,
+                                   block_k=bs.block_k, prefetch=bs.prefetch, ptx=bs.ptx and not interpret
+                                   and _packs_by_four(bs),
                                    prescale=bool(group_size) and (M > 1 if bs.prescale is None else bs.prescale))
         grid = (1, pl.cdiv(N, bs.block_n), splits)
     else:

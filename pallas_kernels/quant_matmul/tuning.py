@@ -24,8 +24,9 @@ class QuantMatmulBlockSizes:
     steps); prefetch ("fma"): load the next iteration's tiles before this one's FMAs (correct in interpret mode
     and compiled for sm_90, not yet timed on a GPU: the table leaves it off). prescale ("fma", with groups):
     scale each weight in the tile (one FMA a weight shared by all rows) instead of keeping a second tile of
-    group sums per row; None: for M > 1. ptx ("fma", int4): unpack nibbles with `dequant.INT4_PTX` (compiled
-    only; interpret mode computes the same numbers with jnp). num_warps, num_stages: Triton launch options
+    group sums per row; None: for M > 1. ptx ("fma", int4): unpack nibbles with `dequant.INT4_PTX` (compiled,
+    where each thread holds a multiple of four bytes of the tile; otherwise and in interpret mode the same
+    numbers come from jnp). num_warps, num_stages: Triton launch options
     (stages pipeline the "mma" path's weight loads).
     split_k: programs that share one output block, each reading a contiguous share of K and writing a float32
     partial that the wrapper sums (1: no partials, the output written in x's dtype)."""
