@@ -23,6 +23,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental.pallas import triton as plgpu
 
 # fmt -> (mix, const) of fma_values: the stored value of half h is sum_j mix[h][j] * f_j + const[h].
 FMA_MIX = {
@@ -60,8 +61,6 @@ def fma_values(q: jax.Array, fmt: str, *, ptx: bool = False) -> tuple[jax.Array,
     if fmt == "int8":  # bits of 1.5 + q / 256 = 1 + (q + 128) / 256, q sign-extended
         return (lax.bitcast_convert_type((q.astype(jnp.int32) << 15) + 0x3FC00000, jnp.float32),)
     if fmt == "int4" and ptx:
-        from jax.experimental.pallas import triton as plgpu
-
         f32 = jax.ShapeDtypeStruct(q.shape, jnp.float32)
         return tuple(plgpu.elementwise_inline_asm(asm, args=[q], constraints="=r,=r,=r,=r,r", pack=4,
                                                   result_shape_dtypes=[f32])[0] for asm in INT4_PTX)
