@@ -6,8 +6,8 @@
 Every engine is built as a user asks for it (`LLM(model, speculative_config=...)`); `draft` uses the target's
 first quarter of layers as a separate draft model with its own cache (early exit's drafts, through the draft-model
 path). Workloads, chat-templated, the same prompts for every method:
-- grounded: a source file of this repository in the prompt, asked to be repeated with one rename (greedy, up to
-  --new tokens, stopping at EOS; the same tokens for every method, since greedy speculation is exact);
+- grounded: a short Python file in the prompt, asked to be rewritten with one rename (`spec_workload.py`,
+  frozen; greedy, up to --new tokens, stopping at EOS; the same tokens for every method: greedy speculation is exact);
 - chat: open-ended requests (temperature 0.7, seeded, EOS ignored, --new tokens).
 At batch B the workload's --prompts prompts run B at a time, group after group (so every batch size generates
 the same tokens). tok/s = generated tokens / wall s (prefill included),
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import glob
 import os
 import statistics
 import sys
@@ -30,6 +29,8 @@ import time
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+
+from benchmarks.spec_workload import grounded_prompts  # noqa: E402
 
 CHAT = ["Write a short story about a lighthouse keeper who finds a message in a bottle.",
         "Explain how vaccines train the immune system, for a curious teenager.",
@@ -39,17 +40,6 @@ CHAT = ["Write a short story about a lighthouse keeper who finds a message in a 
         "Give me a plan for a weekend trip to the mountains.",
         "Write a letter to a friend about your new hobby, gardening.",
         "Tell me about the history of the bicycle."]
-
-
-def grounded_prompts(n: int) -> list[str]:
-    files = sorted(glob.glob(os.path.join(ROOT, "jinfer", "**", "*.py"), recursive=True))
-    files = [f for f in files if 1000 < os.path.getsize(f) < 2400][:n]
-    out = []
-    for f in files:
-        src = open(f).read()
-        out.append(f"Here is a Python file:\n```python\n{src}```\nRepeat the whole file exactly, but rename the "
-                   f"module docstring's first word to 'Module'. Output only the code.")
-    return out
 
 
 def make_llm(model, method: str, k: int, fixed: bool):

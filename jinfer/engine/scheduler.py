@@ -56,7 +56,7 @@ from jinfer.engine.config import EngineConfig
 from jinfer.engine.kv_pages import PageAllocator
 from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
-from jinfer.engine.spec.policy import AdaptivePolicy, SpecState
+from jinfer.engine.spec.policy import AdaptivePolicy
 from jinfer.engine.spec.proposers import HostProposer, NgramProposer
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, Scheduled, StepPlan, TokenInputs
 from jinfer.grammar.params import mask_words
@@ -89,7 +89,8 @@ class Scheduler:
         self.proposer: HostProposer | None = None
         if spec is not None:
             self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.draft_cost or 0.0, spec.adaptive,
-                                         spec.step_cost, retire=spec.method == "draft")
+                                         spec.step_cost, retire=spec.method == "draft", host=spec.method == "ngram",
+                                         look_every_token=bool(spec.look_every_token))
             if spec.method == "ngram":
                 self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0
@@ -112,7 +113,7 @@ class Scheduler:
                              f"prompt of {len(prompt_ids)} tokens")
         stop = set(sampling.stop_token_ids) | (set() if sampling.ignore_eos else set(self.eos_token_ids))
         req = Request(request_id, list(prompt_ids), sampling, frozenset(stop), seed, next(self._arrivals),
-                      num_imported=num_imported, spec=SpecState() if self.spec is not None else None, grammar=grammar,
+                      num_imported=num_imported, spec=self.policy.new_state() if self.spec is not None else None, grammar=grammar,
                       parent=parent if self.config.enable_prefix_caching and not num_imported else None)
         self.requests[request_id] = req
         self.waiting.append(req)
@@ -306,11 +307,16 @@ class Scheduler:
             if k and self.proposer is not None:
                 known = req.known_ids()
                 drafts = []
-                if len(known) == req.num_tokens:  # (else its last token is still on the device)
+                # (else its last token is still on the device, or a shadow awaits its score: see the policy)
+                if len(known) == req.num_tokens and req.spec.shadow is None:
                     drafts = self.proposer.propose(known, k)
-                    if not drafts:
+                    if drafts and not self.policy.verifies(req.spec):
+                        self.policy.shadow(req.spec, len(req.output_ids), drafts)
+                        drafts = []
+                    elif not drafts:
                         self.policy.record_miss(req.spec)
-                        missed += 1
+                if not drafts:
+                    missed += 1
                 out.append(drafts)
                 k = len(drafts)
             else:
@@ -462,6 +468,8 @@ class Scheduler:
                     break
             if got:
                 touched.append(req)
+                if req.spec is not None:
+                    self.policy.score_shadow(req.spec, req.output_ids)
             if (plan.decode or plan.verify) and got < emitted:  # the row stopped: no KV past its stop
                 self.num_computed_tokens -= emitted - got
             # Indexed before a finish releases the pages, so that a request ending on this step (max_tokens=1,

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jinfer.engine.spec.policy import VERIFY_STEP_COST, VERIFY_TOKEN_COST
+from jinfer.engine.spec.policy import LOOK_EVERY_TOKEN, VERIFY_STEP_COST, VERIFY_TOKEN_COST
 
 METHODS = ("ngram", "draft", "early_exit")
 # The most running requests a step speculates for, per platform. On the 2-core CPU with SmolLM2-135M
@@ -33,8 +33,10 @@ DISABLE_BY_BATCH_SIZE = {"cpu": 2, "gpu": 32, "tpu": 32}
 class SpeculativeConfig:
     method: str
     num_speculative_tokens: int = 4  # k: the most tokens proposed per request per step
-    prompt_lookup_max: int = 4  # ngram: the longest suffix matched
-    prompt_lookup_min: int = 2  # ngram: the shortest suffix matched
+    # ngram: the longest and shortest suffix matched. 3..6 rather than 2..4: on SmolLM2's grounded outputs a
+    # two-token match guesses wrong more often than it pays (replayed, RESULTS.md session 32)
+    prompt_lookup_max: int = 6
+    prompt_lookup_min: int = 3
     model: object | None = None  # draft: the draft model (a path or name, or a LoadedModel)
     early_exit_layers: int | None = None  # early_exit: the layers that draft; None: a quarter of the target's
     disable_by_batch_size: int | None = None  # no speculation in a step with more running requests; None: platform
@@ -43,6 +45,8 @@ class SpeculativeConfig:
     verify_token_cost: float | None = None  # a token slot's share of a verify step; None: the platform's
     draft_cost: float | None = None  # drafting one token, relative to a target decode step; None: the drafter's
     #   weights' share of the target's (0 for prompt lookup), set when the engine is built
+    look_every_token: bool | None = None  # ngram: look up after every token rather than wait after misses (one-token
+    #   steps); None: the platform's (where a one-token step costs what a token of a decode block does)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -75,8 +79,10 @@ class SpeculativeConfig:
                              "in [0, 10]")
         if self.draft_cost is not None and not (isinstance(self.draft_cost, (int, float)) and 0 <= self.draft_cost <= 10):
             raise ValueError(f"speculative_config.draft_cost={self.draft_cost!r} must be a number in [0, 10]")
-        if not isinstance(self.adaptive, bool):
-            raise ValueError(f"speculative_config.adaptive={self.adaptive!r} must be true or false")
+        for name in ("adaptive", "look_every_token"):
+            v = getattr(self, name)
+            if not isinstance(v, bool) and not (name == "look_every_token" and v is None):
+                raise ValueError(f"speculative_config.{name}={v!r} must be true or false")
 
     @classmethod
     def from_dict(cls, d: Mapping | SpeculativeConfig | None) -> SpeculativeConfig | None:
@@ -102,7 +108,9 @@ class SpeculativeConfig:
             verify_token_cost=(self.verify_token_cost if self.verify_token_cost is not None
                                else VERIFY_TOKEN_COST.get(platform, 0.02)),
             verify_step_cost=(self.verify_step_cost if self.verify_step_cost is not None
-                              else VERIFY_STEP_COST.get(platform, 0.05)))
+                              else VERIFY_STEP_COST.get(platform, 0.05)),
+            look_every_token=(self.look_every_token if self.look_every_token is not None
+                              else LOOK_EVERY_TOKEN.get(platform, False)))
 
     @property
     def step_cost(self) -> float:

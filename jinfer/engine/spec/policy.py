@@ -1,20 +1,35 @@
 """The adaptive speculation policy: how many tokens each request drafts in a step (host side, no jax).
 
-A request's acceptance rate a (the chance that a drafted token is accepted, as a running average over its
-verify steps) predicts what k drafted tokens buy: 1 + a + ... + a^k tokens per verify step (the accepted run
-plus the one token the target always gives), at a cost of 1 + s + c * k decode steps: s is what a verify step
-costs beyond a decode step whatever a row drafts (`SpeculativeConfig.step_cost`: a fixed part, since on the CPU
-a matmul of 2 to 16 rows costs 1.5x one of 1 and the host cannot run ahead of a verify step, and each of the
-k_max + 1 token slots the step's shape computes), c what drafting one more token costs (nothing for prompt
-lookup; for a draft model or an early exit, its weights' share of the target's: `SpeculativeConfig.draft_cost`).
-Both measured per platform. The policy picks the k in 0..num_speculative_tokens with the most tokens per cost;
+A device drafter's request (a draft model, early exit) has an acceptance rate a (the chance that a drafted
+token is accepted, as a running average over its verify steps), which predicts what k drafted tokens buy:
+1 + a + ... + a^k tokens per verify step (the accepted run plus the one token the target always gives), at a
+cost of 1 + s + c * k decode steps: s is what a verify step costs beyond a decode step whatever a row drafts
+(`SpeculativeConfig.step_cost`: a fixed part, since on the CPU a matmul of 2 to 16 rows costs 1.5x one of 1 and
+the host cannot run ahead of a verify step, and each of the k_max + 1 token slots the step's shape computes), c
+what drafting one more token costs (its weights' share of the target's: `SpeculativeConfig.draft_cost`). Both
+measured per platform. The policy picks the k in 0..num_speculative_tokens with the most tokens per cost;
 k = 0 (no speculation) wins unless the rate is high enough to pay for the step.
 
-A request at k = 0 drafts one token again after `backoff` tokens (16 at first), since what it writes may turn
-copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. One
-whose host proposer found nothing `MISS_LIMIT` times running waits likewise before asking again (a request that
-is not speculating lets the engine run ahead of the host by a step). A step speculates only while at most
-`disable_by_batch_size` requests run: beyond it a verify step's extra tokens cost compute a batch no longer hides.
+A host proposer's guesses (prompt lookup) cost nothing to make, so for them the policy scores instead of
+probing: it keeps `gain`, the running mean of the tokens a verify step of its k_max proposals accepted, and
+verifies a proposal only while that beats the step's extra cost (s + c * k_max, in decode steps): acceptance is
+bimodal on copied text (a copied run accepts everything, the rest nothing), so the mean accepted run, not a
+per-token rate, predicts what the next verify step buys. A proposal it does not verify is kept as a shadow and
+scored against the tokens the request then decodes (the same count a verify step would have accepted: exact for
+greedy rows; for sampled ones a deterministic guess is accepted with the probability that the target samples it,
+which is the chance it matches), so the gain follows the text at no device cost. A new request starts at
+`GAIN_PRIOR` = 0: its first proposals are scored, not verified, so chat (which rarely copies) pays no failed
+verify step. Where a one-token step costs what a token of a decode block does (the CPU: `look_every_token`), a
+request looks up every token; elsewhere one whose lookups yielded no verify `MISS_LIMIT` times running waits
+`backoff` tokens (16 at first, doubling while lookups keep finding nothing, up to 256) before looking again: a
+request that is not speculating lets the engine run ahead of the host by a step.
+
+A device drafter's request at k = 0 drafts one token again after `backoff` tokens, since what it writes may turn
+copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. The
+first wait is at least what keeps probes within `EXPLORE_BUDGET` of the decode time (a probe's cost over the
+budget: on the CPU early exit's probe costs about two decode steps, so it waits ~100 tokens, not 16). A step
+speculates only while at most `disable_by_batch_size` requests run: beyond it a verify step's extra tokens cost
+compute a batch no longer hides.
 
 A draft model keeps a cache of its own that every step must feed, at its weights' share of a step's cost,
 also while its request is not speculating. So with `retire` (the draft-model method) a request whose speculation
@@ -26,6 +41,7 @@ the draft to catch up on every token it missed first.
 from __future__ import annotations
 
 import dataclasses
+import math
 
 # A verify step's cost beyond a decode step of the same rows: a fixed part and a part per token slot (k_max + 1
 # per row), per platform. Measured on the 2-core CPU with SmolLM2-135M at batch 1, a context of 800 (RESULTS.md,
@@ -38,7 +54,15 @@ PRIOR_ACCEPTANCE = 0.8  # a new request's assumed rate: prompt lookup speculates
 SMOOTHING = 0.2  # weight of the latest verify step in the running rate (one failure at the prior keeps k_max)
 REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k = 0 drafts one token again
 MAX_BACKOFF = 256
-MISS_LIMIT = 2  # empty proposals in a row after which a request waits `backoff` tokens
+MISS_LIMIT = 2  # lookups without a verify in a row after which a request waits `backoff` tokens (unless it looks
+#   up every token)
+GAIN_PRIOR = 0.0  # a host proposer's assumed accepted tokens per verify step: score first, verify once it pays
+GAIN_SMOOTHING = 0.5  # weight of the latest verify step (or scored shadow) in the running gain
+EXPLORE_BUDGET = 0.02  # the share of decode time a device drafter's probes may cost
+# Whether a one-token step costs what a token of a decode block does, so a host proposer can look up every token:
+# on the 2-core CPU, 41 ms against 42 (SmolLM2-135M, batch 1, RESULTS.md session 32); on the GPU a block's host
+# work and launch are paid once for its steps.
+LOOK_EVERY_TOKEN = {"cpu": True, "gpu": False, "tpu": False}
 
 
 @dataclasses.dataclass
@@ -53,6 +77,8 @@ class SpecState:
     misses: int = 0  # empty proposals in a row (a host proposer found nothing)
     backoff: int = REPROBE_AFTER  # tokens to wait before drafting again once speculation stopped paying
     retired: bool = False  # never speculates again; its draft model's cache no longer advances (AdaptivePolicy)
+    gain: float = GAIN_PRIOR  # host proposers: running mean of the tokens a verify step accepted
+    shadow: tuple[int, list[int]] | None = None  # (output index it guesses from, proposal): scored, not verified
 
 
 def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -> int:
@@ -68,27 +94,44 @@ def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -
 
 
 class AdaptivePolicy:
-    """`retire`: a request whose speculation stops paying is retired rather than probed again (see above)."""
+    """`host`: the proposer is the host's (free guesses: scored by `gain`, see above), else a device drafter's
+    (`rate`, probes); `look_every_token`: a host proposer looks up every token (`LOOK_EVERY_TOKEN`); `retire`: a
+    request whose speculation stops paying is retired rather than probed again (see above)."""
 
     def __init__(self, k_max: int, token_cost: float, adaptive: bool = True, step_cost: float = 0.0,
-                 retire: bool = False):
+                 retire: bool = False, host: bool = False, look_every_token: bool = False):
         self.k_max, self.token_cost, self.adaptive, self.step_cost = k_max, token_cost, adaptive, step_cost
         self.retire = retire and adaptive
+        self.host, self.look_every_token = host, look_every_token
+        # A probe drafts one token: a verify step's extra cost and one drafted token's.
+        self.first_wait = max(REPROBE_AFTER, math.ceil((step_cost + token_cost) / EXPLORE_BUDGET))
+        if host:
+            self.first_wait = REPROBE_AFTER
+
+    def new_state(self) -> SpecState:
+        return SpecState(backoff=self.first_wait)
 
     def k(self, state: SpecState) -> int:
+        """How many tokens the request drafts (a device drafter) or looks up (a host proposer) this step."""
         if state.retired:
             return 0
         if not self.adaptive:
             return self.k_max
-        if state.misses >= MISS_LIMIT and state.idle < state.backoff:
+        if not (self.host and self.look_every_token) and state.misses >= MISS_LIMIT and state.idle < state.backoff:
             return 0
+        if self.host:
+            return self.k_max  # the step's shape has room for k_max whatever a row fills: guesses are free
         k = best_k(state.rate, self.k_max, self.token_cost, self.step_cost)
         if k == 0 and self.retire:
             state.retired = True
             return 0
         if k == 0 and state.idle >= state.backoff:
-            return 1 if self.token_cost else self.k_max  # a probe; free proposals fill the step's slots
+            return 1  # a probe
         return k
+
+    def verifies(self, state: SpecState) -> bool:
+        """Whether a host proposer's proposal is verified (else it is only scored, `shadow`)."""
+        return not self.adaptive or state.gain > self.step_cost
 
     def sit_out(self, state: SpecState) -> None:
         """The request runs in a step too large to speculate in."""
@@ -96,11 +139,38 @@ class AdaptivePolicy:
             state.retired = True
 
     def record_miss(self, state: SpecState) -> None:
-        """A host proposer had nothing to propose."""
+        """A host proposer's lookup gave no verify: it found nothing, or its proposal is only scored."""
         state.misses += 1
         state.idle = 0
-        if state.misses > MISS_LIMIT:  # a probe after the wait found nothing either
+        if state.misses > MISS_LIMIT:  # a lookup after the wait gave nothing either
             state.backoff = min(2 * state.backoff, MAX_BACKOFF)
+
+    def shadow(self, state: SpecState, at: int, proposal: list[int]) -> None:
+        """A host proposer's proposal, made after the request's first `at` output tokens, to be scored against
+        the tokens it decodes next (one at a time: a later lookup waits for this score)."""
+        state.shadow = (at, list(proposal))
+        self.record_miss(state)
+
+    def score_shadow(self, state: SpecState, output_ids: list[int]) -> None:
+        """Scores the pending shadow once the output shows how many of its tokens a verify step would have kept:
+        the first mismatch, all of them, or already enough to make verifying pay (the copy is under way: the
+        request verifies from its next lookup rather than decode the rest of it a token at a time)."""
+        if state.shadow is None:
+            return
+        at, proposal = state.shadow
+        seen = output_ids[at:at + len(proposal)]
+        kept = 0
+        while kept < len(seen) and seen[kept] == proposal[kept]:
+            kept += 1
+        gain = self._gain_after(state, kept * self.k_max / len(proposal))
+        if kept == len(seen) < len(proposal) and gain <= self.step_cost:
+            return  # every token so far matched, too few yet to pay for a verify step: wait for more
+        state.shadow = None
+        state.gain = gain
+
+    @staticmethod
+    def _gain_after(state: SpecState, accepted: float) -> float:
+        return (1 - GAIN_SMOOTHING) * state.gain + GAIN_SMOOTHING * accepted
 
     def record(self, state: SpecState, drafted: int, accepted: int) -> None:
         """After a verify step of `drafted` proposed tokens (0: the request decoded one token plainly)."""
@@ -112,4 +182,6 @@ class AdaptivePolicy:
         state.steps += 1
         state.idle = state.misses = 0
         state.rate = (1 - SMOOTHING) * state.rate + SMOOTHING * accepted / drafted
-        state.backoff = REPROBE_AFTER if accepted else min(2 * state.backoff, MAX_BACKOFF)
+        if self.host:
+            state.gain = self._gain_after(state, accepted * self.k_max / drafted)
+        state.backoff = self.first_wait if accepted else min(2 * state.backoff, max(MAX_BACKOFF, self.first_wait))

@@ -132,3 +132,66 @@ def test_a_draft_models_request_is_retired_once_speculation_stops_paying():
     policy_free = SpecState()
     lookup.sit_out(policy_free)
     assert not policy_free.retired and lookup.k(policy_free) > 0
+
+
+def test_a_lookups_proposals_are_scored_before_they_are_verified():
+    """Prompt lookup's guesses cost nothing: a new request scores them against what it then decodes (a shadow)
+    and verifies only once the mean accepted run beats the verify step's extra cost; text that stops copying
+    stops being verified, and a shadow waits while every token so far matches."""
+    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, look_every_token=True)
+    s = policy.new_state()
+    assert policy.k(s) == 4 and not policy.verifies(s)  # looks up, but scores first
+    out = [5, 6]
+    policy.shadow(s, len(out), [7, 8, 9, 1])
+    policy.score_shadow(s, out + [7, 8])  # all matched so far: not scored yet
+    assert s.shadow is not None and s.gain == 0
+    policy.score_shadow(s, out + [7, 8, 9, 1])
+    assert s.shadow is None and s.gain == pytest.approx(0.5 * 4) and policy.verifies(s)
+    assert s.drafted == s.steps == 0  # a shadow is not a verify step: the metrics count real ones only
+    policy.record(s, 4, 0)  # copying stopped
+    assert s.gain == pytest.approx(1.0) and not policy.verifies(s)
+    policy.shadow(s, 10, [1, 2, 3, 4])
+    policy.score_shadow(s, [0] * 10 + [1, 2, 0])  # a mismatch at the third token: a verify keeps two
+    assert s.gain == pytest.approx(0.5 * 1.0 + 0.5 * 2) and policy.verifies(s)
+    s.gain = 1.0
+    policy.shadow(s, 0, [1, 2, 3, 4])
+    policy.score_shadow(s, [1])  # one match: 0.5 * 1.0 + 0.5 * 1 does not pay yet
+    assert s.shadow is not None
+    policy.score_shadow(s, [1, 2])  # two already pay for a verify step: the request verifies from its next lookup
+    assert s.shadow is None and s.gain == pytest.approx(1.5) and policy.verifies(s)
+    for _ in range(5 * MISS_LIMIT):  # looking up every token: misses never make it wait
+        policy.record_miss(s)
+        assert policy.k(s) == 4
+    assert AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, adaptive=False).verifies(SpecState())
+
+
+def test_where_a_one_token_step_costs_more_a_lookup_that_gives_no_verify_counts_as_a_miss():
+    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=0.2, host=True, look_every_token=False)
+    s = policy.new_state()
+    policy.shadow(s, 0, [1, 2])
+    policy.record_miss(s)
+    assert policy.k(s) == 0  # waits `backoff` tokens, a decode block at a time
+    for _ in range(REPROBE_AFTER):
+        policy.record(s, 0, 0)
+    assert policy.k(s) == 4
+
+
+@pytest.mark.parametrize("step_cost, token_cost", [(1.7, 0.4), (0.21, 0.05), (0.8, 0.0)])
+def test_a_drafters_probes_cost_at_most_the_exploration_budget(step_cost, token_cost):
+    """A request at k = 0 probes (one drafted token) no sooner than its cost allows within EXPLORE_BUDGET of
+    the tokens it decodes meanwhile; each failed probe doubles the wait."""
+    from jinfer.engine.spec.policy import EXPLORE_BUDGET
+
+    policy = AdaptivePolicy(k_max=8, token_cost=token_cost, step_cost=step_cost)
+    s = policy.new_state()
+    s.rate = 0.0
+    probes, tokens = 0, 0
+    for _ in range(4096):
+        k = policy.k(s)
+        if k:
+            probes += 1
+            policy.record(s, k, 0)
+        else:
+            policy.record(s, 0, 0)
+            tokens += 1
+    assert probes >= 1 and probes * (step_cost + token_cost) <= EXPLORE_BUDGET * tokens + 1e-9

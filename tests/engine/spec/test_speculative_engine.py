@@ -183,6 +183,37 @@ def test_no_verify_step_beyond_the_batch_limit(params, tok):
     assert verified and max(verified) <= 2  # once the two short requests are done
 
 
+def test_the_adaptive_lookup_scores_before_it_verifies_and_stays_exact(params, tok, monkeypatch):
+    """Prompt lookup under its adaptive policy, looking up every token (the CPU's default): a request's first
+    proposals are only scored against what it then decodes (shadows), verify steps begin once they score, and
+    the output is still the target's greedy one."""
+    from jinfer.engine.spec.policy import AdaptivePolicy
+
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, disable_by_batch_size=8,
+                             verify_step_cost=0.0, verify_token_cost=0.0, look_every_token=True)
+    eng = make_engine(params, tok, speculative=spec, decode_buckets=(4,))
+    events = []
+    shadow, verify = AdaptivePolicy.shadow, eng.scheduler.schedule
+
+    def spy_shadow(self, state, at, proposal):
+        events.append("shadow")
+        shadow(self, state, at, proposal)
+
+    def spy_schedule():
+        plan = verify()
+        if plan is not None and plan.verify:
+            events.append("verify")
+        return plan
+
+    monkeypatch.setattr(AdaptivePolicy, "shadow", spy_shadow)
+    monkeypatch.setattr(eng.scheduler, "schedule", spy_schedule)
+    arrivals = [(0, MOTIF * 3, greedy(40))]
+    out = run_workload(eng, arrivals)[0]
+    assert out.token_ids == reference.generate(params, TINY, [arrivals[0][1]], [greedy(40)])[0].token_ids
+    assert events[0] == "shadow" and "verify" in events and out.metrics.spec_verify_steps > 0
+    assert_pages_all_returned(eng)
+
+
 def test_a_retired_draft_stops_advancing_and_greedy_stays_exact(engines, params, monkeypatch):
     """Three requests at once are too many to speculate for (limit 1 here): the draft model's requests retire and
     its cache stops following them; a fourth, alone later, speculates; every output is the target's greedy one."""
