@@ -90,7 +90,7 @@ class Scheduler:
         if spec is not None:
             self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.draft_cost or 0.0, spec.adaptive,
                                          spec.step_cost, retire=spec.method == "draft", host=spec.method == "ngram",
-                                         look_every_token=bool(spec.look_every_token))
+                                         keep_looking=bool(spec.keep_looking))
             if spec.method == "ngram":
                 self.proposer = NgramProposer(spec.prompt_lookup_min, spec.prompt_lookup_max)
         self.num_preemptions = 0
@@ -267,10 +267,11 @@ class Scheduler:
         if drafts is not None:
             return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
-            # Rows whose lookup just missed decode one token and look again, unless the block runs longer for
-            # another row anyway (a row that stopped early would idle in it).
+            # Rows whose lookup just missed decode one token and look again (a copy usually resumes a token or two
+            # after it broke off), or where the policy keeps looking, a gap that doubles with each miss; unless the
+            # block runs longer for another row anyway (a row that stopped early would idle in it).
             short = missed == len(chunks)
-            chunks = [(req, 1 if short else self._decode_steps(req)) for req, _ in chunks]
+            chunks = [(req, self._decode_steps(req, short)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
 
     def needs_sync(self, plan: StepPlan) -> bool:
@@ -335,11 +336,14 @@ class Scheduler:
         """Pages to be had without preempting anyone (free ones and evictable cached ones)."""
         return self.allocator.num_free + self.prefix_cache.num_evictable
 
-    def _decode_steps(self, req: Request) -> int:
+    def _decode_steps(self, req: Request, missed: bool = False) -> int:
         """Steps of a decode block for a running request that has one token to feed (and its pages for it):
-        as many as its max_tokens, the context and the pages to be had without preempting allow."""
-        n = min(self.config.decode_steps if req.grammar is None else 1, req.sampling.max_tokens - req.num_sampled,
-                self.max_model_len - req.num_tokens)
+        as many as its max_tokens, the context and the pages to be had without preempting allow; after a lookup
+        that gave no verify, only until the next lookup (`missed`)."""
+        n = self.config.decode_steps if req.grammar is None else 1
+        if missed:
+            n = self.policy.lookup_gap(req.spec, n) if self.policy.keep_looking else 1
+        n = min(n, req.sampling.max_tokens - req.num_sampled, self.max_model_len - req.num_tokens)
         need = self._pages_needed(req, req.num_computed + n)
         if need and not self._make_room(need):
             need = self.allocator.num_free

@@ -20,7 +20,7 @@ from __future__ import annotations
 import dataclasses
 from collections.abc import Mapping
 
-from jinfer.engine.spec.policy import LOOK_EVERY_TOKEN, VERIFY_STEP_COST, VERIFY_TOKEN_COST
+from jinfer.engine.spec.policy import KEEP_LOOKING, VERIFY_STEP_COST, VERIFY_TOKEN_COST
 
 METHODS = ("ngram", "draft", "early_exit")
 # The most running requests a step speculates for, per platform. On the 2-core CPU with SmolLM2-135M
@@ -45,8 +45,8 @@ class SpeculativeConfig:
     verify_token_cost: float | None = None  # a token slot's share of a verify step; None: the platform's
     draft_cost: float | None = None  # drafting one token, relative to a target decode step; None: the drafter's
     #   weights' share of the target's (0 for prompt lookup), set when the engine is built
-    look_every_token: bool | None = None  # ngram: look up after every token rather than wait after misses (one-token
-    #   steps); None: the platform's (where a one-token step costs what a token of a decode block does)
+    keep_looking: bool | None = None  # ngram: after lookups that gave no verify, look again at doubling gaps (1 token
+    #   to a decode block) rather than wait 16+ tokens; None: the platform's (where short blocks cost little)
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -79,9 +79,9 @@ class SpeculativeConfig:
                              "in [0, 10]")
         if self.draft_cost is not None and not (isinstance(self.draft_cost, (int, float)) and 0 <= self.draft_cost <= 10):
             raise ValueError(f"speculative_config.draft_cost={self.draft_cost!r} must be a number in [0, 10]")
-        for name in ("adaptive", "look_every_token"):
+        for name in ("adaptive", "keep_looking"):
             v = getattr(self, name)
-            if not isinstance(v, bool) and not (name == "look_every_token" and v is None):
+            if not isinstance(v, bool) and not (name == "keep_looking" and v is None):
                 raise ValueError(f"speculative_config.{name}={v!r} must be true or false")
 
     @classmethod
@@ -109,8 +109,8 @@ class SpeculativeConfig:
                                else VERIFY_TOKEN_COST.get(platform, 0.02)),
             verify_step_cost=(self.verify_step_cost if self.verify_step_cost is not None
                               else VERIFY_STEP_COST.get(platform, 0.05)),
-            look_every_token=(self.look_every_token if self.look_every_token is not None
-                              else LOOK_EVERY_TOKEN.get(platform, False)))
+            keep_looking=(self.keep_looking if self.keep_looking is not None
+                              else KEEP_LOOKING.get(platform, False)))
 
     @property
     def step_cost(self) -> float:

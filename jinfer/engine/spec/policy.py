@@ -19,10 +19,13 @@ scored against the tokens the request then decodes (the same count a verify step
 greedy rows; for sampled ones a deterministic guess is accepted with the probability that the target samples it,
 which is the chance it matches), so the gain follows the text at no device cost. A new request starts at
 `GAIN_PRIOR` = 0: its first proposals are scored, not verified, so chat (which rarely copies) pays no failed
-verify step. Where a one-token step costs what a token of a decode block does (the CPU: `look_every_token`), a
-request looks up every token; elsewhere one whose lookups yielded no verify `MISS_LIMIT` times running waits
-`backoff` tokens (16 at first, doubling while lookups keep finding nothing, up to 256) before looking again: a
-request that is not speculating lets the engine run ahead of the host by a step.
+verify step. Where a short decode block costs about what as many tokens of a full one do (the CPU:
+`keep_looking`), a request whose lookups give no verify keeps looking, at gaps that double from one token to a
+whole decode block (`lookup_gap`): a copy that broke off usually resumes within a token or two, and chat, which
+finds nothing, is then synced once a block (looking up after every token cost chat 6% on the CPU: the host's
+sync each token). Elsewhere one whose lookups yielded no verify `MISS_LIMIT` times running waits `backoff`
+tokens (16 at first, doubling while lookups keep finding nothing, up to 256) before looking again: a request
+that is not speculating lets the engine run ahead of the host by a step.
 
 A device drafter's request at k = 0 drafts one token again after `backoff` tokens, since what it writes may turn
 copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. The
@@ -54,15 +57,15 @@ PRIOR_ACCEPTANCE = 0.8  # a new request's assumed rate: prompt lookup speculates
 SMOOTHING = 0.2  # weight of the latest verify step in the running rate (one failure at the prior keeps k_max)
 REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k = 0 drafts one token again
 MAX_BACKOFF = 256
-MISS_LIMIT = 2  # lookups without a verify in a row after which a request waits `backoff` tokens (unless it looks
-#   up every token)
+MISS_LIMIT = 2  # lookups without a verify in a row after which a request waits `backoff` tokens (unless it keeps
+#   looking)
 GAIN_PRIOR = 0.0  # a host proposer's assumed accepted tokens per verify step: score first, verify once it pays
 GAIN_SMOOTHING = 0.5  # weight of the latest verify step (or scored shadow) in the running gain
 EXPLORE_BUDGET = 0.02  # the share of decode time a device drafter's probes may cost
-# Whether a one-token step costs what a token of a decode block does, so a host proposer can look up every token:
-# on the 2-core CPU, 41 ms against 42 (SmolLM2-135M, batch 1, RESULTS.md session 32); on the GPU a block's host
-# work and launch are paid once for its steps.
-LOOK_EVERY_TOKEN = {"cpu": True, "gpu": False, "tpu": False}
+# Whether a host proposer keeps looking up after misses (at doubling gaps, `lookup_gap`) rather than wait: on the
+# 2-core CPU a one-token step cost 41 ms against a block's 42 a token at a context of 750 (SmolLM2-135M, batch 1,
+# RESULTS.md session 32); on the GPU a block's host work and launch are paid once for its steps.
+KEEP_LOOKING = {"cpu": True, "gpu": False, "tpu": False}
 
 
 @dataclasses.dataclass
@@ -95,14 +98,15 @@ def best_k(rate: float, k_max: int, token_cost: float, step_cost: float = 0.0) -
 
 class AdaptivePolicy:
     """`host`: the proposer is the host's (free guesses: scored by `gain`, see above), else a device drafter's
-    (`rate`, probes); `look_every_token`: a host proposer looks up every token (`LOOK_EVERY_TOKEN`); `retire`: a
-    request whose speculation stops paying is retired rather than probed again (see above)."""
+    (`rate`, probes); `keep_looking`: a host proposer keeps looking up after misses, at doubling gaps
+    (`KEEP_LOOKING`); `retire`: a request whose speculation stops paying is retired rather than probed again (see
+    above)."""
 
     def __init__(self, k_max: int, token_cost: float, adaptive: bool = True, step_cost: float = 0.0,
-                 retire: bool = False, host: bool = False, look_every_token: bool = False):
+                 retire: bool = False, host: bool = False, keep_looking: bool = False):
         self.k_max, self.token_cost, self.adaptive, self.step_cost = k_max, token_cost, adaptive, step_cost
         self.retire = retire and adaptive
-        self.host, self.look_every_token = host, look_every_token
+        self.host, self.keep_looking = host, keep_looking
         # A probe drafts one token: a verify step's extra cost and one drafted token's.
         self.first_wait = max(REPROBE_AFTER, math.ceil((step_cost + token_cost) / EXPLORE_BUDGET))
         if host:
@@ -117,7 +121,7 @@ class AdaptivePolicy:
             return 0
         if not self.adaptive:
             return self.k_max
-        if not (self.host and self.look_every_token) and state.misses >= MISS_LIMIT and state.idle < state.backoff:
+        if not (self.host and self.keep_looking) and state.misses >= MISS_LIMIT and state.idle < state.backoff:
             return 0
         if self.host:
             return self.k_max  # the step's shape has room for k_max whatever a row fills: guesses are free
@@ -128,6 +132,11 @@ class AdaptivePolicy:
         if k == 0 and state.idle >= state.backoff:
             return 1  # a probe
         return k
+
+    def lookup_gap(self, state: SpecState, block: int) -> int:
+        """Tokens a request that keeps looking decodes before its next lookup, after `misses` lookups without a
+        verify: 1, 2, 4, ... up to a decode block of `block`."""
+        return min(2 ** max(state.misses - 1, 0), block)
 
     def verifies(self, state: SpecState) -> bool:
         """Whether a host proposer's proposal is verified (else it is only scored, `shadow`)."""

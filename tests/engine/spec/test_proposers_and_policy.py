@@ -138,7 +138,7 @@ def test_a_lookups_proposals_are_scored_before_they_are_verified():
     """Prompt lookup's guesses cost nothing: a new request scores them against what it then decodes (a shadow)
     and verifies only once the mean accepted run beats the verify step's extra cost; text that stops copying
     stops being verified, and a shadow waits while every token so far matches."""
-    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, look_every_token=True)
+    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, keep_looking=True)
     s = policy.new_state()
     assert policy.k(s) == 4 and not policy.verifies(s)  # looks up, but scores first
     out = [5, 6]
@@ -159,14 +159,17 @@ def test_a_lookups_proposals_are_scored_before_they_are_verified():
     assert s.shadow is not None
     policy.score_shadow(s, [1, 2])  # two already pay for a verify step: the request verifies from its next lookup
     assert s.shadow is None and s.gain == pytest.approx(1.5) and policy.verifies(s)
-    for _ in range(5 * MISS_LIMIT):  # looking up every token: misses never make it wait
+    gaps, s.misses = [], 0
+    for _ in range(6):  # it keeps looking: misses never make it wait, they space its lookups 1, 2, 4, 8, 8 apart
+        gaps.append(policy.lookup_gap(s, 8))
         policy.record_miss(s)
         assert policy.k(s) == 4
+    assert gaps == [1, 1, 2, 4, 8, 8] and s.misses == 6
     assert AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, adaptive=False).verifies(SpecState())
 
 
 def test_where_a_one_token_step_costs_more_a_lookup_that_gives_no_verify_counts_as_a_miss():
-    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=0.2, host=True, look_every_token=False)
+    policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=0.2, host=True, keep_looking=False)
     s = policy.new_state()
     policy.shadow(s, 0, [1, 2])
     policy.record_miss(s)

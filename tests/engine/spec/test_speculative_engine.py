@@ -190,7 +190,7 @@ def test_the_adaptive_lookup_scores_before_it_verifies_and_stays_exact(params, t
     from jinfer.engine.spec.policy import AdaptivePolicy
 
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, disable_by_batch_size=8,
-                             verify_step_cost=0.0, verify_token_cost=0.0, look_every_token=True)
+                             verify_step_cost=0.0, verify_token_cost=0.0, keep_looking=True)
     eng = make_engine(params, tok, speculative=spec, decode_buckets=(4,))
     events = []
     shadow, verify = AdaptivePolicy.shadow, eng.scheduler.schedule
