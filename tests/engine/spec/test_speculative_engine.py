@@ -248,6 +248,7 @@ def test_a_retired_draft_stops_advancing_and_greedy_stays_exact(engines, params,
     (dict(method="early_exit", model="x"), "model is only for method 'draft'"),
     (dict(method="ngram", lookahead=3), r"unknown keys \['lookahead'\]"),
     (dict(num_speculative_tokens=3), "speculative_config.method is required"),
+    (dict(method="ngram", keep_looking="yes"), r"speculative_config.keep_looking='yes' must be true or false"),
 ])
 def test_bad_speculative_configs_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
