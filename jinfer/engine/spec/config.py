@@ -10,9 +10,10 @@ default, so the method and k alone work. Methods (the proposers, `jinfer.engine.
 - "early_exit": the target's first `early_exit_layers` layers with its final norm and LM head draft (self
   speculation: no second checkpoint, and the draft's K/V are the target's own for those layers).
 
-The adaptive policy (`jinfer.engine.spec.policy`): each request's k follows its running acceptance, and no
-request speculates in a step while more than `disable_by_batch_size` requests run (measured crossover on the
-platform: benchmarks/spec_speed.py). Everything here is host-side and jax-free.
+The adaptive policy (`jinfer.engine.spec.policy`): prompt lookup's proposals are scored against what each request
+decodes and verified while its mean accepted run pays for a verify step; a drafter's k follows its running
+acceptance; no request speculates in a step while more than `disable_by_batch_size` requests run (measured
+crossover on the platform: benchmarks/spec_speed.py). Everything here is host-side and jax-free.
 """
 
 from __future__ import annotations
