@@ -342,7 +342,7 @@ class Scheduler:
         that gave no verify, only until the next lookup (`missed`)."""
         n = self.config.decode_steps if req.grammar is None else 1
         if missed:
-            n = self.policy.lookup_gap(req.spec, n) if self.policy.keep_looking else 1
+            n = self.policy.lookup_gap(req.spec, n)
         n = min(n, req.sampling.max_tokens - req.num_sampled, self.max_model_len - req.num_tokens)
         need = self._pages_needed(req, req.num_computed + n)
         if need and not self._make_room(need):

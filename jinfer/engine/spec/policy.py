@@ -53,7 +53,7 @@ import math
 # (the GPU issue measures them).
 VERIFY_STEP_COST = {"cpu": 0.8, "gpu": 0.05, "tpu": 0.05}
 VERIFY_TOKEN_COST = {"cpu": 0.1, "gpu": 0.02, "tpu": 0.02}
-PRIOR_ACCEPTANCE = 0.8  # a new request's assumed rate: prompt lookup speculates from its first decode step
+PRIOR_ACCEPTANCE = 0.8  # a device drafter's assumed rate: it speculates from the start where its costs allow
 SMOOTHING = 0.2  # weight of the latest verify step in the running rate (one failure at the prior keeps k_max)
 REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k = 0 drafts one token again
 MAX_BACKOFF = 256
@@ -72,12 +72,12 @@ KEEP_LOOKING = {"cpu": True, "gpu": False, "tpu": False}
 class SpecState:
     """One request's speculation record (also its metrics: RequestOutput.metrics)."""
 
-    rate: float = PRIOR_ACCEPTANCE
+    rate: float = PRIOR_ACCEPTANCE  # device drafters: running acceptance per drafted token
     drafted: int = 0  # tokens proposed and verified
     accepted: int = 0  # of those, accepted
     steps: int = 0  # verify steps that carried a proposal
     idle: int = 0  # tokens decoded without speculation since the last verify step or empty proposal
-    misses: int = 0  # empty proposals in a row (a host proposer found nothing)
+    misses: int = 0  # host proposer's lookups in a row that gave no verify (found nothing, or only scored)
     backoff: int = REPROBE_AFTER  # tokens to wait before drafting again once speculation stopped paying
     retired: bool = False  # never speculates again; its draft model's cache no longer advances (AdaptivePolicy)
     gain: float = GAIN_PRIOR  # host proposers: running mean of the tokens a verify step accepted
@@ -108,9 +108,8 @@ class AdaptivePolicy:
         self.retire = retire and adaptive
         self.host, self.keep_looking = host, keep_looking
         # A probe drafts one token: a verify step's extra cost and one drafted token's.
-        self.first_wait = max(REPROBE_AFTER, math.ceil((step_cost + token_cost) / EXPLORE_BUDGET))
-        if host:
-            self.first_wait = REPROBE_AFTER
+        self.first_wait = (REPROBE_AFTER if host
+                           else max(REPROBE_AFTER, math.ceil((step_cost + token_cost) / EXPLORE_BUDGET)))
 
     def new_state(self) -> SpecState:
         return SpecState(backoff=self.first_wait)
@@ -134,9 +133,9 @@ class AdaptivePolicy:
         return k
 
     def lookup_gap(self, state: SpecState, block: int) -> int:
-        """Tokens a request that keeps looking decodes before its next lookup, after `misses` lookups without a
-        verify: 1, 2, 4, ... up to a decode block of `block`."""
-        return min(2 ** max(state.misses - 1, 0), block)
+        """Tokens a host proposer's request decodes before its next lookup, after `misses` lookups without a
+        verify: one where it does not keep looking; else 1, 2, 4, ... up to a decode block of `block`."""
+        return min(2 ** max(state.misses - 1, 0), block) if self.keep_looking else 1
 
     def verifies(self, state: SpecState) -> bool:
         """Whether a host proposer's proposal is verified (else it is only scored, `shadow`)."""
@@ -190,7 +189,8 @@ class AdaptivePolicy:
         state.accepted += accepted
         state.steps += 1
         state.idle = state.misses = 0
-        state.rate = (1 - SMOOTHING) * state.rate + SMOOTHING * accepted / drafted
         if self.host:
             state.gain = self._gain_after(state, accepted * self.k_max / drafted)
+        else:
+            state.rate = (1 - SMOOTHING) * state.rate + SMOOTHING * accepted / drafted
         state.backoff = self.first_wait if accepted else min(2 * state.backoff, max(MAX_BACKOFF, self.first_wait))
