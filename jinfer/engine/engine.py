@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
+from time import perf_counter
 from typing import Callable
 
 import numpy as np
@@ -88,7 +89,8 @@ class Engine:
                                    page_size=engine_config.page_size, tokenizer=tokenizer,
                                    eos_token_ids=self.eos_token_ids)
         self.runner = runner
-        self._inflight = None  # (plan, StepOutput) dispatched but not yet read
+        self._inflight = None  # (plan, StepOutput, when it was dispatched) dispatched but not yet read
+        self._last_done = 0.0  # when the latest collected step's tokens reached the host
         self._imports: dict[str, tuple[object, object]] = {}  # request id -> prefix K/V awaiting admission
         self._streams: dict[str, OutputStream] = {}
         self._ids = itertools.count()
@@ -199,16 +201,21 @@ class Engine:
                     # compute (a cached prefix, imported K/V).
                     self.runner.seed_penalty_state(item.slot, req.known_ids()[:item.num_precomputed],
                                                    len(req.prompt_ids))
-            launched = (plan, self.runner.dispatch(plan))
+            start = perf_counter()
+            launched = (plan, self.runner.dispatch(plan), start)
         events: list[StepEvent] = []
         if self._inflight is not None:
             events = self._collect(*self._inflight)
         self._inflight = launched
         return synced + events
 
-    def _collect(self, plan, out) -> list[StepEvent]:
-        """Reads a dispatched step's tokens and records them (the scheduler's `update`)."""
+    def _collect(self, plan, out, dispatched: float) -> list[StepEvent]:
+        """Reads a dispatched step's tokens and records them (the scheduler's `update`), and how long the step
+        took from when the device could start it (its dispatch, or the previous step's end) until now."""
         sampled, lp, plp = out.fetch()
+        done = perf_counter()
+        self.scheduler.observe_step(plan, done - max(dispatched, self._last_done))
+        self._last_done = done
         seen = {r.request_id: len(r.output_ids) for r in (s.request for s in plan.scheduled)}
         touched = self.scheduler.update(plan, sampled, self._logprob_reader(lp), self._prompt_logprob_reader(plp))
         return [e for e in (self._emit(r, seen[r.request_id]) for r in touched) if e is not None]

@@ -58,6 +58,7 @@ from jinfer.engine.prefix_cache import PrefixCache
 from jinfer.engine.request import Request, Status
 from jinfer.engine.spec.policy import AdaptivePolicy
 from jinfer.engine.spec.proposers import HostProposer, NgramProposer
+from jinfer.engine.spec.step_costs import StepCosts
 from jinfer.engine.step_plan import ROW_PADDING, RowInputs, SamplingInputs, Scheduled, StepPlan, TokenInputs
 from jinfer.grammar.params import mask_words
 from jinfer.inputs import MAX_STOP_TOKEN_IDS, SamplingParams
@@ -87,6 +88,7 @@ class Scheduler:
         spec = config.speculative
         self.spec = spec
         self.proposer: HostProposer | None = None
+        self.costs = StepCosts() if spec is not None and spec.measure_costs else None
         if spec is not None:
             self.policy = AdaptivePolicy(spec.num_speculative_tokens, spec.draft_cost or 0.0, spec.adaptive,
                                          spec.step_cost, retire=spec.method == "draft", host=spec.method == "ngram",
@@ -267,12 +269,19 @@ class Scheduler:
         if drafts is not None:
             return self._build_plan(chunks, reset, imports, precomputed, decode=False, drafts=drafts)
         if decode:
-            # Rows whose lookup just missed decode one token and look again (a copy usually resumes a token or two
-            # after it broke off), or where the policy keeps looking, a gap that doubles with each miss; unless the
-            # block runs longer for another row anyway (a row that stopped early would idle in it).
+            # Rows whose lookup just missed decode until their next lookup (`AdaptivePolicy.lookup_gap`: one token,
+            # since a copy usually resumes a token or two after it broke off, or where the policy keeps looking a
+            # gap that doubles with each miss while the request's lookups do not pay); unless the block runs
+            # longer for another row anyway (a row that stopped early would idle in it).
             short = missed == len(chunks)
             chunks = [(req, self._decode_steps(req, short)) for req, _ in chunks]
         return self._build_plan(chunks, reset, imports, precomputed, decode)
+
+    def observe_step(self, plan: StepPlan, seconds: float) -> None:
+        """How long a collected step took (the engine's timing): decode blocks and verify steps measure the
+        verify step's extra cost (`SpeculativeConfig.measure_costs`)."""
+        if self.costs is not None and (plan.decode or plan.verify):
+            self.costs.observe(plan.num_rows, plan.verify, plan.max_steps, seconds)
 
     def needs_sync(self, plan: StepPlan) -> bool:
         """Whether the next plan needs `plan`'s tokens on the host before it is built: after a verify step
@@ -300,6 +309,9 @@ class Scheduler:
             return None, 0
         if any(not self._may_speculate(req) for req, _ in chunks):
             return None, 0
+        if self.costs is not None:
+            measured = self.costs.verify_extra(len(chunks))
+            self.policy.step_cost = self.spec.step_cost if measured is None else measured
         out, missed, any_draft = [], 0, False
         for req, _ in chunks:
             k = min(self.policy.k(req.spec), req.sampling.max_tokens - req.num_sampled - 1,

@@ -10,8 +10,9 @@ default, so the method and k alone work. Methods (the proposers, `jinfer.engine.
 - "early_exit": the target's first `early_exit_layers` layers with its final norm and LM head draft (self
   speculation: no second checkpoint, and the draft's K/V are the target's own for those layers).
 
-The adaptive policy (`jinfer.engine.spec.policy`): prompt lookup's proposals are scored against what each request
-decodes and verified while its mean accepted run pays for a verify step; a drafter's k follows its running
+The adaptive policy (`jinfer.engine.spec.policy`): prompt lookup verifies a request's first proposal, then its
+proposals while its mean accepted run pays for a verify step (a cost the engine measures by timing its own steps:
+`measure_costs`), and scores the others against what the request decodes; a drafter's k follows its running
 acceptance; no request speculates in a step while more than `disable_by_batch_size` requests run (measured
 crossover on the platform: benchmarks/spec_speed.py). Everything here is host-side and jax-free.
 """
@@ -48,6 +49,8 @@ class SpeculativeConfig:
     #   weights' share of the target's (0 for prompt lookup), set when the engine is built
     keep_looking: bool | None = None  # ngram: after lookups that gave no verify, look again at doubling gaps (1 token
     #   to a decode block) rather than wait 16+ tokens; None: the platform's (where short blocks cost little)
+    measure_costs: bool | None = None  # ngram: the verify step's extra cost is measured by timing the engine's own
+    #   steps (`jinfer.engine.spec.step_costs`), the costs above only its start; None: unless a cost is given
 
     def __post_init__(self):
         if self.method not in METHODS:
@@ -80,10 +83,13 @@ class SpeculativeConfig:
                              "in [0, 10]")
         if self.draft_cost is not None and not (isinstance(self.draft_cost, (int, float)) and 0 <= self.draft_cost <= 10):
             raise ValueError(f"speculative_config.draft_cost={self.draft_cost!r} must be a number in [0, 10]")
-        for name in ("adaptive", "keep_looking"):
+        for name in ("adaptive", "keep_looking", "measure_costs"):
             v = getattr(self, name)
-            if not isinstance(v, bool) and not (name == "keep_looking" and v is None):
+            if not isinstance(v, bool) and not (name != "adaptive" and v is None):
                 raise ValueError(f"speculative_config.{name}={v!r} must be true or false")
+        if self.measure_costs and self.method != "ngram":
+            raise ValueError(f"speculative_config.measure_costs is only for method 'ngram' (method={self.method!r}): "
+                             "a drafter's verify step also drafts, at a cost set by draft_cost")
 
     @classmethod
     def from_dict(cls, d: Mapping | SpeculativeConfig | None) -> SpeculativeConfig | None:
@@ -111,7 +117,10 @@ class SpeculativeConfig:
             verify_step_cost=(self.verify_step_cost if self.verify_step_cost is not None
                               else VERIFY_STEP_COST.get(platform, 0.05)),
             keep_looking=(self.keep_looking if self.keep_looking is not None
-                              else KEEP_LOOKING.get(platform, False)))
+                              else KEEP_LOOKING.get(platform, False)),
+            measure_costs=(self.measure_costs if self.measure_costs is not None
+                           else self.method == "ngram" and self.verify_step_cost is None
+                           and self.verify_token_cost is None))
 
     @property
     def step_cost(self) -> float:

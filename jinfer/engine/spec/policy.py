@@ -12,20 +12,23 @@ k = 0 (no speculation) wins unless the rate is high enough to pay for the step.
 
 A host proposer's guesses (prompt lookup) cost nothing to make, so for them the policy scores instead of
 probing: it keeps `gain`, the running mean of the tokens a verify step of its k_max proposals accepted, and
-verifies a proposal only while that beats the step's extra cost (s + c * k_max, in decode steps): acceptance is
-bimodal on copied text (a copied run accepts everything, the rest nothing), so the mean accepted run, not a
-per-token rate, predicts what the next verify step buys. A proposal it does not verify is kept as a shadow and
+verifies a proposal only while that beats the step's extra cost (`step_cost`, in decode steps: measured by the
+engine on its machine, `jinfer.engine.spec.step_costs`, unless the config fixes it): acceptance is bimodal on
+copied text (a copied run accepts everything, the rest nothing), so the mean accepted run, not a per-token rate,
+predicts what the next verify step buys. A new request verifies its first proposal (its gain is unknown:
+`None`), since text that copies from its prompt usually starts copying at once and a wrong guess costs one
+step's extra cost; that step's outcome is its gain. A proposal it does not verify is kept as a shadow and
 scored against the tokens the request then decodes (the same count a verify step would have accepted: exact for
 greedy rows; for sampled ones a deterministic guess is accepted with the probability that the target samples it,
-which is the chance it matches), so the gain follows the text at no device cost. A new request starts at
-`GAIN_PRIOR` = 0: its first proposals are scored, not verified, so chat (which rarely copies) pays no failed
-verify step. Where a short decode block costs about what as many tokens of a full one do (the CPU:
-`keep_looking`), a request whose lookups give no verify keeps looking, at gaps that double from one token to a
-whole decode block (`lookup_gap`): a copy that broke off usually resumes within a token or two, and chat, which
-finds nothing, is then synced once a block (looking up after every token cost chat 6% on the CPU: the host's
-sync each token). Elsewhere one whose lookups yielded no verify `MISS_LIMIT` times running waits `backoff`
-tokens (16 at first, doubling while lookups keep finding nothing, up to 256) before looking again: a request
-that is not speculating lets the engine run ahead of the host by a step.
+which is the chance it matches), so the gain follows the text at no device cost, and chat (which rarely
+copies) pays no further failed verify step. Where a short decode block costs about what as many tokens of a
+full one do (the CPU: `keep_looking`), a request whose lookups give no verify keeps looking, at gaps that
+double from one token to a whole decode block (`lookup_gap`; while its gain pays, only after `COPY_GRACE`
+lookups after every token: a copy that broke off usually resumes within a token or two), so chat, which finds
+little, is synced once a block (looking up after every token cost chat 6% on the CPU: the host's sync each
+token). Elsewhere one whose lookups yielded no verify `MISS_LIMIT`
+times running waits `backoff` tokens (16 at first, doubling while lookups keep finding nothing, up to 256)
+before looking again: a request that is not speculating lets the engine run ahead of the host by a step.
 
 A device drafter's request at k = 0 drafts one token again after `backoff` tokens, since what it writes may turn
 copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. The
@@ -49,8 +52,9 @@ import math
 # A verify step's cost beyond a decode step of the same rows: a fixed part and a part per token slot (k_max + 1
 # per row), per platform. Measured on the 2-core CPU with SmolLM2-135M at batch 1, a context of 800 (RESULTS.md,
 # issue 14), from one dispatch to the next: a decode step in a block 27.5 ms, a verify step of 5 slots 2.2
-# decode steps, of 9 slots 2.6. On a GPU a decode step reads the weights either way and extra rows cost little
-# (the GPU issue measures them).
+# decode steps, of 9 slots 2.6 (and 1.74 to 3.06 in later sessions: the machine under this CPU changes). On a GPU a
+# decode step reads the weights either way and extra rows cost little (the GPU issue measures them). For prompt
+# lookup these are only where a new engine starts: it measures its own (`jinfer.engine.spec.step_costs`).
 VERIFY_STEP_COST = {"cpu": 0.8, "gpu": 0.05, "tpu": 0.05}
 VERIFY_TOKEN_COST = {"cpu": 0.1, "gpu": 0.02, "tpu": 0.02}
 PRIOR_ACCEPTANCE = 0.8  # a device drafter's assumed rate: it speculates from the start where its costs allow
@@ -59,13 +63,16 @@ REPROBE_AFTER = 16  # tokens decoded without speculation before a request at k =
 MAX_BACKOFF = 256
 MISS_LIMIT = 2  # lookups without a verify in a row after which a request waits `backoff` tokens (unless it keeps
 #   looking)
-GAIN_PRIOR = 0.0  # a host proposer's assumed accepted tokens per verify step: score first, verify once it pays
 GAIN_SMOOTHING = 0.5  # weight of the latest verify step (or scored shadow) in the running gain
 EXPLORE_BUDGET = 0.02  # the share of decode time a device drafter's probes may cost
 # Whether a host proposer keeps looking up after misses (at doubling gaps, `lookup_gap`) rather than wait: on the
 # 2-core CPU a one-token step cost 41 ms against a block's 42 a token at a context of 750 (SmolLM2-135M, batch 1,
 # RESULTS.md session 32); on the GPU a block's host work and launch are paid once for its steps.
 KEEP_LOOKING = {"cpu": True, "gpu": False, "tpu": False}
+# Lookups after every token that a request whose gain pays makes before its gaps start doubling: replayed on
+# SmolLM2's outputs (RESULTS.md session 33), 8 kept 5% more of the grounded gain than none and cost chat 0.1%;
+# with no limit, a chat request after one lucky verify synced every token (chat 0.94x in the engine).
+COPY_GRACE = 8
 
 
 @dataclasses.dataclass
@@ -80,7 +87,7 @@ class SpecState:
     misses: int = 0  # host proposer's lookups in a row that gave no verify (found nothing, or only scored)
     backoff: int = REPROBE_AFTER  # tokens to wait before drafting again once speculation stopped paying
     retired: bool = False  # never speculates again; its draft model's cache no longer advances (AdaptivePolicy)
-    gain: float = GAIN_PRIOR  # host proposers: running mean of the tokens a verify step accepted
+    gain: float | None = None  # host proposers: running mean of the tokens a verify step accepted (None: untried)
     shadow: tuple[int, list[int]] | None = None  # (output index it guesses from, proposal): scored, not verified
 
 
@@ -134,12 +141,17 @@ class AdaptivePolicy:
 
     def lookup_gap(self, state: SpecState, block: int) -> int:
         """Tokens a host proposer's request decodes before its next lookup, after `misses` lookups without a
-        verify: one where it does not keep looking; else 1, 2, 4, ... up to a decode block of `block`."""
-        return min(2 ** max(state.misses - 1, 0), block) if self.keep_looking else 1
+        verify: one where it does not keep looking; else 1, 2, 4, ... up to a decode block of `block`, the
+        doubling put off by `COPY_GRACE` lookups while its gain pays (it has been copying, and a copy that broke
+        off at a changed word usually resumes a token or two later)."""
+        if not self.keep_looking:
+            return 1
+        grace = COPY_GRACE if state.gain is not None and state.gain > self.step_cost else 0
+        return min(2 ** max(state.misses - 1 - grace, 0), block)
 
     def verifies(self, state: SpecState) -> bool:
         """Whether a host proposer's proposal is verified (else it is only scored, `shadow`)."""
-        return not self.adaptive or state.gain > self.step_cost
+        return not self.adaptive or state.gain is None or state.gain > self.step_cost
 
     def sit_out(self, state: SpecState) -> None:
         """The request runs in a step too large to speculate in."""
@@ -178,6 +190,8 @@ class AdaptivePolicy:
 
     @staticmethod
     def _gain_after(state: SpecState, accepted: float) -> float:
+        if state.gain is None:
+            return accepted
         return (1 - GAIN_SMOOTHING) * state.gain + GAIN_SMOOTHING * accepted
 
     def record(self, state: SpecState, drafted: int, accepted: int) -> None:

@@ -8,8 +8,17 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from jinfer.engine.spec.policy import MAX_BACKOFF, MISS_LIMIT, REPROBE_AFTER, AdaptivePolicy, SpecState, best_k
+from jinfer.engine.spec.policy import (
+    COPY_GRACE,
+    MAX_BACKOFF,
+    MISS_LIMIT,
+    REPROBE_AFTER,
+    AdaptivePolicy,
+    SpecState,
+    best_k,
+)
 from jinfer.engine.spec.proposers import NgramProposer
+from jinfer.engine.spec.step_costs import WINDOW, StepCosts
 
 
 def brute_force_lookup(seq: list[int], k: int, min_n: int, max_n: int) -> list[int]:
@@ -134,22 +143,28 @@ def test_a_draft_models_request_is_retired_once_speculation_stops_paying():
     assert not policy_free.retired and lookup.k(policy_free) > 0
 
 
-def test_a_lookups_proposals_are_scored_before_they_are_verified():
-    """Prompt lookup's guesses cost nothing: a new request scores them against what it then decodes (a shadow)
-    and verifies only once the mean accepted run beats the verify step's extra cost; text that stops copying
-    stops being verified, and a shadow waits while every token so far matches."""
+def test_a_lookup_verifies_while_its_mean_accepted_run_pays_and_scores_its_guesses_otherwise():
+    """Prompt lookup's guesses cost nothing: a new request verifies its first proposal, and its outcome is the
+    request's gain; while the gain does not beat the verify step's extra cost, proposals are only scored against
+    what the request then decodes (a shadow), and verifying resumes once they score; a shadow waits while every
+    token so far matches."""
     policy = AdaptivePolicy(k_max=4, token_cost=0.0, step_cost=1.2, host=True, keep_looking=True)
     s = policy.new_state()
-    assert policy.k(s) == 4 and not policy.verifies(s)  # looks up, but scores first
+    assert policy.k(s) == 4 and policy.verifies(s)  # untried: its first proposal is verified
+    policy.record(s, 4, 1)
+    assert s.gain == pytest.approx(1.0) and not policy.verifies(s)  # one of four does not pay: scores from now on
     out = [5, 6]
     policy.shadow(s, len(out), [7, 8, 9, 1])
-    policy.score_shadow(s, out + [7, 8])  # all matched so far: not scored yet
-    assert s.shadow is not None and s.gain == 0
+    policy.score_shadow(s, out + [7])  # all matched so far: not scored yet
+    assert s.shadow is not None and s.gain == pytest.approx(1.0)
     policy.score_shadow(s, out + [7, 8, 9, 1])
-    assert s.shadow is None and s.gain == pytest.approx(0.5 * 4) and policy.verifies(s)
-    assert s.drafted == s.steps == 0  # a shadow is not a verify step: the metrics count real ones only
+    assert s.shadow is None and s.gain == pytest.approx(0.5 * 1.0 + 0.5 * 4) and policy.verifies(s)
+    assert s.drafted == 4 and s.steps == 1  # a shadow is not a verify step: the metrics count real ones only
     policy.record(s, 4, 0)  # copying stopped
-    assert s.gain == pytest.approx(1.0) and not policy.verifies(s)
+    assert s.gain == pytest.approx(1.25) and policy.verifies(s)
+    policy.record(s, 4, 0)
+    assert s.gain == pytest.approx(0.625) and not policy.verifies(s)
+    s.gain = 1.0
     policy.shadow(s, 10, [1, 2, 3, 4])
     policy.score_shadow(s, [0] * 10 + [1, 2, 0])  # a mismatch at the third token: a verify keeps two
     assert s.gain == pytest.approx(0.5 * 1.0 + 0.5 * 2) and policy.verifies(s)
@@ -160,6 +175,11 @@ def test_a_lookups_proposals_are_scored_before_they_are_verified():
     policy.score_shadow(s, [1, 2])  # two already pay for a verify step: the request verifies from its next lookup
     assert s.shadow is None and s.gain == pytest.approx(1.5) and policy.verifies(s)
     gaps, s.misses = [], 0
+    for _ in range(COPY_GRACE + 5):  # while its gain pays (it copies), the doubling waits COPY_GRACE lookups
+        gaps.append(policy.lookup_gap(s, 8))
+        policy.record_miss(s)
+    assert gaps == [1] * (COPY_GRACE + 2) + [2, 4, 8]  # COPY_GRACE more lookups after every token
+    s.gain, gaps, s.misses = 1.0, [], 0
     for _ in range(6):  # it keeps looking: misses never make it wait, they space its lookups 1, 2, 4, 8, 8 apart
         gaps.append(policy.lookup_gap(s, 8))
         policy.record_miss(s)
@@ -198,3 +218,18 @@ def test_a_drafters_probes_cost_at_most_the_exploration_budget(step_cost, token_
             policy.record(s, 0, 0)
             tokens += 1
     assert probes >= 1 and probes * (step_cost + token_cost) <= EXPLORE_BUDGET * tokens + 1e-9
+
+
+def test_measured_step_costs_are_medians_per_batch_size_and_wait_for_enough_steps():
+    costs = StepCosts()
+    for seconds in (0.02, 0.02, 0.06):  # verify steps of one row
+        costs.observe(1, True, 1, seconds)
+    costs.observe(1, False, 8, 0.08)  # a decode block: 10 ms a token
+    costs.observe(1, False, 1, 0.01)
+    assert costs.verify_extra(1) is None  # two decode steps seen: too few yet
+    costs.observe(1, False, 2, 5.0)  # the caller paused before reading this one: the median ignores it
+    assert costs.verify_extra(1) == pytest.approx(0.02 / 0.01 - 1)
+    assert costs.verify_extra(2) is None  # another batch size has costs of its own
+    for _ in range(WINDOW):  # only the latest steps count
+        costs.observe(1, True, 1, 0.04)
+    assert costs.verify_extra(1) == pytest.approx(3.0)

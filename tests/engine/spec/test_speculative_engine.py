@@ -183,14 +183,14 @@ def test_no_verify_step_beyond_the_batch_limit(params, tok):
     assert verified and max(verified) <= 2  # once the two short requests are done
 
 
-def test_the_adaptive_lookup_scores_before_it_verifies_and_stays_exact(params, tok, monkeypatch):
-    """Prompt lookup under its adaptive policy, looking up every token (the CPU's default): a request's first
-    proposals are only scored against what it then decodes (shadows), verify steps begin once they score, and
-    the output is still the target's greedy one."""
+def test_the_adaptive_lookup_verifies_first_then_scores_and_stays_exact(params, tok, monkeypatch):
+    """Prompt lookup under its adaptive policy, looking up every token (the CPU's default): a request verifies its
+    first proposal; once verifying stops paying (the random model does not copy), its proposals are only scored
+    against what it then decodes (shadows); the output is still the target's greedy one."""
     from jinfer.engine.spec.policy import AdaptivePolicy
 
     spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, disable_by_batch_size=8,
-                             verify_step_cost=0.0, verify_token_cost=0.0, keep_looking=True)
+                             verify_step_cost=1.2, verify_token_cost=0.0, keep_looking=True)
     eng = make_engine(params, tok, speculative=spec, decode_buckets=(4,))
     events = []
     shadow, verify = AdaptivePolicy.shadow, eng.scheduler.schedule
@@ -210,7 +210,68 @@ def test_the_adaptive_lookup_scores_before_it_verifies_and_stays_exact(params, t
     arrivals = [(0, MOTIF * 3, greedy(40))]
     out = run_workload(eng, arrivals)[0]
     assert out.token_ids == reference.generate(params, TINY, [arrivals[0][1]], [greedy(40)])[0].token_ids
-    assert events[0] == "shadow" and "verify" in events and out.metrics.spec_verify_steps > 0
+    assert events[0] == "verify" and "shadow" in events and out.metrics.spec_verify_steps > 0
+    assert_pages_all_returned(eng)
+
+
+class FakeClock:
+    """Stands in for the engine's clock: time advances only when a step's tokens are read, by that step's cost (a
+    verify step 3 s, a decode block 1 s a step, anything else 0.25 s)."""
+
+    def __init__(self, runner, monkeypatch):
+        import jinfer.engine.engine as engine_module
+
+        self.now = 0.0
+        dispatch = runner.dispatch
+
+        def timed_dispatch(plan):
+            out, clock = dispatch(plan), self
+            cost = self.cost(plan)
+
+            class Timed:
+                def fetch(self):
+                    clock.now += cost
+                    return out.fetch()
+
+            return Timed()
+
+        monkeypatch.setattr(engine_module, "perf_counter", lambda: self.now)
+        monkeypatch.setattr(runner, "dispatch", timed_dispatch)
+
+    @staticmethod
+    def cost(plan) -> float:
+        return 3.0 if plan.verify else plan.max_steps * 1.0 if plan.decode else 0.25
+
+
+def test_the_engine_times_each_step_from_when_the_device_could_start_it(params, tok, monkeypatch):
+    """Without speculation the engine dispatches step N + 1 before it reads step N: each step is timed from the
+    later of its dispatch and the previous step's end, so it is charged its own cost, not its predecessor's."""
+    eng = make_engine(params, tok)
+    FakeClock(eng.runner, monkeypatch)
+    seen = []
+    monkeypatch.setattr(eng.scheduler, "observe_step", lambda plan, seconds: seen.append((FakeClock.cost(plan), seconds)))
+    run_workload(eng, [(0, MOTIF, greedy(20)), (1, MOTIF[:4], greedy(9))])
+    assert len(seen) > 3 and all(s == pytest.approx(c) for c, s in seen), seen
+    assert_pages_all_returned(eng)
+
+
+def test_the_engine_measures_what_a_verify_step_costs(params, tok, monkeypatch):
+    """With `measure_costs`, the policy's verify cost is the engine's own timing of its steps: with the fake clock a
+    verify step costs two decode tokens beyond one, whatever the config said before the first steps."""
+    spec = SpeculativeConfig(method="ngram", num_speculative_tokens=3, prompt_lookup_min=1, adaptive=False,
+                             verify_step_cost=0.0, verify_token_cost=0.0, measure_costs=True)
+    eng = make_engine(params, tok, speculative=spec, decode_buckets=(4,))
+    FakeClock(eng.runner, monkeypatch)
+    assert eng.scheduler.policy.step_cost == 0.0
+    # One request at a time, so every step has one row (the random model's text finds lookups now and then).
+    for i in range(4):
+        run_workload(eng, [(0, MOTIF[i:] * 2, greedy(12))])
+    assert eng.scheduler.costs.verify_extra(1) == pytest.approx(2.0)
+    eng.add_request(MOTIF * 2, greedy(3))
+    eng.step()
+    eng.step()  # its first proposal: the policy now holds the measured cost
+    assert eng.scheduler.policy.step_cost == pytest.approx(2.0)
+    run_workload(eng, [])
     assert_pages_all_returned(eng)
 
 
@@ -249,10 +310,19 @@ def test_a_retired_draft_stops_advancing_and_greedy_stays_exact(engines, params,
     (dict(method="ngram", lookahead=3), r"unknown keys \['lookahead'\]"),
     (dict(num_speculative_tokens=3), "speculative_config.method is required"),
     (dict(method="ngram", keep_looking="yes"), r"speculative_config.keep_looking='yes' must be true or false"),
+    (dict(method="ngram", measure_costs=1), r"speculative_config.measure_costs=1 must be true or false"),
+    (dict(method="early_exit", measure_costs=True), "measure_costs is only for method 'ngram'"),
 ])
 def test_bad_speculative_configs_name_the_field(bad, match):
     with pytest.raises(ValueError, match=match):
         SpeculativeConfig.from_dict(bad)
+
+
+def test_prompt_lookup_measures_its_costs_unless_a_cost_is_given():
+    assert SpeculativeConfig(method="ngram").resolve("cpu").measure_costs
+    assert not SpeculativeConfig(method="ngram", verify_step_cost=0.3).resolve("cpu").measure_costs
+    assert not SpeculativeConfig(method="ngram", measure_costs=False).resolve("gpu").measure_costs
+    assert not SpeculativeConfig(method="early_exit").resolve("cpu").measure_costs
 
 
 def test_early_exit_layers_must_leave_a_layer_to_verify(params, tok):
