@@ -26,9 +26,9 @@ full one do (the CPU: `keep_looking`), a request whose lookups give no verify ke
 double from one token to a whole decode block (`lookup_gap`; while its gain pays, only after `COPY_GRACE`
 lookups after every token: a copy that broke off usually resumes within a token or two), so chat, which finds
 little, is synced once a block (looking up after every token cost chat 6% on the CPU: the host's sync each
-token). Elsewhere one whose lookups yielded no verify `MISS_LIMIT`
-times running waits `backoff` tokens (16 at first, doubling while lookups keep finding nothing, up to 256)
-before looking again: a request that is not speculating lets the engine run ahead of the host by a step.
+token). Elsewhere one whose lookups yielded no verify `MISS_LIMIT` times running waits `backoff` tokens (16 at
+first, doubling while lookups keep finding nothing, up to 256) before looking again: a request that is not
+speculating lets the engine run ahead of the host by a step.
 
 A device drafter's request at k = 0 drafts one token again after `backoff` tokens, since what it writes may turn
 copyable; each probe that gets nothing accepted doubles the wait (up to 256), an accepted token resets it. The

@@ -7,8 +7,8 @@ times every step it collects (`observe`: from when the device could start it, it
 step's result, whichever is later, until its tokens are on the host) and the scheduler asks here for the
 extra cost at its batch size: a verify step's seconds over a decode token's, minus one. A decode block's
 seconds count per step it ran, so a token decoded in a long block and one decoded alone (a lookup after each
-token) each count at what they cost. Medians over the latest `WINDOW` steps of each kind, so a pause of the
-caller between two steps (a notebook, a slow stream reader) moves nothing.
+token) each count at what they cost. Medians over the latest `WINDOW` steps of each kind, so that a few steps
+stretched by a pause of the caller (a notebook, a slow stream reader) do not move the cost.
 """
 
 from __future__ import annotations
