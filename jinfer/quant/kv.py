@@ -79,7 +79,13 @@ def dequantize_kv(values: jax.Array, scale: jax.Array, dtype) -> jax.Array:
 
 def round_trip_kv(x: jax.Array, fmt: str | None) -> jax.Array:
     """x as a quantized cache gives it back (x itself for fmt None): what attention sees of a K/V it stored."""
-    return x if fmt is None else dequantize_kv(*quantize_kv(x, fmt), x.dtype)
+    if fmt is None:
+        return x
+    values, scale = quantize_kv(x, fmt)
+    # A barrier between the cast to the storage type and the cast back: XLA may fold the pair of converts into
+    # nothing (its excess-precision rule, on by default; the GPU's simplifier does so for float8), and the oracle
+    # would then see unrounded values where the engine's pages hold rounded ones.
+    return dequantize_kv(jax.lax.optimization_barrier(values), scale, x.dtype)
 
 
 def empty_kv(shape: tuple[int, ...], dtype, fmt: str | None):
