@@ -6,7 +6,7 @@
 
 Prints how many requests' tokens match the reference exactly; float32 should give all of them. For each request
 that differs it prints where it first does, the two tokens, and how far apart the reference puts their logits
-there (one prefill of the sequence so far, with float KV and with the run's quantized KV) beside its top-2 margin:
+there (the sequence so far in one pass, with float KV and with the run's quantized KV) beside its top-2 margin:
 a gap near zero is a near tie that any change of summation order may flip, a large one a real difference. With quantized
 weights the reference runs the same quantized params (through XLA's dequantize-then-dot, where the engine on one
 GPU uses the Pallas kernel), with quantized KV it stores K/V as the quantized pages give them back. With
@@ -30,21 +30,6 @@ if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own de
     from jinfer.runtime.xla_flags import apply_gpu_flags
 
     apply_gpu_flags()
-
-
-def reference_logits(params, config, seq: list[int], kv_cache_dtype: str | None):
-    """The reference's logits after `seq` (one prefill through its dense cache), f32[V]."""
-    from jinfer.models.attention import dense_kv_cache
-    from jinfer.quant.formats import resolve_kv_cache_dtype
-    from jinfer.runtime import reference
-
-    T = len(seq)
-    cache = dense_kv_cache(config.num_layers, 1, T, config.num_kv_heads, config.head_dim,
-                           jax.tree_util.tree_leaves(params)[0].dtype)
-    logits, _ = reference.forward_step(params, jnp.asarray([seq], jnp.int32), jnp.arange(T, dtype=jnp.int32)[None],
-                                       jnp.asarray([T - 1], jnp.int32), cache, config=config,
-                                       kv_cache_dtype=resolve_kv_cache_dtype(kv_cache_dtype))
-    return logits[0]
 
 
 def main():
@@ -113,7 +98,7 @@ def main():
                 seq = prompts[i] + w.token_ids[:d]
                 gaps = []
                 for kv in dict.fromkeys([None, args.kv_cache_dtype]):  # float KV, then the run's quantized KV
-                    logits = np.asarray(reference_logits(params, config, seq, kv))
+                    logits = reference.full_logits(params, config, seq, kv)[-1]
                     top2 = np.sort(logits)[-2:]
                     gaps.append(f"{kv or 'float'} KV: {logits[w.token_ids[d]]:.4f} vs {logits[got[d]]:.4f} (gap "
                                 f"{logits[w.token_ids[d]] - logits[got[d]]:.2e}, top-2 margin {top2[1] - top2[0]:.2e})")

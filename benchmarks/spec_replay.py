@@ -68,12 +68,7 @@ def replay(data, make_policy, cost: float, proposer, block: int = 8) -> float:
             k, drafts, missed = min(policy.k(state), n - i - 1), [], False
             if k:
                 if state.shadow is None:
-                    drafts = proposer.propose(prompt + out[:i], k)
-                    if drafts and not policy.verifies(state):
-                        policy.shadow(state, i, drafts)
-                        drafts = []
-                    elif not drafts:
-                        policy.record_miss(state)
+                    drafts = policy.take(state, i, proposer.propose(prompt + out[:i], k))
                 missed = not drafts
             if drafts:
                 a = accepted(drafts, out, i)

@@ -322,12 +322,7 @@ class Scheduler:
                 drafts = []
                 # (else its last token is still on the device, or a shadow awaits its score: see the policy)
                 if len(known) == req.num_tokens and req.spec.shadow is None:
-                    drafts = self.proposer.propose(known, k)
-                    if drafts and not self.policy.verifies(req.spec):
-                        self.policy.shadow(req.spec, len(req.output_ids), drafts)
-                        drafts = []
-                    elif not drafts:
-                        self.policy.record_miss(req.spec)
+                    drafts = self.policy.take(req.spec, len(req.output_ids), self.proposer.propose(known, k))
                 if not drafts:
                     missed += 1
                 out.append(drafts)

@@ -45,20 +45,22 @@ def _sample_step(logits, temperature, top_k, top_p, seeds, step):
     return sample(logits, temperature, top_k, top_p, step_keys(seeds, step))
 
 
-def full_logits(params, config: ModelConfig, token_ids: Sequence[int]) -> np.ndarray:
-    """f32[T, V]: the logits at every position of one sequence (for parity tests)."""
+def full_logits(params, config: ModelConfig, token_ids: Sequence[int], kv_cache_dtype: str | None = None) -> np.ndarray:
+    """f32[T, V]: the logits at every position of one sequence (for parity tests), with K/V stored as
+    `kv_cache_dtype` gives them back."""
     T = len(token_ids)
     cache = dense_kv_cache(config.num_layers, 1, T, config.num_kv_heads, config.head_dim,
                            jax.tree_util.tree_leaves(params)[0].dtype)
-    logits, _ = _full_logits(params, jnp.asarray([token_ids], jnp.int32), cache, config)
+    logits, _ = _full_logits(params, jnp.asarray([token_ids], jnp.int32), cache, config,
+                             resolve_kv_cache_dtype(kv_cache_dtype))
     return np.asarray(logits)[0]
 
 
-@functools.partial(jax.jit, static_argnames=("config",))
-def _full_logits(params, tokens, cache, config):
+@functools.partial(jax.jit, static_argnames=("config", "kv_cache_dtype"))
+def _full_logits(params, tokens, cache, config, kv_cache_dtype=None):
     positions = jnp.arange(tokens.shape[1], dtype=jnp.int32)[None]
     h, cache = llama.forward(params, tokens, positions, cache, None, config=config,
-                             attention=dense_cache_attention)
+                             attention=functools.partial(dense_cache_attention, kv_cache_dtype=kv_cache_dtype))
     return llama.logits_from_hidden(params, h, config), cache
 
 

@@ -153,6 +153,17 @@ class AdaptivePolicy:
         """Whether a host proposer's proposal is verified (else it is only scored, `shadow`)."""
         return not self.adaptive or state.gain is None or state.gain > self.step_cost
 
+    def take(self, state: SpecState, at: int, proposal: list[int]) -> list[int]:
+        """A host proposer's lookup after the request's first `at` output tokens: the proposal to verify, or []
+        (it found nothing, or its proposal is only scored: a shadow). Each counts as a miss."""
+        if proposal and self.verifies(state):
+            return proposal
+        if proposal:
+            self.shadow(state, at, proposal)
+        else:
+            self.record_miss(state)
+        return []
+
     def sit_out(self, state: SpecState) -> None:
         """The request runs in a step too large to speculate in."""
         if self.retire:
