@@ -17,7 +17,7 @@ implementations taken in turn. Errors: max |out - reference| and that over max |
 `quantized_matmul_reference` (float32 products).
 
 --variants times a curated list of block sizes of both kernel paths per (shape, M, format), the kernel's
-default among them, against weights rotated over enough stacked layers (> 3x the L2) that no call finds its
+default among them (int4 also stored "out_in", the outputs-first layout of `out_in.py`), against weights rotated over enough stacked layers (> 3x the L2) that no call finds its
 weight in the cache; all variants of a case in one profiler trace per round (the kernel's name carries its
 sizes; a split-K sum is charged to the kernel before it). It prints each variant's time and fraction of copy,
 the best, and a TABLE line; cases run in the order given until --budget-s seconds have passed.
@@ -47,8 +47,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 from benchmarks.gpu_trace import gpu_kernels, kernel_times
 from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
 from jinfer.kernels.quant_matmul.kernel import kernel_name
+from jinfer.kernels.quant_matmul.out_in import kernel_name as out_in_kernel_name
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for, fit_block_sizes, m_bucket
-from jinfer.quant.qtensor import QTensor, dequantize
+from jinfer.quant.qtensor import QTensor, dequantize, to_out_in
 from jinfer.quant.rtn import quantize
 
 SHAPES = [(4096, 4096), (4096, 1024), (4096, 14336), (14336, 4096)]
@@ -239,6 +240,23 @@ def split_count(bs: QuantMatmulBlockSizes, K: int, group: int) -> int:
     return -(-units // per)
 
 
+def out_in_variant_list(M: int) -> list[QuantMatmulBlockSizes]:
+    """int4 stored out_in (`out_in.py`): the table's choice and its neighbours in the sm_90 machine code
+    (`sass_profile.py quant --layout out_in`): wider tiles amortize x's per-step work, more stages keep more
+    loads in flight."""
+    bm = 16 if M <= 16 else 64
+    return [_mma(bm, 128, 128, 4, 4), _mma(bm, 256, 128, 8, 4), _mma(bm, 256, 128, 4, 4), _mma(bm, 128, 64, 4, 6),
+            _mma(bm, 128, 128, 4, 3), _mma(bm, 128, 128, 8, 4)]
+
+
+def variant_kernel_name(fmt: str, bs: QuantMatmulBlockSizes, layout: str, K: int, group: int) -> str:
+    if layout == "out_in":  # K steps split as `int4_out_in_matmul_triton` splits them
+        steps = -(-K // bs.block_k)
+        per = -(-steps // min(bs.split_k, steps))
+        return out_in_kernel_name(bs, -(-steps // per))
+    return kernel_name(fmt, bs, split_count(bs, K, group))
+
+
 def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
     kind = jax.devices()[0].device_kind
     probe, _ = make_weight(K, N, fmt, seed=0)
@@ -251,27 +269,36 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
     x = jax.random.normal(jax.random.key(M), (M, K), jnp.bfloat16)
     nbytes = weight_bytes(w) // layers + x.nbytes + M * N * 2
     default = block_sizes_for(M, K, N, fmt, kind, w.group_size)
-    cands = [dataclasses.replace(fit_block_sizes(v, M, K, N, kind, w.group_size), split_k=v.split_k)
-             if v.split_k > 1 else fit_block_sizes(v, M, K, N, kind, w.group_size) for v in variant_list(M, fmt)]
-    cands = [default] + [c for c in cands if c != default]
+
+    def fitted(v):
+        bs = fit_block_sizes(v, M, K, N, kind, w.group_size)
+        return dataclasses.replace(bs, split_k=v.split_k) if v.split_k > 1 else bs
+
+    # (block sizes, int4 layout): the importers' layout, and for int4 the kernel on weights stored out_in
+    cands = [(default, "in_out")] + [(c, "in_out") for c in map(fitted, variant_list(M, fmt)) if c != default]
+    stored = {"in_out": w}
+    if fmt == "int4":
+        stored["out_in"] = to_out_in(w)
+        cands += [(fitted(v), "out_in") for v in out_in_variant_list(M)]
     w0 = jax.tree.map(lambda a: a[0], w)
     ref = quantized_matmul_reference(x, w0.values, w0.scale, w0.offset, fmt=fmt, group_size=w.group_size)
     fns, names, errs = [], [], {}
-    for bs in cands:
+    for bs, layout in cands:
         f = jax.jit(lambda x, w, l, bs=bs: quantized_matmul(x, w, layer=l, block_sizes=bs, interpret=interpret))
+        wl = stored[layout]
         try:
-            out = jax.block_until_ready(f(x, w, lids[0]))
+            out = jax.block_until_ready(f(x, wl, lids[0]))
         except Exception as e:  # a size the compiler refuses (e.g. shared memory): skipped, reported
-            log(f"  skipped {bs}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
+            log(f"  skipped {layout} {bs}: {type(e).__name__}: {str(e).splitlines()[0][:100]}")
             continue
-        errs[bs] = errors(out, ref)[1]
-        fns.append(lambda i, f=f: f(x, w, lids[i % layers]))
-        names.append(bs)
+        errs[bs, layout] = errors(out, ref)[1]
+        fns.append(lambda i, f=f, wl=wl: f(x, wl, lids[i % layers]))
+        names.append((bs, layout))
     if not fns:
         return None
     samples, launch = collections.defaultdict(list), {}
     for _ in range(args.rounds):
-        prefixes = [kernel_name(fmt, bs, split_count(bs, K, w.group_size)) for bs in names]
+        prefixes = [variant_kernel_name(fmt, bs, layout, K, w.group_size) for bs, layout in names]
         if jax.devices()[0].platform == "gpu":
             got = pallas_kernel_times(fns, prefixes, args.iters, launch)
         else:  # no device trace: wall time
@@ -292,19 +319,22 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
         peer_t[name], _ = device_time({name: lambda fn=fn: fn(0)}, 1, args.iters)
     peer_line = "  ".join(f"{n} {t[n] * 1e6:.1f} us" for n, t in peer_t.items())
     log(f"K={K} N={N} M={M} {fmt}: {nbytes / 1e6:.1f} MB over {layers} layers; default "
-        f"{times.get(default, 0) * 1e6:.1f} us; {peer_line}")
-    for bs in ranked:
-        t = times[bs]
-        tag = " (default)" if bs == default else ""
-        log(f"  {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s {nbytes / t / copy_bps:5.2f} of copy  err {errs[bs]:.1e}  "
-            f"{bs.path} bm{bs.block_m} bn{bs.block_n} bk{bs.block_k} u{bs.unroll} w{bs.num_warps} s{bs.num_stages} "
-            f"split{bs.split_k} prefetch={int(bs.prefetch)} ptx={int(bs.ptx)} prescale={bs.prescale}{tag}  "
-            f"{launch.get(kernel_name(fmt, bs, split_count(bs, K, w.group_size)), '')}")
-    b = ranked[0]
+        f"{times.get((default, 'in_out'), 0) * 1e6:.1f} us; {peer_line}")
+    for bs, layout in ranked:
+        t = times[bs, layout]
+        tag = " (default)" if (bs, layout) == (default, "in_out") else ""
+        log(f"  {t * 1e6:7.1f} us {nbytes / t / 1e9:6.0f} GB/s {nbytes / t / copy_bps:5.2f} of copy  "
+            f"err {errs[bs, layout]:.1e}  {layout} {bs.path} bm{bs.block_m} bn{bs.block_n} bk{bs.block_k} "
+            f"u{bs.unroll} w{bs.num_warps} s{bs.num_stages} split{bs.split_k} prefetch={int(bs.prefetch)} "
+            f"ptx={int(bs.ptx)} prescale={bs.prescale}{tag}  "
+            f"{launch.get(variant_kernel_name(fmt, bs, layout, K, w.group_size), '')}")
+    b, layout = ranked[0]
+    if layout == "out_in":
+        log(f"  fastest stored out_in: OUT_IN_TABLE[({kind!r}, {m_bucket(M)})] = {b}  # and INT4_LAYOUT[{kind!r}]")
     log(f"  TABLE[({kind!r}, {fmt!r}, {m_bucket(M)})] = QuantMatmulBlockSizes(block_m={b.block_m}, block_n={b.block_n}, "
         f"block_k={b.block_k}, num_warps={b.num_warps}, num_stages={b.num_stages}, path={b.path!r}, unroll={b.unroll}, "
         f"prescale={b.prescale}, ptx={b.ptx})  # split_k {b.split_k} here")
-    return b, times[b], nbytes, {n: t[n] for n, t in peer_t.items()}
+    return b, layout, times[b, layout], nbytes, {n: t[n] for n, t in peer_t.items()}
 
 
 def main():
@@ -357,13 +387,13 @@ def main():
                 break
             best = variants_case(K, N, M, fmt, args, copy_bps, interpret, log)
             if best:
-                b, t, nbytes, peer = best
+                b, layout, t, nbytes, peer = best
                 dense = f", bf16 {peer['bf16'] * 1e6:.1f} us" if "bf16" in peer else ""
                 log(f"BEST {K}x{N} M={M} {fmt} {t * 1e6:.1f} us {nbytes / t / copy_bps:.2f} of copy, "
                     f"xla {peer['xla'] * 1e6:.1f} us{dense}")
                 summary.append(f"{K}x{N} M={M:3d} {fmt:4s} {t * 1e6:7.1f} us {nbytes / t / copy_bps:5.2f} of copy "
                                f"xla/ours {peer['xla'] / t:4.2f} "
-                               f"{b.path} bm{b.block_m} bn{b.block_n} bk{b.block_k} u{b.unroll} w{b.num_warps} "
+                               f"{layout} {b.path} bm{b.block_m} bn{b.block_n} bk{b.block_k} u{b.unroll} w{b.num_warps} "
                                f"s{b.num_stages} split{b.split_k}")
         log("best per case:")
         for line in summary:

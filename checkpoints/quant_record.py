@@ -19,12 +19,14 @@ import numpy as np
 
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.quant.formats import FORMATS
-from jinfer.quant.qtensor import QTensor
+from jinfer.quant.qtensor import LAYOUTS, QTensor
 
 RECORD_FILE = "quantization.json"
 
 STATIC = tuple(f.name for f in dataclasses.fields(QTensor) if f.metadata.get("static"))
 ARRAYS = tuple(f.name for f in dataclasses.fields(QTensor) if not f.metadata.get("static"))
+# Static fields added since the first records were written, and what a record without one means.
+STATIC_DEFAULTS = {"layout": "in_out"}
 VALUE_DTYPES = {"int8": np.dtype(np.int8), "int4": np.dtype(np.uint8), "fp8": np.dtype("float8_e4m3fn")}
 
 
@@ -73,11 +75,15 @@ def read(path: Path) -> dict | None:
 def _check_record(file: Path, name: str, leaf) -> None:
     if not isinstance(leaf, dict):
         raise CheckpointError(f"{str(file)!r}: the record of {name!r} is not an object")
-    missing = [k for k in (*STATIC, "arrays") if k not in leaf]
+    missing = [k for k in (*STATIC, "arrays") if k not in leaf and k not in STATIC_DEFAULTS]
     if missing:
         raise CheckpointError(f"{str(file)!r}: the record of {name!r} lacks {missing}")
     if leaf["fmt"] not in FORMATS:
         raise CheckpointError(f"{str(file)!r}: {name!r} has format {leaf['fmt']!r}; jinfer has {list(FORMATS)}")
+    layout = leaf.get("layout", STATIC_DEFAULTS["layout"])
+    if layout not in LAYOUTS or (layout == "out_in" and leaf["fmt"] != "int4"):
+        raise CheckpointError(f"{str(file)!r}: {name!r} has layout {layout!r} for format {leaf['fmt']!r}; "
+                              f"jinfer has {list(LAYOUTS)} ('out_in' for int4)")
     unknown = set(leaf["arrays"]) - set(ARRAYS)
     if unknown or not {"values", "scale"} <= set(leaf["arrays"]):
         raise CheckpointError(f"{str(file)!r}: {name!r} lists arrays {leaf['arrays']}; expected values, scale "
@@ -86,7 +92,7 @@ def _check_record(file: Path, name: str, leaf) -> None:
 
 def join(name: str, arrays: dict, leaf: dict, shape: tuple[int, ...]) -> QTensor:
     """A restored leaf's arrays -> its QTensor, checked against the float shape the config implies."""
-    q = QTensor(**{a: arrays.get(a) for a in ARRAYS}, **{s: leaf[s] for s in STATIC})
+    q = QTensor(**{a: arrays.get(a) for a in ARRAYS}, **{s: leaf.get(s, STATIC_DEFAULTS.get(s)) for s in STATIC})
     check(name, q, shape)
     return q
 

@@ -11,6 +11,10 @@ the group of input i; the last group may be shorter (SmolLM2's 576 inputs are 4.
 - "int4": q in [0, 15], two to a byte (uint8, the even output index in the low nibble, packed along the
   last axis), with an offset (asymmetric: RTN's min, GGUF's Q4_1 min, AWQ/GPTQ's -zero * scale);
 - "fp8": q float8_e4m3fn, no offset.
+`layout` (static) is the order of the stored axes: "in_out" as above (every importer and quantizer makes it),
+or "out_in", for int4 only: values [..., *out, *in] with the pairs packed along the last input axis (the even
+input in the low nibble), which the GPU kernel reads as matrix-unit operands (`to_out_in`; `jinfer.runtime.
+matmul` converts to it where that kernel runs). Scales and offsets are the same in both.
 Every array field keeps the stacked-layer axes in front, so slicing a layer out of a stacked QTensor (a
 scan, `llama.unstack_layers`) slices each field alike; the static fields count trailing axes only.
 
@@ -39,6 +43,7 @@ import jax.numpy as jnp
 import numpy as np
 
 ACTS = (None, "int8")  # activation formats: float, or int8 per token (W8A8)
+LAYOUTS = ("in_out", "out_in")
 
 
 @jax.tree_util.register_dataclass
@@ -53,6 +58,7 @@ class QTensor:
     group_size: int = dataclasses.field(metadata=dict(static=True))  # inputs per group; 0: all of them
     input_scale: jax.Array | None = None  # f32[..., *in]: stored weight = W·diag(s), x divided by s; None: 1
     act: str | None = dataclasses.field(default=None, metadata=dict(static=True))  # None | "int8" (W8A8)
+    layout: str = dataclasses.field(default="in_out", metadata=dict(static=True))  # LAYOUTS: stored axis order
 
     def __post_init__(self):
         # Static fields only: jax rebuilds the dataclass with placeholder leaves when it unflattens.
@@ -61,12 +67,19 @@ class QTensor:
         if self.act == "int8" and (self.fmt != "int8" or self.group_size != 0):
             raise ValueError(f"QTensor.act='int8' (W8A8) needs fmt='int8' with group_size=0 (one scale per "
                              f"output channel); got fmt={self.fmt!r}, group_size={self.group_size}")
+        if self.layout not in LAYOUTS or (self.layout == "out_in" and (self.fmt != "int4" or self.act is not None)):
+            raise ValueError(f"QTensor.layout={self.layout!r} must be one of {list(LAYOUTS)}, and 'out_in' needs "
+                             f"fmt='int4' without act; got fmt={self.fmt!r}, act={self.act!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
         """The shape of the float weight this stands for."""
         s = tuple(self.values.shape)
-        return s[:-1] + (2 * s[-1],) if self.fmt == "int4" else s
+        s = s[:-1] + (2 * s[-1],) if self.fmt == "int4" else s
+        if self.layout == "out_in":  # [*lead, *out, *in] -> [*lead, *in, *out]
+            lead = len(s) - self.n_in - self.n_out
+            s = s[:lead] + s[len(s) - self.n_in:] + s[lead:len(s) - self.n_in]
+        return s
 
     @property
     def nbytes(self) -> int:
@@ -122,6 +135,8 @@ def dequantize(w: QTensor, dtype=jnp.float32, *, keep_input_scale: bool = False)
     keep_input_scale=True gives the stored W·diag(s) instead (what `qeinsum` multiplies x/s by)."""
     q = unpack_int4(w.values) if w.fmt == "int4" else w.values
     lead = q.ndim - w.n_in - w.n_out  # stacked-layer axes in front
+    if w.layout == "out_in":
+        q = _swap_in_out(q, lead, w.n_out)
     x = group_inputs(q, w.n_in, w.group_size, lead) * jnp.expand_dims(w.scale, lead + 1)
     if w.offset is not None:
         x = x + jnp.expand_dims(w.offset, lead + 1)
@@ -129,6 +144,27 @@ def dequantize(w: QTensor, dtype=jnp.float32, *, keep_input_scale: bool = False)
     if w.input_scale is not None and not keep_input_scale:
         x = x / w.input_scale.astype(jnp.float32).reshape(w.input_scale.shape + (1,) * w.n_out)
     return x.astype(dtype)
+
+
+def _swap_in_out(a, lead: int, n_first: int):
+    """[*lead, *A, *B] -> [*lead, *B, *A], A being the n_first axes after lead."""
+    order = (*range(lead), *range(lead + n_first, a.ndim), *range(lead, lead + n_first))
+    return a.transpose(order)
+
+
+def to_out_in(w: QTensor) -> QTensor:
+    """An int4 QTensor stored "out_in": values [..., *out, *in], the pairs packed along the last input axis
+    (which must be even). The same weight: `dequantize` gives the same numbers."""
+    if w.layout == "out_in":
+        return w
+    if w.fmt != "int4" or w.act is not None:
+        raise ValueError(f"layout 'out_in' is for int4 weights without act; got fmt={w.fmt!r}, act={w.act!r}")
+    q = unpack_int4(w.values)
+    lead = q.ndim - w.n_in - w.n_out
+    if q.shape[lead + w.n_in - 1] % 2:
+        raise ValueError(f"the last input axis of a weight of shape {list(w.shape)} (n_in={w.n_in}) is odd; "
+                         f"'out_in' packs its pairs")
+    return dataclasses.replace(w, values=pack_int4(_swap_in_out(q, lead, w.n_in)), layout="out_in")
 
 
 @dataclasses.dataclass(frozen=True)

@@ -5,16 +5,21 @@ Why: XLA's `x @ dequantize(w)` writes the dequantized weight to memory before cu
 int8 or int4 decode step reads more bytes than bf16's (benchmarks/RESULTS.md); the kernel reads the stored bytes
 once, and a stacked layer's in place (a `LayerSlice` carries the layer index into it). Rows above
 `KERNEL_MAX_ROWS` (prefill chunks) are compute-bound, where XLA's dot is as good. The kernel runs on one
-device: a weight sharded over a mesh stays on XLA, which partitions it.
+device: a weight sharded over a mesh stays on XLA, which partitions it. Where the tuning table says so
+(`tuning.INT4_LAYOUT`), int4 weights are stored "out_in" for that kernel (`kernel_layout`); XLA's products
+(prefill) read that layout too.
 """
 
 from __future__ import annotations
 
 import math
 
+import jax
+
 from jinfer.kernels.quant_matmul import quantized_matmul
+from jinfer.kernels.quant_matmul.tuning import int4_layout
 from jinfer.models.llama import MatmulFn
-from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, qeinsum
+from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor, qeinsum, to_out_in
 
 KERNEL_MAX_ROWS = 64  # the H200 (RESULTS.md): 1.8-6x faster than XLA up to 64 rows; level for int8 / fp8 at 256
 
@@ -31,3 +36,18 @@ def kernel_matmul(spec: str, x, w, *, interpret: bool | None = None):
 def model_matmul(platform: str, num_devices: int) -> MatmulFn:
     """The matmul the runner hands the model on `platform` over a mesh of `num_devices`."""
     return kernel_matmul if platform == "gpu" and num_devices == 1 else qeinsum
+
+
+def kernel_layout(params, device_kind: str, layout: str | None = None):
+    """params with each int4 weight in `layout` (default: the table's for `device_kind`), for `kernel_matmul`:
+    "out_in" converts those whose last input axis is even (the others, and every other leaf, stay as they are)."""
+    if (layout or int4_layout(device_kind)) != "out_in":
+        return params
+
+    def convert(w):
+        if not (is_qtensor(w) and w.fmt == "int4" and w.act is None and w.layout == "in_out"):
+            return w
+        last_input = w.shape[len(w.shape) - w.n_out - 1]
+        return to_out_in(w) if last_input % 2 == 0 else w
+
+    return jax.tree_util.tree_map(convert, params, is_leaf=is_qtensor)

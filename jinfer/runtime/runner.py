@@ -42,7 +42,7 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import store_kv
 from jinfer.quant.params import cast_params, quantize_params
-from jinfer.runtime.matmul import model_matmul
+from jinfer.runtime.matmul import kernel_layout, kernel_matmul, model_matmul
 from jinfer.runtime.spec.drafters import Drafter, DraftModel, DraftModelDrafter, EarlyExitDrafter
 from jinfer.runtime.spec.verify import verify_step
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
@@ -167,6 +167,8 @@ class Runner:
             attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size), self.mesh,
             c.num_kv_heads)
         self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
+        if self.matmul is kernel_matmul:
+            self.params = kernel_layout(self.params, jax.devices()[0].device_kind)
         # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
         # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.
         self.plain_steps = platform == "gpu"
@@ -224,6 +226,8 @@ class Runner:
                              f"has {self.model_config.vocab_size}: a draft must share the target's vocabulary")
         cfg = self.config
         dparams = cast_params(dparams, dtype)
+        if self.matmul is kernel_matmul:
+            dparams = kernel_layout(dparams, jax.devices()[0].device_kind)
         if cfg.per_layer_weights:
             dparams = llama.unstack_layers(dparams)
         kv = paged_kv_cache(dc.num_layers, num_pages, cfg.page_size, dc.num_kv_heads, dc.head_dim, dtype,

@@ -16,6 +16,12 @@ and float8 -> bfloat16 becomes F2F at the same rate: these cost more than the we
   mantissa of 128.0, i.e. 128 + q exactly (0x4300 | q), the 128 taken back once per group through sum(x)
   (so int4 needs no conversion instruction at all); int8: Triton's cast (already PRMT + HADD2, no I2F);
   float8: through float32 as above, then packed to bfloat16 (exact: e4m3 has 3 mantissa bits).
+- `pair_values`, for int4 stored "out_in" (`out_in.py`): each byte holds two consecutive inputs; the low
+  nibbles and the high ones become two tiles in x's dtype, bias + nibble, with the same magic numbers as
+  `mma_values`. Compiled, a PTX block (`INT4_PAIRS_PTX`) turns the two bytes a thread holds side by side
+  into one register of two 16-bit numbers, the pair the matrix unit takes: a byte permute puts them in the
+  two halves, then one LOP3 masks the nibbles under the magic (the high nibbles shifted down first): about
+  one instruction a weight.
 """
 
 from __future__ import annotations
@@ -82,3 +88,27 @@ def mma_values(q: jax.Array, fmt: str, dtype) -> tuple[jax.Array, ...]:
     if fmt == "fp8" and dtype != jnp.float32:
         return (q.astype(jnp.float32).astype(dtype),)
     return tuple(h.astype(dtype) for h in halves(q, fmt))
+
+
+def _pairs_ptx(high: bool, magic: int) -> str:
+    """PTX for two packed bytes ($1, pack=2: byte 0 then 1) -> $0, the 16-bit numbers magic | nibble of byte 0
+    (low half) and of byte 1 (high half): the low nibbles, or the high ones."""
+    shift = "shr.u32 t, t, 4; " if high else ""
+    return ("{ .reg .b32 t, m, c; mov.b32 m, 0x000F000F; "
+            f"mov.b32 c, {magic * 0x10001:#010x}; prmt.b32 t, $1, 0, 0x4140; {shift}lop3.b32 $0, t, m, c, 0xEA; }}")
+
+
+# dtype -> (low, high) PTX blocks of `pair_values`, for the 16-bit dtypes the magic numbers serve.
+INT4_PAIRS_PTX = {jnp.dtype(d): (_pairs_ptx(False, m), _pairs_ptx(True, m))
+                  for d, m in ((jnp.bfloat16, 0x4300), (jnp.float16, 0x6400))}
+
+
+def pair_values(q: jax.Array, dtype, *, ptx: bool = False) -> tuple[jax.Array, jax.Array]:
+    """uint8 pairs -> (low nibbles, high nibbles) in `dtype`, each bias + nibble (MMA_INT4_BIAS; float32: 0).
+    ptx: through `INT4_PAIRS_PTX` (compiled kernels, 16-bit dtypes; the same bits as the jnp form)."""
+    dtype = jnp.dtype(dtype)
+    if ptx and dtype in INT4_PAIRS_PTX:
+        out = jax.ShapeDtypeStruct(q.shape, dtype)
+        return tuple(plgpu.elementwise_inline_asm(asm, args=[q], constraints="=r,r", pack=2,
+                                                  result_shape_dtypes=[out])[0] for asm in INT4_PAIRS_PTX[dtype])
+    return mma_values(q, "int4", dtype)

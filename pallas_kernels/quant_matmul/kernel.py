@@ -59,31 +59,10 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
+from jinfer.kernels.quant_matmul.common import both, i32, iota, load, split_range
 from jinfer.kernels.quant_matmul.dequant import FMA_MIX, MMA_INT4_BIAS, fma_values, mma_values
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes
 from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_inputs
-
-
-def _iota(n: int) -> jax.Array:
-    return lax.broadcasted_iota(jnp.int32, (n,), 0)
-
-
-def _load(ref, mask):
-    """The whole of `ref` (a view), masked where `mask` is given: lanes off the array read as 0, except for
-    float8 (Triton's lowering makes no float8 constant): those lanes are undefined, for the caller to zero."""
-    if mask is None:
-        return plgpu.load(ref)
-    other = None if jnp.dtype(ref.dtype).itemsize == 1 and jnp.issubdtype(ref.dtype, jnp.floating) else 0
-    return plgpu.load(ref, mask=jnp.broadcast_to(mask, ref.shape), other=other)
-
-
-def _i32(v) -> jax.Array:
-    """A scalar index as an array: interpret mode's load and store take no Python int beside a slice."""
-    return jnp.asarray(v, jnp.int32)
-
-
-def _and(a, b):
-    return b if a is None else a if b is None else a & b
 
 
 def _zero_undefined(tiles, fmt, mask):
@@ -102,27 +81,27 @@ class _Tiles:
         self.K = x_ref.shape[1]
         self.layer, self.c0, self.cols, self.block_k = layer, c0, cols, block_k
         width = v_ref.shape[2]  # columns of stored values: N, or N // 2 bytes
-        self.col_ok = (c0 + _iota(cols) < width) if width % cols else None  # [cols]
+        self.col_ok = (c0 + iota(cols) < width) if width % cols else None  # [cols]
         self.ragged_k = self.K % k_chunk != 0  # some step reads past K
 
     def k_ok(self, k0):  # [block_k] or None
-        return (k0 + _iota(self.block_k) < self.K) if self.ragged_k else None
+        return (k0 + iota(self.block_k) < self.K) if self.ragged_k else None
 
     def weights_mask(self, k0):  # [block_k, cols] or None
         k_ok = self.k_ok(k0)
-        return _and(None if k_ok is None else k_ok[:, None], None if self.col_ok is None else self.col_ok[None, :])
+        return both(None if k_ok is None else k_ok[:, None], None if self.col_ok is None else self.col_ok[None, :])
 
     def weights(self, v_ref, k0):
         """The stored [block_k, cols] tile at row k0 and its mask (None: unmasked)."""
         mask = self.weights_mask(k0)
-        return _load(v_ref.at[self.layer, pl.ds(k0, self.block_k), pl.ds(self.c0, self.cols)], mask), mask
+        return load(v_ref.at[self.layer, pl.ds(k0, self.block_k), pl.ds(self.c0, self.cols)], mask), mask
 
     def group_row(self, ref, g, packed):
         """float32 [cols] of one group's scale (or offset) row; int4: (even, odd) columns, read as one
         contiguous [cols, 2] block (vector loads) and split in registers."""
         if not packed:
-            return (_load(ref.at[self.layer, g, pl.ds(self.c0, self.cols)], self.col_ok).astype(jnp.float32),)
-        pairs = _load(ref.at[self.layer, g, pl.ds(self.c0, self.cols), pl.ds(0, 2)],
+            return (load(ref.at[self.layer, g, pl.ds(self.c0, self.cols)], self.col_ok).astype(jnp.float32),)
+        pairs = load(ref.at[self.layer, g, pl.ds(self.c0, self.cols), pl.ds(0, 2)],
                       None if self.col_ok is None else self.col_ok[:, None]).astype(jnp.float32)
         half = lax.broadcasted_iota(jnp.int32, (self.cols, 2), 1)
         return tuple(jnp.sum(jnp.where(half == h, pairs, 0.0), axis=1) for h in (0, 1))
@@ -131,15 +110,8 @@ class _Tiles:
         """values per half: [cols], output row `row`; or [rows, cols] from row `row`, under `mask`."""
         for h, a in enumerate(values):
             rows, m = ((row,), self.col_ok) if a.ndim == 1 else ((pl.ds(row, a.shape[0]),), mask)
-            at = o_ref.at[split, *rows, pl.ds(self.c0, self.cols), *((_i32(h),) if packed else ())]
+            at = o_ref.at[split, *rows, pl.ds(self.c0, self.cols), *((i32(h),) if packed else ())]
             plgpu.store(at, a.astype(o_ref.dtype), mask=None if m is None else jnp.broadcast_to(m, a.shape))
-
-
-def _split_range(split, per_split, total):
-    if per_split < total:
-        first = split * per_split
-        return first, jnp.minimum(first + per_split, total)
-    return 0, total  # static bounds: no split
 
 
 def _fma_kernel(
@@ -194,7 +166,7 @@ def _fma_kernel(
             if prescale:
                 w = tuple(mixed(w, s[h], h) + b[h][None, :] for h in range(nh))
             for r in range(M):
-                xr = _load(x_ref.at[_i32(r), pl.ds(k0, block_k)], t.k_ok(k0)).astype(jnp.float32)
+                xr = load(x_ref.at[i32(r), pl.ds(k0, block_k)], t.k_ok(k0)).astype(jnp.float32)
                 acc[r] = [a + xr[:, None] * f for a, f in zip(acc[r], w)]
                 if xsum is not None:
                     xsum[r] = xsum[r] + xr
@@ -208,7 +180,7 @@ def _fma_kernel(
         corr = tuple(tuple(cc + jnp.sum(xsum[r]) * bh for cc, bh in zip(corr[r], b)) for r in range(M))
         return tot, corr
 
-    first, last = _split_range(split, chunks_per_split, num_chunks)
+    first, last = split_range(split, chunks_per_split, num_chunks)
     tiles = ((tile0,) * nh,) * M
     if not group_size:
         init = (tiles, (jnp.zeros((block_k,), jnp.float32),) * M)
@@ -226,7 +198,7 @@ def _fma_kernel(
     else:
         out = lax.fori_loop(first, last, lambda c, carry: chunk(c, carry, None), init)
     if not group_size:
-        s, b = rows(_i32(0))
+        s, b = rows(i32(0))
     for r in range(M):
         if not group_size:
             sums, xs = [jnp.sum(a, axis=0) for a in out[0][r]], jnp.sum(out[1][r])
@@ -235,7 +207,7 @@ def _fma_kernel(
             res = [jnp.sum(a, axis=0) for a in out[0][r]]
         else:
             res = [jnp.sum(a, axis=0) + cc for a, cc in zip(out[0][r], out[1][r])]
-        t.store(o_ref, split, _i32(r), res, packed)
+        t.store(o_ref, split, i32(r), res, packed)
 
 
 def _mma_kernel(
@@ -250,7 +222,7 @@ def _mma_kernel(
     cols = block_n // 2 if packed else block_n
     m0 = i * block_m
     t = _Tiles(x_ref, v_ref, layer_ref[0], j * cols, cols, block_k, block_k)
-    row_ok = (m0 + _iota(block_m) < M)[:, None] if M % block_m else None  # [bm, 1]
+    row_ok = (m0 + iota(block_m) < M)[:, None] if M % block_m else None  # [bm, 1]
     dtype = x_ref.dtype
     bias = MMA_INT4_BIAS.get(jnp.dtype(dtype), 0.0) if packed else 0.0
     # float32 activations get full-precision products (Triton would otherwise round them to tf32).
@@ -263,8 +235,8 @@ def _mma_kernel(
         acc, xsum = carry
         k0 = s * block_k
         k_ok = t.k_ok(k0)
-        x = _load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)],
-                  _and(row_ok, None if k_ok is None else k_ok[None, :]))
+        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)],
+                  both(row_ok, None if k_ok is None else k_ok[None, :]))
         q, mask = t.weights(v_ref, k0)
         w = _zero_undefined(mma_values(q, fmt, dtype), fmt, mask)
         parts = tuple(jnp.dot(x, h, precision=prec, preferred_element_type=jnp.float32) for h in w)
@@ -277,15 +249,15 @@ def _mma_kernel(
             acc = tuple(a + part_sum * o[None, :] for a, o in zip(acc, offsets(g)))
         return acc, xsum
 
-    first, last = _split_range(split, steps_per_split, num_steps)
+    first, last = split_range(split, steps_per_split, num_steps)
     zeros = jnp.zeros((block_m, cols), jnp.float32)
     init = ((zeros, zeros) if packed else (zeros,), jnp.zeros((block_m, 1), jnp.float32))
     acc, xsum = lax.fori_loop(first, last, step, init)
     if not group_size:
-        acc = tuple(a * sc[None, :] for a, sc in zip(acc, t.group_row(s_ref, _i32(0), packed)))
+        acc = tuple(a * sc[None, :] for a, sc in zip(acc, t.group_row(s_ref, i32(0), packed)))
         if packed:
-            acc = tuple(a + xsum * o[None, :] for a, o in zip(acc, offsets(_i32(0))))
-    t.store(o_ref, split, m0, acc, packed, _and(row_ok, None if t.col_ok is None else t.col_ok[None, :]))
+            acc = tuple(a + xsum * o[None, :] for a, o in zip(acc, offsets(i32(0))))
+    t.store(o_ref, split, m0, acc, packed, both(row_ok, None if t.col_ok is None else t.col_ok[None, :]))
 
 
 def _packs_by_four(bs: QuantMatmulBlockSizes) -> bool:

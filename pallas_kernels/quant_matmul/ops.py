@@ -21,6 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.kernels.quant_matmul.kernel import quantized_matmul_triton
+from jinfer.kernels.quant_matmul.out_in import int4_out_in_matmul_triton
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
 from jinfer.quant.qtensor import QTensor
 
@@ -62,13 +63,16 @@ def quantized_matmul(
         return jnp.zeros((*batch, *out_shape), x.dtype)
 
     L = shape[0] if lead else 1
-    values = w.values.reshape(L, K, -1)
     scale = w.scale.reshape(L, -1, N)
     offset = None if w.offset is None else w.offset.reshape(L, -1, N)
     if block_sizes is None:
-        block_sizes = block_sizes_for(M, K, N, w.fmt, jax.devices()[0].device_kind, w.group_size)
+        block_sizes = block_sizes_for(M, K, N, w.fmt, jax.devices()[0].device_kind, w.group_size, w.layout)
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    out = quantized_matmul_triton(x2, values, scale, offset, layer, fmt=w.fmt, group_size=w.group_size,
-                                  block_sizes=block_sizes, interpret=interpret)
+    if w.layout == "out_in":  # [L, *out, *in] with pairs along the last input axis: flat byte j = inputs 2j, 2j + 1
+        out = int4_out_in_matmul_triton(x2, w.values.reshape(L, N, K // 2), scale, offset, layer,
+                                        group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
+    else:
+        out = quantized_matmul_triton(x2, w.values.reshape(L, K, -1), scale, offset, layer, fmt=w.fmt,
+                                      group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
     return out.reshape(*batch, *out_shape)

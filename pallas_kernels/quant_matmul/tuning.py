@@ -87,6 +87,24 @@ _INT4 = {1: _fma(128, 32, num_warps=4, prescale=True), 4: _mma(16, 256, 128, 4, 
          64: _mma(64, 128, 128, 4, 3), 256: _mma(64, 128, 128, 4, 3)}
 _BY_BUCKET = {1: 1, 2: 4, 4: 4, 8: 4, 16: 16, 64: 64, 256: 256}  # M bucket -> the measured entry it takes
 
+# int4 stored "out_in" (`out_in.py`), by M bucket. Not timed on a GPU yet: chosen from the sm_90 machine code
+# (`python benchmarks/sass_profile.py quant --layout out_in`): block_n 128, block_k 128, 4 warps compile to
+# 2.4 instructions a weight at 127 registers a thread (25% occupancy); block_n 256 to 2.2 at 255 (12.5%).
+# Four stages keep three steps' loads in flight. 64 rows: a [128, 64] float32 accumulator.
+_OUT_IN = {1: _mma(16, 128, 128, 4, 4), 16: _mma(16, 128, 128, 4, 4), 64: _mma(64, 128, 128, 4, 3)}
+OUT_IN_TABLE: dict[tuple[str, int], QuantMatmulBlockSizes] = {
+    ("*", b): _OUT_IN[min((m for m in _OUT_IN if m >= b), default=64)] for b in M_BUCKETS}
+
+# Where int4 weights are converted to "out_in" for the kernel (a substring of the device kind -> layout); other
+# devices keep the importers' "in_out". Empty until a GPU has timed both layouts through the engine
+# (`benchmarks/throughput.py --int4-layout`, `benchmarks/quant_matmul.py --variants`).
+INT4_LAYOUT: dict[str, str] = {}
+
+
+def int4_layout(device_kind: str) -> str:
+    return next((layout for kind, layout in INT4_LAYOUT.items() if kind in device_kind), "in_out")
+
+
 # (device kind, fmt, M bucket) -> block sizes; a missing key falls back to ("*", fmt, bucket), then DEFAULT.
 TABLE: dict[tuple[str, str, int], QuantMatmulBlockSizes] = {
     ("*", fmt, b): table[m] for fmt, table in (("int8", _INT8), ("fp8", _INT8), ("int4", _INT4))
@@ -125,10 +143,13 @@ def fit_block_sizes(sizes: QuantMatmulBlockSizes, m: int, k: int, n: int, device
     return dataclasses.replace(sizes, block_m=bm, block_k=bk, split_k=split)
 
 
-def block_sizes_for(m: int, k: int, n: int, fmt: str, device_kind: str, group_size: int = 0
-                    ) -> QuantMatmulBlockSizes:
-    """The table's sizes for x [m, k] times a weight [k, n] of `fmt`, fitted to the shape."""
+def block_sizes_for(m: int, k: int, n: int, fmt: str, device_kind: str, group_size: int = 0,
+                    layout: str = "in_out") -> QuantMatmulBlockSizes:
+    """The table's sizes for x [m, k] times a weight [k, n] of `fmt` stored in `layout`, fitted to the shape."""
     bucket = m_bucket(m)
+    if layout == "out_in":
+        sizes = OUT_IN_TABLE.get((device_kind, bucket)) or OUT_IN_TABLE[("*", bucket)]
+        return fit_block_sizes(sizes, m, k, n, device_kind, group_size)
     sizes = TABLE.get((device_kind, fmt, bucket)) or TABLE.get(("*", fmt, bucket)) or DEFAULT
     if sizes.path == "fma" and m > FMA_MAX_M:
         sizes = DEFAULT

@@ -23,19 +23,34 @@ def check_inputs(x, values, scale, offset, layer, *, fmt: str, group_size: int) 
     layer a scalar integer."""
     if fmt not in FORMATS:
         raise ValueError(f"fmt={fmt!r} must be one of {list(FORMATS)}")
-    stored, has_offset = FORMATS[fmt]
     if x.ndim != 2 or values.ndim != 3 or scale.ndim != 3:
         raise ValueError(f"x must be [M, K], values [L, K, N] and scale [L, G, N]; got {x.shape=} "
                          f"{values.shape=} {scale.shape=}")
+    L, K, width = values.shape
+    if x.shape[1] != K:
+        raise ValueError(f"x has {x.shape[1]} inputs (x.shape={x.shape}); the weight has K={K} "
+                         f"(values.shape={values.shape})")
+    _check_rest(x, values, scale, offset, layer, fmt, group_size, L, K, 2 * width if fmt == "int4" else width)
+
+
+def check_out_in_inputs(x, values, scale, offset, layer, *, group_size: int) -> None:
+    """int4 stored "out_in": x [M, K] with K even; values u8[L, N, K // 2]; scale and offset [L, G, N]."""
+    if x.ndim != 2 or values.ndim != 3 or scale.ndim != 3:
+        raise ValueError(f"x must be [M, K], values [L, N, K // 2] and scale [L, G, N]; got {x.shape=} "
+                         f"{values.shape=} {scale.shape=}")
+    L, N, half = values.shape
+    if x.shape[1] != 2 * half:
+        raise ValueError(f"x has {x.shape[1]} inputs (x.shape={x.shape}); values.shape={values.shape} holds "
+                         f"K={2 * half} (two a byte)")
+    _check_rest(x, values, scale, offset, layer, "int4", group_size, L, 2 * half, N)
+
+
+def _check_rest(x, values, scale, offset, layer, fmt, group_size, L, K, N) -> None:
+    stored, has_offset = FORMATS[fmt]
     if x.dtype not in [jnp.dtype(d) for d in ACTIVATION_DTYPES]:
         raise ValueError(f"x.dtype={x.dtype} must be float32, bfloat16 or float16")
     if values.dtype != stored:
         raise ValueError(f"values.dtype={values.dtype} must be {jnp.dtype(stored)} for fmt={fmt!r}")
-    L, K, width = values.shape
-    N = 2 * width if fmt == "int4" else width
-    if x.shape[1] != K:
-        raise ValueError(f"x has {x.shape[1]} inputs (x.shape={x.shape}); the weight has K={K} "
-                         f"(values.shape={values.shape})")
     if not isinstance(group_size, int) or group_size < 0:
         raise ValueError(f"group_size={group_size!r} must be an integer >= 0 (0: one group)")
     G = math.ceil(K / (group_size or K))

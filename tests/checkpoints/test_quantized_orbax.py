@@ -17,6 +17,7 @@ from jinfer.models import llama
 from jinfer.quant.params import quantize_params
 from jinfer.quant.qtensor import QTensor, is_qtensor
 from jinfer.runtime import reference
+from jinfer.runtime.matmul import kernel_layout
 from jinfer.testing.tiny import TINY, tiny_params, tiny_tokenizer
 
 
@@ -77,12 +78,34 @@ def _edit_record(path, name, **changes):
     (dict(fmt="int8"), "'layers/wq': int8 values must be int8"),
     (dict(n_in=4), "'layers/wq': n_in=4 \\+ n_out=2 exceed"),
     (dict(arrays=["values"]), "'layers/wq' lists arrays"),
+    (dict(layout="sideways"), "'layers/wq' has layout 'sideways'"),
 ])
 def test_malformed_record_names_the_tensor(tmp_path, change, match):
     save_orbax(tmp_path, TINY, _quantized("int4", 32), tiny_tokenizer())
     _edit_record(tmp_path, "layers/wq", **change)
     with pytest.raises(CheckpointError, match=match):
         load(tmp_path)
+
+
+def test_out_in_layout_round_trips_and_old_records_read_as_in_out(tmp_path):
+    """A tree with int4 leaves stored "out_in" (the GPU kernel's) saves and restores bit for bit with its layout;
+    a record written before layouts existed (no "layout" key) reads as "in_out"."""
+    params = kernel_layout(_quantized("int4", 32), "", layout="out_in")
+    assert params["layers"]["wq"].layout == "out_in"
+    save_orbax(tmp_path, TINY, params, tiny_tokenizer())
+    _, got = restore_orbax(tmp_path)
+    for (path, a), (_, b) in zip(_leaves(params), _leaves(got)):
+        assert getattr(a, "layout", None) == getattr(b, "layout", None), jax.tree_util.keystr(path)
+        for x, y in zip(jax.tree.leaves(a), jax.tree.leaves(b)):
+            assert np.asarray(x).tobytes() == np.asarray(y).tobytes(), jax.tree_util.keystr(path)
+
+    save_orbax(tmp_path, TINY, _quantized("int4", 32), tiny_tokenizer())
+    file = tmp_path / "quantization.json"
+    record = json.loads(file.read_text())
+    for leaf in record["leaves"].values():
+        del leaf["layout"]
+    file.write_text(json.dumps(record))
+    assert load(tmp_path).params["layers"]["wq"].layout == "in_out"
 
 
 def test_record_of_a_leaf_the_config_lacks(tmp_path):

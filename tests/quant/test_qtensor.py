@@ -9,7 +9,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.quant.qtensor import QTensor, dequantize, pack_int4, qeinsum, unpack_int4
+from jinfer.quant.qtensor import QTensor, dequantize, pack_int4, qeinsum, to_out_in, unpack_int4
 from jinfer.quant.rtn import quantize
 
 # (weight shape with a stacked layer axis first, contracted axes, einsum of the model)
@@ -78,3 +78,38 @@ def test_fp8_values_are_e4m3():
     v = np.asarray(qt.values).astype(np.float32)
     assert np.abs(v).max() == pytest.approx(448.0)  # each column's largest magnitude maps to e4m3's largest
     np.testing.assert_array_equal(v, v.astype(jnp.float8_e4m3fn).astype(np.float32))
+
+
+@pytest.mark.parametrize("shape, n_in, spec", WEIGHTS)
+def test_out_in_layout_is_the_same_weight(shape, n_in, spec):
+    """int4 stored outputs-first (the GPU kernel's layout): the stored bytes hold, for each output, its
+    consecutive inputs two a byte, low nibble first (read back by numpy here), and the leaf stands for the same
+    weight: shape, dequantize and qeinsum as the importers' layout."""
+    rng = np.random.default_rng(len(shape) + n_in)
+    qt = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt="int4", n_in=n_in, group_size=32, lead=1)
+    t = to_out_in(qt)
+    assert t.layout == "out_in" and t.shape == qt.shape and to_out_in(t) is t
+    q = np.asarray(unpack_int4(qt.values))  # [L, *in, *out]
+    order = (0, *range(1 + n_in, q.ndim), *range(1, 1 + n_in))
+    want = q.transpose(order)  # [L, *out, *in]
+    vals = np.asarray(t.values)
+    np.testing.assert_array_equal(vals % 16, want[..., 0::2])
+    np.testing.assert_array_equal(vals // 16, want[..., 1::2])
+    np.testing.assert_array_equal(np.asarray(dequantize(t)), np.asarray(dequantize(qt)))
+    x = jnp.asarray(rng.normal(size=(5, *shape[1:1 + n_in])), jnp.float32)
+    one = jax.tree_util.tree_map(lambda a: a[1], t)
+    np.testing.assert_array_equal(np.asarray(qeinsum(spec, x, one)),
+                                  np.asarray(qeinsum(spec, x, jax.tree_util.tree_map(lambda a: a[1], qt))))
+
+
+def test_out_in_layout_errors_name_the_field():
+    w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.float32)
+    with pytest.raises(ValueError, match="'out_in' is for int4 weights"):
+        to_out_in(quantize(w, fmt="int8", n_in=1))
+    with pytest.raises(ValueError, match="last input axis .* is odd"):
+        to_out_in(quantize(w[:63], fmt="int4", n_in=1, group_size=0))
+    q = quantize(w, fmt="int8", n_in=1)
+    with pytest.raises(ValueError, match="QTensor.layout='out_in' .* got fmt='int8'"):
+        QTensor(q.values, q.scale, None, "int8", 1, 1, 0, layout="out_in")
+    with pytest.raises(ValueError, match="QTensor.layout='sideways'"):
+        QTensor(q.values, q.scale, None, "int8", 1, 1, 0, layout="sideways")

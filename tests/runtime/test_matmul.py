@@ -14,8 +14,8 @@ import pytest
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.quant.params import quantize_params
-from jinfer.quant.qtensor import qeinsum
-from jinfer.runtime.matmul import KERNEL_MAX_ROWS, kernel_matmul, model_matmul
+from jinfer.quant.qtensor import is_qtensor, qeinsum
+from jinfer.runtime.matmul import KERNEL_MAX_ROWS, kernel_layout, kernel_matmul, model_matmul
 from jinfer.testing.tiny import TINY, tiny_params
 
 KERNEL = functools.partial(kernel_matmul, interpret=True)
@@ -61,3 +61,30 @@ def test_model_matmul_by_platform():
     assert model_matmul("cpu", 1) is qeinsum
     assert model_matmul("gpu", 1) is kernel_matmul
     assert model_matmul("gpu", 2) is qeinsum  # a sharded weight stays on XLA, which partitions it
+
+
+@pytest.mark.parametrize("T", [1, KERNEL_MAX_ROWS + 1])
+def test_out_in_int4_forward_equals_xla(T):
+    """int4 weights converted to the kernel's "out_in" layout (`kernel_layout`): a decode-sized forward through the
+    kernel and a prefill-sized one (XLA reading the new layout) equal the forward on the importers' layout."""
+    params = quantize_params(tiny_params(4), llama.MATMUL_INPUT_AXES, "int4", 32)
+    out_in = kernel_layout(params, "any device", layout="out_in")
+    converted = [w for w in jax.tree_util.tree_leaves(out_in, is_leaf=is_qtensor) if is_qtensor(w)]
+    assert converted and all(w.layout == "out_in" for w in converted)
+    ours, jaxpr = forward(out_in, T, KERNEL, seed=T)
+    ref, _ = forward(params, T, qeinsum, seed=T)
+    assert ("pallas_call" in str(jaxpr)) == (T <= KERNEL_MAX_ROWS)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_kernel_layout_converts_only_int4_where_the_table_says(monkeypatch):
+    from jinfer.kernels.quant_matmul import tuning
+
+    params = quantize_params(tiny_params(5), {"w_down": 1}, "int8")
+    params = quantize_params(params, llama.MATMUL_INPUT_AXES, "int4", 32)
+    monkeypatch.setattr(tuning, "INT4_LAYOUT", {"H200": "out_in"})
+    assert kernel_layout(params, "NVIDIA H100 80GB HBM3") is params
+    out_in = kernel_layout(params, "NVIDIA H200")
+    assert out_in["layers"]["w_down"].layout == "in_out" and out_in["layers"]["w_down"].fmt == "int8"
+    assert out_in["layers"]["wo"].layout == "out_in"
+    assert out_in["embed"] is params["embed"]

@@ -1,0 +1,135 @@
+"""The int4 matmul on weights stored "out_in" (`jinfer.quant.qtensor.to_out_in`): values u8[L, N, K // 2], byte j
+of row n holding inputs 2j (low nibble) and 2j + 1 (high) of output n, as a Pallas kernel (GPU Triton lowering;
+the CPU runs it in interpret mode). out [M, N] = x [M, K] @ W.
+
+Why a second layout (`kernel.py` reads int4 as importers store it, packed along the outputs): there, a weight
+tile reaches the matrix units' layout through shared memory one byte a load, and the "fma" path spends three
+float32 instructions a weight; both are bound by instruction issue at about 0.3 of the H200's copy bandwidth
+(RESULTS.md). Here each output's inputs lie contiguous, so the tile is the *first* operand of the product
+(out^T [block_n, block_m] = W^T tile @ x^T, Hopper's matrix unit taking it from registers), the two inputs of a
+byte are neighbours in it, and one PTX block (`dequant.INT4_PAIRS_PTX`) turns two bytes into the 16-bit pairs
+the unit reads: about one instruction a weight. The tiles stream through shared memory in `num_stages`
+asynchronous copies, so the loads of later steps are in flight while a step computes. Compiled offline for
+sm_90 (`benchmarks/sass_profile.py`), the main loop at block_n 128, block_k 128, 4 warps spends 2.4
+instructions a weight (the "fma" path 4.7, "mma" 4.4) at 127 registers a thread; not yet timed on a GPU.
+
+Each K step covers block_k inputs inside one group: the low nibbles multiply x's even inputs and the high ones
+its odd inputs (x read through a free [M, K // 2, 2] view), and the step's product is scaled by its group:
+
+    acc += (q_lo @ x_even^T + q_hi @ x_odd^T) * scale[g] + (offset[g] - bias * scale[g]) * rowsum(x_t)
+
+with the tiles holding bias + nibble (bias 128 in bfloat16, 1024 in float16, 0 in float32). Edges of K, N and
+M are masked (a masked byte reads 0, and its x lanes read 0 too, so it adds nothing); split_k > 1 gives each of
+split_k programs a contiguous share of K and a float32 partial that the wrapper sums. Stacked weights are read
+in place through the layer index.
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+from jax.experimental.pallas import triton as plgpu
+
+from jinfer.kernels.quant_matmul.common import both, i32, iota, load, split_range
+from jinfer.kernels.quant_matmul.dequant import INT4_PAIRS_PTX, MMA_INT4_BIAS, pair_values
+from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes
+from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_out_in_inputs
+
+
+def _kernel(
+    layer_ref,  # i32[1]
+    x_ref,  # [M, K // 2, 2]: x, its inputs in (even, odd) pairs
+    v_ref,  # u8[L, N, K // 2]
+    s_ref, off_ref,  # f32 | f16 [L, G, N]
+    o_ref,  # [S, M, N]
+    *, group_size: int, num_steps: int, steps_per_split: int, block_m: int, block_n: int, block_k: int, ptx: bool,
+):
+    i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    M, half = x_ref.shape[0], x_ref.shape[1]
+    N = v_ref.shape[1]
+    m0, n0, bk2 = i * block_m, j * block_n, block_k // 2
+    layer = layer_ref[0]
+    row_ok = (m0 + iota(block_m) < M) if M % block_m else None  # [bm]
+    col_ok = (n0 + iota(block_n) < N) if N % block_n else None  # [bn]
+    dtype = x_ref.dtype
+    bias = MMA_INT4_BIAS.get(jnp.dtype(dtype), 0.0)
+    # float32 activations get full-precision products (Triton would otherwise round them to tf32).
+    prec = lax.Precision.HIGHEST if dtype == jnp.float32 else None
+
+    def step(s, acc):
+        b0 = s * bk2  # first byte of the step (inputs 2 * b0 ...)
+        byte_ok = (b0 + iota(bk2) < half) if half % bk2 else None  # [bk2]
+        q = load(v_ref.at[layer, pl.ds(n0, block_n), pl.ds(b0, bk2)],
+                 both(None if col_ok is None else col_ok[:, None], None if byte_ok is None else byte_ok[None, :]))
+        lo, hi = pair_values(q, dtype, ptx=ptx)  # [bn, bk2] each
+        x_mask = both(None if row_ok is None else row_ok[:, None], None if byte_ok is None else byte_ok[None, :])
+        xe, xo = (load(x_ref.at[pl.ds(m0, block_m), pl.ds(b0, bk2), i32(h)], x_mask) for h in (0, 1))
+        part = (jnp.dot(lo, xe.T, precision=prec, preferred_element_type=jnp.float32)
+                + jnp.dot(hi, xo.T, precision=prec, preferred_element_type=jnp.float32))  # [bn, bm]
+        g = 2 * b0 // group_size if group_size else i32(0)
+        sc, off = (load(r.at[layer, g, pl.ds(n0, block_n)], col_ok).astype(jnp.float32) for r in (s_ref, off_ref))
+        xsum = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)  # [bm]
+        return acc + part * sc[:, None] + (off - bias * sc)[:, None] * xsum[None, :]
+
+    first, last = split_range(split, steps_per_split, num_steps)
+    acc = lax.fori_loop(first, last, step, jnp.zeros((block_n, block_m), jnp.float32))
+    mask = both(None if row_ok is None else row_ok[:, None], None if col_ok is None else col_ok[None, :])
+    plgpu.store(o_ref.at[split, pl.ds(m0, block_m), pl.ds(n0, block_n)], acc.T.astype(o_ref.dtype),
+                mask=None if mask is None else jnp.broadcast_to(mask, (block_m, block_n)))
+
+
+def kernel_name(bs: QuantMatmulBlockSizes, splits: int) -> str:
+    """The compiled kernel's name, which profiles tell variants apart by."""
+    return (f"quantized_matmul_int4_out_in_m{bs.block_m}n{bs.block_n}k{bs.block_k}w{bs.num_warps}s{bs.num_stages}"
+            f"a{int(bs.ptx)}x{splits}")
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "block_sizes", "interpret"))
+def int4_out_in_matmul_triton(
+    x: jax.Array,  # [M, K] f32 | bf16 | f16, K even
+    values: jax.Array,  # u8[L, N, K // 2]
+    scale: jax.Array,  # f32 | f16 [L, G, N], G = ceil(K / group_size)
+    offset: jax.Array,  # like scale
+    layer: jax.Array,  # i32[]: which of the L weights
+    *,
+    group_size: int,
+    block_sizes: QuantMatmulBlockSizes,
+    interpret: bool,
+) -> jax.Array:  # [M, N] in x's dtype
+    check_out_in_inputs(x, values, scale, offset, layer, group_size=group_size)
+    check_block_sizes(block_sizes, fmt="int4", group_size=group_size)
+    bs = block_sizes
+    M, K = x.shape
+    N = values.shape[1]
+    if bs.path != "mma" or bs.block_k < 32:
+        raise ValueError(f"out_in int4 takes path='mma' with block_k >= 32 (two products of block_k // 2 inputs); "
+                         f"got path={bs.path!r}, block_k={bs.block_k}")
+    steps = pl.cdiv(K, bs.block_k)
+    per_split = pl.cdiv(steps, min(bs.split_k, steps))
+    splits = pl.cdiv(steps, per_split)  # no split left without a step
+    out_dtype = x.dtype if splits == 1 else jnp.float32
+    operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x.reshape(M, K // 2, 2), values, scale, offset)
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+
+    kernel = functools.partial(_kernel, group_size=group_size, num_steps=steps, steps_per_split=per_split,
+                               block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k,
+                               ptx=bs.ptx and not interpret and jnp.dtype(x.dtype) in INT4_PAIRS_PTX)
+    out_shape = jax.ShapeDtypeStruct((splits, M, N), out_dtype)
+    out = pl.pallas_call(
+        kernel,
+        grid=(pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits),
+        in_specs=[whole(a) for a in operands],
+        out_specs=whole(out_shape),
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
+                                                                    num_stages=bs.num_stages),
+        name=kernel_name(bs, splits),
+    )(*operands)
+    return (out.sum(axis=0) if splits > 1 else out[0]).astype(x.dtype)

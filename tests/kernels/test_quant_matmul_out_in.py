@@ -1,0 +1,182 @@
+"""The int4 kernel on weights stored "out_in" (jinfer.kernels.quant_matmul.out_in) against the plain-jnp
+reference on the importers' layout (`quantized_matmul_reference`) and against einsum over jinfer.quant's own
+dequantize: fresh random weights and inputs, ragged K, N and M, groups that do and do not divide K, split K,
+stacked weights at a traced layer. Natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
+from jinfer.kernels.quant_matmul.dequant import INT4_PAIRS_PTX, pair_values
+from jinfer.kernels.quant_matmul.out_in import int4_out_in_matmul_triton
+from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
+from jinfer.quant.qtensor import dequantize, qeinsum, to_out_in
+from jinfer.quant.rtn import quantize
+
+NATIVE = jax.devices()[0].platform == "gpu"
+INTERPRET = not NATIVE
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}  # against the float32 reference
+TOL_DEQUANTIZED = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 3e-3}
+K, N = 576, 192  # K: 4.5 groups of 128; N: 1.5 blocks of 128
+
+
+def rel(a, b) -> float:
+    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
+    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
+
+
+def weights(rng, group, *, k=K, n=N, layers=None, scale_dtype=jnp.float32):
+    """(the importers' int4 leaf, the same weight stored out_in)."""
+    shape = (k, n) if layers is None else (layers, k, n)
+    w = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt="int4", n_in=1, group_size=group,
+                 lead=0 if layers is None else 1)
+    w = dataclasses.replace(w, scale=w.scale.astype(scale_dtype), offset=w.offset.astype(scale_dtype))
+    return w, to_out_in(w)
+
+
+def check(out, x, w, layer=None):
+    if layer is not None:
+        w = jax.tree.map(lambda a: a[layer], w)
+    dtype = jnp.dtype(x.dtype).type
+    ref = quantized_matmul_reference(x, w.values, w.scale, w.offset, fmt="int4", group_size=w.group_size)
+    with jax.default_matmul_precision("highest"):
+        deq = jnp.einsum("mk,kn->mn", x, dequantize(w, x.dtype))
+    assert out.shape == ref.shape and out.dtype == x.dtype
+    assert rel(out, ref) < TOL[dtype], rel(out, ref)
+    assert rel(out, deq) < TOL_DEQUANTIZED[dtype], rel(out, deq)
+
+
+CASES = [  # (M, x dtype, group size, block_n, block_k, split_k)
+    (1, jnp.bfloat16, 128, 128, 128, 1),  # the decode row; K's last group 64 long
+    (1, jnp.float32, 32, 64, 32, 3),
+    (5, jnp.bfloat16, 32, 128, 32, 2),  # a padded tile of rows
+    (16, jnp.float16, 0, 64, 64, 1),  # one group over all of K (per output channel)
+    (33, jnp.bfloat16, 64, 128, 64, 2),  # a second tile of rows holding one
+    (3, jnp.float32, 128, 64, 128, 2),
+]
+
+
+@pytest.mark.parametrize("case", range(len(CASES)))
+def test_matches_reference(case):
+    m, dtype, group, bn, bk, split = CASES[case]
+    rng = np.random.default_rng(40 + case)
+    w, t = weights(rng, group, scale_dtype=(jnp.float32, jnp.float16)[case % 2])
+    x = jnp.asarray(rng.normal(size=(m, K)), dtype)
+    bs = QuantMatmulBlockSizes(block_m=16, block_n=bn, block_k=bk, split_k=split)
+    check(quantized_matmul(x, t, block_sizes=bs, interpret=INTERPRET), x, w)
+
+
+def test_default_block_sizes_and_multi_axis_weights():
+    """The tuning table's sizes, through the public entry with wq-like [D, N, H] and wo-like [N, H, D] weights
+    (pairs along the last input axis: D, then H), against qeinsum on the importers' layout."""
+    rng = np.random.default_rng(5)
+    for shape, n_in, spec, xs in (((320, 3, 32), 1, "td,dnh->tnh", (3, 320)),
+                                  ((3, 32, 96), 2, "tnh,nhd->td", (2, 3, 32))):
+        w = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt="int4", n_in=n_in, group_size=32)
+        x = jnp.asarray(rng.normal(size=xs), jnp.bfloat16)
+        with jax.default_matmul_precision("highest"):
+            want = qeinsum(spec, x, w)
+        got = quantized_matmul(x, to_out_in(w), interpret=INTERPRET)
+        assert got.shape == want.shape and rel(got, want) < TOL_DEQUANTIZED[jnp.bfloat16]
+
+
+def test_stacked_weight_at_traced_layer():
+    rng = np.random.default_rng(11)
+    w, t = weights(rng, 64, k=256, n=160, layers=3)
+    x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
+    bs = QuantMatmulBlockSizes(block_m=16, block_n=64, block_k=64, split_k=2)
+    f = jax.jit(lambda x, t, layer: quantized_matmul(x, t, layer=layer, block_sizes=bs, interpret=INTERPRET))
+    for layer in (0, 2):  # one compilation: the layer is traced
+        check(f(x, t, jnp.int32(layer)), x, w, layer)
+
+
+@pytest.mark.skipif(NATIVE, reason="the GPU compiles the kernel in every other test")
+def test_lowers_to_triton_reading_the_stacked_weight_in_place():
+    """On the CPU, the Triton lowering itself (what interpret mode skips), PTX unpacking included."""
+    t = jax.eval_shape(lambda: to_out_in(quantize(jnp.zeros((4, 576, 192), jnp.float32), fmt="int4", n_in=1,
+                                                  group_size=64, lead=1)))
+    x = jax.ShapeDtypeStruct((5, 576), jnp.bfloat16)
+    bs = QuantMatmulBlockSizes(block_m=16, block_n=128, block_k=64, split_k=2)
+    traced = jax.jit(lambda x, t, layer: quantized_matmul(x, t, layer=layer, block_sizes=bs, interpret=False)
+                     ).trace(x, t, jax.ShapeDtypeStruct((), jnp.int32))
+    try:
+        text = traced.lower(lowering_platforms=("cuda",)).as_text()
+    except RuntimeError as e:  # jax >= 0.11 asks for a GPU (its compute capability) to lower for one
+        pytest.skip(f"this jax cannot lower for a GPU without one: {e}")
+    assert "__gpu$xla.gpu.triton" in text
+    assert "dynamic_slice" not in text and "gather" not in text
+
+
+def _run_pairs_ptx(asm: str, pairs: np.ndarray) -> np.ndarray:
+    """Emulates `INT4_PAIRS_PTX`'s instructions (mov, prmt, shr, lop3) on registers holding two bytes ($1);
+    returns $0."""
+    regs = {"$1": pairs.astype(np.uint32)}
+    val = lambda r: regs[r] if r in regs else np.uint32(int(r, 0))  # noqa: E731
+    for ins in (s.strip() for s in asm.strip("{} ").split(";") if s.strip() and not s.strip().startswith(".reg")):
+        op, args = ins.split(None, 1)
+        a = [v.strip() for v in args.split(",")]
+        if op == "mov.b32":
+            regs[a[0]] = val(a[1])
+        elif op == "prmt.b32":
+            src = (val(a[1]).astype(np.uint64) | (val(a[2]).astype(np.uint64) << np.uint64(32)))
+            sel, out = int(a[3], 0), np.zeros_like(regs["$1"])
+            for byte in range(4):
+                pick = (sel >> (4 * byte)) & 0x7  # no sign replication (bit 3) in these selectors
+                out |= (((src >> np.uint64(8 * pick)) & np.uint64(0xFF)).astype(np.uint32) << np.uint32(8 * byte))
+            regs[a[0]] = out
+        elif op == "shr.u32":
+            regs[a[0]] = val(a[1]) >> np.uint32(int(a[2]))
+        elif op == "lop3.b32":
+            assert int(a[4], 0) == 0xEA, ins  # (x & y) | z
+            regs[a[0]] = (val(a[1]) & val(a[2])) | val(a[3])
+        else:
+            raise AssertionError(f"unexpected instruction {ins!r}")
+    return regs["$0"]
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16], ids=["bf16", "f16"])
+def test_pairs_ptx_gives_what_the_jnp_form_gives(dtype):
+    """The compiled kernel's unpack (PTX the CPU cannot run, emulated here): two bytes become one register of
+    two 16-bit numbers, bias + the low nibbles (first block) or the high ones (second), the first byte's in the
+    low half: the bits interpret mode's jnp form gives, and bias + nibble as numbers."""
+    data = np.random.default_rng(0).integers(0, 256, (4096, 2), dtype=np.uint8)
+    words = data[:, 0].astype(np.uint32) | (data[:, 1].astype(np.uint32) << 8)
+    via_jnp = [np.asarray(v) for v in pair_values(jnp.asarray(data), dtype)]
+    bias = {jnp.bfloat16: 128.0, jnp.float16: 1024.0}[dtype]
+    for half, (asm, want) in enumerate(zip(INT4_PAIRS_PTX[jnp.dtype(dtype)], via_jnp)):
+        got = _run_pairs_ptx(asm, words).view(np.uint16).reshape(-1, 2).view(jnp.dtype(dtype))
+        np.testing.assert_array_equal(got.view(np.uint16), want.view(np.uint16))
+        np.testing.assert_array_equal(want.astype(np.float32), bias + ((data >> (4 * half)) & 0xF))
+
+
+def test_errors_name_the_values():
+    rng = np.random.default_rng(0)
+    _, t = weights(rng, 32, k=64, n=32)
+    x = jnp.zeros((1, 64), jnp.bfloat16)
+    bs = QuantMatmulBlockSizes(block_m=16, block_n=32, block_k=32)
+    values = t.values.reshape(1, 32, 32)
+    scale, offset = t.scale.reshape(1, 2, 32), t.offset.reshape(1, 2, 32)
+    with pytest.raises(ValueError, match=r"x has 62 inputs .* K=64"):
+        int4_out_in_matmul_triton(x[:, :62], values, scale, offset, jnp.int32(0), group_size=32, block_sizes=bs,
+                                  interpret=True)
+    with pytest.raises(ValueError, match=r"scale must be float32 or float16 \[1, 2, 32\]"):
+        int4_out_in_matmul_triton(x, values, scale[:, :1], offset, jnp.int32(0), group_size=32, block_sizes=bs,
+                                  interpret=True)
+    with pytest.raises(ValueError, match="block_k >= 32"):
+        int4_out_in_matmul_triton(x, values, scale, offset, jnp.int32(0), group_size=32, interpret=True,
+                                  block_sizes=dataclasses.replace(bs, block_k=16))
+    with pytest.raises(ValueError, match="path='mma'"):
+        int4_out_in_matmul_triton(x, values, scale, offset, jnp.int32(0), group_size=32, interpret=True,
+                                  block_sizes=dataclasses.replace(bs, path="fma"))
+
+
+def test_block_sizes_for_out_in():
+    bs = block_sizes_for(1, 4096, 14336, "int4", "NVIDIA H200", 128, layout="out_in")
+    assert bs.path == "mma" and bs.block_k == 128 and bs.split_k > 1
+    assert block_sizes_for(64, 4096, 4096, "int4", "NVIDIA H200", 32, layout="out_in").block_k == 32
