@@ -10,11 +10,12 @@ float32 instructions a weight; both are bound by instruction issue at about 0.3 
 byte are neighbours in it, and one PTX block (`dequant.INT4_PAIRS_PTX`) turns two bytes into the 16-bit pairs
 the unit reads: about one instruction a weight. The tiles stream through shared memory in `num_stages`
 asynchronous copies, so the loads of later steps are in flight while a step computes. Compiled offline for
-sm_90 (`benchmarks/sass_profile.py`), the main loop at block_n 128, block_k 128, 4 warps spends 2.4
-instructions a weight (the "fma" path 4.7, "mma" 4.4) at 127 registers a thread; not yet timed on a GPU.
+sm_90 (`benchmarks/sass_profile.py`), the main loop at block_n 128, block_k 128, 4 warps spends 3.3
+instructions a weight (the "fma" path 4.7, "mma" 4.4; a third of it is x's per-step sums and the scales) at
+127 registers a thread; not yet timed on a GPU.
 
 Each K step covers block_k inputs inside one group: the low nibbles multiply x's even inputs and the high ones
-its odd inputs (x read through a free [M, K // 2, 2] view), and the step's product is scaled by its group:
+its odd inputs (x's tile split in registers), and the step's product is scaled by its group:
 
     acc += (q_lo @ x_even^T + q_hi @ x_odd^T) * scale[g] + (offset[g] - bias * scale[g]) * rowsum(x_t)
 
@@ -42,14 +43,14 @@ from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_out_in
 
 def _kernel(
     layer_ref,  # i32[1]
-    x_ref,  # [M, K // 2, 2]: x, its inputs in (even, odd) pairs
+    x_ref,  # [M, K]
     v_ref,  # u8[L, N, K // 2]
     s_ref, off_ref,  # f32 | f16 [L, G, N]
     o_ref,  # [S, M, N]
     *, group_size: int, num_steps: int, steps_per_split: int, block_m: int, block_n: int, block_k: int, ptx: bool,
 ):
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    M, half = x_ref.shape[0], x_ref.shape[1]
+    M, half = x_ref.shape[0], v_ref.shape[2]
     N = v_ref.shape[1]
     m0, n0, bk2 = i * block_m, j * block_n, block_k // 2
     layer = layer_ref[0]
@@ -66,8 +67,10 @@ def _kernel(
         q = load(v_ref.at[layer, pl.ds(n0, block_n), pl.ds(b0, bk2)],
                  both(None if col_ok is None else col_ok[:, None], None if byte_ok is None else byte_ok[None, :]))
         lo, hi = pair_values(q, dtype, ptx=ptx)  # [bn, bk2] each
-        x_mask = both(None if row_ok is None else row_ok[:, None], None if byte_ok is None else byte_ok[None, :])
-        xe, xo = (load(x_ref.at[pl.ds(m0, block_m), pl.ds(b0, bk2), i32(h)], x_mask) for h in (0, 1))
+        k_ok = (2 * b0 + iota(block_k) < 2 * half) if half % bk2 else None  # [bk]
+        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(2 * b0, block_k)],
+                 both(None if row_ok is None else row_ok[:, None], None if k_ok is None else k_ok[None, :]))
+        xe, xo = jnp.unstack(x.reshape(block_m, bk2, 2), axis=-1)  # x's even and odd inputs, [bm, bk2] each
         part = (jnp.dot(lo, xe.T, precision=prec, preferred_element_type=jnp.float32)
                 + jnp.dot(hi, xo.T, precision=prec, preferred_element_type=jnp.float32))  # [bn, bm]
         g = 2 * b0 // group_size if group_size else i32(0)
@@ -112,7 +115,7 @@ def int4_out_in_matmul_triton(
     per_split = pl.cdiv(steps, min(bs.split_k, steps))
     splits = pl.cdiv(steps, per_split)  # no split left without a step
     out_dtype = x.dtype if splits == 1 else jnp.float32
-    operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x.reshape(M, K // 2, 2), values, scale, offset)
+    operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale, offset)
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)

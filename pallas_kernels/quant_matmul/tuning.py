@@ -89,7 +89,8 @@ _BY_BUCKET = {1: 1, 2: 4, 4: 4, 8: 4, 16: 16, 64: 64, 256: 256}  # M bucket -> t
 
 # int4 stored "out_in" (`out_in.py`), by M bucket. Not timed on a GPU yet: chosen from the sm_90 machine code
 # (`python benchmarks/sass_profile.py quant --layout out_in`): block_n 128, block_k 128, 4 warps compile to
-# 2.4 instructions a weight at 127 registers a thread (25% occupancy); block_n 256 to 2.2 at 255 (12.5%).
+# 3.3 instructions a weight at 127 registers a thread (25% occupancy); block_n 256 with 8 warps to 3.0 (25%),
+# with 4 warps to 2.7 at 255 registers (12.5%). At 64 rows x's per-step sums make it 6.6 (the "mma" path 6.8).
 # Four stages keep three steps' loads in flight. 64 rows: a [128, 64] float32 accumulator.
 _OUT_IN = {1: _mma(16, 128, 128, 4, 4), 16: _mma(16, 128, 128, 4, 4), 64: _mma(64, 128, 128, 4, 3)}
 OUT_IN_TABLE: dict[tuple[str, int], QuantMatmulBlockSizes] = {
