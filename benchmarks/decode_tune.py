@@ -57,6 +57,8 @@ def main():
     ap.add_argument("--page-size", type=int, nargs="+", default=[64])
     ap.add_argument("--batch", type=int, nargs="*", help="only these batch sizes of the sweep")
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
+    ap.add_argument("--unmasked", type=int, nargs="+", default=[0, 1],
+                    help="BlockSizes.unmasked_steps values to try (0: one masked loop; 1: unmasked steps apart)")
     a = ap.parse_args()
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
@@ -67,8 +69,10 @@ def main():
         q, kp, vp, pt, kv_len, ql = decode_inputs(B, ctx, ps, rng)
         bytes_kv = 2 * B * ctx * KV_HEADS * HEAD_DIM * 2
         results = []
-        for splits, ppb, warps, stages in itertools.product(split_options, ppb_options, warp_options, a.stages):
-            bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages)
+        for splits, ppb, warps, stages, unmasked in itertools.product(split_options, ppb_options, warp_options,
+                                                                      a.stages, a.unmasked):
+            bs = pk.BlockSizes(block_q=4, pages_per_block=ppb, num_splits=splits, num_warps=warps, num_stages=stages,
+                               unmasked_steps=bool(unmasked))
             nb = B  # a decode step: one query block per slot (PallasBackend.num_blocks at width 1)
             blocks, (tb, tr) = query_blocks(np.arange(B, dtype=np.int32), ql, bs.block_q, nb, B)
             # step metadata as arguments, as in the engine's step (not constants folded into the call)
@@ -86,7 +90,7 @@ def main():
         print(f"decode B={B} ctx={ctx} page={ps}:")
         for us, bs, _ in results[:8]:
             print(f"  {us:8.1f} us device  {bytes_kv / us / 1e6:5.2f} TB/s  splits={bs.num_splits} "
-                  f"ppb={bs.pages_per_block} warps={bs.num_warps} stages={bs.num_stages}")
+                  f"ppb={bs.pages_per_block} warps={bs.num_warps} stages={bs.num_stages} unmasked={int(bs.unmasked_steps)}")
         for name, us in results[0][2]:
             print(f"      {us:7.1f} us  {name[:90]}")
         best = results[0][1]

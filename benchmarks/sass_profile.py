@@ -136,11 +136,14 @@ def report(module: TritonModule, units_per_iteration: float | None, unit: str) -
     if not loops:
         print("  no loop")
         return
-    body = loops[0]
-    n = sum(body.values())
-    per = f", {n / units_per_iteration:.2f} a {unit}" if units_per_iteration else ""
-    print(f"  main loop: {n} instructions{per} ({units_per_iteration or '?'} {unit}s a thread an iteration)")
-    print("   ", " ".join(f"{op}:{c}" for op, c in body.most_common()))
+    for rank, body in enumerate(loops[:2]):  # a kernel may run two loops (e.g. unmasked steps, then masked)
+        n = sum(body.values())
+        if rank and n < 64:
+            break
+        per = f", {n / units_per_iteration:.2f} a {unit}" if units_per_iteration else ""
+        print(f"  {('main', 'second')[rank]} loop: {n} instructions{per} ({units_per_iteration or '?'} {unit}s a "
+              f"thread an iteration)")
+        print("   ", " ".join(f"{op}:{c}" for op, c in body.most_common()))
 
 
 def parse_sizes(text: str) -> dict:

@@ -38,7 +38,12 @@ class BlockSizes:
     """block_q: queries of one slot per program (block_q x the group size padded to a power of two
     makes the rows of each matrix product; they must be >= 16). pages_per_block: pages loaded per inner
     step. num_splits: context splits per query block (Flash-Decoding; 1 for prefill-heavy steps).
-    num_warps, num_stages: Triton launch options; combine_warps: the split combine's."""
+    num_warps, num_stages: Triton launch options; combine_warps: the split combine's. unmasked_steps: run the
+    steps whose keys every query of the block sees (a decode step's context but its last step) in a loop of
+    their own without the masks, which cost about as many instructions as the rest of a step outside the
+    products (sm_90 machine code, `benchmarks/sass_profile.py decode`: 377 instead of 526 a step at B8 ctx 32k,
+    at the same 128 registers; at some sizes the kernel then needs more registers, 156 instead of 125 at B64
+    ctx 4096 with one split). Not yet timed on a GPU: off in the tuning table until it is."""
 
     block_q: int = 4
     pages_per_block: int = 8
@@ -46,6 +51,7 @@ class BlockSizes:
     num_warps: int = 4
     num_stages: int = 2
     combine_warps: int = 4
+    unmasked_steps: bool = False
 
 
 def _kernel(
@@ -58,7 +64,7 @@ def _kernel(
     # program's block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]
     *refs,
     num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
-    sm_scale: float, group: int, quantized: bool,
+    sm_scale: float, group: int, quantized: bool, unmasked_steps: bool,
 ):
     ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
@@ -92,7 +98,9 @@ def _kernel(
     # float32 outputs stay token-exact against the reference.
     prec = lax.Precision.HIGHEST if q.dtype == jnp.float32 else None
 
-    def body(i, carry):
+    def body(i, carry, masked: bool):
+        """One step of block_k keys. masked=False: every key of the step lies at or before the block's first
+        query (so every query sees it, and it lies below kv_len, written): no mask at all."""
         o, m, l = carry
         p0 = p_begin + i * pages_per_block
         # Columns past the table are clamped onto its last one: those keys are masked, and V is zeroed.
@@ -103,25 +111,31 @@ def _kernel(
         s = jnp.dot(q, k.T, preferred_element_type=jnp.float32, precision=prec) * sm_scale
         if quantized:  # a NaN scale past kv_len is masked just below
             s = s * ks_ref[base + ids].reshape(1, block_k)
-        k_pos = p0 * ps + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
-        visible = (k_pos <= q_pos[:, None]) & (k_pos < kv_end) & q_ok[:, None]
-        s = jnp.where(visible, s, NEG_INF)
+        if masked:
+            k_pos = p0 * ps + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
+            visible = (k_pos <= q_pos[:, None]) & (k_pos < kv_end) & q_ok[:, None]
+            s = jnp.where(visible, s, NEG_INF)
         m_new = jnp.maximum(m, s.max(axis=-1))
         m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows that saw no key yet keep exp(.) = 0
         p = jnp.exp(s - m_safe[:, None])
         alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
         l = alpha * l + p.sum(axis=-1)
-        # Keys past kv_len may be stale or NaN: zero V there so 0 * NaN cannot reach the output.
-        v = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (block_k, H), 0)) < kv_end, v, 0)
+        if masked:  # keys past kv_len may be stale or NaN: zero V there so 0 * NaN cannot reach the output
+            v = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (block_k, H), 0)) < kv_end, v, 0)
         pv = p
         if quantized:  # the sum l stays over p; the values' scales weight p's columns (zeroed past kv_len too)
-            key_ok = (p0 * ps + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < kv_end
-            pv = p * jnp.where(key_ok, vs_ref[base + ids].reshape(1, block_k), 0.0)
+            vs = vs_ref[base + ids].reshape(1, block_k)
+            if masked:
+                vs = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (1, block_k), 1)) < kv_end, vs, 0.0)
+            pv = p * vs
         o = alpha[:, None] * o + jnp.dot(pv.astype(v.dtype), v, preferred_element_type=jnp.float32, precision=prec)
         return o, m_new, l
 
     init = (jnp.zeros((rows, H), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
-    o, m, l = lax.fori_loop(0, n_iter, body, init)
+    # unmasked_steps: the leading steps whose keys are all at or before the first query run without masks.
+    n_full = jnp.clip((first_pos + 1 - p_begin * ps) // block_k, 0, n_iter) if unmasked_steps else 0
+    carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init) if unmasked_steps else init
+    o, m, l = lax.fori_loop(n_full, n_iter, functools.partial(body, masked=True), carry)
     if num_splits == 1:  # normalize here; no combine pass follows
         o = o / jnp.where(l == 0, 1.0, l)[:, None]
     # Only the block's own rows are written (an empty block writes its first, as zeros, for the padding
@@ -180,7 +194,8 @@ def ragged_paged_attention_triton(
 
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
-                               num_splits=splits, sm_scale=scale, group=G, quantized=quantized)
+                               num_splits=splits, sm_scale=scale, group=G, quantized=quantized,
+                               unmasked_steps=bs.unmasked_steps)
     o, m, l = pl.pallas_call(
         kernel,
         grid=(num_blocks, K, splits),
@@ -196,7 +211,7 @@ def ragged_paged_attention_triton(
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         # Named by its shape of work, so a profile tells decode blocks (many splits) from prefill chunks.
-        name=f"ragged_paged_attention_q{bq}_s{splits}",
+        name=f"ragged_paged_attention_q{bq}_s{splits}{'_u' if bs.unmasked_steps else ''}",
     )(*scalars, q4, *flat)
 
     if splits > 1:  # merge the partial softmaxes of each token's row

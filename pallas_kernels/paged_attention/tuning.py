@@ -17,6 +17,9 @@ from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 # H100's rule below. H200, pages of 16 (`python benchmarks/decode_tune.py --page-size 16 --batch 64 128`): one
 # stage read 3.68 TB/s at B64 ctx 4096 (two: 3.30) and 3.66 at B128 ctx 2048 (two: 3.29).
 DECODE_STAGES = {"H200": 1}
+# Device kinds whose decode steps run the fully visible steps unmasked (`BlockSizes.unmasked_steps`): none until
+# `decode_tune.py` (which tries both) has timed it on a GPU.
+DECODE_UNMASKED: dict[str, bool] = {}
 
 
 def gpu_block_sizes(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,
@@ -36,7 +39,9 @@ def gpu_block_sizes(num_kv_heads: int, num_heads: int, max_slots: int, page_size
         device_kind = jax.devices()[0].device_kind
     stages = next((n for kind, n in DECODE_STAGES.items() if kind in device_kind), stages)
     ppb = max(1, 64 // page_size)
-    decode = BlockSizes(block_q=block_q, pages_per_block=ppb, num_splits=splits, num_stages=stages)
+    unmasked = next((u for kind, u in DECODE_UNMASKED.items() if kind in device_kind), False)
+    decode = BlockSizes(block_q=block_q, pages_per_block=ppb, num_splits=splits, num_stages=stages,
+                        unmasked_steps=unmasked)
     mixed = BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=ppb, num_splits=1)
     return decode, mixed
 
