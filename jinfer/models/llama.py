@@ -29,7 +29,7 @@ import numpy as np
 
 from jinfer.models.config import ModelConfig
 from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
-from jinfer.quant.qtensor import LayerSlice, is_qtensor, qeinsum
+from jinfer.quant.qtensor import LayerSlice, concat_outputs, is_qtensor, qeinsum
 
 Params = dict
 
@@ -90,13 +90,23 @@ def fuse_projections(params: Params) -> Params:
 
     Why (the H200, Llama-3.1-8B shape, batch-1 decode; benchmarks/RESULTS.md): every product is a kernel
     launch and a small K or V product reads well below the device's bandwidth, so five GEMVs a layer become
-    two. Only float weights are fused (a quantized leaf keeps its file's blocks), and only where the model
-    is not sharded: a fused output axis would no longer split by head over a mesh."""
+    two. Quantized leaves fuse too where they are alike (`qtensor.concat_outputs`: each output keeps its
+    checkpoint's numbers, e.g. a GGUF file's blocks); a mix of formats stays apart. Only where the model is
+    not sharded: a fused output axis would no longer split by head over a mesh."""
     def fuse(d: dict) -> dict:
         out = dict(d)
         for name, (parts, axis) in FUSED.items():
-            if all(p in d and not is_qtensor(d[p]) for p in parts):
-                out[name] = jnp.concatenate([out.pop(p) for p in parts], axis=axis)
+            if not all(p in d for p in parts):
+                continue
+            ws = [d[p] for p in parts]
+            if not any(map(is_qtensor, ws)):
+                fused = jnp.concatenate(ws, axis=axis)
+            else:
+                fused = concat_outputs(ws, axis) if all(map(is_qtensor, ws)) else None
+            if fused is not None:
+                for p in parts:
+                    out.pop(p)
+                out[name] = fused
         return out
 
     layers = params["layers"]

@@ -167,6 +167,31 @@ def to_out_in(w: QTensor) -> QTensor:
     return dataclasses.replace(w, values=pack_int4(_swap_in_out(q, lead, w.n_in)), layout="out_in")
 
 
+def concat_outputs(ws: list[QTensor], axis: int) -> QTensor | None:
+    """QTensors that read the same input, joined along output axis `axis` (negative: counted from the end) into
+    one, or None where they cannot be: another format, group size, axis count or layout, per-input scales that
+    differ, or int4 halves that would not end on a byte. Each output keeps its stored numbers."""
+    first = ws[0]
+    if not -first.n_out <= axis < 0:
+        raise ValueError(f"axis={axis} must be an output axis of the weight (-{first.n_out} to -1)")
+    same = all((w.fmt, w.n_in, w.n_out, w.group_size, w.act, w.layout) ==
+               (first.fmt, first.n_in, first.n_out, first.group_size, first.act, first.layout) for w in ws)
+    if not same or first.layout != "in_out":
+        return None
+    scales = [w.input_scale for w in ws]
+    if any(s is not None for s in scales) and not (
+            all(s is not None for s in scales) and all(bool(jnp.array_equal(s, scales[0])) for s in scales)):
+        return None
+    if first.fmt == "int4" and axis == -1 and any(w.shape[-1] % 2 for w in ws):
+        return None
+
+    def cat(field):
+        parts = [getattr(w, field) for w in ws]
+        return None if parts[0] is None else jnp.concatenate(parts, axis=axis)
+
+    return dataclasses.replace(first, values=cat("values"), scale=cat("scale"), offset=cat("offset"))
+
+
 @dataclasses.dataclass(frozen=True)
 class LayerSlice:
     """Layer `layer` of a stacked QTensor, not sliced yet: `qeinsum` slices it (a copy of that layer's

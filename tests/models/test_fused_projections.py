@@ -1,6 +1,6 @@
 """`llama.fuse_projections`: the decoder with wq/wk/wv and w_gate/w_up each concatenated into one product gives
-the unfused forward (stacked and per-layer, with and without attention bias, quantized after fusing), and
-leaves quantized leaves as they are."""
+the unfused forward (stacked and per-layer, with and without attention bias, quantized after fusing, and
+quantized leaves fused alike), and leaves unlike quantized leaves apart."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ import pytest
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.quant.params import quantize_params
-from jinfer.quant.qtensor import is_qtensor
+from jinfer.quant.qtensor import dequantize, is_qtensor
 from jinfer.runtime.matmul import kernel_matmul
 from jinfer.testing.tiny import TINY
 
@@ -65,7 +65,35 @@ def test_quantized_after_fusing_equals_quantized_unfused(fmt, group):
     np.testing.assert_allclose(got, want, rtol=2e-5, atol=2e-5)
 
 
-def test_quantized_leaves_stay_unfused():
-    q = quantize_params(llama.init_params(TINY, jax.random.key(2)), llama.MATMUL_INPUT_AXES, "int8")
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int8", None), ("fp8", None)])
+def test_quantized_leaves_fuse_keeping_their_numbers(fmt, group):
+    """Leaves quantized apart (as a checkpoint stores them) fuse into one QTensor each whose outputs hold the
+    same stored numbers, and the forward equals the unfused one, through XLA and the decode kernel."""
+    q = quantize_params(llama.init_params(TINY, jax.random.key(2)), llama.MATMUL_INPUT_AXES, fmt, group)
     layers = llama.fuse_projections(q)["layers"]
-    assert "wqkv" not in layers and "w_gate_up" not in layers and is_qtensor(layers["wq"])
+    assert is_qtensor(layers["wqkv"]) and is_qtensor(layers["w_gate_up"]) and "wq" not in layers
+    N, K = TINY.num_heads, TINY.num_kv_heads
+    np.testing.assert_array_equal(np.asarray(dequantize(layers["wqkv"]))[:, :, N:N + K],
+                                  np.asarray(dequantize(q["layers"]["wk"])))
+    np.testing.assert_array_equal(np.asarray(dequantize(layers["w_gate_up"]))[..., TINY.intermediate_size:],
+                                  np.asarray(dequantize(q["layers"]["w_up"])))
+    fused = llama.fuse_projections(q)
+    want = _run(TINY, q, T=3)[0]
+    np.testing.assert_allclose(_run(TINY, fused, T=3)[0], want, rtol=1e-5, atol=1e-5)
+    got = _run(TINY, fused, T=1, matmul=functools.partial(kernel_matmul, interpret=True))[0]
+    np.testing.assert_allclose(got, _run(TINY, q, T=1)[0], rtol=2e-5, atol=2e-5)
+
+
+def test_unlike_quantized_leaves_stay_apart():
+    """A mix of formats (a GGUF file may store wv finer than wq), per-input scales that differ (AWQ), or float
+    beside quantized: those products stay separate."""
+    params = llama.init_params(TINY, jax.random.key(3))
+    mixed = quantize_params(quantize_params(params, {"wv": 1, "w_up": 1}, "int8"), llama.MATMUL_INPUT_AXES, "int4", 32)
+    layers = llama.fuse_projections(mixed)["layers"]
+    assert "wqkv" not in layers and "w_gate_up" not in layers and layers["wv"].fmt == "int8"
+    q = quantize_params(params, llama.MATMUL_INPUT_AXES, "int8")
+    scaled = dataclasses.replace(q["layers"]["wk"], input_scale=jnp.full(q["layers"]["wk"].shape[:2], 2.0))
+    layers = llama.fuse_projections({**q, "layers": {**q["layers"], "wk": scaled}})["layers"]
+    assert "wqkv" not in layers and "w_gate_up" in layers
+    half = quantize_params(params, {"w_gate": 1}, "int8")
+    assert "w_gate_up" not in llama.fuse_projections(half)["layers"]
