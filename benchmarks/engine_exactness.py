@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import int4_layout
+from benchmarks import weight_layout
 
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
     from jinfer.runtime.xla_flags import apply_gpu_flags
@@ -49,13 +49,13 @@ def main():
     ap.add_argument("--pages", type=int, default=64, help="small enough to force preemption")
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default=None, help="weights: int8, int4, fp8 (round to nearest)")
-    int4_layout.add_flag(ap)
+    weight_layout.add_flag(ap)
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--speculative", default=None, choices=["ngram", "early_exit"])
     ap.add_argument("--tensor-parallel", type=int, default=1, help="the engine over a (model=N) mesh; the reference "
                                                                    "on one device (llama-3.2-1b's 8 KV heads split)")
     args = ap.parse_args()
-    int4_layout.apply(args.int4_layout)
+    weight_layout.apply(args.out_in)
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)

@@ -17,7 +17,7 @@ implementations taken in turn. Errors: max |out - reference| and that over max |
 `quantized_matmul_reference` (float32 products).
 
 --variants times a curated list of block sizes of both kernel paths per (shape, M, format), the kernel's
-default among them (int4 also stored "out_in", the outputs-first layout of `out_in.py`), against weights rotated over enough stacked layers (> 3x the L2) that no call finds its
+default among them (int4 and int8 also stored "out_in", the outputs-first layout of `out_in.py`), against weights rotated over enough stacked layers (> 3x the L2) that no call finds its
 weight in the cache; all variants of a case in one profiler trace per round (the kernel's name carries its
 sizes; a split-K sum is charged to the kernel before it). It prints each variant's time and fraction of copy,
 the best, and a TABLE line; cases run in the order given until --budget-s seconds have passed.
@@ -240,20 +240,23 @@ def split_count(bs: QuantMatmulBlockSizes, K: int, group: int) -> int:
     return -(-units // per)
 
 
-def out_in_variant_list(M: int) -> list[QuantMatmulBlockSizes]:
-    """int4 stored out_in (`out_in.py`): the table's choice and its neighbours in the sm_90 machine code
+def out_in_variant_list(M: int, fmt: str) -> list[QuantMatmulBlockSizes]:
+    """Weights stored out_in (`out_in.py`): the table's choice and its neighbours in the sm_90 machine code
     (`sass_profile.py quant --layout out_in`): wider tiles amortize x's per-step work, more stages keep more
     loads in flight."""
     bm = 16 if M <= 16 else 64
+    if fmt == "int8":
+        return [_mma(bm, 128, 128, 4, 3), _mma(bm, 128, 128, 4, 4), _mma(bm, 128, 64, 4, 5), _mma(bm, 256, 64, 8, 4),
+                _mma(bm, 64, 128, 4, 4)]
     return [_mma(bm, 128, 128, 4, 4), _mma(bm, 256, 128, 8, 4), _mma(bm, 256, 128, 4, 4), _mma(bm, 128, 64, 4, 6),
             _mma(bm, 128, 128, 4, 3), _mma(bm, 128, 128, 8, 4)]
 
 
 def variant_kernel_name(fmt: str, bs: QuantMatmulBlockSizes, layout: str, K: int, group: int) -> str:
-    if layout == "out_in":  # K steps split as `int4_out_in_matmul_triton` splits them
+    if layout == "out_in":  # K steps split as `out_in_matmul_triton` splits them
         steps = -(-K // bs.block_k)
         per = -(-steps // min(bs.split_k, steps))
-        return out_in_kernel_name(bs, -(-steps // per))
+        return out_in_kernel_name(fmt, bs, -(-steps // per))
     return kernel_name(fmt, bs, split_count(bs, K, group))
 
 
@@ -277,9 +280,9 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
     # (block sizes, int4 layout): the importers' layout, and for int4 the kernel on weights stored out_in
     cands = [(default, "in_out")] + [(c, "in_out") for c in map(fitted, variant_list(M, fmt)) if c != default]
     stored = {"in_out": w}
-    if fmt == "int4":
+    if fmt in ("int4", "int8"):
         stored["out_in"] = to_out_in(w)
-        cands += [(fitted(v), "out_in") for v in out_in_variant_list(M)]
+        cands += [(fitted(v), "out_in") for v in out_in_variant_list(M, fmt)]
     w0 = jax.tree.map(lambda a: a[0], w)
     ref = quantized_matmul_reference(x, w0.values, w0.scale, w0.offset, fmt=fmt, group_size=w.group_size)
     fns, names, errs = [], [], {}
@@ -330,7 +333,7 @@ def variants_case(K, N, M, fmt, args, copy_bps, interpret, log):
             f"{launch.get(variant_kernel_name(fmt, bs, layout, K, w.group_size), '')}")
     b, layout = ranked[0]
     if layout == "out_in":
-        log(f"  fastest stored out_in: OUT_IN_TABLE[({kind!r}, {m_bucket(M)})] = {b}  # and INT4_LAYOUT[{kind!r}]")
+        log(f"  fastest stored out_in: OUT_IN_TABLE[({kind!r}, {fmt!r}, {m_bucket(M)})] = {b}  # and OUT_IN_FORMATS")
     log(f"  TABLE[({kind!r}, {fmt!r}, {m_bucket(M)})] = QuantMatmulBlockSizes(block_m={b.block_m}, block_n={b.block_n}, "
         f"block_k={b.block_k}, num_warps={b.num_warps}, num_stages={b.num_stages}, path={b.path!r}, unroll={b.unroll}, "
         f"prescale={b.prescale}, ptx={b.ptx})  # split_k {b.split_k} here")

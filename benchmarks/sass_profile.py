@@ -216,7 +216,7 @@ def main():
     q.add_argument("--k", type=int, default=4096)
     q.add_argument("--n", type=int, default=14336)
     q.add_argument("--group", type=int, default=128, help="int4's group size")
-    q.add_argument("--layout", default="in_out", choices=("in_out", "out_in"), help="int4's stored layout")
+    q.add_argument("--layout", default="in_out", choices=("in_out", "out_in"), help="int4 / int8's stored layout")
     d = sub.add_parser("decode", help="the paged decode attention (jinfer.kernels.paged_attention)")
     d.add_argument("--batch", type=int, default=64)
     d.add_argument("--context", type=int, default=4096)

@@ -19,7 +19,7 @@ import numpy as np
 
 from jinfer.checkpoints.errors import CheckpointError
 from jinfer.quant.formats import FORMATS
-from jinfer.quant.qtensor import LAYOUTS, QTensor
+from jinfer.quant.qtensor import LAYOUTS, OUT_IN_FORMATS, QTensor
 
 RECORD_FILE = "quantization.json"
 
@@ -81,9 +81,9 @@ def _check_record(file: Path, name: str, leaf) -> None:
     if leaf["fmt"] not in FORMATS:
         raise CheckpointError(f"{str(file)!r}: {name!r} has format {leaf['fmt']!r}; jinfer has {list(FORMATS)}")
     layout = leaf.get("layout", STATIC_DEFAULTS["layout"])
-    if layout not in LAYOUTS or (layout == "out_in" and leaf["fmt"] != "int4"):
+    if layout not in LAYOUTS or (layout == "out_in" and leaf["fmt"] not in OUT_IN_FORMATS):
         raise CheckpointError(f"{str(file)!r}: {name!r} has layout {layout!r} for format {leaf['fmt']!r}; "
-                              f"jinfer has {list(LAYOUTS)} ('out_in' for int4)")
+                              f"jinfer has {list(LAYOUTS)} ('out_in' for {', '.join(OUT_IN_FORMATS)})")
     unknown = set(leaf["arrays"]) - set(ARRAYS)
     if unknown or not {"values", "scale"} <= set(leaf["arrays"]):
         raise CheckpointError(f"{str(file)!r}: {name!r} lists arrays {leaf['arrays']}; expected values, scale "

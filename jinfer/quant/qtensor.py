@@ -12,8 +12,8 @@ the group of input i; the last group may be shorter (SmolLM2's 576 inputs are 4.
   last axis), with an offset (asymmetric: RTN's min, GGUF's Q4_1 min, AWQ/GPTQ's -zero * scale);
 - "fp8": q float8_e4m3fn, no offset.
 `layout` (static) is the order of the stored axes: "in_out" as above (every importer and quantizer makes it),
-or "out_in", for int4 only: values [..., *out, *in] with the pairs packed along the last input axis (the even
-input in the low nibble), which the GPU kernel reads as matrix-unit operands (`to_out_in`; `jinfer.runtime.
+or "out_in", for int4 and int8: values [..., *out, *in] (int4: the pairs packed along the last input axis, the
+even input in the low nibble), which the GPU kernel reads as matrix-unit operands (`to_out_in`; `jinfer.runtime.
 matmul` converts to it where that kernel runs). Scales and offsets are the same in both.
 Every array field keeps the stacked-layer axes in front, so slicing a layer out of a stacked QTensor (a
 scan, `llama.unstack_layers`) slices each field alike; the static fields count trailing axes only.
@@ -44,6 +44,7 @@ import numpy as np
 
 ACTS = (None, "int8")  # activation formats: float, or int8 per token (W8A8)
 LAYOUTS = ("in_out", "out_in")
+OUT_IN_FORMATS = ("int4", "int8")  # the formats "out_in" stores
 
 
 @jax.tree_util.register_dataclass
@@ -67,9 +68,10 @@ class QTensor:
         if self.act == "int8" and (self.fmt != "int8" or self.group_size != 0):
             raise ValueError(f"QTensor.act='int8' (W8A8) needs fmt='int8' with group_size=0 (one scale per "
                              f"output channel); got fmt={self.fmt!r}, group_size={self.group_size}")
-        if self.layout not in LAYOUTS or (self.layout == "out_in" and (self.fmt != "int4" or self.act is not None)):
+        if self.layout not in LAYOUTS or (self.layout == "out_in" and (self.fmt not in OUT_IN_FORMATS
+                                                                        or self.act is not None)):
             raise ValueError(f"QTensor.layout={self.layout!r} must be one of {list(LAYOUTS)}, and 'out_in' needs "
-                             f"fmt='int4' without act; got fmt={self.fmt!r}, act={self.act!r}")
+                             f"fmt in {list(OUT_IN_FORMATS)} without act; got fmt={self.fmt!r}, act={self.act!r}")
 
     @property
     def shape(self) -> tuple[int, ...]:
@@ -153,18 +155,20 @@ def _swap_in_out(a, lead: int, n_first: int):
 
 
 def to_out_in(w: QTensor) -> QTensor:
-    """An int4 QTensor stored "out_in": values [..., *out, *in], the pairs packed along the last input axis
-    (which must be even). The same weight: `dequantize` gives the same numbers."""
+    """The QTensor stored "out_in": values [..., *out, *in] (int4: the pairs packed along the last input axis,
+    which must be even). The same weight: `dequantize` gives the same numbers."""
     if w.layout == "out_in":
         return w
-    if w.fmt != "int4" or w.act is not None:
-        raise ValueError(f"layout 'out_in' is for int4 weights without act; got fmt={w.fmt!r}, act={w.act!r}")
-    q = unpack_int4(w.values)
+    if w.fmt not in OUT_IN_FORMATS or w.act is not None:
+        raise ValueError(f"layout 'out_in' is for {' and '.join(OUT_IN_FORMATS)} weights without act; got "
+                         f"fmt={w.fmt!r}, act={w.act!r}")
+    q = unpack_int4(w.values) if w.fmt == "int4" else w.values
     lead = q.ndim - w.n_in - w.n_out
-    if q.shape[lead + w.n_in - 1] % 2:
+    if w.fmt == "int4" and q.shape[lead + w.n_in - 1] % 2:
         raise ValueError(f"the last input axis of a weight of shape {list(w.shape)} (n_in={w.n_in}) is odd; "
                          f"'out_in' packs its pairs")
-    return dataclasses.replace(w, values=pack_int4(_swap_in_out(q, lead, w.n_in)), layout="out_in")
+    t = _swap_in_out(q, lead, w.n_in)
+    return dataclasses.replace(w, values=pack_int4(t) if w.fmt == "int4" else t, layout="out_in")
 
 
 def concat_outputs(ws: list[QTensor], axis: int) -> QTensor | None:

@@ -6,8 +6,8 @@ int8 or int4 decode step reads more bytes than bf16's (benchmarks/RESULTS.md); t
 once, and a stacked layer's in place (a `LayerSlice` carries the layer index into it). Rows above
 `KERNEL_MAX_ROWS` (prefill chunks) are compute-bound, where XLA's dot is as good. The kernel runs on one
 device: a weight sharded over a mesh stays on XLA, which partitions it. Where the tuning table says so
-(`tuning.INT4_LAYOUT`), int4 weights are stored "out_in" for that kernel (`kernel_layout`); XLA's products
-(prefill) read that layout too.
+(`tuning.OUT_IN_FORMATS`), int4 / int8 weights are stored "out_in" for that kernel (`kernel_layout`); XLA's
+products (prefill) read that layout too.
 """
 
 from __future__ import annotations
@@ -17,7 +17,7 @@ import math
 import jax
 
 from jinfer.kernels.quant_matmul import quantized_matmul
-from jinfer.kernels.quant_matmul.tuning import int4_layout
+from jinfer.kernels.quant_matmul.tuning import out_in_formats
 from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor, qeinsum, to_out_in
 
@@ -38,16 +38,17 @@ def model_matmul(platform: str, num_devices: int) -> MatmulFn:
     return kernel_matmul if platform == "gpu" and num_devices == 1 else qeinsum
 
 
-def kernel_layout(params, device_kind: str, layout: str | None = None):
-    """params with each int4 weight in `layout` (default: the table's for `device_kind`), for `kernel_matmul`:
-    "out_in" converts those whose last input axis is even (the others, and every other leaf, stay as they are)."""
-    if (layout or int4_layout(device_kind)) != "out_in":
+def kernel_layout(params, device_kind: str, formats: tuple[str, ...] | None = None):
+    """params with the quantized weights of `formats` (default: the table's for `device_kind`) stored "out_in",
+    for `kernel_matmul` (int4 ones only where their last input axis is even); every other leaf as it is."""
+    formats = out_in_formats(device_kind) if formats is None else formats
+    if not formats:
         return params
 
     def convert(w):
-        if not (is_qtensor(w) and w.fmt == "int4" and w.act is None and w.layout == "in_out"):
+        if not (is_qtensor(w) and w.fmt in formats and w.act is None and w.layout == "in_out"):
             return w
         last_input = w.shape[len(w.shape) - w.n_out - 1]
-        return to_out_in(w) if last_input % 2 == 0 else w
+        return to_out_in(w) if w.fmt != "int4" or last_input % 2 == 0 else w
 
     return jax.tree_util.tree_map(convert, params, is_leaf=is_qtensor)

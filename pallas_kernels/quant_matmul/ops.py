@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 
 from jinfer.kernels.quant_matmul.kernel import quantized_matmul_triton
-from jinfer.kernels.quant_matmul.out_in import int4_out_in_matmul_triton
+from jinfer.kernels.quant_matmul.out_in import out_in_matmul_triton
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
 from jinfer.quant.qtensor import QTensor
 
@@ -69,9 +69,9 @@ def quantized_matmul(
         block_sizes = block_sizes_for(M, K, N, w.fmt, jax.devices()[0].device_kind, w.group_size, w.layout)
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    if w.layout == "out_in":  # [L, *out, *in] with pairs along the last input axis: flat byte j = inputs 2j, 2j + 1
-        out = int4_out_in_matmul_triton(x2, w.values.reshape(L, N, K // 2), scale, offset, layer,
-                                        group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
+    if w.layout == "out_in":  # [L, *out, *in] (int4: pairs along the last input axis, flat byte j = inputs 2j, 2j + 1)
+        out = out_in_matmul_triton(x2, w.values.reshape(L, N, -1), scale, offset, layer, fmt=w.fmt,
+                                   group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
     else:
         out = quantized_matmul_triton(x2, w.values.reshape(L, K, -1), scale, offset, layer, fmt=w.fmt,
                                       group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)

@@ -44,39 +44,47 @@ from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_out_in
 def _kernel(
     layer_ref,  # i32[1]
     x_ref,  # [M, K]
-    v_ref,  # u8[L, N, K // 2]
-    s_ref, off_ref,  # f32 | f16 [L, G, N]
-    o_ref,  # [S, M, N]
-    *, group_size: int, num_steps: int, steps_per_split: int, block_m: int, block_n: int, block_k: int, ptx: bool,
+    v_ref,  # u8[L, N, K // 2] (int4) | i8[L, N, K]
+    s_ref,  # f32 | f16 [L, G, N]
+    *refs,  # int4: off_ref like s_ref; then o_ref [S, M, N]
+    fmt: str, group_size: int, num_steps: int, steps_per_split: int, block_m: int, block_n: int, block_k: int,
+    ptx: bool,
 ):
+    packed = fmt == "int4"
+    off_ref, o_ref = refs if packed else (None, *refs)
     i, j, split = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    M, half = x_ref.shape[0], v_ref.shape[2]
+    M, K = x_ref.shape
     N = v_ref.shape[1]
-    m0, n0, bk2 = i * block_m, j * block_n, block_k // 2
+    m0, n0 = i * block_m, j * block_n
+    bk_stored = block_k // 2 if packed else block_k  # stored columns a step: bytes of pairs, or inputs
     layer = layer_ref[0]
     row_ok = (m0 + iota(block_m) < M) if M % block_m else None  # [bm]
     col_ok = (n0 + iota(block_n) < N) if N % block_n else None  # [bn]
     dtype = x_ref.dtype
-    bias = MMA_INT4_BIAS.get(jnp.dtype(dtype), 0.0)
+    bias = MMA_INT4_BIAS.get(jnp.dtype(dtype), 0.0) if packed else 0.0
     # float32 activations get full-precision products (Triton would otherwise round them to tf32).
     prec = lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
+    def dot(w, x):  # [bn, c] x [bm, c] -> [bn, bm], float32
+        return jnp.dot(w, x.T, precision=prec, preferred_element_type=jnp.float32)
+
     def step(s, acc):
-        b0 = s * bk2  # first byte of the step (inputs 2 * b0 ...)
-        byte_ok = (b0 + iota(bk2) < half) if half % bk2 else None  # [bk2]
-        q = load(v_ref.at[layer, pl.ds(n0, block_n), pl.ds(b0, bk2)],
-                 both(None if col_ok is None else col_ok[:, None], None if byte_ok is None else byte_ok[None, :]))
-        lo, hi = pair_values(q, dtype, ptx=ptx)  # [bn, bk2] each
-        k_ok = (2 * b0 + iota(block_k) < 2 * half) if half % bk2 else None  # [bk]
-        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(2 * b0, block_k)],
+        k0 = s * block_k
+        k_ok = (k0 + iota(block_k) < K) if K % block_k else None  # [bk]
+        c_ok = (s * bk_stored + iota(bk_stored) < v_ref.shape[2]) if K % block_k else None  # [bk_stored]
+        q = load(v_ref.at[layer, pl.ds(n0, block_n), pl.ds(s * bk_stored, bk_stored)],
+                 both(None if col_ok is None else col_ok[:, None], None if c_ok is None else c_ok[None, :]))
+        x = load(x_ref.at[pl.ds(m0, block_m), pl.ds(k0, block_k)],
                  both(None if row_ok is None else row_ok[:, None], None if k_ok is None else k_ok[None, :]))
-        xe, xo = jnp.unstack(x.reshape(block_m, bk2, 2), axis=-1)  # x's even and odd inputs, [bm, bk2] each
-        part = (jnp.dot(lo, xe.T, precision=prec, preferred_element_type=jnp.float32)
-                + jnp.dot(hi, xo.T, precision=prec, preferred_element_type=jnp.float32))  # [bn, bm]
-        g = 2 * b0 // group_size if group_size else i32(0)
-        sc, off = (load(r.at[layer, g, pl.ds(n0, block_n)], col_ok).astype(jnp.float32) for r in (s_ref, off_ref))
+        g = k0 // group_size if group_size else i32(0)
+        sc = load(s_ref.at[layer, g, pl.ds(n0, block_n)], col_ok).astype(jnp.float32)
+        if not packed:  # int8: Triton's cast to x's dtype is exact (PRMT and a packed add, no conversion unit)
+            return acc + dot(q.astype(dtype), x) * sc[:, None]
+        lo, hi = pair_values(q, dtype, ptx=ptx)  # [bn, bk / 2] each: the even inputs' and the odd ones'
+        xe, xo = jnp.unstack(x.reshape(block_m, bk_stored, 2), axis=-1)  # x's even and odd inputs
+        off = load(off_ref.at[layer, g, pl.ds(n0, block_n)], col_ok).astype(jnp.float32)
         xsum = jnp.sum(xe.astype(jnp.float32), axis=1) + jnp.sum(xo.astype(jnp.float32), axis=1)  # [bm]
-        return acc + part * sc[:, None] + (off - bias * sc)[:, None] * xsum[None, :]
+        return acc + (dot(lo, xe) + dot(hi, xo)) * sc[:, None] + (off - bias * sc)[:, None] * xsum[None, :]
 
     first, last = split_range(split, steps_per_split, num_steps)
     acc = lax.fori_loop(first, last, step, jnp.zeros((block_n, block_m), jnp.float32))
@@ -85,42 +93,43 @@ def _kernel(
                 mask=None if mask is None else jnp.broadcast_to(mask, (block_m, block_n)))
 
 
-def kernel_name(bs: QuantMatmulBlockSizes, splits: int) -> str:
+def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
     """The compiled kernel's name, which profiles tell variants apart by."""
-    return (f"quantized_matmul_int4_out_in_m{bs.block_m}n{bs.block_n}k{bs.block_k}w{bs.num_warps}s{bs.num_stages}"
+    return (f"quantized_matmul_{fmt}_out_in_m{bs.block_m}n{bs.block_n}k{bs.block_k}w{bs.num_warps}s{bs.num_stages}"
             f"a{int(bs.ptx)}x{splits}")
 
 
-@functools.partial(jax.jit, static_argnames=("group_size", "block_sizes", "interpret"))
-def int4_out_in_matmul_triton(
-    x: jax.Array,  # [M, K] f32 | bf16 | f16, K even
-    values: jax.Array,  # u8[L, N, K // 2]
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret"))
+def out_in_matmul_triton(
+    x: jax.Array,  # [M, K] f32 | bf16 | f16 (int4: K even)
+    values: jax.Array,  # int4: u8[L, N, K // 2]; int8: i8[L, N, K]
     scale: jax.Array,  # f32 | f16 [L, G, N], G = ceil(K / group_size)
-    offset: jax.Array,  # like scale
+    offset: jax.Array | None,  # like scale (int4), else None
     layer: jax.Array,  # i32[]: which of the L weights
     *,
+    fmt: str,
     group_size: int,
     block_sizes: QuantMatmulBlockSizes,
     interpret: bool,
 ) -> jax.Array:  # [M, N] in x's dtype
-    check_out_in_inputs(x, values, scale, offset, layer, group_size=group_size)
-    check_block_sizes(block_sizes, fmt="int4", group_size=group_size)
+    check_out_in_inputs(x, values, scale, offset, layer, fmt=fmt, group_size=group_size)
+    check_block_sizes(block_sizes, fmt=fmt, group_size=group_size)
     bs = block_sizes
     M, K = x.shape
     N = values.shape[1]
     if bs.path != "mma" or bs.block_k < 32:
-        raise ValueError(f"out_in int4 takes path='mma' with block_k >= 32 (two products of block_k // 2 inputs); "
+        raise ValueError(f"out_in takes path='mma' with block_k >= 32 (int4: two products of block_k // 2 inputs); "
                          f"got path={bs.path!r}, block_k={bs.block_k}")
     steps = pl.cdiv(K, bs.block_k)
     per_split = pl.cdiv(steps, min(bs.split_k, steps))
     splits = pl.cdiv(steps, per_split)  # no split left without a step
     out_dtype = x.dtype if splits == 1 else jnp.float32
-    operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale, offset)
+    operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale, *(() if offset is None else (offset,)))
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
 
-    kernel = functools.partial(_kernel, group_size=group_size, num_steps=steps, steps_per_split=per_split,
+    kernel = functools.partial(_kernel, fmt=fmt, group_size=group_size, num_steps=steps, steps_per_split=per_split,
                                block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k,
                                ptx=bs.ptx and not interpret and jnp.dtype(x.dtype) in INT4_PAIRS_PTX)
     out_shape = jax.ShapeDtypeStruct((splits, M, N), out_dtype)
@@ -133,6 +142,6 @@ def int4_out_in_matmul_triton(
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
                                                                     num_stages=bs.num_stages),
-        name=kernel_name(bs, splits),
+        name=kernel_name(fmt, bs, splits),
     )(*operands)
     return (out.sum(axis=0) if splits > 1 else out[0]).astype(x.dtype)

@@ -87,23 +87,26 @@ _INT4 = {1: _fma(128, 32, num_warps=4, prescale=True), 4: _mma(16, 256, 128, 4, 
          64: _mma(64, 128, 128, 4, 3), 256: _mma(64, 128, 128, 4, 3)}
 _BY_BUCKET = {1: 1, 2: 4, 4: 4, 8: 4, 16: 16, 64: 64, 256: 256}  # M bucket -> the measured entry it takes
 
-# int4 stored "out_in" (`out_in.py`), by M bucket. Not timed on a GPU yet: chosen from the sm_90 machine code
-# (`python benchmarks/sass_profile.py quant --layout out_in`): block_n 128, block_k 128, 4 warps compile to
-# 3.3 instructions a weight at 127 registers a thread (25% occupancy); block_n 256 with 8 warps to 3.0 (25%),
-# with 4 warps to 2.7 at 255 registers (12.5%). At 64 rows x's per-step sums make it 6.6 (the "mma" path 6.8).
-# Four stages keep three steps' loads in flight. 64 rows: a [128, 64] float32 accumulator.
-_OUT_IN = {1: _mma(16, 128, 128, 4, 4), 16: _mma(16, 128, 128, 4, 4), 64: _mma(64, 128, 128, 4, 3)}
-OUT_IN_TABLE: dict[tuple[str, int], QuantMatmulBlockSizes] = {
-    ("*", b): _OUT_IN[min((m for m in _OUT_IN if m >= b), default=64)] for b in M_BUCKETS}
+# Weights stored "out_in" (`out_in.py`), by format and M bucket. Not timed on a GPU yet: chosen from the sm_90
+# machine code (`python benchmarks/sass_profile.py quant --layout out_in`). int4: block_n 128, block_k 128,
+# 4 warps compile to 3.3 instructions a weight at 127 registers a thread (25% occupancy); block_n 256 with 8
+# warps to 3.0 (25%), with 4 warps to 2.7 at 255 registers (12.5%). At 64 rows x's per-step sums make it 6.6
+# (the "mma" path 6.8). Four stages keep three steps' loads in flight. int8 (a byte a weight, so twice the
+# instructions a byte allows): three stages of 16 KB tiles leave room for four programs a multiprocessor.
+_OUT_IN = {"int4": {1: _mma(16, 128, 128, 4, 4), 16: _mma(16, 128, 128, 4, 4), 64: _mma(64, 128, 128, 4, 3)},
+           "int8": {1: _mma(16, 128, 128, 4, 3), 16: _mma(16, 128, 128, 4, 3), 64: _mma(64, 128, 128, 4, 3)}}
+OUT_IN_TABLE: dict[tuple[str, str, int], QuantMatmulBlockSizes] = {
+    ("*", fmt, b): by_m[min((m for m in by_m if m >= b), default=64)] for fmt, by_m in _OUT_IN.items()
+    for b in M_BUCKETS}
 
-# Where int4 weights are converted to "out_in" for the kernel (a substring of the device kind -> layout); other
-# devices keep the importers' "in_out". Empty until a GPU has timed both layouts through the engine
-# (`benchmarks/throughput.py --int4-layout`, `benchmarks/quant_matmul.py --variants`).
-INT4_LAYOUT: dict[str, str] = {}
+# Where weights are converted to "out_in" for the kernel (a substring of the device kind -> the formats);
+# other devices and formats keep the importers' "in_out". Empty until a GPU has timed both layouts through
+# the engine (`benchmarks/throughput.py --out-in int4`, `benchmarks/quant_matmul.py --variants`).
+OUT_IN_FORMATS: dict[str, tuple[str, ...]] = {}
 
 
-def int4_layout(device_kind: str) -> str:
-    return next((layout for kind, layout in INT4_LAYOUT.items() if kind in device_kind), "in_out")
+def out_in_formats(device_kind: str) -> tuple[str, ...]:
+    return next((fmts for kind, fmts in OUT_IN_FORMATS.items() if kind in device_kind), ())
 
 
 # (device kind, fmt, M bucket) -> block sizes; a missing key falls back to ("*", fmt, bucket), then DEFAULT.
@@ -149,7 +152,7 @@ def block_sizes_for(m: int, k: int, n: int, fmt: str, device_kind: str, group_si
     """The table's sizes for x [m, k] times a weight [k, n] of `fmt` stored in `layout`, fitted to the shape."""
     bucket = m_bucket(m)
     if layout == "out_in":
-        sizes = OUT_IN_TABLE.get((device_kind, bucket)) or OUT_IN_TABLE[("*", bucket)]
+        sizes = OUT_IN_TABLE.get((device_kind, fmt, bucket)) or OUT_IN_TABLE[("*", fmt, bucket)]
         return fit_block_sizes(sizes, m, k, n, device_kind, group_size)
     sizes = TABLE.get((device_kind, fmt, bucket)) or TABLE.get(("*", fmt, bucket)) or DEFAULT
     if sizes.path == "fma" and m > FMA_MAX_M:

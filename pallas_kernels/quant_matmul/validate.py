@@ -33,16 +33,20 @@ def check_inputs(x, values, scale, offset, layer, *, fmt: str, group_size: int) 
     _check_rest(x, values, scale, offset, layer, fmt, group_size, L, K, 2 * width if fmt == "int4" else width)
 
 
-def check_out_in_inputs(x, values, scale, offset, layer, *, group_size: int) -> None:
-    """int4 stored "out_in": x [M, K] with K even; values u8[L, N, K // 2]; scale and offset [L, G, N]."""
+def check_out_in_inputs(x, values, scale, offset, layer, *, fmt: str, group_size: int) -> None:
+    """Weights stored "out_in": x [M, K]; values u8[L, N, K // 2] (int4, K even) or i8[L, N, K] (int8); scale
+    [L, G, N]; offset like scale (int4) or None."""
+    if fmt not in ("int4", "int8"):
+        raise ValueError(f"fmt={fmt!r}: the out_in kernel reads int4 and int8")
     if x.ndim != 2 or values.ndim != 3 or scale.ndim != 3:
-        raise ValueError(f"x must be [M, K], values [L, N, K // 2] and scale [L, G, N]; got {x.shape=} "
-                         f"{values.shape=} {scale.shape=}")
-    L, N, half = values.shape
-    if x.shape[1] != 2 * half:
+        raise ValueError(f"x must be [M, K], values [L, N, K{' // 2' if fmt == 'int4' else ''}] and scale [L, G, "
+                         f"N]; got {x.shape=} {values.shape=} {scale.shape=}")
+    L, N, cols = values.shape
+    K = 2 * cols if fmt == "int4" else cols
+    if x.shape[1] != K:
         raise ValueError(f"x has {x.shape[1]} inputs (x.shape={x.shape}); values.shape={values.shape} holds "
-                         f"K={2 * half} (two a byte)")
-    _check_rest(x, values, scale, offset, layer, "int4", group_size, L, 2 * half, N)
+                         f"K={K}{' (two a byte)' if fmt == 'int4' else ''}")
+    _check_rest(x, values, scale, offset, layer, fmt, group_size, L, K, N)
 
 
 def _check_rest(x, values, scale, offset, layer, fmt, group_size, L, K, N) -> None:

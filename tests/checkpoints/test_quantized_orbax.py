@@ -90,7 +90,7 @@ def test_malformed_record_names_the_tensor(tmp_path, change, match):
 def test_out_in_layout_round_trips_and_old_records_read_as_in_out(tmp_path):
     """A tree with int4 leaves stored "out_in" (the GPU kernel's) saves and restores bit for bit with its layout;
     a record written before layouts existed (no "layout" key) reads as "in_out"."""
-    params = kernel_layout(_quantized("int4", 32), "", layout="out_in")
+    params = kernel_layout(_quantized("int4", 32), "", formats=("int4", "int8"))
     assert params["layers"]["wq"].layout == "out_in"
     save_orbax(tmp_path, TINY, params, tiny_tokenizer())
     _, got = restore_orbax(tmp_path)

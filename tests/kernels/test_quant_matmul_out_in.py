@@ -1,4 +1,4 @@
-"""The int4 kernel on weights stored "out_in" (jinfer.kernels.quant_matmul.out_in) against the plain-jnp
+"""The kernel on int4 / int8 weights stored "out_in" (jinfer.kernels.quant_matmul.out_in) against the plain-jnp
 reference on the importers' layout (`quantized_matmul_reference`) and against einsum over jinfer.quant's own
 dequantize: fresh random weights and inputs, ragged K, N and M, groups that do and do not divide K, split K,
 stacked weights at a traced layer. Natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere."""
@@ -14,7 +14,7 @@ import pytest
 
 from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
 from jinfer.kernels.quant_matmul.dequant import INT4_PAIRS_PTX, pair_values
-from jinfer.kernels.quant_matmul.out_in import int4_out_in_matmul_triton
+from jinfer.kernels.quant_matmul.out_in import out_in_matmul_triton
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
 from jinfer.quant.qtensor import dequantize, qeinsum, to_out_in
 from jinfer.quant.rtn import quantize
@@ -31,12 +31,13 @@ def rel(a, b) -> float:
     return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
-def weights(rng, group, *, k=K, n=N, layers=None, scale_dtype=jnp.float32):
-    """(the importers' int4 leaf, the same weight stored out_in)."""
+def weights(rng, group, *, fmt="int4", k=K, n=N, layers=None, scale_dtype=jnp.float32):
+    """(the importers' leaf, the same weight stored out_in)."""
     shape = (k, n) if layers is None else (layers, k, n)
-    w = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt="int4", n_in=1, group_size=group,
+    w = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt=fmt, n_in=1, group_size=group,
                  lead=0 if layers is None else 1)
-    w = dataclasses.replace(w, scale=w.scale.astype(scale_dtype), offset=w.offset.astype(scale_dtype))
+    w = dataclasses.replace(w, scale=w.scale.astype(scale_dtype),
+                            offset=None if w.offset is None else w.offset.astype(scale_dtype))
     return w, to_out_in(w)
 
 
@@ -44,7 +45,7 @@ def check(out, x, w, layer=None):
     if layer is not None:
         w = jax.tree.map(lambda a: a[layer], w)
     dtype = jnp.dtype(x.dtype).type
-    ref = quantized_matmul_reference(x, w.values, w.scale, w.offset, fmt="int4", group_size=w.group_size)
+    ref = quantized_matmul_reference(x, w.values, w.scale, w.offset, fmt=w.fmt, group_size=w.group_size)
     with jax.default_matmul_precision("highest"):
         deq = jnp.einsum("mk,kn->mn", x, dequantize(w, x.dtype))
     assert out.shape == ref.shape and out.dtype == x.dtype
@@ -52,21 +53,24 @@ def check(out, x, w, layer=None):
     assert rel(out, deq) < TOL_DEQUANTIZED[dtype], rel(out, deq)
 
 
-CASES = [  # (M, x dtype, group size, block_n, block_k, split_k)
-    (1, jnp.bfloat16, 128, 128, 128, 1),  # the decode row; K's last group 64 long
-    (1, jnp.float32, 32, 64, 32, 3),
-    (5, jnp.bfloat16, 32, 128, 32, 2),  # a padded tile of rows
-    (16, jnp.float16, 0, 64, 64, 1),  # one group over all of K (per output channel)
-    (33, jnp.bfloat16, 64, 128, 64, 2),  # a second tile of rows holding one
-    (3, jnp.float32, 128, 64, 128, 2),
+CASES = [  # (format, M, x dtype, group size, block_n, block_k, split_k)
+    ("int4", 1, jnp.bfloat16, 128, 128, 128, 1),  # the decode row; K's last group 64 long
+    ("int4", 1, jnp.float32, 32, 64, 32, 3),
+    ("int4", 5, jnp.bfloat16, 32, 128, 32, 2),  # a padded tile of rows
+    ("int4", 16, jnp.float16, 0, 64, 64, 1),  # one group over all of K (per output channel)
+    ("int4", 33, jnp.bfloat16, 64, 128, 64, 2),  # a second tile of rows holding one
+    ("int4", 3, jnp.float32, 128, 64, 128, 2),
+    ("int8", 1, jnp.bfloat16, 0, 128, 128, 2),  # per output channel, K = 576 ragged against the step
+    ("int8", 5, jnp.float32, 128, 64, 64, 1),
+    ("int8", 33, jnp.float16, 32, 128, 32, 3),
 ]
 
 
 @pytest.mark.parametrize("case", range(len(CASES)))
 def test_matches_reference(case):
-    m, dtype, group, bn, bk, split = CASES[case]
+    fmt, m, dtype, group, bn, bk, split = CASES[case]
     rng = np.random.default_rng(40 + case)
-    w, t = weights(rng, group, scale_dtype=(jnp.float32, jnp.float16)[case % 2])
+    w, t = weights(rng, group, fmt=fmt, scale_dtype=(jnp.float32, jnp.float16)[case % 2])
     x = jnp.asarray(rng.normal(size=(m, K)), dtype)
     bs = QuantMatmulBlockSizes(block_m=16, block_n=bn, block_k=bk, split_k=split)
     check(quantized_matmul(x, t, block_sizes=bs, interpret=INTERPRET), x, w)
@@ -86,9 +90,10 @@ def test_default_block_sizes_and_multi_axis_weights():
         assert got.shape == want.shape and rel(got, want) < TOL_DEQUANTIZED[jnp.bfloat16]
 
 
-def test_stacked_weight_at_traced_layer():
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_stacked_weight_at_traced_layer(fmt):
     rng = np.random.default_rng(11)
-    w, t = weights(rng, 64, k=256, n=160, layers=3)
+    w, t = weights(rng, 64, fmt=fmt, k=256, n=160, layers=3)
     x = jnp.asarray(rng.normal(size=(2, 256)), jnp.float32)
     bs = QuantMatmulBlockSizes(block_m=16, block_n=64, block_k=64, split_k=2)
     f = jax.jit(lambda x, t, layer: quantized_matmul(x, t, layer=layer, block_sizes=bs, interpret=INTERPRET))
@@ -97,9 +102,10 @@ def test_stacked_weight_at_traced_layer():
 
 
 @pytest.mark.skipif(NATIVE, reason="the GPU compiles the kernel in every other test")
-def test_lowers_to_triton_reading_the_stacked_weight_in_place():
+@pytest.mark.parametrize("fmt", ["int4", "int8"])
+def test_lowers_to_triton_reading_the_stacked_weight_in_place(fmt):
     """On the CPU, the Triton lowering itself (what interpret mode skips), PTX unpacking included."""
-    t = jax.eval_shape(lambda: to_out_in(quantize(jnp.zeros((4, 576, 192), jnp.float32), fmt="int4", n_in=1,
+    t = jax.eval_shape(lambda: to_out_in(quantize(jnp.zeros((4, 576, 192), jnp.float32), fmt=fmt, n_in=1,
                                                   group_size=64, lead=1)))
     x = jax.ShapeDtypeStruct((5, 576), jnp.bfloat16)
     bs = QuantMatmulBlockSizes(block_m=16, block_n=128, block_k=64, split_k=2)
@@ -162,21 +168,26 @@ def test_errors_name_the_values():
     bs = QuantMatmulBlockSizes(block_m=16, block_n=32, block_k=32)
     values = t.values.reshape(1, 32, 32)
     scale, offset = t.scale.reshape(1, 2, 32), t.offset.reshape(1, 2, 32)
+    def call(x=x, values=values, scale=scale, offset=offset, fmt="int4", bs=bs):
+        return out_in_matmul_triton(x, values, scale, offset, jnp.int32(0), fmt=fmt, group_size=32, block_sizes=bs,
+                                    interpret=True)
+
     with pytest.raises(ValueError, match=r"x has 62 inputs .* K=64"):
-        int4_out_in_matmul_triton(x[:, :62], values, scale, offset, jnp.int32(0), group_size=32, block_sizes=bs,
-                                  interpret=True)
+        call(x=x[:, :62])
     with pytest.raises(ValueError, match=r"scale must be float32 or float16 \[1, 2, 32\]"):
-        int4_out_in_matmul_triton(x, values, scale[:, :1], offset, jnp.int32(0), group_size=32, block_sizes=bs,
-                                  interpret=True)
+        call(scale=scale[:, :1])
     with pytest.raises(ValueError, match="block_k >= 32"):
-        int4_out_in_matmul_triton(x, values, scale, offset, jnp.int32(0), group_size=32, interpret=True,
-                                  block_sizes=dataclasses.replace(bs, block_k=16))
+        call(bs=dataclasses.replace(bs, block_k=16))
     with pytest.raises(ValueError, match="path='mma'"):
-        int4_out_in_matmul_triton(x, values, scale, offset, jnp.int32(0), group_size=32, interpret=True,
-                                  block_sizes=dataclasses.replace(bs, path="fma"))
+        call(bs=dataclasses.replace(bs, path="fma"))
+    with pytest.raises(ValueError, match="fmt='fp8': the out_in kernel reads int4 and int8"):
+        call(fmt="fp8")
+    with pytest.raises(ValueError, match="x has 64 inputs .* K=32"):  # int4's bytes read as int8 values
+        call(fmt="int8", values=values.astype(jnp.int8), offset=None)
 
 
 def test_block_sizes_for_out_in():
-    bs = block_sizes_for(1, 4096, 14336, "int4", "NVIDIA H200", 128, layout="out_in")
-    assert bs.path == "mma" and bs.block_k == 128 and bs.split_k > 1
+    for fmt in ("int4", "int8"):
+        bs = block_sizes_for(1, 4096, 14336, fmt, "NVIDIA H200", 128, layout="out_in")
+        assert bs.path == "mma" and bs.block_k == 128 and bs.split_k > 1
     assert block_sizes_for(64, 4096, 4096, "int4", "NVIDIA H200", 32, layout="out_in").block_k == 32

@@ -104,12 +104,13 @@ def test_out_in_layout_is_the_same_weight(shape, n_in, spec):
 
 def test_out_in_layout_errors_name_the_field():
     w = jnp.asarray(np.random.default_rng(0).normal(size=(64, 8)), jnp.float32)
-    with pytest.raises(ValueError, match="'out_in' is for int4 weights"):
-        to_out_in(quantize(w, fmt="int8", n_in=1))
+    with pytest.raises(ValueError, match="'out_in' is for int4 and int8 weights"):
+        to_out_in(quantize(w, fmt="fp8", n_in=1))
     with pytest.raises(ValueError, match="last input axis .* is odd"):
         to_out_in(quantize(w[:63], fmt="int4", n_in=1, group_size=0))
     q = quantize(w, fmt="int8", n_in=1)
-    with pytest.raises(ValueError, match="QTensor.layout='out_in' .* got fmt='int8'"):
-        QTensor(q.values, q.scale, None, "int8", 1, 1, 0, layout="out_in")
+    with pytest.raises(ValueError, match="QTensor.layout='out_in' .* got fmt='fp8'"):
+        f8 = quantize(w, fmt="fp8", n_in=1)
+        QTensor(f8.values, f8.scale, None, "fp8", 1, 1, 0, layout="out_in")
     with pytest.raises(ValueError, match="QTensor.layout='sideways'"):
         QTensor(q.values, q.scale, None, "int8", 1, 1, 0, layout="sideways")

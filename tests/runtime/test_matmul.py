@@ -64,11 +64,12 @@ def test_model_matmul_by_platform():
 
 
 @pytest.mark.parametrize("T", [1, KERNEL_MAX_ROWS + 1])
-def test_out_in_int4_forward_equals_xla(T):
-    """int4 weights converted to the kernel's "out_in" layout (`kernel_layout`): a decode-sized forward through the
+@pytest.mark.parametrize("fmt,group", [("int4", 32), ("int8", None)])
+def test_out_in_forward_equals_xla(T, fmt, group):
+    """Weights converted to the kernel's "out_in" layout (`kernel_layout`): a decode-sized forward through the
     kernel and a prefill-sized one (XLA reading the new layout) equal the forward on the importers' layout."""
-    params = quantize_params(tiny_params(4), llama.MATMUL_INPUT_AXES, "int4", 32)
-    out_in = kernel_layout(params, "any device", layout="out_in")
+    params = quantize_params(tiny_params(4), llama.MATMUL_INPUT_AXES, fmt, group)
+    out_in = kernel_layout(params, "any device", formats=(fmt,))
     converted = [w for w in jax.tree_util.tree_leaves(out_in, is_leaf=is_qtensor) if is_qtensor(w)]
     assert converted and all(w.layout == "out_in" for w in converted)
     ours, jaxpr = forward(out_in, T, KERNEL, seed=T)
@@ -82,7 +83,7 @@ def test_kernel_layout_converts_only_int4_where_the_table_says(monkeypatch):
 
     params = quantize_params(tiny_params(5), {"w_down": 1}, "int8")
     params = quantize_params(params, llama.MATMUL_INPUT_AXES, "int4", 32)
-    monkeypatch.setattr(tuning, "INT4_LAYOUT", {"H200": "out_in"})
+    monkeypatch.setattr(tuning, "OUT_IN_FORMATS", {"H200": ("int4",)})
     assert kernel_layout(params, "NVIDIA H100 80GB HBM3") is params
     out_in = kernel_layout(params, "NVIDIA H200")
     assert out_in["layers"]["w_down"].layout == "in_out" and out_in["layers"]["w_down"].fmt == "int8"
