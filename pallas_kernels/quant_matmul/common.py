@@ -6,6 +6,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 from jax import lax
+from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
 
@@ -36,3 +37,22 @@ def split_range(split, per_split, total):
         first = split * per_split
         return first, jnp.minimum(first + per_split, total)
     return 0, total  # static bounds: no split
+
+
+def launch(kernel, operands, out_shape: jax.ShapeDtypeStruct, grid, bs, *, interpret: bool, name: str) -> jax.Array:
+    """One pallas_call over `grid` with every operand and the output whole (each program addresses its own
+    tiles), under the block sizes' Triton launch options."""
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
+
+    return pl.pallas_call(
+        kernel,
+        grid=grid,
+        in_specs=[whole(a) for a in operands],
+        out_specs=whole(out_shape),
+        out_shape=out_shape,
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
+                                                                    num_stages=bs.num_stages),
+        name=name,
+    )(*operands)

@@ -59,7 +59,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jinfer.kernels.quant_matmul.common import both, i32, iota, load, split_range
+from jinfer.kernels.quant_matmul.common import both, i32, iota, launch, load, split_range
 from jinfer.kernels.quant_matmul.dequant import FMA_MIX, MMA_INT4_BIAS, fma_values, mma_values
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes
 from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_inputs
@@ -310,9 +310,6 @@ def quantized_matmul_triton(
     operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale,
                 *((offset,) if packed else ()))
 
-    def whole(a):
-        return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
-
     if fma:
         kernel = functools.partial(_fma_kernel, fmt=fmt, group_size=group_size, num_chunks=units,
                                    chunks_per_split=per_split, chunk_steps=chunk_steps, block_n=bs.block_n,
@@ -325,18 +322,8 @@ def quantized_matmul_triton(
                                    steps_per_split=per_split, block_m=bs.block_m, block_n=bs.block_n,
                                    block_k=bs.block_k)
         grid = (pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits)
-    out_shape = jax.ShapeDtypeStruct((splits, M, *out_cols), out_dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid=grid,
-        in_specs=[whole(a) for a in operands],
-        out_specs=whole(out_shape),
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
-                                                                    num_stages=bs.num_stages),
-        name=kernel_name(fmt, bs, splits),
-    )(*operands)
+    out = launch(kernel, operands, jax.ShapeDtypeStruct((splits, M, *out_cols), out_dtype), grid, bs,
+                 interpret=interpret, name=kernel_name(fmt, bs, splits))
     if splits > 1:
         out = out.sum(axis=0)
     return out.reshape(M, N).astype(x.dtype)

@@ -35,7 +35,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 from jax.experimental.pallas import triton as plgpu
 
-from jinfer.kernels.quant_matmul.common import both, i32, iota, load, split_range
+from jinfer.kernels.quant_matmul.common import both, i32, iota, launch, load, split_range
 from jinfer.kernels.quant_matmul.dequant import INT4_PAIRS_PTX, MMA_INT4_BIAS, pair_values
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes
 from jinfer.kernels.quant_matmul.validate import check_block_sizes, check_out_in_inputs
@@ -126,22 +126,10 @@ def out_in_matmul_triton(
     out_dtype = x.dtype if splits == 1 else jnp.float32
     operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale, *(() if offset is None else (offset,)))
 
-    def whole(a):
-        return pl.BlockSpec(a.shape, lambda i, j, s: (0,) * a.ndim)
-
     kernel = functools.partial(_kernel, fmt=fmt, group_size=group_size, num_steps=steps, steps_per_split=per_split,
                                block_m=bs.block_m, block_n=bs.block_n, block_k=bs.block_k,
                                ptx=bs.ptx and not interpret and jnp.dtype(x.dtype) in INT4_PAIRS_PTX)
-    out_shape = jax.ShapeDtypeStruct((splits, M, N), out_dtype)
-    out = pl.pallas_call(
-        kernel,
-        grid=(pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits),
-        in_specs=[whole(a) for a in operands],
-        out_specs=whole(out_shape),
-        out_shape=out_shape,
-        interpret=interpret,
-        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps,
-                                                                    num_stages=bs.num_stages),
-        name=kernel_name(fmt, bs, splits),
-    )(*operands)
+    out = launch(kernel, operands, jax.ShapeDtypeStruct((splits, M, N), out_dtype),
+                 (pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits), bs, interpret=interpret,
+                 name=kernel_name(fmt, bs, splits))
     return (out.sum(axis=0) if splits > 1 else out[0]).astype(x.dtype)

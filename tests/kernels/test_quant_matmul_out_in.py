@@ -1,7 +1,8 @@
 """The kernel on int4 / int8 weights stored "out_in" (jinfer.kernels.quant_matmul.out_in) against the plain-jnp
 reference on the importers' layout (`quantized_matmul_reference`) and against einsum over jinfer.quant's own
 dequantize: fresh random weights and inputs, ragged K, N and M, groups that do and do not divide K, split K,
-stacked weights at a traced layer. Natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere."""
+stacked weights at a traced layer. Natively on a GPU (JAX_PLATFORMS=cuda), interpreted elsewhere (its Triton
+lowering: test_quant_matmul.py)."""
 
 from __future__ import annotations
 
@@ -12,23 +13,17 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
+from jinfer.kernels.quant_matmul import quantized_matmul
 from jinfer.kernels.quant_matmul.dequant import INT4_PAIRS_PTX, pair_values
 from jinfer.kernels.quant_matmul.out_in import out_in_matmul_triton
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
-from jinfer.quant.qtensor import dequantize, qeinsum, to_out_in
+from jinfer.quant.qtensor import qeinsum, to_out_in
 from jinfer.quant.rtn import quantize
+from tests.kernels.test_quant_matmul import TOL_DEQUANTIZED, check, rel
 
 NATIVE = jax.devices()[0].platform == "gpu"
 INTERPRET = not NATIVE
-TOL = {jnp.float32: 1e-5, jnp.bfloat16: 2e-2, jnp.float16: 2e-3}  # against the float32 reference
-TOL_DEQUANTIZED = {jnp.float32: 1e-5, jnp.bfloat16: 3e-2, jnp.float16: 3e-3}
 K, N = 576, 192  # K: 4.5 groups of 128; N: 1.5 blocks of 128
-
-
-def rel(a, b) -> float:
-    a, b = np.asarray(a, np.float32), np.asarray(b, np.float32)
-    return float(np.linalg.norm(a - b) / max(np.linalg.norm(b), 1e-30))
 
 
 def weights(rng, group, *, fmt="int4", k=K, n=N, layers=None, scale_dtype=jnp.float32):
@@ -39,18 +34,6 @@ def weights(rng, group, *, fmt="int4", k=K, n=N, layers=None, scale_dtype=jnp.fl
     w = dataclasses.replace(w, scale=w.scale.astype(scale_dtype),
                             offset=None if w.offset is None else w.offset.astype(scale_dtype))
     return w, to_out_in(w)
-
-
-def check(out, x, w, layer=None):
-    if layer is not None:
-        w = jax.tree.map(lambda a: a[layer], w)
-    dtype = jnp.dtype(x.dtype).type
-    ref = quantized_matmul_reference(x, w.values, w.scale, w.offset, fmt=w.fmt, group_size=w.group_size)
-    with jax.default_matmul_precision("highest"):
-        deq = jnp.einsum("mk,kn->mn", x, dequantize(w, x.dtype))
-    assert out.shape == ref.shape and out.dtype == x.dtype
-    assert rel(out, ref) < TOL[dtype], rel(out, ref)
-    assert rel(out, deq) < TOL_DEQUANTIZED[dtype], rel(out, deq)
 
 
 CASES = [  # (format, M, x dtype, group size, block_n, block_k, split_k)
@@ -99,24 +82,6 @@ def test_stacked_weight_at_traced_layer(fmt):
     f = jax.jit(lambda x, t, layer: quantized_matmul(x, t, layer=layer, block_sizes=bs, interpret=INTERPRET))
     for layer in (0, 2):  # one compilation: the layer is traced
         check(f(x, t, jnp.int32(layer)), x, w, layer)
-
-
-@pytest.mark.skipif(NATIVE, reason="the GPU compiles the kernel in every other test")
-@pytest.mark.parametrize("fmt", ["int4", "int8"])
-def test_lowers_to_triton_reading_the_stacked_weight_in_place(fmt):
-    """On the CPU, the Triton lowering itself (what interpret mode skips), PTX unpacking included."""
-    t = jax.eval_shape(lambda: to_out_in(quantize(jnp.zeros((4, 576, 192), jnp.float32), fmt=fmt, n_in=1,
-                                                  group_size=64, lead=1)))
-    x = jax.ShapeDtypeStruct((5, 576), jnp.bfloat16)
-    bs = QuantMatmulBlockSizes(block_m=16, block_n=128, block_k=64, split_k=2)
-    traced = jax.jit(lambda x, t, layer: quantized_matmul(x, t, layer=layer, block_sizes=bs, interpret=False)
-                     ).trace(x, t, jax.ShapeDtypeStruct((), jnp.int32))
-    try:
-        text = traced.lower(lowering_platforms=("cuda",)).as_text()
-    except RuntimeError as e:  # jax >= 0.11 asks for a GPU (its compute capability) to lower for one
-        pytest.skip(f"this jax cannot lower for a GPU without one: {e}")
-    assert "__gpu$xla.gpu.triton" in text
-    assert "dynamic_slice" not in text and "gather" not in text
 
 
 def _run_pairs_ptx(asm: str, pairs: np.ndarray) -> np.ndarray:
