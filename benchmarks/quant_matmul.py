@@ -48,6 +48,7 @@ from benchmarks.gpu_trace import gpu_kernels, kernel_times
 from jinfer.kernels.quant_matmul import quantized_matmul, quantized_matmul_reference
 from jinfer.kernels.quant_matmul.kernel import kernel_name
 from jinfer.kernels.quant_matmul.out_in import kernel_name as out_in_kernel_name
+from jinfer.kernels.quant_matmul.out_in import split_plan
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for, fit_block_sizes, m_bucket
 from jinfer.quant.qtensor import QTensor, dequantize, to_out_in
 from jinfer.quant.rtn import quantize
@@ -253,10 +254,8 @@ def out_in_variant_list(M: int, fmt: str) -> list[QuantMatmulBlockSizes]:
 
 
 def variant_kernel_name(fmt: str, bs: QuantMatmulBlockSizes, layout: str, K: int, group: int) -> str:
-    if layout == "out_in":  # K steps split as `out_in_matmul_triton` splits them
-        steps = -(-K // bs.block_k)
-        per = -(-steps // min(bs.split_k, steps))
-        return out_in_kernel_name(fmt, bs, -(-steps // per))
+    if layout == "out_in":
+        return out_in_kernel_name(fmt, bs, split_plan(K, bs)[2])
     return kernel_name(fmt, bs, split_count(bs, K, group))
 
 

@@ -154,27 +154,34 @@ def _swap_in_out(a, lead: int, n_first: int):
     return a.transpose(order)
 
 
+def why_not_out_in(w: QTensor) -> str | None:
+    """Why `w` cannot be stored "out_in", or None when it can."""
+    if w.fmt not in OUT_IN_FORMATS or w.act is not None:
+        return (f"layout 'out_in' is for {' and '.join(OUT_IN_FORMATS)} weights without act; got fmt={w.fmt!r}, "
+                f"act={w.act!r}")
+    if w.fmt == "int4" and w.shape[len(w.shape) - w.n_out - 1] % 2:
+        return f"the last input axis of a weight of shape {list(w.shape)} (n_in={w.n_in}) is odd; 'out_in' packs its pairs"
+    return None
+
+
 def to_out_in(w: QTensor) -> QTensor:
     """The QTensor stored "out_in": values [..., *out, *in] (int4: the pairs packed along the last input axis,
     which must be even). The same weight: `dequantize` gives the same numbers."""
     if w.layout == "out_in":
         return w
-    if w.fmt not in OUT_IN_FORMATS or w.act is not None:
-        raise ValueError(f"layout 'out_in' is for {' and '.join(OUT_IN_FORMATS)} weights without act; got "
-                         f"fmt={w.fmt!r}, act={w.act!r}")
+    reason = why_not_out_in(w)
+    if reason:
+        raise ValueError(reason)
     q = unpack_int4(w.values) if w.fmt == "int4" else w.values
     lead = q.ndim - w.n_in - w.n_out
-    if w.fmt == "int4" and q.shape[lead + w.n_in - 1] % 2:
-        raise ValueError(f"the last input axis of a weight of shape {list(w.shape)} (n_in={w.n_in}) is odd; "
-                         f"'out_in' packs its pairs")
     t = _swap_in_out(q, lead, w.n_in)
     return dataclasses.replace(w, values=pack_int4(t) if w.fmt == "int4" else t, layout="out_in")
 
 
 def concat_outputs(ws: list[QTensor], axis: int) -> QTensor | None:
     """QTensors that read the same input, joined along output axis `axis` (negative: counted from the end) into
-    one, or None where they cannot be: another format, group size, axis count or layout, per-input scales that
-    differ, or int4 halves that would not end on a byte. Each output keeps its stored numbers."""
+    one, or None where they cannot be: another format, group size, axis count or layout, or per-input scales
+    that differ. Each output keeps its stored numbers."""
     first = ws[0]
     if not -first.n_out <= axis < 0:
         raise ValueError(f"axis={axis} must be an output axis of the weight (-{first.n_out} to -1)")
@@ -185,8 +192,6 @@ def concat_outputs(ws: list[QTensor], axis: int) -> QTensor | None:
     scales = [w.input_scale for w in ws]
     if any(s is not None for s in scales) and not (
             all(s is not None for s in scales) and all(bool(jnp.array_equal(s, scales[0])) for s in scales)):
-        return None
-    if first.fmt == "int4" and axis == -1 and any(w.shape[-1] % 2 for w in ws):
         return None
 
     def cat(field):

@@ -19,7 +19,7 @@ import jax
 from jinfer.kernels.quant_matmul import quantized_matmul
 from jinfer.kernels.quant_matmul.tuning import out_in_formats
 from jinfer.models.llama import MatmulFn
-from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor, qeinsum, to_out_in
+from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor, qeinsum, to_out_in, why_not_out_in
 
 KERNEL_MAX_ROWS = 64  # the H200 (RESULTS.md): 1.8-6x faster than XLA up to 64 rows; level for int8 / fp8 at 256
 
@@ -46,9 +46,7 @@ def kernel_layout(params, device_kind: str, formats: tuple[str, ...] | None = No
         return params
 
     def convert(w):
-        if not (is_qtensor(w) and w.fmt in formats and w.act is None and w.layout == "in_out"):
-            return w
-        last_input = w.shape[len(w.shape) - w.n_out - 1]
-        return to_out_in(w) if w.fmt != "int4" or last_input % 2 == 0 else w
+        fits = is_qtensor(w) and w.fmt in formats and why_not_out_in(w) is None
+        return to_out_in(w) if fits else w
 
     return jax.tree_util.tree_map(convert, params, is_leaf=is_qtensor)

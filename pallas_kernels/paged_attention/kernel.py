@@ -41,8 +41,8 @@ class BlockSizes:
     num_warps, num_stages: Triton launch options; combine_warps: the split combine's. unmasked_steps: run the
     steps whose keys every query of the block sees (a decode step's context but its last step) in a loop of
     their own without the masks, which cost about as many instructions as the rest of a step outside the
-    products (sm_90 machine code, `benchmarks/sass_profile.py decode`: 377 instead of 526 a step at B8 ctx 32k,
-    at the same 128 registers; at some sizes the kernel then needs more registers, 156 instead of 125 at B64
+    products (sm_90 machine code, `benchmarks/sass_profile.py decode`: 377 instead of 515 a step at B8 ctx 32k,
+    at about the same registers (128, 123); at some sizes the kernel then needs more registers, 156 instead of 125 at B64
     ctx 4096 with one split). Not yet timed on a GPU: off in the tuning table until it is."""
 
     block_q: int = 4

@@ -93,6 +93,13 @@ def _kernel(
                 mask=None if mask is None else jnp.broadcast_to(mask, (block_m, block_n)))
 
 
+def split_plan(K: int, bs: QuantMatmulBlockSizes) -> tuple[int, int, int]:
+    """(K steps, steps per split, splits): split_k programs share K's steps, none left without a step."""
+    steps = pl.cdiv(K, bs.block_k)
+    per_split = pl.cdiv(steps, min(bs.split_k, steps))
+    return steps, per_split, pl.cdiv(steps, per_split)
+
+
 def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
     """The compiled kernel's name, which profiles tell variants apart by."""
     return (f"quantized_matmul_{fmt}_out_in_m{bs.block_m}n{bs.block_n}k{bs.block_k}w{bs.num_warps}s{bs.num_stages}"
@@ -120,9 +127,7 @@ def out_in_matmul_triton(
     if bs.path != "mma" or bs.block_k < 32:
         raise ValueError(f"out_in takes path='mma' with block_k >= 32 (int4: two products of block_k // 2 inputs); "
                          f"got path={bs.path!r}, block_k={bs.block_k}")
-    steps = pl.cdiv(K, bs.block_k)
-    per_split = pl.cdiv(steps, min(bs.split_k, steps))
-    splits = pl.cdiv(steps, per_split)  # no split left without a step
+    steps, per_split, splits = split_plan(K, bs)
     out_dtype = x.dtype if splits == 1 else jnp.float32
     operands = (jnp.reshape(layer, (1,)).astype(jnp.int32), x, values, scale, *(() if offset is None else (offset,)))
 

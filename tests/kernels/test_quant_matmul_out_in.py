@@ -19,20 +19,15 @@ from jinfer.kernels.quant_matmul.out_in import out_in_matmul_triton
 from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_sizes_for
 from jinfer.quant.qtensor import qeinsum, to_out_in
 from jinfer.quant.rtn import quantize
-from tests.kernels.test_quant_matmul import TOL_DEQUANTIZED, check, rel
+from tests.kernels.test_quant_matmul import TOL_DEQUANTIZED, K, check, make_weight, rel  # K = 576: 4.5 groups of 128
 
 NATIVE = jax.devices()[0].platform == "gpu"
 INTERPRET = not NATIVE
-K, N = 576, 192  # K: 4.5 groups of 128; N: 1.5 blocks of 128
 
 
-def weights(rng, group, *, fmt="int4", k=K, n=N, layers=None, scale_dtype=jnp.float32):
+def weights(rng, group, *, fmt="int4", **kw):
     """(the importers' leaf, the same weight stored out_in)."""
-    shape = (k, n) if layers is None else (layers, k, n)
-    w = quantize(jnp.asarray(rng.normal(size=shape), jnp.float32), fmt=fmt, n_in=1, group_size=group,
-                 lead=0 if layers is None else 1)
-    w = dataclasses.replace(w, scale=w.scale.astype(scale_dtype),
-                            offset=None if w.offset is None else w.offset.astype(scale_dtype))
+    w = make_weight(rng, fmt, group, **kw)
     return w, to_out_in(w)
 
 
