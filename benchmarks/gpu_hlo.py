@@ -1,0 +1,222 @@
+"""The engine's decode step compiled for an NVIDIA H200 on a machine without a GPU: XLA's optimized HLO for sm_90,
+and the kernels a step, a token and a layer launch.
+
+Why count kernels: at batch 1 on the H200 each of a layer's ~14 small kernels (norms, RoPE, K/V writes, the
+loop's counter) took 1.2-2.6 us whatever its size, ~1 ms of a 4.9 ms token (RESULTS.md, session 30). Fusing
+them is the lever left for batch 1, and how many a layer launches can be read off the compiled HLO without a GPU.
+
+XLA compiles for a GPU it is only told about (a compile-only topology from the CUDA plugin), so this needs the
+plugin of the lent GPU's jax, in a Python 3.12 environment of its own (no CUDA driver, no GPU):
+
+    python3.12 -m venv /tmp/v12 && /tmp/v12/bin/pip install jax==0.11.2 jaxlib==0.11.2 \\
+        jax-cuda12-plugin==0.11.2 jax-cuda12-pjrt==0.11.2 && /tmp/v12/bin/pip install -e .
+    JAX_PLATFORMS=cpu /tmp/v12/bin/python benchmarks/gpu_hlo.py --shape llama-3.1-8b --rows 1 --list
+
+What it cannot see: kernels a library call launches inside (a cuBLAS GEMM may be two), autotuning (none
+without a device: XLA takes its defaults), and any time. The flags are the CLI's (`jinfer.runtime.xla_flags`);
+`--xla-flags` adds more.
+"""
+
+from __future__ import annotations
+
+import argparse
+import glob
+import os
+import re
+import sys
+import tempfile
+from collections import Counter
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+# The H200 as XLA's GpuTargetConfigProto describes a device (text format): the fields its compiler reads.
+H200 = """gpu_device_info {
+  threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
+  shared_memory_per_core: 233472 threads_per_core_limit: 2048 core_count: 132 fpus_per_core: 128
+  block_dim_limit_x: 2147483647 block_dim_limit_y: 65535 block_dim_limit_z: 65535
+  memory_bandwidth: 4800000000000 l2_cache_size: 52428800 clock_rate_ghz: 1.98
+  device_memory_size: 151397597184 shared_memory_per_block_optin: 232448
+  cuda_compute_capability { major: 9 } registers_per_core_limit: 65536 registers_per_block_limit: 65536
+}
+platform_name: "CUDA"
+dnn_version_info { major: 9 minor: 10 }
+device_description_str: "NVIDIA H200"
+"""
+
+# HLO ops that launch nothing (bookkeeping, views, the loops themselves); an async op's "-done" half waits.
+NO_KERNEL = {"parameter", "constant", "get-tuple-element", "tuple", "bitcast", "while", "call", "conditional",
+             "after-all", "opt-barrier"}
+
+
+def computations(hlo: str) -> dict[str, list[str]]:
+    """Each computation's name -> its instruction lines."""
+    comps, cur = {}, None
+    for line in hlo.splitlines():
+        m = re.match(r"^(?:ENTRY )?%([\w.\-]+) .*\{$", line)
+        if m:
+            cur = comps.setdefault(m.group(1), [])
+        elif line.startswith("}"):
+            cur = None
+        elif cur is not None and line.strip().startswith(("%", "ROOT")):
+            cur.append(line.strip())
+    return comps
+
+
+def opcode(line: str) -> str:
+    m = re.search(r"[\]})] ([a-z][\w\-]*)\(", line.split(" = ", 1)[-1])  # the shape ends, the opcode follows
+    return m.group(1) if m else "?"
+
+
+def kernels(lines: list[str]) -> list[tuple[str, str]]:
+    """(name, what) of each kernel an instruction list launches: a fusion's kind or a custom call's target,
+    with the jax op it came from."""
+    out = []
+    for line in lines:
+        op = opcode(line)
+        if op in NO_KERNEL or op.endswith("-done"):
+            continue
+        name = re.search(r"%([\w.\-]+) =", line).group(1)
+        target = re.search(r'custom_call_target="([^"]*)"', line)
+        src = re.search(r'op_name="([^"]*)"', line)
+        what = target.group(1) if target else op
+        out.append((name, f"{what:<24} {src.group(1).split('/')[-1] if src else ''}"))
+    return out
+
+
+def loops(comps: dict[str, list[str]]) -> list[tuple[str, str, str]]:
+    """(parent computation, body, condition) of every while loop."""
+    found = []
+    for name, lines in comps.items():
+        for line in lines:
+            if opcode(line) == "while":
+                body = re.search(r"body=%([\w.\-]+)", line).group(1)
+                cond = re.search(r"condition=%([\w.\-]+)", line).group(1)
+                found.append((name, body, cond))
+    return found
+
+
+def census(hlo: str) -> dict:
+    """Kernels of the layer loop (the loop whose body holds the attention kernel) per layer, of the decode loop
+    around it per step, and of the rest per block."""
+    comps = computations(hlo)
+    nest = loops(comps)
+    layer = next((b, c, p) for p, b, c in nest if any("attention" in line for line in comps[b]))
+    step = next(((b, c, p) for p, b, c in nest if b == layer[2]), None)
+    count = {"layer": kernels(comps[layer[0]]) + kernels(comps[layer[1]])}
+    if step is not None:
+        count["step"] = kernels(comps[step[0]]) + kernels(comps[step[1]])
+        count["block"] = kernels(comps[step[2]])
+    return count
+
+
+def compile_step(args) -> str:
+    """The optimized HLO of one plain greedy decode block of `args.rows` rows, compiled for the H200."""
+    import jax
+    import jax.numpy as jnp
+    from jax.experimental import topologies
+    from jax.sharding import SingleDeviceSharding
+
+    device = topologies.get_topology_desc("", "cuda", target_config=H200, topology="1x1x1").devices[0]
+    # The engine asks jax which device it runs on (kernels, tuning tables): here, the one compiled for.
+    jax.devices = jax.local_devices = lambda *a, **k: [device]
+    jax.config.update("jax_default_device", device)
+
+    from benchmarks import weight_layout
+    from benchmarks.model_shapes import SHAPES
+    from jinfer.attention.backend import paged_kv_cache
+    from jinfer.attention.select import default_backend
+    from jinfer.engine.config import EngineConfig
+    from jinfer.models import llama
+    from jinfer.quant.params import cast_params, quantize_params
+    from jinfer.runtime.matmul import kernel_layout, model_matmul
+    from jinfer.runtime.runner import Runner, StepShape
+    from jinfer.runtime.step import SlotState
+
+    weight_layout.apply(args.out_in)
+    c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
+    ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
+                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype).resolve("gpu")
+
+    def params():  # as Runner.__init__ prepares them on one GPU
+        p = llama.fuse_projections(llama.init_params(c, jax.random.key(0), dtype))
+        if ec.quantization is not None:
+            p = quantize_params(p, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, ec.quantization,
+                                ec.quantization_group_size)
+        return kernel_layout(cast_params(p, dtype), device.device_kind)
+
+    def state():
+        kv = (c.num_layers, ec.num_pages, ec.page_size, c.num_kv_heads, c.head_dim)
+        return paged_kv_cache(*kv, dtype, ec.kv_cache_dtype), SlotState.zeros(R, c.vocab_size)
+
+    on_device = SingleDeviceSharding(device)
+
+    def abstract(tree):
+        return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), tree)
+
+    # A Runner's step functions over abstract arrays: its __init__ would place real ones on a real device.
+    runner = object.__new__(Runner)
+    runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
+    runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
+    runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
+    runner.matmul, runner.plain_steps, runner.num_compilations = model_matmul("gpu", 1), True, 0
+    runner.params = abstract(jax.eval_shape(params))
+    runner.kv, runner.state = abstract(jax.eval_shape(state))
+    runner.draft_params = runner.draft_kv = None
+    runner._step = jax.jit(runner._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4))
+    lowered = runner.lowered(StepShape(True, R, R, 1, plain="greedy"), 1)
+    dump = tempfile.mkdtemp()
+    os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump}"  # read at the first compile
+    try:
+        return lowered.compile().as_text()
+    except Exception as e:  # jax 0.10.2's plugin fails after optimizing (buffer assignment): its dump stands
+        found = glob.glob(f"{dump}/*after_optimizations.txt")
+        if not found:
+            raise
+        print(f"compile stopped after XLA's optimizations ({str(e)[:80]}...); reading its dump", file=sys.stderr)
+        return open(found[0]).read()
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--shape", default="llama-3.1-8b", help="benchmarks/model_shapes.py")
+    ap.add_argument("--dtype", default="bfloat16")
+    ap.add_argument("--rows", type=int, default=1, help="the decode block's rows (max_slots)")
+    ap.add_argument("--decode-steps", type=int, default=16)
+    ap.add_argument("--pages", type=int, default=1024)
+    ap.add_argument("--quantization", default=None)
+    ap.add_argument("--kv-cache-dtype", default=None)
+    ap.add_argument("--out-in", default=None, help="as benchmarks/weight_layout.py")
+    ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
+    ap.add_argument("--list", action="store_true", help="name every kernel of a layer")
+    ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
+    args = ap.parse_args()
+
+    from jinfer.runtime.xla_flags import apply_gpu_flags
+
+    apply_gpu_flags()
+    os.environ["XLA_FLAGS"] += " " + args.xla_flags
+    hlo = compile_step(args)
+    if args.hlo_out:
+        with open(args.hlo_out, "w") as f:
+            f.write(hlo)
+    import jax
+
+    from benchmarks.model_shapes import SHAPES
+
+    L = SHAPES[args.shape].num_layers
+    count = census(hlo)
+    per_layer, per_step = len(count["layer"]), len(count.get("step", ()))
+    print(f"jax {jax.__version__}, compiled for the H200 (sm_90) without one; {args.shape} {args.dtype}"
+          f"{' ' + args.quantization if args.quantization else ''}, decode block of {args.rows} rows x "
+          f"{args.decode_steps} steps")
+    print(f"kernels: {per_layer} a layer, {per_step} a step outside the layers, {len(count.get('block', ()))} a "
+          f"block outside its steps -> {per_layer * L + per_step} a token ({L} layers)")
+    kinds = Counter(what.split()[0] for _, what in count["layer"])
+    print("a layer's by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
+    if args.list:
+        for name, what in count["layer"]:
+            print(f"  {name:<40} {what}")
+
+
+if __name__ == "__main__":
+    main()
