@@ -128,7 +128,8 @@ def compile_step(args) -> str:
     from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
     from jinfer.quant.params import cast_params, quantize_params
-    from jinfer.runtime.matmul import kernel_layout, model_matmul
+    from jinfer.runtime.matmul import kernel_layout
+    from jinfer.runtime.ops import model_ops
     from jinfer.runtime.runner import Runner, StepShape
     from jinfer.runtime.step import SlotState
 
@@ -158,7 +159,9 @@ def compile_step(args) -> str:
     runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
-    runner.matmul, runner.plain_steps, runner.num_compilations = model_matmul("gpu", 1), True, 0
+    runner.ops, runner.plain_steps, runner.num_compilations = model_ops("gpu", 1), True, 0
+    if args.xla_norm:
+        runner.ops = runner.ops._replace(norm=llama.ModelOps().norm)
     runner.params = abstract(jax.eval_shape(params))
     runner.kv, runner.state = abstract(jax.eval_shape(state))
     runner.draft_params = runner.draft_kv = None
@@ -187,6 +190,7 @@ def main():
     ap.add_argument("--kv-cache-dtype", default=None)
     ap.add_argument("--out-in", default=None, help="as benchmarks/weight_layout.py")
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
+    ap.add_argument("--xla-norm", action="store_true", help="RMSNorm through XLA, not the engine's GPU kernel")
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()

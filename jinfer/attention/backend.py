@@ -25,6 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jinfer.kernels.rope_kv import rope_and_store
+from jinfer.models.layers import apply_rope
 from jinfer.quant.kv import empty_kv, is_quantized_kv, round_trip_kv, store_tokens
 
 M = TypeVar("M")  # a backend's own per-step metadata: a pytree of arrays
@@ -43,12 +45,15 @@ class PagedMeta(Generic[M]):
     kv_len: jax.Array  # i32[R]: after this step's tokens
     query_start: jax.Array  # i32[R]
     query_len: jax.Array  # i32[R]
+    kv_slot: jax.Array  # i32[T]: where each token's K/V go, page * page_size + offset (`kv_slots`)
     backend: M  # the backend's own arrays, from its `step_metadata`
 
 
 class AttentionBackend(Protocol[M]):
     """An attention backend of the engine (implemented by `blocked.BlockedBackend`,
-    `pallas.PallasBackend` and `pallas.TPUPallasBackend`). A class attribute `partitionable` says whether XLA
+    `pallas.PallasBackend` and `pallas.TPUPallasBackend`). A class attribute `rope_kv_kernel` (absent: False)
+    says the backend's pages take a step's K/V through `jinfer.kernels.rope_kv` (RoPE and the write in one
+    kernel; `attend` then gets k = v = None). A class attribute `partitionable` says whether XLA
     can split `attend` over a mesh by itself (plain jnp); where it cannot (a kernel), the runner wraps the
     backend in `sharded.HeadShardedBackend`."""
 
@@ -67,6 +72,16 @@ class AttentionBackend(Protocol[M]):
         ...
 
 
+def kv_slots(page_table: jax.Array, token_row: jax.Array, token_valid: jax.Array, positions: jax.Array,
+             pages) -> jax.Array:
+    """i32[T]: page * page_size + offset of each token's K/V (at positions i32[T]) in its row's pages of `pages`
+    (the K pool, float or QuantizedKV), 0 (the reserved page) for padding. Computed once a step, not in every
+    layer: XLA leaves such loop-invariant arithmetic inside the layer loop, a kernel a layer where nothing fuses it."""
+    ps = (pages.values if is_quantized_kv(pages) else pages).shape[3]
+    page = page_table[token_row, positions // ps]
+    return jnp.where(token_valid, page * ps + positions % ps, 0)
+
+
 def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads: int, head_dim: int, dtype,
                    kv_cache_dtype: str | None = None):
     """(k_pages, v_pages): float arrays of `dtype`, or QuantizedKV pools for kv_cache_dtype "int8" / "fp8"."""
@@ -79,11 +94,17 @@ def make_paged_attention(width: int, backend: AttentionBackend):
     queries one row has in the step)."""
 
     @jax.named_scope("attention")  # benchmarks/step_profile.py sorts the step's time by these scopes
-    def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta):
-        ps = k_pages.shape[3]
-        pos = positions[0]
-        page = jnp.where(meta.token_valid, meta.page_table[meta.token_row, pos // ps], 0)
-        offset = jnp.where(meta.token_valid, pos % ps, 0)
+    def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta, inv_freq):
+        if getattr(backend, "rope_kv_kernel", False) and not is_quantized_kv(k_pages):
+            # One kernel rotates q and k and writes k and v (the concatenation of the fused product's own slices
+            # is that product again to XLA); the backend reads this step's K/V from the pages.
+            qkv = jnp.concatenate([q, k, v], axis=2)[0]
+            q, k_pages, v_pages = rope_and_store(qkv, positions[0], inv_freq, k_pages, v_pages, layer, meta.kv_slot,
+                                                 num_heads=q.shape[2], interpret=backend.interpret)
+            return backend.attend(q, None, None, k_pages, v_pages, layer, meta, width)[None], k_pages, v_pages
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
+        ps = (k_pages.values if is_quantized_kv(k_pages) else k_pages).shape[3]
+        page, offset = meta.kv_slot // ps, meta.kv_slot % ps
         k_pages = store_tokens(k_pages, layer, page, offset, k[0])
         v_pages = store_tokens(v_pages, layer, page, offset, v[0])
         if is_quantized_kv(k_pages):  # a backend that reads this step's K/V directly sees what the pages hold

@@ -33,6 +33,7 @@ class PallasBackend:
     picks the kernel (`ragged_paged_attention`)."""
 
     partitionable = False  # one opaque call: on a mesh the runner runs it per KV-head shard (`sharded.py`)
+    rope_kv_kernel = True  # the Triton RoPE-and-write kernel, interpreted where this one is
     decode: BlockSizes = BlockSizes(block_q=4, pages_per_block=8, num_splits=8)
     prefill: BlockSizes = BlockSizes(block_q=16, pages_per_block=4, num_splits=1)
     interpret: bool = False
@@ -66,6 +67,7 @@ class TPUPallasBackend(PallasBackend):
     """The Pallas Mosaic TPU ragged paged attention kernel: the same query blocks as `PallasBackend`, but one
     program walks a block's whole context (no splits: a TPU has one or two large cores, not a hundred SMs)."""
 
+    rope_kv_kernel = False  # a Triton kernel: not for Mosaic TPU
     decode: TPUBlockSizes = TPUBlockSizes()
     prefill: TPUBlockSizes = TPUBlockSizes()
 

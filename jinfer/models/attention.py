@@ -15,6 +15,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jinfer.models.layers import apply_rope
 from jinfer.quant.kv import round_trip_kv
 
 
@@ -35,11 +36,12 @@ def gqa_attention(q, k, v, mask):
     return out.reshape(B, T, N, H)
 
 
-def dense_cache_attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta=None, kv_cache_dtype=None):
-    """Writes k/v ([B, T, K, H]) of `layer` at `positions` (i32[B, T]) into the stacked caches
-    ([L, B, S, K, H]), quantized and dequantized when `kv_cache_dtype` is given, then attends causally over
-    that layer's rows."""
+def dense_cache_attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta, inv_freq, kv_cache_dtype=None):
+    """Rotates q and k by RoPE, writes k/v ([B, T, K, H]) of `layer` at `positions` (i32[B, T]) into the stacked
+    caches ([L, B, S, K, H]), quantized and dequantized when `kv_cache_dtype` is given, then attends causally
+    over that layer's rows."""
     del attn_meta  # the dense cache needs nothing beyond the positions
+    q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
     k, v = round_trip_kv(k, kv_cache_dtype), round_trip_kv(v, kv_cache_dtype)
     B, S = k_cache.shape[1:3]
     rows = jnp.arange(B)[:, None]

@@ -10,8 +10,11 @@ import numpy as np
 from jinfer.models.config import ModelConfig
 
 
-def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float) -> jnp.ndarray:
-    """x: [..., D]; normalized in float32 (as HF does), cast back, then scaled."""
+def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, layer: jnp.ndarray | None = None) -> jnp.ndarray:
+    """x: [..., D]; normalized in float32 (as HF does), cast back, then scaled by weight [D], or by layer
+    `layer` (i32[]) of a stacked weight [L, D]."""
+    if layer is not None:
+        weight = weight[layer]
     x32 = x.astype(jnp.float32)
     normed = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
     return weight * normed.astype(x.dtype)

@@ -21,14 +21,14 @@ attention backend passed in (`jinfer.models.attention`).
 from __future__ import annotations
 
 import functools
-from typing import Callable
+from typing import Callable, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
 from jinfer.models.config import ModelConfig
-from jinfer.models.layers import apply_rope, rms_norm, rope_inv_freq
+from jinfer.models.layers import rms_norm, rope_inv_freq
 from jinfer.quant.qtensor import LayerSlice, concat_outputs, is_qtensor, qeinsum
 
 Params = dict
@@ -144,7 +144,17 @@ def init_params(config: ModelConfig, key: jax.Array, dtype=jnp.float32) -> Param
 
 
 AttentionFn = Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]
+NORMS = ("attn_norm", "mlp_norm")  # a layer's RMSNorm gains
 MatmulFn = Callable[[str, jnp.ndarray, object], jnp.ndarray]  # (einsum spec, x, weight | QTensor | LayerSlice)
+NormFn = Callable[..., jnp.ndarray]  # (x, gain [D] or stacked [L, D], eps, layer=None) -> RMSNorm of x
+
+
+class ModelOps(NamedTuple):
+    """How `forward` computes its products and norms: XLA's (`qeinsum`, `rms_norm`) by default, the runtime's
+    kernels where they run natively and pay (`jinfer.runtime.ops`). The model reads the same either way."""
+
+    matmul: MatmulFn = qeinsum  # (spec, x, w): a stacked quantized weight reaches it as a LayerSlice
+    norm: NormFn = rms_norm  # a layer's gain reaches it stacked with the layer index, to read in place
 
 
 def forward(
@@ -157,54 +167,57 @@ def forward(
     config: ModelConfig,
     attention: AttentionFn,
     num_layers: int | None = None,
-    matmul: MatmulFn = qeinsum,
+    ops: ModelOps = ModelOps(),
 ) -> tuple[jnp.ndarray, tuple[jnp.ndarray, jnp.ndarray]]:
     """Runs the decoder; returns the final-normed hidden states [B, T, D] and the updated cache.
     `num_layers`: run only the first that many layers (then the final norm): an early-exit draft, which
-    writes the K/V of those layers only. `matmul(spec, x, w)`: every weight's product (`qeinsum`, or the
-    runtime's choice per platform, `jinfer.runtime.matmul`); a stacked quantized weight reaches it as a
-    `LayerSlice`, so a kernel can read the layer in place where the scan would copy it out.
+    writes the K/V of those layers only. `ops`: every weight's product and every norm (XLA's, or the
+    runtime's choice per platform, `jinfer.runtime.ops`); a stacked quantized weight reaches `ops.matmul` as a
+    `LayerSlice` and a layer's norm gain reaches `ops.norm` stacked with the layer index, so a kernel can read
+    the layer in place where the scan would copy it out.
 
-    `attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta) -> (out, k_cache, v_cache)` writes
-    the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H].
+    `attention(q, k, v, k_cache, v_cache, layer, positions, attn_meta, inv_freq) -> (out, k_cache, v_cache)`
+    rotates q and k by RoPE at `positions` (`inv_freq`: the rotary frequencies, as `apply_rope` takes them),
+    writes the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H]. The
+    rotation is the attention's so that a backend can fuse it with the K/V write (`jinfer.kernels.rope_kv`).
     The whole cache rides in the scan carry (not sliced per layer as scan inputs/outputs), so XLA updates
     it in place instead of copying every layer's cache on every step.
     """
     c = config
     inv_freq = rope_inv_freq(c)
     x = params["embed"][tokens]  # [B, T, D]
-    norms = ("attn_norm", "mlp_norm")
     n = c.num_layers if num_layers is None else num_layers
+    matmul = ops.matmul
     if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every float leaf
-        held = {k: w for k, w in params["layers"].items() if is_qtensor(w)}  # reached as LayerSlices
-        xs = {k: w for k, w in params["layers"].items() if k not in held}
+        # The quantized weights and the norm gains stay whole, reached with the layer index.
+        held = {k: w for k, w in params["layers"].items() if is_qtensor(w)}
+        norms = {k: params["layers"][k] for k in NORMS}
+        xs = {k: w for k, w in params["layers"].items() if k not in held and k not in norms}
         xs = xs if n == c.num_layers else jax.tree_util.tree_map(lambda w: w[:n], xs)
 
         def project(fn, p, i, *args):
             return fn({**p, **{k: LayerSlice(w, i) for k, w in held.items()}}, *args)
-    else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked for the scan
+    else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked
         per_layer = params["layers"][:n]
-        xs = {name: jnp.stack([w[name] for w in per_layer]) for name in norms}
+        xs = {}
+        norms = {name: jnp.stack([w[name] for w in per_layer]) for name in NORMS}
 
         def project(fn, p, i, *args):
             return jax.lax.switch(i, [functools.partial(fn, w) for w in per_layer], *args)
 
-    def layer(carry, inputs):
-        x, k_cache, v_cache = carry
-        p, i = inputs
-        h = rms_norm(x, p["attn_norm"], c.rms_norm_eps)
+    def layer(carry, p):
+        x, k_cache, v_cache, i = carry
+        h = ops.norm(x, norms["attn_norm"], c.rms_norm_eps, layer=i)
         q, k, v = project(functools.partial(_qkv, c, matmul), p, i, h)
-        q = apply_rope(q, positions, inv_freq)
-        k = apply_rope(k, positions, inv_freq)
-        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta)
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
         x = x + project(functools.partial(_out, matmul), p, i, attn)
-        h = rms_norm(x, p["mlp_norm"], c.rms_norm_eps)
+        h = ops.norm(x, norms["mlp_norm"], c.rms_norm_eps, layer=i)
         x = x + project(functools.partial(_mlp, matmul), p, i, h)
-        return (x, k_cache, v_cache), None
+        return (x, k_cache, v_cache, i + 1), None
 
-    layer_ids = jnp.arange(n, dtype=jnp.int32)
-    (x, *kv_cache), _ = jax.lax.scan(layer, (x, *kv_cache), (xs, layer_ids))
-    return rms_norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
+    # The layer index rides in the carry: scanned over as an input, each layer would launch a kernel to read it.
+    (x, *kv_cache, _), _ = jax.lax.scan(layer, (x, *kv_cache, jnp.int32(0)), xs, length=n)
+    return ops.norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
 
 
 def _qkv(c: ModelConfig, matmul: MatmulFn, w, h):

@@ -22,6 +22,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from jinfer.kernels.ring_attention import ring_attention, zigzag_order
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
+from jinfer.models.layers import apply_rope
 
 
 def ring_prefill(params, config: ModelConfig, token_ids, mesh: Mesh, axis: str = "seq", block_sizes=None,
@@ -81,7 +82,8 @@ def _ring_forward(params, tokens, positions, *, config, mesh, axis, block_sizes,
     L, Tp = c.num_layers, tokens.shape[1]
     dtype = params["embed"].dtype
 
-    def attention(q, k, v, k_all, v_all, layer, positions, meta):
+    def attention(q, k, v, k_all, v_all, layer, positions, meta, inv_freq):
+        q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         out = ring_attention(q, k, v, mesh, axis, causal=True, block_sizes=block_sizes, interpret=interpret)
         return out, k_all.at[layer].set(k[0].astype(dtype)), v_all.at[layer].set(v[0].astype(dtype))
 

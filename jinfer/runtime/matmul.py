@@ -18,7 +18,6 @@ import jax
 
 from jinfer.kernels.quant_matmul import quantized_matmul
 from jinfer.kernels.quant_matmul.tuning import out_in_formats
-from jinfer.models.llama import MatmulFn
 from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor, qeinsum, to_out_in, why_not_out_in
 
 KERNEL_MAX_ROWS = 64  # the H200 (RESULTS.md): 1.8-6x faster than XLA up to 64 rows; level for int8 / fp8 at 256
@@ -31,11 +30,6 @@ def kernel_matmul(spec: str, x, w, *, interpret: bool | None = None):
             and math.prod(x.shape[:x.ndim - qt.n_in]) <= KERNEL_MAX_ROWS):
         return quantized_matmul(x, qt, layer=w.layer if isinstance(w, LayerSlice) else None, interpret=interpret)
     return qeinsum(spec, x, w)
-
-
-def model_matmul(platform: str, num_devices: int) -> MatmulFn:
-    """The matmul the runner hands the model on `platform` over a mesh of `num_devices`."""
-    return kernel_matmul if platform == "gpu" and num_devices == 1 else qeinsum
 
 
 def kernel_layout(params, device_kind: str, formats: tuple[str, ...] | None = None):

@@ -42,7 +42,8 @@ from jinfer.models import llama
 from jinfer.models.config import ModelConfig
 from jinfer.quant.kv import store_kv
 from jinfer.quant.params import cast_params, quantize_params
-from jinfer.runtime.matmul import kernel_layout, kernel_matmul, model_matmul
+from jinfer.runtime.matmul import kernel_layout, kernel_matmul
+from jinfer.runtime.ops import model_ops
 from jinfer.runtime.spec.drafters import Drafter, DraftModel, DraftModelDrafter, EarlyExitDrafter
 from jinfer.runtime.spec.verify import verify_step
 from jinfer.runtime.step import SlotState, StepResult, decode_block, prefill_step
@@ -166,8 +167,8 @@ class Runner:
         self.attention = shard_over_heads(
             attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size), self.mesh,
             c.num_kv_heads)
-        self.matmul = model_matmul(platform, 1 if self.mesh is None else self.mesh.size)
-        if self.matmul is kernel_matmul:
+        self.ops = model_ops(platform, 1 if self.mesh is None else self.mesh.size)
+        if self.ops.matmul is kernel_matmul:
             self.params = kernel_layout(self.params, jax.devices()[0].device_kind)
         # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
         # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.
@@ -226,7 +227,7 @@ class Runner:
                              f"has {self.model_config.vocab_size}: a draft must share the target's vocabulary")
         cfg = self.config
         dparams = cast_params(dparams, dtype)
-        if self.matmul is kernel_matmul:
+        if self.ops.matmul is kernel_matmul:
             dparams = kernel_layout(dparams, jax.devices()[0].device_kind)
         if cfg.per_layer_weights:
             dparams = llama.unstack_layers(dparams)
@@ -276,7 +277,7 @@ class Runner:
         # A drafter that keeps no cache of its own has nothing to do outside verify steps.
         follows = isinstance(self.drafter, DraftModelDrafter)
         kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs,
-                  matmul=self.matmul)
+                  ops=self.ops)
         if shape.verify:
             step = verify_step(params, kv, state, inputs, attn_meta, width=shape.width, drafter=self.drafter,
                                draft=draft, draft_meta=draft_meta, plain=shape.plain, **kw)

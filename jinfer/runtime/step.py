@@ -24,12 +24,11 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention
+from jinfer.attention.backend import AttentionBackend, PagedMeta, kv_slots, make_paged_attention
 from jinfer.engine.step_plan import RowInputs, SamplingInputs, StepInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
-from jinfer.models.llama import MatmulFn
-from jinfer.quant.qtensor import qeinsum
+from jinfer.models.llama import ModelOps
 from jinfer.runtime.branch import cond, regardless_when, unused_when
 from jinfer.runtime.sampler import apply_penalties, apply_token_mask, ban_tokens, sample, step_keys
 
@@ -174,7 +173,7 @@ def keep_sampled(state: SlotState, rows: RowInputs, new, take) -> SlotState:
 
 def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, width: int, max_logprobs: int, drafter=None, draft=None, draft_meta=None,
-                 matmul: MatmulFn = qeinsum, plain: str | None = None):
+                 ops: ModelOps = ModelOps(), plain: str | None = None):
     """One forward over T tokens of R rows (chunks of at most `width` tokens each); each sampling row samples
     one token after its last. A draft model (`drafter`, its state `draft`, its backend's metadata of this
     layout `draft_meta`) writes its own K/V of the same tokens. `plain`: the plan's `plain_sampler` when the
@@ -194,9 +193,10 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
 
     state = cond(penalties, count, lambda s: s, state, known=unused_when(plain))
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
-                     query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
+                     query_start=rows.query_start, query_len=rows.query_len,
+                     kv_slot=kv_slots(rows.page_table, tok.row, tok.valid, tok.positions, kv[0]), backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
-                          attention=make_paged_attention(width, backend), matmul=matmul)
+                          attention=make_paged_attention(width, backend), ops=ops)
     if drafter is not None:
         draft = _advance_draft(drafter, draft, tokens, tok.positions, meta, draft_meta, tok.row, rows.draft_live,
                                width, known=regardless_when(plain))
@@ -210,7 +210,7 @@ def prefill_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
 
 def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                  backend: AttentionBackend, max_steps: int, max_logprobs: int, drafter=None, draft=None,
-                 draft_meta=None, matmul: MatmulFn = qeinsum, plain: str | None = None):
+                 draft_meta=None, ops: ModelOps = ModelOps(), plain: str | None = None):
     """Up to `max_steps` decode steps of R rows, token r being row r's first token to feed. Row r runs
     `num_steps[r]` steps unless it samples one of its `stop_ids` first; the loop ends once no row runs. A
     draft model writes its K/V of each fed token (as in `prefill_step`).
@@ -243,9 +243,11 @@ def decode_block(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *,
         # A row that has stopped keeps a valid length (its pages' own) and writes to the reserved page 0.
         kv_len = rows.kv_len + jnp.clip(i, 0, jnp.maximum(rows.num_steps - 1, 0))
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table, kv_len=kv_len,
-                         query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
+                         query_start=rows.query_start, query_len=rows.query_len,
+                         kv_slot=kv_slots(rows.page_table, jnp.arange(R), active, tok.positions + i, kv[0]),
+                         backend=attn_meta)
         h, kv = llama.forward(params, feed[None], (tok.positions + i)[None], kv, meta, config=config,
-                              attention=attention, matmul=matmul)
+                              attention=attention, ops=ops)
         if drafter is not None:
             draft = _advance_draft(drafter, draft, feed, tok.positions + i, meta, draft_meta, jnp.arange(R),
                                    rows.draft_live, 1, known=regardless_when(plain))

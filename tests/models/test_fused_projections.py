@@ -25,7 +25,7 @@ def _run(config, params, T=7, matmul=None):
     tokens = jnp.asarray(rng.integers(0, config.vocab_size, (2, T)), jnp.int32)
     positions = jnp.broadcast_to(jnp.arange(T, dtype=jnp.int32), (2, T))
     cache = dense_kv_cache(config.num_layers, 2, 16, config.num_kv_heads, config.head_dim, jnp.float32)
-    kw = {} if matmul is None else {"matmul": matmul}
+    kw = {} if matmul is None else {"ops": llama.ModelOps(matmul=matmul)}
     return jax.jit(functools.partial(llama.forward, config=config, attention=dense_cache_attention, **kw))(
         params, tokens, positions, cache, None)
 

@@ -15,7 +15,7 @@ from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.quant.params import quantize_params
 from jinfer.quant.qtensor import is_qtensor, qeinsum
-from jinfer.runtime.matmul import KERNEL_MAX_ROWS, kernel_layout, kernel_matmul, model_matmul
+from jinfer.runtime.matmul import KERNEL_MAX_ROWS, kernel_layout, kernel_matmul
 from jinfer.testing.tiny import TINY, tiny_params
 
 KERNEL = functools.partial(kernel_matmul, interpret=True)
@@ -26,7 +26,8 @@ def forward(params, T: int, matmul, seed: int = 0):
     tokens = jax.random.randint(jax.random.key(seed), (1, T), 0, c.vocab_size)
     positions = jnp.arange(T, dtype=jnp.int32)[None]
     cache = dense_kv_cache(c.num_layers, 1, T, c.num_kv_heads, c.head_dim, jnp.float32)
-    fn = functools.partial(llama.forward, config=c, attention=dense_cache_attention, matmul=matmul)
+    fn = functools.partial(llama.forward, config=c, attention=dense_cache_attention,
+                           ops=llama.ModelOps(matmul=matmul))
     return fn(params, tokens, positions, cache, None)[0], jax.make_jaxpr(fn)(params, tokens, positions, cache, None)
 
 
@@ -55,12 +56,6 @@ def test_prefill_sized_products_stay_on_xla():
 def test_float_weights_never_reach_the_kernel():
     _, jaxpr = forward(tiny_params(3), 3, KERNEL)
     assert "pallas_call" not in str(jaxpr)
-
-
-def test_model_matmul_by_platform():
-    assert model_matmul("cpu", 1) is qeinsum
-    assert model_matmul("gpu", 1) is kernel_matmul
-    assert model_matmul("gpu", 2) is qeinsum  # a sharded weight stays on XLA, which partitions it
 
 
 @pytest.mark.parametrize("T", [1, KERNEL_MAX_ROWS + 1])

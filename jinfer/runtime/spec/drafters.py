@@ -26,12 +26,11 @@ from typing import Protocol
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention
+from jinfer.attention.backend import AttentionBackend, PagedMeta, kv_slots, make_paged_attention
 from jinfer.engine.step_plan import RowInputs, SamplingInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
-from jinfer.models.llama import MatmulFn
-from jinfer.quant.qtensor import qeinsum
+from jinfer.models.llama import ModelOps
 from jinfer.runtime.branch import cond, unused_when
 from jinfer.runtime.sampler import apply_penalties, sampling_logits
 from jinfer.runtime.spec.accept import DRAFT_STREAM, substream
@@ -65,7 +64,7 @@ class DraftModel:
 
 class Drafter(Protocol):
     def propose(self, params, kv, draft: DraftModel | None, d: DraftInputs, *, config: ModelConfig,
-                backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
+                backend: AttentionBackend, k: int, ops: ModelOps = ModelOps()):
         """-> (drafts i32[R, k], q f32[R, k, V], kv, draft)."""
         ...
 
@@ -104,7 +103,7 @@ def _autoregress(forward, d: DraftInputs, vocab_size: int, k: int, steps: int, k
         active = i < rows.num_draft + (steps > k)  # a last step writes the k-th draft's K/V
         meta = PagedMeta(token_row=jnp.arange(R), token_valid=active, page_table=rows.page_table,
                          kv_len=d.start + i + 1, query_start=jnp.arange(R), query_len=active.astype(jnp.int32),
-                         backend=d.meta)
+                         kv_slot=kv_slots(rows.page_table, jnp.arange(R), active, d.start + i, kv[0]), backend=d.meta)
         logits, kv = forward(feed, d.start + i, meta, kv)
         tok, qi = _draw(logits, d, jnp.minimum(i, k - 1), counts)
         counts = cond(d.penalties, lambda: counts.at[jnp.arange(R), tok].add(1), lambda: counts,
@@ -127,12 +126,12 @@ class EarlyExitDrafter:
     layers: int  # the target's leading layers that draft
 
     def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int,
-                matmul: MatmulFn = qeinsum):
+                ops: ModelOps = ModelOps()):
         attention = make_paged_attention(1, backend)
 
         def forward(tokens, positions, meta, kv):
             h, kv = llama.forward(params, tokens[None], positions[None], kv, meta, config=config, attention=attention,
-                                  num_layers=self.layers, matmul=matmul)
+                                  num_layers=self.layers, ops=ops)
             return llama.logits_from_hidden(params, h[0], config), kv
 
         drafts, q, kv = _autoregress(forward, d, config.vocab_size, k, k, kv)
@@ -148,12 +147,12 @@ class DraftModelDrafter:
     backend: AttentionBackend  # for the draft's head counts
 
     def propose(self, params, kv, draft: DraftModel, d: DraftInputs, *, config: ModelConfig,
-                backend: AttentionBackend, k: int, matmul: MatmulFn = qeinsum):
+                backend: AttentionBackend, k: int, ops: ModelOps = ModelOps()):
         attention = make_paged_attention(1, self.backend)
 
         def forward(tokens, positions, meta, dkv):
             h, dkv = llama.forward(draft.params, tokens[None], positions[None], dkv, meta, config=self.config,
-                                   attention=attention, matmul=matmul)
+                                   attention=attention, ops=ops)
             return llama.logits_from_hidden(draft.params, h[0], self.config), dkv
 
         drafts, q, dkv = _autoregress(forward, d, config.vocab_size, k, k + 1, draft.kv)
@@ -168,7 +167,7 @@ class DraftModelDrafter:
 @dataclasses.dataclass(frozen=True)
 class UniformDrafter:
     def propose(self, params, kv, draft, d: DraftInputs, *, config: ModelConfig, backend: AttentionBackend, k: int,
-                matmul: MatmulFn = qeinsum):
+                ops: ModelOps = ModelOps()):
         R, V = d.first.shape[0], config.vocab_size
         keys = substream(d.keys, DRAFT_STREAM).reshape(-1)
         drafts = jax.vmap(lambda key: jax.random.randint(key, (), 0, V))(keys).reshape(R, k).astype(jnp.int32)

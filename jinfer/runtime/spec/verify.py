@@ -14,12 +14,11 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from jinfer.attention.backend import AttentionBackend, PagedMeta, make_paged_attention
+from jinfer.attention.backend import AttentionBackend, PagedMeta, kv_slots, make_paged_attention
 from jinfer.engine.step_plan import StepInputs
 from jinfer.models import llama
 from jinfer.models.config import ModelConfig
-from jinfer.models.llama import MatmulFn
-from jinfer.quant.qtensor import qeinsum
+from jinfer.models.llama import ModelOps
 from jinfer.runtime.branch import cond, regardless_when, unused_when
 from jinfer.runtime.sampler import apply_penalties, sample, step_keys
 from jinfer.runtime.spec.accept import accept
@@ -36,7 +35,7 @@ from jinfer.runtime.step import (
 
 def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, config: ModelConfig,
                 backend: AttentionBackend, width: int, max_logprobs: int, drafter: Drafter | None = None,
-                draft=None, draft_meta=None, matmul: MatmulFn = qeinsum, plain: str | None = None):
+                draft=None, draft_meta=None, ops: ModelOps = ModelOps(), plain: str | None = None):
     """`draft_meta`: the drafter's backend metadata of an R-row one-token step; `draft`: a draft model's state.
     `plain` ("greedy" / "sampled", the plan's `plain_sampler`; the GPU's runner): no row uses a penalty or asks
     for logprobs, so the step compiles without runtime branches (see `jinfer.runtime.step.decode_block`).
@@ -69,14 +68,15 @@ def verify_step(params, kv, state: SlotState, inputs: StepInputs, attn_meta, *, 
         d = DraftInputs(first=first, start=start, rows=rows, sp=sp, counts=counts0, prompt_mask=prompt_mask,
                         penalties=penalties, keys=keys[:, :k], meta=draft_meta, plain=plain)
         drafts, q, kv, draft = drafter.propose(params, kv, draft, d, config=config, backend=backend, k=k,
-                                               matmul=matmul)
+                                               ops=ops)
         tokens = tokens.at[jnp.where(proposed, draft_index, T)].set(drafts, mode="drop")
     drafts = jnp.where(proposed, tokens[jnp.minimum(draft_index, T - 1)], 0)
 
     meta = PagedMeta(token_row=tok.row, token_valid=tok.valid, page_table=rows.page_table, kv_len=rows.kv_len,
-                     query_start=rows.query_start, query_len=rows.query_len, backend=attn_meta)
+                     query_start=rows.query_start, query_len=rows.query_len,
+                     kv_slot=kv_slots(rows.page_table, tok.row, tok.valid, tok.positions, kv[0]), backend=attn_meta)
     h, kv = llama.forward(params, tokens[None], tok.positions[None], kv, meta, config=config,
-                          attention=make_paged_attention(W, backend), matmul=matmul)
+                          attention=make_paged_attention(W, backend), ops=ops)
     at = jnp.minimum(rows.query_start[:, None] + offsets, T - 1)  # [R, W]
     with jax.named_scope("lm_head"):
         logits = llama.logits_from_hidden(params, h[0][at], config)  # f32[R, W, V]

@@ -1,0 +1,64 @@
+"""RMSNorm of a layer in one launch, its gain read in place from the stacked [L, D] array.
+
+Why a kernel: at batch 1 XLA makes a layer's RMSNorm a reduction, a multiply and (for the scan's slice of the
+gain) a dynamic slice, three launches of ~1.5 us each on the H200 for 8 kB of data (RESULTS.md, session 30);
+for 16 rows and more it fuses the norm into one Triton kernel but still slices the gain apart. One program a
+row: the row is loaded once (D rounded up to a power of two, masked), its mean square reduced in float32, and
+the normalized row, cast to x's dtype, multiplied by the layer's gain.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+
+@dataclasses.dataclass(frozen=True)
+class RMSNormBlockSizes:
+    num_warps: int = 4  # one row of D values over these warps; D = 4096 is 32 float32 values a thread
+
+
+def _kernel(layer_ref, x_ref, g_ref, o_ref, *, eps: float, D: int, block_d: int):
+    from jax.experimental.pallas import triton as plgpu
+
+    row = pl.program_id(0)
+    cols = lax.broadcasted_iota(jnp.int32, (block_d,), 0)
+    ok = None if block_d == D else cols < D
+    x_view, g_view = x_ref.at[row, pl.ds(0, block_d)], g_ref.at[layer_ref[0], pl.ds(0, block_d)]
+    if ok is None:
+        x, g = plgpu.load(x_view), plgpu.load(g_view)
+    else:
+        x, g = plgpu.load(x_view, mask=ok, other=0), plgpu.load(g_view, mask=ok, other=0)
+    x32 = x.astype(jnp.float32)
+    normed = x32 * lax.rsqrt(jnp.sum(x32 * x32) / D + eps)
+    out = (g.astype(o_ref.dtype) * normed.astype(x_ref.dtype).astype(o_ref.dtype)).astype(o_ref.dtype)
+    plgpu.store(o_ref.at[row, pl.ds(0, block_d)], out, mask=ok)
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
+def rms_norm_triton(x: jax.Array, gain: jax.Array, layer: jax.Array, *, eps: float,
+                    block_sizes: RMSNormBlockSizes, interpret: bool) -> jax.Array:
+    """x [M, D], gain [L, D], layer i32[1] -> [M, D] in the dtype of gain * x."""
+    from jax.experimental.pallas import triton as plgpu
+
+    M, D = x.shape
+    out_dtype = jnp.result_type(gain.dtype, x.dtype)
+
+    def whole(a):
+        return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
+
+    return pl.pallas_call(
+        functools.partial(_kernel, eps=eps, D=D, block_d=1 << (D - 1).bit_length()),
+        grid=(M,),
+        in_specs=[whole(layer), whole(x), whole(gain)],
+        out_specs=whole(jax.ShapeDtypeStruct((M, D), out_dtype)),
+        out_shape=jax.ShapeDtypeStruct((M, D), out_dtype),
+        interpret=interpret,
+        compiler_params=None if interpret else plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=1),
+        name="rms_norm",
+    )(layer, x, gain)

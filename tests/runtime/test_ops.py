@@ -1,0 +1,62 @@
+"""The runtime's choice of the model's ops: on one GPU the Pallas norm kernel (interpret mode here) gives the
+forward XLA's norm gives, stacked or per-layer params, at decode and prefill sizes, and it replaces every
+RMSNorm of the step; meshes and other platforms keep XLA's ops."""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jinfer.models import llama
+from jinfer.models.attention import dense_cache_attention, dense_kv_cache
+from jinfer.runtime.matmul import kernel_matmul
+from jinfer.runtime.ops import kernel_norm, model_ops
+from jinfer.testing.tiny import TINY, tiny_params
+
+
+def forward(params, T: int, ops: llama.ModelOps):
+    c = TINY
+    tokens = jax.random.randint(jax.random.key(T), (1, T), 0, c.vocab_size)
+    positions = jnp.arange(T, dtype=jnp.int32)[None]
+    cache = dense_kv_cache(c.num_layers, 1, T, c.num_kv_heads, c.head_dim, jnp.float32)
+    fn = functools.partial(llama.forward, config=c, attention=dense_cache_attention, ops=ops)
+    return fn(params, tokens, positions, cache, None)[0], jax.make_jaxpr(fn)(params, tokens, positions, cache, None)
+
+
+def calls(jaxpr, name: str) -> int:
+    """Call sites of a jitted function `name` or uses of primitive `name`, in jaxpr and the jaxprs it holds
+    (scan and switch bodies), not counting what those calls or any kernel hold."""
+    n = 0
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == name or eqn.params.get("name") == name:
+            n += 1
+            continue
+        if eqn.primitive.name == "pallas_call":
+            continue
+        for sub in jax.core.jaxprs_in_params(eqn.params):
+            n += calls(sub, name)
+    return n
+
+
+@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("T", [1, 9])
+def test_norm_kernel_forward_equals_xla(stacked, T):
+    params = tiny_params(5)
+    if not stacked:
+        params = llama.unstack_layers(params)
+    ours, jaxpr = forward(params, T, llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True)))
+    ref, ref_jaxpr = forward(params, T, llama.ModelOps())
+    # Two norms a layer (in the scan's body, once) and the final one, each the kernel's; XLA's computes none.
+    assert calls(jaxpr.jaxpr, "rms_norm") == 3 and calls(jaxpr.jaxpr, "sqrt") == 0
+    assert calls(ref_jaxpr.jaxpr, "rms_norm") == 0 and calls(ref_jaxpr.jaxpr, "sqrt") == 3
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_model_ops_by_platform():
+    assert model_ops("cpu", 1) == llama.ModelOps()
+    assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm)
+    assert model_ops("gpu", 2) == llama.ModelOps()  # over a mesh XLA partitions its own ops, not a kernel's
