@@ -7,6 +7,7 @@ from __future__ import annotations
 import functools
 
 import jax
+import jax.extend.core
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -37,7 +38,7 @@ def calls(jaxpr, name: str) -> int:
             continue
         if eqn.primitive.name == "pallas_call":
             continue
-        for sub in jax.core.jaxprs_in_params(eqn.params):
+        for sub in jax.extend.core.jaxprs_in_params(eqn.params):
             n += calls(sub, name)
     return n
 
