@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import weight_layout
+from benchmarks import weight_layout, xla_glue
 
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
     from jinfer.runtime.xla_flags import apply_gpu_flags
@@ -50,12 +50,14 @@ def main():
     ap.add_argument("--dtype", default="float32")
     ap.add_argument("--quantization", default=None, help="weights: int8, int4, fp8 (round to nearest)")
     weight_layout.add_flag(ap)
+    xla_glue.add_flag(ap)
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--speculative", default=None, choices=["ngram", "early_exit"])
     ap.add_argument("--tensor-parallel", type=int, default=1, help="the engine over a (model=N) mesh; the reference "
                                                                    "on one device (llama-3.2-1b's 8 KV heads split)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
+    xla_glue.apply(args.xla_glue)
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)

@@ -121,19 +121,20 @@ def compile_step(args) -> str:
     jax.devices = jax.local_devices = lambda *a, **k: [device]
     jax.config.update("jax_default_device", device)
 
-    from benchmarks import weight_layout
+    from benchmarks import weight_layout, xla_glue
     from benchmarks.model_shapes import SHAPES
     from jinfer.attention.backend import paged_kv_cache
     from jinfer.attention.select import default_backend
     from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
     from jinfer.quant.params import cast_params, quantize_params
+    from jinfer.runtime import runner as runner_module
     from jinfer.runtime.matmul import kernel_layout
-    from jinfer.runtime.ops import model_ops
     from jinfer.runtime.runner import Runner, StepShape
     from jinfer.runtime.step import SlotState
 
     weight_layout.apply(args.out_in)
+    xla_glue.apply(args.xla_glue)
     c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype).resolve("gpu")
@@ -159,9 +160,7 @@ def compile_step(args) -> str:
     runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
-    runner.ops, runner.plain_steps, runner.num_compilations = model_ops("gpu", 1), True, 0
-    if args.xla_norm:
-        runner.ops = runner.ops._replace(norm=llama.ModelOps().norm)
+    runner.ops, runner.plain_steps, runner.num_compilations = runner_module.model_ops("gpu", 1), True, 0
     runner.params = abstract(jax.eval_shape(params))
     runner.kv, runner.state = abstract(jax.eval_shape(state))
     runner.draft_params = runner.draft_kv = None
@@ -190,7 +189,7 @@ def main():
     ap.add_argument("--kv-cache-dtype", default=None)
     ap.add_argument("--out-in", default=None, help="as benchmarks/weight_layout.py")
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
-    ap.add_argument("--xla-norm", action="store_true", help="RMSNorm through XLA, not the engine's GPU kernel")
+    ap.add_argument("--xla-glue", action="store_true", help="as benchmarks/xla_glue.py")
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()

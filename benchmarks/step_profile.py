@@ -30,7 +30,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import weight_layout
+from benchmarks import weight_layout, xla_glue
 
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # the flags the CLI applies; =1 profiles XLA's own defaults
     from jinfer.runtime.xla_flags import apply_gpu_flags
@@ -94,11 +94,13 @@ def main():
     ap.add_argument("--speculative-config", default=None, help="JSON, as `jinfer generate` takes it")
     ap.add_argument("--quantization", default=None, help="weight format the engine quantizes to (int8, int4, fp8)")
     weight_layout.add_flag(ap)
+    xla_glue.add_flag(ap)
     ap.add_argument("--hlo-dir", default=None, help="also write each compiled shape's optimized HLO there")
     ap.add_argument("--grounded", action="store_true",
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
+    xla_glue.apply(args.xla_glue)
     tp = args.tensor_parallel
     if args.model:
         from jinfer.checkpoints.load import load

@@ -22,7 +22,7 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-from benchmarks import weight_layout
+from benchmarks import weight_layout, xla_glue
 
 if os.environ.get("JINFER_XLA_DEFAULTS") != "1":  # compare against XLA's own defaults with =1
     from jinfer.runtime.xla_flags import apply_gpu_flags
@@ -110,6 +110,7 @@ def main():
     ap.add_argument("--chunk", type=int, default=128)
     ap.add_argument("--quantization", default=None, help="weight format the engine quantizes to (int8, int4, fp8, ...)")
     weight_layout.add_flag(ap)
+    xla_glue.add_flag(ap)
     ap.add_argument("--kv-cache-dtype", default=None, help="int8 or fp8 KV pages")
     ap.add_argument("--decode-steps", type=int, default=None, help="EngineConfig.decode_steps (default: platform's)")
     ap.add_argument("--tensor-parallel", type=int, default=1, help="devices the model is split over (jinfer.runtime.sharding)")
@@ -117,6 +118,7 @@ def main():
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
+    xla_glue.apply(args.xla_glue)
 
     from jinfer.models import llama
 
