@@ -12,6 +12,9 @@ plugin of the lent GPU's jax, in a Python 3.12 environment of its own (no CUDA d
         jax-cuda12-plugin==0.11.2 jax-cuda12-pjrt==0.11.2 && /tmp/v12/bin/pip install -e .
     JAX_PLATFORMS=cpu /tmp/v12/bin/python benchmarks/gpu_hlo.py --shape llama-3.1-8b --rows 1 --list
 
+(This machine's jax 0.10.2 with `jax-cuda12-plugin==0.10.2` and `jax-cuda12-pjrt==0.10.2` installed with --no-deps into
+a folder on PYTHONPATH works too: its compile stops after XLA's optimizations, and the tool reads XLA's dump of them.)
+
 What it cannot see: kernels a library call launches inside (a cuBLAS GEMM may be two), autotuning (none
 without a device: XLA takes its defaults), and any time. The flags are the CLI's (`jinfer.runtime.xla_flags`);
 `--xla-flags` adds more.
@@ -116,6 +119,8 @@ def compile_step(args) -> str:
     from jax.experimental import topologies
     from jax.sharding import SingleDeviceSharding
 
+    dump = tempfile.mkdtemp()
+    os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump}"  # XLA reads its flags when the plugin starts, next line
     device = topologies.get_topology_desc("", "cuda", target_config=H200, topology="1x1x1").devices[0]
     # The engine asks jax which device it runs on (kernels, tuning tables): here, the one compiled for.
     jax.devices = jax.local_devices = lambda *a, **k: [device]
@@ -166,8 +171,6 @@ def compile_step(args) -> str:
     runner.draft_params = runner.draft_kv = None
     runner._step = jax.jit(runner._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4))
     lowered = runner.lowered(StepShape(True, R, R, 1, plain="greedy"), 1)
-    dump = tempfile.mkdtemp()
-    os.environ["XLA_FLAGS"] += f" --xla_dump_to={dump}"  # read at the first compile
     try:
         return lowered.compile().as_text()
     except Exception as e:  # jax 0.10.2's plugin fails after optimizing (buffer assignment): its dump stands
