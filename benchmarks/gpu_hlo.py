@@ -100,20 +100,23 @@ def loops(comps: dict[str, list[str]]) -> list[tuple[str, str, str]]:
 
 def census(hlo: str) -> dict:
     """Kernels of the layer loop (the loop whose body holds the attention kernel) per layer, of the decode loop
-    around it per step, and of the rest per block."""
+    around it per step, and of the rest per block (a prefill step: no decode loop, the rest is the step's)."""
     comps = computations(hlo)
     nest = loops(comps)
     layer = next((b, c, p) for p, b, c in nest if any("attention" in line for line in comps[b]))
     step = next(((b, c, p) for p, b, c in nest if b == layer[2]), None)
     count = {"layer": kernels(comps[layer[0]]) + kernels(comps[layer[1]])}
-    if step is not None:
+    if step is None:
+        count["step"] = kernels(comps[layer[2]])
+    else:
         count["step"] = kernels(comps[step[0]]) + kernels(comps[step[1]])
         count["block"] = kernels(comps[step[2]])
     return count
 
 
 def compile_step(args) -> str:
-    """The optimized HLO of one plain greedy decode block of `args.rows` rows, compiled for the H200."""
+    """The optimized HLO of one plain greedy decode block of `args.rows` rows, or with `args.prefill` a prefill
+    step of that many tokens, compiled for the H200."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -142,6 +145,7 @@ def compile_step(args) -> str:
     xla_glue.apply(args.xla_glue)
     c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
+                      token_buckets=(args.prefill,) if args.prefill else None,
                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype).resolve("gpu")
 
     def params():  # as Runner.__init__ prepares them on one GPU
@@ -170,7 +174,10 @@ def compile_step(args) -> str:
     runner.kv, runner.state = abstract(jax.eval_shape(state))
     runner.draft_params = runner.draft_kv = None
     runner._step = jax.jit(runner._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4))
-    lowered = runner.lowered(StepShape(True, R, R, 1, plain="greedy"), 1)
+    T = args.prefill
+    shape = (StepShape(False, T, R, min(T, ec.max_prefill_chunk), plain="greedy") if T
+             else StepShape(True, R, R, 1, plain="greedy"))
+    lowered = runner.lowered(shape, 1)
     try:
         return lowered.compile().as_text()
     except Exception as e:  # jax 0.10.2's plugin fails after optimizing (buffer assignment): its dump stands
@@ -186,6 +193,7 @@ def main():
     ap.add_argument("--shape", default="llama-3.1-8b", help="benchmarks/model_shapes.py")
     ap.add_argument("--dtype", default="bfloat16")
     ap.add_argument("--rows", type=int, default=1, help="the decode block's rows (max_slots)")
+    ap.add_argument("--prefill", type=int, default=0, metavar="T", help="a prefill step of T tokens instead")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--pages", type=int, default=1024)
     ap.add_argument("--quantization", default=None)
@@ -212,11 +220,15 @@ def main():
     L = SHAPES[args.shape].num_layers
     count = census(hlo)
     per_layer, per_step = len(count["layer"]), len(count.get("step", ()))
+    what = (f"a prefill step of {args.prefill} tokens" if args.prefill else
+            f"a decode block of {args.rows} rows x {args.decode_steps} steps")
     print(f"jax {jax.__version__}, compiled for the H200 (sm_90) without one; {args.shape} {args.dtype}"
-          f"{' ' + args.quantization if args.quantization else ''}, decode block of {args.rows} rows x "
-          f"{args.decode_steps} steps")
-    print(f"kernels: {per_layer} a layer, {per_step} a step outside the layers, {len(count.get('block', ()))} a "
-          f"block outside its steps -> {per_layer * L + per_step} a token ({L} layers)")
+          f"{' ' + args.quantization if args.quantization else ''}, {what}")
+    if args.prefill:
+        print(f"kernels: {per_layer} a layer, {per_step} outside the layers -> {per_layer * L + per_step} a step")
+    else:
+        print(f"kernels: {per_layer} a layer, {per_step} a step outside the layers, {len(count['block'])} a block "
+              f"outside its steps -> {per_layer * L + per_step} a token ({L} layers)")
     kinds = Counter(what.split()[0] for _, what in count["layer"])
     print("a layer's by kind: " + ", ".join(f"{k} {n}" for k, n in kinds.most_common()))
     if args.list:
