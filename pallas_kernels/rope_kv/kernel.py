@@ -29,6 +29,8 @@ def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, q_ref
     t, part = pl.program_id(0), pl.program_id(1)
     half = qkv_ref.shape[-1] // 2
     freqs = pos_ref[t].astype(jnp.float32) * freq_ref[...]  # [H/2]
+    # In the activations' dtype op by op, as the model's expression rounds it (XLA keeps that fusion's bfloat16
+    # multiplies and subtractions as they are on sm_90: rounding once in float32 would differ from it).
     dtype = qkv_ref.dtype
     cos, sin = jnp.cos(freqs).astype(dtype)[None, :], jnp.sin(freqs).astype(dtype)[None, :]
 
