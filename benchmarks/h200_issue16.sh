@@ -29,12 +29,12 @@ step() {  # name, timeout in seconds, command...
 
 B1="--shape llama-3.1-8b --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 512 --max-slots 1 --buckets 16 128 --decode-steps 16"
 case "${1:-1}" in
-1)  # the ceilings; the new glue kernels natively; batch 1 before and after them; where a token's time goes
-  step roofline 120 python benchmarks/gpu_roofline.py
-  step kernel_tests 240 env JAX_PLATFORMS=cuda python -m pytest -q tests/kernels/test_rms_norm.py \
+1)  # the ceilings; batch 1 with the new glue kernels and without them; the kernels' tests natively
+  step roofline 90 python benchmarks/gpu_roofline.py
+  step b1_bf16 150 python benchmarks/throughput.py $B1
+  step b1_bf16_xla_glue 150 python benchmarks/throughput.py $B1 --xla-glue
+  step kernel_tests 180 env JAX_PLATFORMS=cuda python -m pytest -q tests/kernels/test_rms_norm.py \
     tests/kernels/test_rope_kv.py tests/kernels/test_paged_attention_kernel.py
-  step b1_bf16 180 python benchmarks/throughput.py $B1
-  step b1_bf16_xla_glue 180 python benchmarks/throughput.py $B1 --xla-glue
   ;;
 2)  # the split of a token; exactness with the new kernels; the peer
   step profile_b1 240 python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1 \
