@@ -72,12 +72,17 @@ class AttentionBackend(Protocol[M]):
         ...
 
 
+def page_size(pages) -> int:
+    """Tokens a page of a pool holds (float or QuantizedKV, [L, K, P, page_size, H])."""
+    return (pages.values if is_quantized_kv(pages) else pages).shape[3]
+
+
 def kv_slots(page_table: jax.Array, token_row: jax.Array, token_valid: jax.Array, positions: jax.Array,
              pages) -> jax.Array:
     """i32[T]: page * page_size + offset of each token's K/V (at positions i32[T]) in its row's pages of `pages`
     (the K pool, float or QuantizedKV), 0 (the reserved page) for padding. Computed once a step, not in every
     layer: XLA leaves such loop-invariant arithmetic inside the layer loop, a kernel a layer where nothing fuses it."""
-    ps = (pages.values if is_quantized_kv(pages) else pages).shape[3]
+    ps = page_size(pages)
     page = page_table[token_row, positions // ps]
     return jnp.where(token_valid, page * ps + positions % ps, 0)
 
@@ -103,7 +108,7 @@ def make_paged_attention(width: int, backend: AttentionBackend):
                                                  num_heads=q.shape[2], interpret=backend.interpret)
             return backend.attend(q, None, None, k_pages, v_pages, layer, meta, width)[None], k_pages, v_pages
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
-        ps = (k_pages.values if is_quantized_kv(k_pages) else k_pages).shape[3]
+        ps = page_size(k_pages)
         page, offset = meta.kv_slot // ps, meta.kv_slot % ps
         k_pages = store_tokens(k_pages, layer, page, offset, k[0])
         v_pages = store_tokens(v_pages, layer, page, offset, v[0])
