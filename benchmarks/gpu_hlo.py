@@ -104,6 +104,10 @@ def census(hlo: str) -> dict:
     comps = computations(hlo)
     nest = loops(comps)
     layer = next((b, c, p) for p, b, c in nest if any("attention" in line for line in comps[b]))
+    if sum(opcode(line) == "custom-call" and "ragged_paged_attention_q" in line for line in comps[layer[0]]) > 1:
+        # Unrolled layers (`ModelOps.unroll`): the loop holding the attention is the decode loop, no layer loop.
+        return {"layer": [], "step": kernels(comps[layer[0]]) + kernels(comps[layer[1]]),
+                "block": kernels(comps[layer[2]])}
     step = next(((b, c, p) for p, b, c in nest if b == layer[2]), None)
     count = {"layer": kernels(comps[layer[0]]) + kernels(comps[layer[1]])}
     if step is None:
@@ -142,7 +146,7 @@ def compile_step(args) -> str:
     from jinfer.runtime.step import SlotState
 
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue)
+    xla_glue.apply(args.xla_glue, args.scan_layers)
     c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
                       token_buckets=(args.prefill,) if args.prefill else None,
@@ -170,7 +174,8 @@ def compile_step(args) -> str:
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
     runner.ops, runner.plain_steps, runner.num_compilations = runner_module.model_ops("gpu", 1), True, 0
-    runner.params = abstract(jax.eval_shape(params))
+    unrolled = runner.ops.unroll
+    runner.params = abstract(jax.eval_shape(lambda: llama.unstack_layers(params()) if unrolled else params()))
     runner.kv, runner.state = abstract(jax.eval_shape(state))
     runner.draft_params = runner.draft_kv = None
     runner._step = jax.jit(runner._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4))
@@ -201,7 +206,8 @@ def main():
     ap.add_argument("--out-in", default=None, help="as benchmarks/weight_layout.py")
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
     ap.add_argument("--xla-glue", action="store_true", help="as benchmarks/xla_glue.py")
-    ap.add_argument("--list", action="store_true", help="name every kernel of a layer")
+    ap.add_argument("--scan-layers", action="store_true", help="as benchmarks/xla_glue.py")
+    ap.add_argument("--list", action="store_true", help="name every kernel of a layer (of a step, unrolled)")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()
 
@@ -220,6 +226,13 @@ def main():
     L = SHAPES[args.shape].num_layers
     count = census(hlo)
     per_layer, per_step = len(count["layer"]), len(count.get("step", ()))
+    if not count["layer"]:  # unrolled: a step's kernels are its layers'
+        print(f"unrolled layers: {per_step} kernels a decode step ({per_step / L:.2f} a layer), "
+              f"{len(count['block'])} a block outside its steps")
+        if args.list:
+            for name, what in count["step"]:
+                print(f"  {name:<40} {what}")
+        return
     what = (f"a prefill step of {args.prefill} tokens" if args.prefill else
             f"a decode block of {args.rows} rows x {args.decode_steps} steps")
     print(f"jax {jax.__version__}, compiled for the H200 (sm_90) without one; {args.shape} {args.dtype}"

@@ -1,6 +1,7 @@
 """`--xla-glue` of the engine benchmarks: the per-layer glue as XLA computes it (RMSNorm, RoPE and the K/V page
 writes as XLA fusions) instead of the GPU's Pallas kernels (`jinfer.kernels.rms_norm`, `jinfer.kernels.rope_kv`),
-for this process, so one machine can time both in the same run."""
+for this process, so one machine can time both in the same run. `--scan-layers`: the layers scanned over
+stacked weights, as one GPU ran them before the unrolled layers (`jinfer.models.llama.ModelOps.unroll`)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import argparse
 def add_flag(ap: argparse.ArgumentParser) -> None:
     ap.add_argument("--xla-glue", action="store_true",
                     help="norms, RoPE and K/V writes through XLA, not the GPU's Pallas kernels (a before/after run)")
+    ap.add_argument("--scan-layers", action="store_true",
+                    help="the layers scanned over stacked weights, not unrolled on one GPU (a before/after run)")
 
 
-def apply(xla_glue: bool) -> None:
-    if not xla_glue:
-        return
+def apply(xla_glue: bool, scan_layers: bool = False) -> None:
     from jinfer.attention.pallas import PallasBackend
     from jinfer.runtime import ops, runner
 
     model_ops = ops.model_ops
 
-    def xla_norm_ops(platform: str, num_devices: int):
-        return model_ops(platform, num_devices)._replace(norm=ops.ModelOps().norm)
+    def chosen_ops(platform: str, num_devices: int):
+        chosen = model_ops(platform, num_devices)
+        if xla_glue:
+            chosen = chosen._replace(norm=ops.ModelOps().norm)
+        return chosen._replace(unroll=False) if scan_layers else chosen
 
-    runner.model_ops = xla_norm_ops  # the runner's own name for it
-    PallasBackend.rope_kv_kernel = False
+    runner.model_ops = chosen_ops  # the runner's own name for it
+    if xla_glue:
+        PallasBackend.rope_kv_kernel = False

@@ -155,6 +155,9 @@ class ModelOps(NamedTuple):
 
     matmul: MatmulFn = qeinsum  # (spec, x, w): a stacked quantized weight reaches it as a LayerSlice
     norm: NormFn = rms_norm  # a layer's gain reaches it stacked with the layer index, to read in place
+    # Per-layer weights (`unstack_layers`) run as straight-line code, one copy of the layer a layer, instead
+    # of a scan whose body picks the layer's weights with a `lax.switch`.
+    unroll: bool = False
 
 
 def forward(
@@ -197,6 +200,8 @@ def forward(
 
         def project(fn, p, i, *args):
             return fn({**p, **{k: LayerSlice(w, i) for k, w in held.items()}}, *args)
+    elif ops.unroll:
+        return _forward_unrolled(params, x, positions, kv_cache, attn_meta, c, attention, n, ops, inv_freq)
     else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked
         per_layer = params["layers"][:n]
         xs = {}
@@ -218,6 +223,20 @@ def forward(
     # The layer index rides in the carry: scanned over as an input, each layer would launch a kernel to read it.
     (x, *kv_cache, _), _ = jax.lax.scan(layer, (x, *kv_cache, jnp.int32(0)), xs, length=n)
     return ops.norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
+
+
+def _forward_unrolled(params, x, positions, kv_cache, attn_meta, c: ModelConfig, attention: AttentionFn, n: int,
+                      ops: ModelOps, inv_freq):
+    """`forward` over per-layer weights as straight-line code: no loop, so no loop counter (on one GPU a scan
+    launches a kernel a layer for it) and every layer index a constant."""
+    k_cache, v_cache = kv_cache
+    for i, w in enumerate(params["layers"][:n]):
+        h = ops.norm(x, w["attn_norm"], c.rms_norm_eps)
+        q, k, v = _qkv(c, ops.matmul, w, h)
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
+        x = x + _out(ops.matmul, w, attn)
+        x = x + _mlp(ops.matmul, w, ops.norm(x, w["mlp_norm"], c.rms_norm_eps))
+    return ops.norm(x, params["final_norm"], c.rms_norm_eps), (k_cache, v_cache)
 
 
 def _qkv(c: ModelConfig, matmul: MatmulFn, w, h):

@@ -26,5 +26,5 @@ def kernel_norm(x: jax.Array, gain: jax.Array, eps: float, layer: jax.Array | No
 def model_ops(platform: str, num_devices: int) -> ModelOps:
     """The ops the runner hands the model on `platform` over a mesh of `num_devices`."""
     if platform == "gpu" and num_devices == 1:
-        return ModelOps(matmul=kernel_matmul, norm=kernel_norm)
+        return ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True)
     return ModelOps()

@@ -159,8 +159,6 @@ class Runner:
             self.params = cast_params(params, dtype)
         else:  # each device receives its shard only, then casts it
             self.params = cast_params(sharding.shard_params(params, model_config, self.mesh), dtype)
-        if engine_config.per_layer_weights:
-            self.params = llama.unstack_layers(self.params)
         self.max_model_len = engine_config.context_len(model_config.max_position_embeddings)
         self.max_pages_per_seq = -(-self.max_model_len // engine_config.page_size)
         c, S = model_config, engine_config.max_slots
@@ -170,6 +168,8 @@ class Runner:
         self.ops = model_ops(platform, 1 if self.mesh is None else self.mesh.size)
         if self.ops.matmul is kernel_matmul:
             self.params = kernel_layout(self.params, jax.devices()[0].device_kind)
+        if engine_config.per_layer_weights or self.ops.unroll:
+            self.params = llama.unstack_layers(self.params)
         # The GPU reads each runtime branch's predicate on the host (a round trip that also holds the host
         # until the step ends); the CPU and TPU do not. There, steps that need no branch compile without any.
         self.plain_steps = platform == "gpu"
@@ -229,7 +229,7 @@ class Runner:
         dparams = cast_params(dparams, dtype)
         if self.ops.matmul is kernel_matmul:
             dparams = kernel_layout(dparams, jax.devices()[0].device_kind)
-        if cfg.per_layer_weights:
+        if cfg.per_layer_weights or self.ops.unroll:
             dparams = llama.unstack_layers(dparams)
         kv = paged_kv_cache(dc.num_layers, num_pages, cfg.page_size, dc.num_kv_heads, dc.head_dim, dtype,
                             cfg.kv_cache_dtype)

@@ -43,21 +43,50 @@ def calls(jaxpr, name: str) -> int:
     return n
 
 
-@pytest.mark.parametrize("stacked", [True, False])
+@pytest.mark.parametrize("layers", ["stacked", "per_layer", "unrolled"])
 @pytest.mark.parametrize("T", [1, 9])
-def test_norm_kernel_forward_equals_xla(stacked, T):
+def test_norm_kernel_forward_equals_xla(layers, T):
     params = tiny_params(5)
-    if not stacked:
+    if layers != "stacked":
         params = llama.unstack_layers(params)
-    ours, jaxpr = forward(params, T, llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True)))
-    ref, ref_jaxpr = forward(params, T, llama.ModelOps())
-    # Two norms a layer (in the scan's body, once) and the final one, each the kernel's; XLA's computes none.
-    assert calls(jaxpr.jaxpr, "rms_norm") == 3 and calls(jaxpr.jaxpr, "sqrt") == 0
-    assert calls(ref_jaxpr.jaxpr, "rms_norm") == 0 and calls(ref_jaxpr.jaxpr, "sqrt") == 3
+    unroll = layers == "unrolled"
+    ours, jaxpr = forward(params, T, llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
+                                                    unroll=unroll))
+    ref, ref_jaxpr = forward(params, T, llama.ModelOps(unroll=unroll))
+    # Two norms a layer (in the scan's body, once, or in each unrolled layer) and the final one, each the
+    # kernel's; XLA's computes none.
+    norms = 2 * TINY.num_layers + 1 if unroll else 3
+    assert calls(jaxpr.jaxpr, "rms_norm") == norms and calls(jaxpr.jaxpr, "sqrt") == 0
+    assert calls(ref_jaxpr.jaxpr, "rms_norm") == 0 and calls(ref_jaxpr.jaxpr, "sqrt") == norms
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
 def test_model_ops_by_platform():
     assert model_ops("cpu", 1) == llama.ModelOps()
-    assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm)
+    assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True)
     assert model_ops("gpu", 2) == llama.ModelOps()  # over a mesh XLA partitions its own ops, not a kernel's
+
+
+def test_unrolled_layers_engine_gives_the_scanned_engines_tokens(monkeypatch):
+    """The runner splits the weights per layer for `ModelOps.unroll` (one GPU) and its steps give the tokens of
+    the scanned, stacked form."""
+    from jinfer.engine.config import EngineConfig
+    from jinfer.inputs import SamplingParams
+    from jinfer.runtime import runner
+    from jinfer.runtime.build import build_engine
+    from jinfer.testing.tiny import tiny_tokenizer
+    from tests.engine.test_engine import run_workload
+
+    params = tiny_params(11)
+    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+
+    def tokens(unroll: bool):
+        monkeypatch.setattr(runner, "model_ops", lambda platform, n: llama.ModelOps(unroll=unroll))
+        cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(16,), decode_buckets=(4,),
+                           max_prefill_chunk=8, decode_steps=4, per_layer_weights=False)
+        eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
+        assert isinstance(eng.runner.params["layers"], tuple) == unroll
+        return [o.token_ids for o in run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)]).values()]
+
+    assert tokens(True) == tokens(False)
