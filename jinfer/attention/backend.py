@@ -53,7 +53,9 @@ class AttentionBackend(Protocol[M]):
     """An attention backend of the engine (implemented by `blocked.BlockedBackend`,
     `pallas.PallasBackend` and `pallas.TPUPallasBackend`). A class attribute `rope_kv_kernel` (absent: False)
     says the backend's pages take a step's K/V through `jinfer.kernels.rope_kv` (RoPE and the write in one
-    kernel; `attend` then gets k = v = None). A class attribute `partitionable` says whether XLA
+    kernel; `attend` then gets k = v = None); `rope_decode` (absent: False) that its
+    `rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width)` does RoPE, the write and attention of a
+    decode step (width 1) in one. A class attribute `partitionable` says whether XLA
     can split `attend` over a mesh by itself (plain jnp); where it cannot (a kernel), the runner wraps the
     backend in `sharded.HeadShardedBackend`."""
 
@@ -104,6 +106,9 @@ def make_paged_attention(width: int, backend: AttentionBackend):
             # One kernel rotates q and k and writes k and v (the concatenation of the fused product's own slices
             # is that product again to XLA); the backend reads this step's K/V from the pages.
             qkv = jnp.concatenate([q, k, v], axis=2)[0]
+            if width <= 1 and getattr(backend, "rope_decode", False):
+                out, k_pages, v_pages = backend.rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width)
+                return out[None], k_pages, v_pages
             q, k_pages, v_pages = rope_and_store(qkv, positions[0], inv_freq, k_pages, v_pages, layer, meta.kv_slot,
                                                  num_heads=q.shape[2], interpret=backend.interpret)
             return backend.attend(q, None, None, k_pages, v_pages, layer, meta, width)[None], k_pages, v_pages

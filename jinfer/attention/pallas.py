@@ -9,7 +9,7 @@ import jax
 import numpy as np
 
 from jinfer.attention.backend import PagedMeta
-from jinfer.kernels.paged_attention.kernel import BlockSizes
+from jinfer.kernels.paged_attention.kernel import BlockSizes, rope_decode_attention_triton
 from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 from jinfer.kernels.paged_attention.ops import ragged_paged_attention
 from jinfer.kernels.paged_attention.query_layout import query_blocks
@@ -34,6 +34,7 @@ class PallasBackend:
 
     partitionable = False  # one opaque call: on a mesh the runner runs it per KV-head shard (`sharded.py`)
     rope_kv_kernel = True  # the Triton RoPE-and-write kernel, interpreted where this one is
+    rope_decode = True  # decode steps rotate and write in the attention kernel itself (`rope_attend`)
     decode: BlockSizes = BlockSizes(block_q=4, pages_per_block=8, num_splits=8)
     prefill: BlockSizes = BlockSizes(block_q=16, pages_per_block=4, num_splits=1)
     interpret: bool = False
@@ -62,12 +63,27 @@ class PallasBackend:
             interpret=self.interpret)
 
 
+    def rope_attend(self, qkv, inv_freq, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int):
+        """A decode step (width 1) from its fused, unrotated product qkv [T, N + 2K, H]: RoPE, the K/V write and
+        attention in one kernel (`rope_decode_attention_triton`) -> (out [T, N, H], k_pages, v_pages)."""
+        if width > 1:
+            raise ValueError(f"rope_attend takes decode steps (width 1), not width={width}")
+        K = k_pages.shape[1]
+        num_tokens, num_rows = qkv.shape[0], meta.kv_len.shape[0]
+        m = meta.backend
+        return rope_decode_attention_triton(
+            qkv, inv_freq, meta.kv_slot, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len,
+            m.blocks, m.tok_block, m.tok_row, num_heads=qkv.shape[1] - 2 * K,
+            num_blocks=self.num_blocks(num_tokens, width, num_rows), block_sizes=self.sizes(width),
+            interpret=self.interpret)
+
+
 @dataclasses.dataclass(frozen=True)
 class TPUPallasBackend(PallasBackend):
     """The Pallas Mosaic TPU ragged paged attention kernel: the same query blocks as `PallasBackend`, but one
     program walks a block's whole context (no splits: a TPU has one or two large cores, not a hundred SMs)."""
 
-    rope_kv_kernel = False  # a Triton kernel: not for Mosaic TPU
+    rope_kv_kernel = rope_decode = False  # Triton kernels: not for Mosaic TPU
     decode: TPUBlockSizes = TPUBlockSizes()
     prefill: TPUBlockSizes = TPUBlockSizes()
 

@@ -58,18 +58,25 @@ def _kernel(
     # scalar-ish inputs (whole arrays)
     layer_ref, blk_slot_ref, blk_row0_ref, blk_len_ref, blk_qoff_ref, kv_len_ref, query_len_ref, page_table_ref,
     # tensors
-    q_ref,  # [T, Gp, H] for this program's KV head
+    q_ref,  # [T, Gp, H] for this program's KV head; with `fresh`, the step's whole fused product [T, N + 2K, H]
     k_ref, v_ref,  # [L * K * P, page_size, H]: every page of every layer and head
-    # quantized pages: ks_ref, vs_ref f32[L * K * P, page_size], their scales; then the outputs, this
-    # program's block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]
+    # quantized pages: ks_ref, vs_ref f32[L * K * P, page_size], their scales; with `fresh` instead
+    # freq_ref f32[H / 2], slot_ref i32[T] (`rope_decode_attention`); then the outputs, this program's
+    # block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]; with `fresh` then k_out, v_out (k_ref, v_ref
+    # aliased)
     *refs,
     num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
-    sm_scale: float, group: int, quantized: bool, unmasked_steps: bool,
+    sm_scale: float, group: int, quantized: bool, unmasked_steps: bool, fresh: bool = False,
 ):
-    ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
+    if fresh:
+        freq_ref, slot_ref, o_ref, m_ref, l_ref, k_out, v_out = refs
+        ks_ref = vs_ref = None
+    else:
+        ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = page_table_ref.shape[1]
-    _, Gp, H = q_ref.shape
+    H = q_ref.shape[-1]
+    Gp = o_ref.shape[1]
     ps = k_ref.shape[1]
     rows = block_q * Gp
     block_k = pages_per_block * ps
@@ -79,7 +86,9 @@ def _kernel(
     kv_len = kv_len_ref[slot]
     # Positions of this block's queries: the slot's chunk is the last query_len tokens of kv_len.
     first_pos = kv_len - query_len_ref[slot] + blk_qoff_ref[b]
-    kv_end = jnp.where(n_q > 0, first_pos + n_q, 0)  # keys this block can see: [0, kv_end)
+    # Keys this block reads from the pages: [0, kv_end). With `fresh` (one query a block) the query's own key
+    # is not read there but taken from the fused product (`_fresh_key`), which this call writes to its page.
+    kv_end = jnp.where(n_q > 0, first_pos + n_q - int(fresh), 0)
     n_pages = pl.cdiv(kv_end, ps)
     per_split = pl.cdiv(pl.cdiv(n_pages, num_splits), pages_per_block) * pages_per_block
     p_begin = sp * per_split
@@ -88,11 +97,15 @@ def _kernel(
 
     # Rows past the last token are clamped onto it (read, never used): no padded copy of q per call.
     n_tok = q_ref.shape[0]
-    q_rows = jnp.minimum(blk_row0_ref[b] + lax.broadcasted_iota(jnp.int32, (block_q,), 0), n_tok - 1)
-    q = q_ref[q_rows].reshape(rows, H)
+    base = (layer_ref[0] * num_kv_heads + kh) * num_pages
+    if fresh:
+        tok = jnp.minimum(blk_row0_ref[b], n_tok - 1)
+        q, k_new, v_new = _fresh_qkv(q_ref, freq_ref, tok, first_pos, kh, rows, Gp, group, num_kv_heads)
+    else:
+        q_rows = jnp.minimum(blk_row0_ref[b] + lax.broadcasted_iota(jnp.int32, (block_q,), 0), n_tok - 1)
+        q = q_ref[q_rows].reshape(rows, H)
     q_pos = first_pos + lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0).reshape(rows)
     q_ok = (lax.broadcasted_iota(jnp.int32, (block_q, Gp), 0) < n_q).reshape(rows)
-    base = (layer_ref[0] * num_kv_heads + kh) * num_pages
 
     # float32 caches get full-precision products (Triton would otherwise use tf32), so the engine's
     # float32 outputs stay token-exact against the reference.
@@ -133,9 +146,18 @@ def _kernel(
 
     init = (jnp.zeros((rows, H), jnp.float32), jnp.full((rows,), NEG_INF, jnp.float32), jnp.zeros((rows,), jnp.float32))
     # unmasked_steps: the leading steps whose keys are all at or before the first query run without masks.
-    n_full = jnp.clip((first_pos + 1 - p_begin * ps) // block_k, 0, n_iter) if unmasked_steps else 0
+    n_full = jnp.clip((first_pos + 1 - int(fresh) - p_begin * ps) // block_k, 0, n_iter) if unmasked_steps else 0
     carry = lax.fori_loop(0, n_full, functools.partial(body, masked=False), init) if unmasked_steps else init
     o, m, l = lax.fori_loop(n_full, n_iter, functools.partial(body, masked=True), carry)
+    if fresh:  # the first split takes the query's own key and writes it and its value to their page
+        own = (sp == 0) & (n_q > 0)
+        o, m, l = _fresh_key(q, k_new, v_new, (o, m, l), q_ok & own, sm_scale, prec)
+
+        @pl.when(own)
+        def _():
+            page, off = slot_ref[tok] // ps, slot_ref[tok] % ps
+            k_out[base + page, off, :] = k_new.astype(k_out.dtype)
+            v_out[base + page, off, :] = v_new.astype(v_out.dtype)
     if num_splits == 1:  # normalize here; no combine pass follows
         o = o / jnp.where(l == 0, 1.0, l)[:, None]
     # Only the block's own rows are written (an empty block writes its first, as zeros, for the padding
@@ -146,6 +168,52 @@ def _kernel(
                 mask=jnp.broadcast_to(live[:, :, None], (block_q, Gp, H)))
     plgpu.store(m_ref, m.reshape(block_q, Gp), mask=live)
     plgpu.store(l_ref, l.reshape(block_q, Gp), mask=live)
+
+
+def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, K: int):
+    """Token `tok`'s queries of KV head kh (its `group` heads in each of the rows / Gp copies of Gp rows; padded
+    heads repeat the last) and its key, rotated by RoPE at `pos`, and its value, from the fused product."""
+    H = qkv_ref.shape[-1]
+    half = H // 2
+    N = qkv_ref.shape[1] - 2 * K
+    col = lax.broadcasted_iota(jnp.int32, (H,), 0)
+    other = (col + half) % H  # each column's partner in the rotation
+    freqs = pos.astype(jnp.float32) * freq_ref[col % half]  # [H]
+    # In the activations' dtype op by op, as the model's own rotation rounds (`jinfer.kernels.rope_kv`):
+    # x * cos + partner * (-sin | sin) is lo * cos - hi * sin, hi * cos + lo * sin term for term.
+    dtype = qkv_ref.dtype
+    cos = jnp.cos(freqs).astype(dtype)
+    sin = jnp.where(col < half, -jnp.sin(freqs), jnp.sin(freqs)).astype(dtype)
+
+    def rotate(x, partner, c, s):
+        return x * c + partner * s
+
+    r = lax.broadcasted_iota(jnp.int32, (rows, H), 0)
+    heads = kh * group + jnp.minimum(r % Gp, group - 1)
+    cols = jnp.broadcast_to(col[None, :], (rows, H))
+    tok2 = jnp.full((rows, H), tok, jnp.int32)
+    q = rotate(qkv_ref[tok2, heads, cols], qkv_ref[tok2, heads, jnp.broadcast_to(other[None, :], (rows, H))],
+               cos[None, :], sin[None, :])
+    tok1 = jnp.full((H,), tok, jnp.int32)
+    k_head, v_head = jnp.full((H,), N + kh, jnp.int32), jnp.full((H,), N + K + kh, jnp.int32)
+    k = rotate(qkv_ref[tok1, k_head, col], qkv_ref[tok1, k_head, other], cos, sin)
+    return q, k, qkv_ref[tok1, v_head, col]
+
+
+def _fresh_key(q, k, v, carry, use, sm_scale: float, prec):
+    """The online softmax of `carry` (o, m, l over rows) taking one more key k [H] and value v [H], for the rows
+    where `use`."""
+    o, m, l = carry
+    s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1) * sm_scale
+    s = jnp.where(use, s, NEG_INF)
+    m_new = jnp.maximum(m, s)
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    p = jnp.exp(s - m_safe)
+    alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
+    del prec  # an elementwise product: each term exact in float32, as the tiles' products are
+    # P is rounded to V's dtype before its product, as the tiles' P.V is.
+    pv = p.astype(v.dtype).astype(jnp.float32)[:, None] * v.astype(jnp.float32)[None, :]
+    return alpha[:, None] * o + pv, m_new, alpha * l + p
 
 
 @functools.partial(jax.jit, static_argnames=("num_blocks", "block_sizes", "interpret", "sm_scale"))
@@ -169,25 +237,92 @@ def ragged_paged_attention_triton(
     check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
     T, N, H = q.shape
     L, K, P, ps, _ = k_pages.shape
-    G = N // K
-    Gp = max(1, 1 << (G - 1).bit_length())  # Triton tiles want powers of two
-    bs = block_sizes
-    bq, ppb, splits = bs.block_q, bs.pages_per_block, bs.num_splits
-    scale = H ** -0.5 if sm_scale is None else sm_scale
-    if bq * Gp < 16:
-        raise ValueError(f"block_q={bq} x padded group size {Gp} = {bq * Gp} rows; the matrix units need >= 16")
-    if not interpret and jnp.dtype(q.dtype).itemsize == 2 and ppb * ps < 16:
-        # Measured on the H100 (Triton 3.6): a 16-bit P.V product over 8 keys came out 2x, over 4 keys 4x.
-        raise ValueError(f"pages_per_block={ppb} x page_size={ps} = {ppb * ps} keys per step; 16-bit products on "
-                         f"the GPU need at least 16")
-
+    G, Gp = _group(N, K)
     q4 = q.reshape(T, K, G, H)
     if Gp != G:
         q4 = jnp.pad(q4, ((0, 0), (0, 0), (0, Gp - G), (0, 0)))
     quantized = is_quantized_kv(k_pages)
     pages = (k_pages.values, v_pages.values, k_pages.scale, v_pages.scale) if quantized else (k_pages, v_pages)
     flat = [x.reshape(L * K * P, *x.shape[3:]) for x in pages]  # [pages, ps, H] values, [pages, ps] scales
-    out_dtype = q.dtype if splits == 1 else jnp.float32
+    q_spec = pl.BlockSpec((T, None, Gp, H), lambda b, h, s: (0, h, 0, 0))
+    o, m, l = _call(q4, q_spec, flat, (), layer, page_table, kv_len, query_len, blocks, num_blocks=num_blocks,
+                    K=K, P=P, G=G, block_sizes=block_sizes, interpret=interpret, sm_scale=sm_scale,
+                    quantized=quantized, fresh=False)
+    return _rows(o, m, l, tok_block, tok_row, T, N, H, G, q.dtype, block_sizes, interpret)
+
+
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_blocks", "block_sizes", "interpret", "sm_scale"),
+                   donate_argnums=(3, 4))
+def rope_decode_attention_triton(
+    qkv: jax.Array,  # [T, N + 2K, H]: the fused product of a decode step (one query a slot), not yet rotated
+    inv_freq: jax.Array,  # f32[H / 2]: the rotary frequencies
+    kv_slot: jax.Array,  # i32[T]: where each token's key and value go, page * page_size + offset
+    k_pages: jax.Array,  # [L, K, P, page_size, H] float, donated: this step's keys are written in place
+    v_pages: jax.Array,
+    layer: jax.Array,  # i32[]
+    page_table: jax.Array,  # i32[S, max_pages]
+    kv_len: jax.Array,  # i32[S]
+    query_len: jax.Array,  # i32[S]: 0 or 1 (every block holds at most one query: its key is the block's own)
+    blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff), each i32[num_blocks]
+    tok_block: jax.Array,  # i32[T]
+    tok_row: jax.Array,  # i32[T]
+    *,
+    num_heads: int,
+    num_blocks: int,
+    block_sizes: BlockSizes,
+    interpret: bool,
+    sm_scale: float | None = None,
+) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [T, N, H], k_pages, v_pages)
+    """RoPE of a decode step's queries and keys, the write of its keys and values into their pages, and its
+    attention, in one launch (plus the split combine): `rope_and_store` then `ragged_paged_attention_triton`.
+
+    Why: at batch 1 on the H200 the RoPE-and-write kernel cost 3.6 us a layer for a few kB (RESULTS.md, session
+    36). Each program rotates its query rows and its KV head's key from the fused product; the one of the first
+    split also attends to that key straight from registers and writes it and the value to their page, so no
+    program reads the step's own key from the pages."""
+    T, heads, H = qkv.shape
+    N = num_heads
+    L, K, P, ps, _ = k_pages.shape
+    if heads != N + 2 * K or H % 2 or is_quantized_kv(k_pages) or inv_freq.shape != (H // 2,) \
+            or kv_slot.shape != (T,):
+        raise ValueError(f"qkv {qkv.shape} must hold num_heads={N} query heads and K={K} key and value heads of an "
+                         f"even head dim; pages float ({type(k_pages).__name__}); inv_freq {inv_freq.shape} "
+                         f"[{H // 2}]; kv_slot {kv_slot.shape} [{T}]")
+    q = jax.ShapeDtypeStruct((T, N, H), qkv.dtype)
+    check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
+    G, _ = _group(N, K)
+    flat = [x.reshape(L * K * P, ps, H) for x in (k_pages, v_pages)]
+    whole = pl.BlockSpec(qkv.shape, lambda b, h, s: (0, 0, 0))
+    extra = (jnp.asarray(inv_freq, jnp.float32), kv_slot.astype(jnp.int32))
+    o, m, l, k_flat, v_flat = _call(qkv, whole, flat, extra, layer, page_table, kv_len, query_len, blocks,
+                                    num_blocks=num_blocks, K=K, P=P, G=G, block_sizes=block_sizes,
+                                    interpret=interpret, sm_scale=sm_scale, quantized=False, fresh=True)
+    out = _rows(o, m, l, tok_block, tok_row, T, N, H, G, qkv.dtype, block_sizes, interpret)
+    return out, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
+
+
+def _group(N: int, K: int) -> tuple[int, int]:
+    """Query heads a KV head, and that padded to a power of two (Triton tiles want one)."""
+    G = N // K
+    return G, max(1, 1 << (G - 1).bit_length())
+
+
+def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, blocks, *, num_blocks: int, K: int,
+          P: int, G: int, block_sizes: BlockSizes, interpret: bool, sm_scale, quantized: bool, fresh: bool):
+    """The kernel's launch: (o, m, l) partials of each split, then with `fresh` the written pages."""
+    H = q_in.shape[-1]
+    _, Gp = _group(G * K, K)
+    bs = block_sizes
+    bq, ppb, splits = bs.block_q, bs.pages_per_block, bs.num_splits
+    ps = flat[0].shape[1]
+    scale = H ** -0.5 if sm_scale is None else sm_scale
+    if bq * Gp < 16:
+        raise ValueError(f"block_q={bq} x padded group size {Gp} = {bq * Gp} rows; the matrix units need >= 16")
+    if not interpret and jnp.dtype(q_in.dtype).itemsize == 2 and ppb * ps < 16:
+        # Measured on the H100 (Triton 3.6): a 16-bit P.V product over 8 keys came out 2x, over 4 keys 4x.
+        raise ValueError(f"pages_per_block={ppb} x page_size={ps} = {ppb * ps} keys per step; 16-bit products on "
+                         f"the GPU need at least 16")
+    out_dtype = q_in.dtype if splits == 1 else jnp.float32
 
     def whole(x):
         return pl.BlockSpec(x.shape, lambda b, h, s: (0,) * x.ndim)
@@ -195,28 +330,37 @@ def ragged_paged_attention_triton(
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
                                num_splits=splits, sm_scale=scale, group=G, quantized=quantized,
-                               unmasked_steps=bs.unmasked_steps)
-    o, m, l = pl.pallas_call(
+                               unmasked_steps=bs.unmasked_steps, fresh=fresh)
+    inputs = (*scalars, q_in, *flat, *extra)
+    page_outs = tuple(flat) if fresh else ()
+    first_page = len(scalars) + 1
+    return pl.pallas_call(
         kernel,
         grid=(num_blocks, K, splits),
-        in_specs=[*(whole(x) for x in scalars),
-                  pl.BlockSpec((T, None, Gp, H), lambda b, h, s: (0, h, 0, 0)),
-                  *(whole(x) for x in flat)],
+        in_specs=[*(whole(x) for x in scalars), q_spec, *(whole(x) for x in (*flat, *extra))],
         out_specs=[pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
                    pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
-                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0))],
+                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
+                   *(whole(x) for x in page_outs)],
         out_shape=[jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp, H), out_dtype),
                    jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32)],
+                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
+                   *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in page_outs)],
+        input_output_aliases={first_page + i: 3 + i for i in range(len(page_outs))},
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         # Named by its shape of work, so a profile tells decode blocks (many splits) from prefill chunks.
-        name=f"ragged_paged_attention_q{bq}_s{splits}{'_u' if bs.unmasked_steps else ''}",
-    )(*scalars, q4, *flat)
+        name=f"{'rope_' if fresh else ''}ragged_paged_attention_q{bq}_s{splits}{'_u' if bs.unmasked_steps else ''}",
+    )(*inputs)
 
-    if splits > 1:  # merge the partial softmaxes of each token's row
-        o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=q.dtype, interpret=interpret,
-                           num_warps=bs.combine_warps)
+
+def _rows(o, m, l, tok_block, tok_row, T: int, N: int, H: int, G: int, dtype, block_sizes: BlockSizes,
+          interpret: bool) -> jax.Array:
+    """Each token's output [T, N, H] from the splits' partials."""
+    K = N // G
+    if block_sizes.num_splits > 1:  # merge the partial softmaxes of each token's row
+        o = combine_splits(o, m, l, tok_block, tok_row, out_dtype=dtype, interpret=interpret,
+                           num_warps=block_sizes.combine_warps)
     else:  # gather each token's row
         o = o[0, tok_block, tok_row]  # [T, K, Gp, H]
-    return o[:, :, :G].reshape(T, N, H).astype(q.dtype)
+    return o[:, :, :G].reshape(T, K * G, H).astype(dtype)
