@@ -27,6 +27,9 @@ from jinfer.kernels.paged_attention import kernel as pk
 from jinfer.kernels.paged_attention.query_layout import query_blocks
 
 SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
+    # Batch-1 chat lengths: whether a short context pays for splitting (and the combine's launch) at all.
+    (1, 256): ((1, 2, 4, 8, 64), (64, 128), (4, 8)),
+    (1, 1024): ((1, 2, 4, 8, 64), (64, 128), (4, 8)),
     (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),
     (8, 32768): ((2, 4, 8), (64, 128), (4,)),
     (64, 4096): ((1, 2, 4), (64, 128, 256), (4, 8)),
@@ -56,6 +59,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--page-size", type=int, nargs="+", default=[64])
     ap.add_argument("--batch", type=int, nargs="*", help="only these batch sizes of the sweep")
+    ap.add_argument("--context", type=int, nargs="*", help="only these context lengths of the sweep")
     ap.add_argument("--stages", type=int, nargs="+", default=[1, 2, 3])
     ap.add_argument("--unmasked", type=int, nargs="+", default=[0, 1],
                     help="BlockSizes.unmasked_steps values to try (0: one masked loop; 1: unmasked steps apart)")
@@ -63,7 +67,7 @@ def main():
     rng = np.random.default_rng(0)
     print(f"jax {jax.__version__} on {jax.devices()[0].device_kind}")
     for ps, ((B, ctx), (split_options, kps_options, warp_options)) in itertools.product(a.page_size, SWEEP.items()):
-        if a.batch and B not in a.batch:
+        if (a.batch and B not in a.batch) or (a.context and ctx not in a.context):
             continue
         ppb_options = sorted({max(1, k // ps) for k in kps_options})
         q, kp, vp, pt, kv_len, ql = decode_inputs(B, ctx, ps, rng)

@@ -33,8 +33,8 @@ case "${1:-1}" in
   step roofline 90 python benchmarks/gpu_roofline.py
   step b1_bf16 150 python benchmarks/throughput.py $B1
   step b1_bf16_xla_glue 150 python benchmarks/throughput.py $B1 --xla-glue
-  step kernel_tests 180 env JAX_PLATFORMS=cuda python -m pytest -q tests/kernels/test_rms_norm.py \
-    tests/kernels/test_rope_kv.py tests/kernels/test_paged_attention_kernel.py
+  step kernel_tests 240 env JAX_PLATFORMS=cuda python -m pytest -q tests/kernels/test_rms_norm.py \
+    tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py tests/kernels/test_paged_attention_kernel.py
   ;;
 2)  # the split of a token; exactness with the new kernels; the peer
   step profile_b1 240 python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1 \
