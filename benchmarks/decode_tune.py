@@ -28,8 +28,8 @@ from jinfer.kernels.paged_attention.query_layout import query_blocks
 
 SWEEP = {  # (batch, context): (context splits, keys per inner step, warps) tried; stages 1, 2 and 3 each
     # Batch-1 chat lengths: whether a short context pays for splitting (and the combine's launch) at all.
-    (1, 256): ((1, 2, 4, 8, 64), (64, 128), (4, 8)),
-    (1, 1024): ((1, 2, 4, 8, 64), (64, 128), (4, 8)),
+    (1, 256): ((1, 4, 16, 64), (64, 128), (4,)),
+    (1, 1024): ((1, 4, 16, 64), (64, 128), (4,)),
     (1, 4096): ((32, 48, 64, 128), (64, 128), (2, 4, 8)),
     (8, 32768): ((2, 4, 8), (64, 128), (4,)),
     (64, 4096): ((1, 2, 4), (64, 128, 256), (4, 8)),
