@@ -8,6 +8,12 @@ takes it to 10.2 ms. See benchmarks/RESULTS.md.
 On the H200 (jax 0.11.2, same shape, batch-1 decode blocks of 32): recording the layer loop's kernels,
 cuBLAS calls on weight slices included, as CUDA graphs (command buffers with DYNAMIC_SLICE_FUSION and
 WHILE) took 193 tok/s to 202; WHILE without DYNAMIC_SLICE_FUSION splits the graphs at every product (189).
+
+No GEMM autotuning (`--xla_gpu_autotune_level=0`: cuBLAS's own heuristic algorithm for every product). On the
+H200 (session 36, same shape, batch 1, unrolled layers): the autotuner timed each product alone and picked
+split-K algorithms for the o and down products, each then a second kernel (`splitKreduce`) inside the CUDA
+graph: 222.8 tok/s; with the heuristic 228.9, and the batch-1 TTFT 30.6 -> 20.8 ms. The scanned layers' products
+(weight slices read in place) ran without split-K in every earlier trace.
 """
 
 from __future__ import annotations
@@ -15,7 +21,8 @@ from __future__ import annotations
 import os
 
 GPU_FLAGS = ("--xla_gpu_enable_dynamic_slice_fusion=true", "--xla_gpu_enable_triton_gemm=false",
-             "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,WHILE")
+             "--xla_gpu_enable_command_buffer=FUSION,CUBLAS,CUBLASLT,CUSTOM_CALL,DYNAMIC_SLICE_FUSION,WHILE",
+             "--xla_gpu_autotune_level=0")
 
 
 def apply_gpu_flags() -> None:
