@@ -23,13 +23,16 @@ class RMSNormBlockSizes:
     num_warps: int = 4  # one row of D values over these warps; D = 4096 is 32 float32 values a thread
 
 
-def _kernel(layer_ref, x_ref, g_ref, o_ref, *, eps: float, D: int, block_d: int):
+def _kernel(*refs, eps: float, D: int, block_d: int):
     from jax.experimental.pallas import triton as plgpu
 
+    # A plain [D] gain comes without a layer index: its address then waits on no load.
+    layer_ref, x_ref, g_ref, o_ref = refs if len(refs) == 4 else (None, *refs)
     row = pl.program_id(0)
     cols = lax.broadcasted_iota(jnp.int32, (block_d,), 0)
     ok = None if block_d == D else cols < D
-    x_view, g_view = x_ref.at[row, pl.ds(0, block_d)], g_ref.at[layer_ref[0], pl.ds(0, block_d)]
+    g_view = g_ref.at[pl.ds(0, block_d)] if layer_ref is None else g_ref.at[layer_ref[0], pl.ds(0, block_d)]
+    x_view = x_ref.at[row, pl.ds(0, block_d)]
     if ok is None:
         x, g = plgpu.load(x_view), plgpu.load(g_view)
     else:
@@ -41,9 +44,9 @@ def _kernel(layer_ref, x_ref, g_ref, o_ref, *, eps: float, D: int, block_d: int)
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
-def rms_norm_triton(x: jax.Array, gain: jax.Array, layer: jax.Array, *, eps: float,
+def rms_norm_triton(x: jax.Array, gain: jax.Array, layer: jax.Array | None, *, eps: float,
                     block_sizes: RMSNormBlockSizes, interpret: bool) -> jax.Array:
-    """x [M, D], gain [L, D], layer i32[1] -> [M, D] in the dtype of gain * x."""
+    """x [M, D], gain [L, D] with layer i32[1], or [D] with None -> [M, D] in the dtype of gain * x."""
     from jax.experimental.pallas import triton as plgpu
 
     M, D = x.shape
@@ -52,13 +55,15 @@ def rms_norm_triton(x: jax.Array, gain: jax.Array, layer: jax.Array, *, eps: flo
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i: (0,) * a.ndim)
 
+    inputs = (x, gain) if layer is None else (layer, x, gain)
+
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps, D=D, block_d=1 << (D - 1).bit_length()),
         grid=(M,),
-        in_specs=[whole(layer), whole(x), whole(gain)],
+        in_specs=[whole(a) for a in inputs],
         out_specs=whole(jax.ShapeDtypeStruct((M, D), out_dtype)),
         out_shape=jax.ShapeDtypeStruct((M, D), out_dtype),
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=block_sizes.num_warps, num_stages=1),
         name="rms_norm",
-    )(layer, x, gain)
+    )(*inputs)

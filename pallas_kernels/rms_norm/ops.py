@@ -32,8 +32,8 @@ def rms_norm(
                          f"(x.shape={x.shape})")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    stacked = gain if gain.ndim == 2 else gain[None]
-    layer = jnp.reshape(jnp.asarray(0 if layer is None else layer, jnp.int32), (1,))
-    out = rms_norm_triton(x.reshape(math.prod(x.shape[:-1]), D), stacked, layer, eps=eps,
+    if layer is not None:
+        layer = jnp.reshape(jnp.asarray(layer, jnp.int32), (1,))
+    out = rms_norm_triton(x.reshape(math.prod(x.shape[:-1]), D), gain, layer, eps=eps,
                           block_sizes=block_sizes or RMSNormBlockSizes(), interpret=interpret)
     return out.reshape(x.shape)
