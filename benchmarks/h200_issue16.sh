@@ -3,7 +3,7 @@
 # urgent first. Each command's output goes to $OUT/<name>.log (and the tail to stdout); a failing command does
 # not stop the part. From the repository root on the device machine:
 #
-#     bash benchmarks/h200_issue16.sh 1     # then 2, then 3, as device time allows
+#     bash benchmarks/h200_issue16.sh 1     # then 2, 3, 4, as device time allows
 #
 # The checkout's jinfer/ shadows the package mapping, so everything runs from an install in a scratch folder.
 set -u
@@ -28,30 +28,40 @@ step() {  # name, timeout in seconds, command...
 }
 
 B1="--shape llama-3.1-8b --dtype bfloat16 --num-requests 1 --input-len 128 --output-len 512 --max-slots 1 --buckets 16 128 --decode-steps 16"
+T128="--shape llama-3.1-8b --dtype bfloat16 --buckets 512 2048 --chunk 512 --decode-steps 16 --num-requests 128 --max-slots 128 --input-len 512 --output-len 256"
+AUTOTUNED="--xla_gpu_autotune_level=4"  # XLA's default, before session 36 set 0 (jinfer/runtime/xla_flags.py)
 case "${1:-1}" in
-1)  # the ceilings; batch 1 with the new glue kernels and without them; the kernels' tests natively
+1)  # the ceilings; batch 1 twice (the run-to-run spread), then before/after of session 36's changes; the kernels
   step roofline 90 python benchmarks/gpu_roofline.py
-  step b1_bf16 150 python benchmarks/throughput.py $B1
-  step b1_bf16_xla_glue 150 python benchmarks/throughput.py $B1 --xla-glue
-  step kernel_tests 240 env JAX_PLATFORMS=cuda python -m pytest -q tests/kernels/test_rms_norm.py \
-    tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py tests/kernels/test_paged_attention_kernel.py
+  step b1_bf16 90 python benchmarks/throughput.py $B1
+  step b1_bf16_again 90 python benchmarks/throughput.py $B1
+  step b1_bf16_scan_layers 90 python benchmarks/throughput.py $B1 --scan-layers
+  step b1_bf16_autotuned 90 env XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $B1
+  step kernel_tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_rms_norm.py \
+    tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py
   ;;
-2)  # the split of a token; exactness with the new kernels; the peer
-  step profile_b1 240 python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1 \
+2)  # throughput at 128 requests with and without GEMM autotuning (the flag was set on batch-1 evidence); exactness
+  step t128 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 python benchmarks/throughput.py $T128
+  step t128_autotuned 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $T128
+  step exactness 90 python benchmarks/engine_exactness.py
+  step exactness_int4 100 python benchmarks/engine_exactness.py --quantization int4
+  ;;
+3)  # whether batch 1 at chat lengths pays for context splits and their combine; the split of a token; the peer
+  step decode_tune_b1 150 python benchmarks/decode_tune.py --page-size 16 --batch 1 --context 256 1024 --stages 1 \
+    --unmasked 0
+  step profile_b1 120 python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1 \
     --max-slots 1 --decode-steps 32 --top 30
-  step exactness 180 python benchmarks/engine_exactness.py
-  step exactness_int4 180 python benchmarks/engine_exactness.py --quantization int4
-  step torch_peer_b1 240 python benchmarks/torch_peer.py --batches 1 --num-requests 0
+  step torch_peer_b1 300 python benchmarks/torch_peer.py --batches 1 --num-requests 0
   ;;
-3)  # session 34's quantized layouts and the paged decode variants
-  step quant_variants 300 python benchmarks/quant_matmul.py --variants --formats int4,int8 --m 1,16 \
+4)  # session 34's quantized layouts, int4 at batch 1, the paged decode variants at larger batches
+  step quant_variants 240 python benchmarks/quant_matmul.py --variants --formats int4,int8 --m 1,16 \
     --shapes 4096x14336,14336x4096,4096x4096 --rounds 3
-  step b1_int4_out_in 150 python benchmarks/throughput.py $B1 --quantization int4 --out-in int4
-  step b1_int4 150 python benchmarks/throughput.py $B1 --quantization int4 --out-in none
-  step decode_tune 240 python benchmarks/decode_tune.py --page-size 16 --batch 64 8 --stages 1
+  step b1_int4_out_in 100 python benchmarks/throughput.py $B1 --quantization int4 --out-in int4
+  step decode_tune 180 python benchmarks/decode_tune.py --page-size 16 --batch 64 8 --stages 1
+  step paged_kernel_tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_paged_attention_kernel.py
   ;;
 *)
-  echo "part must be 1, 2 or 3" >&2
+  echo "part must be 1, 2, 3 or 4" >&2
   exit 2
   ;;
 esac
