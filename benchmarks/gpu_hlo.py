@@ -146,7 +146,7 @@ def compile_step(args) -> str:
     from jinfer.runtime.step import SlotState
 
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue, args.scan_layers)
+    xla_glue.apply(args.xla_glue, args.scan_layers, args.unfused_decode)
     c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
                       token_buckets=(args.prefill,) if args.prefill else None,
@@ -207,6 +207,7 @@ def main():
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
     ap.add_argument("--xla-glue", action="store_true", help="as benchmarks/xla_glue.py")
     ap.add_argument("--scan-layers", action="store_true", help="as benchmarks/xla_glue.py")
+    ap.add_argument("--unfused-decode", action="store_true", help="as benchmarks/xla_glue.py")
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer (of a step, unrolled)")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()

@@ -36,8 +36,9 @@ case "${1:-1}" in
   step b1_bf16 90 python benchmarks/throughput.py $B1
   step b1_bf16_again 90 python benchmarks/throughput.py $B1
   step b1_bf16_scan_layers 90 python benchmarks/throughput.py $B1 --scan-layers
+  step b1_bf16_unfused_decode 90 python benchmarks/throughput.py $B1 --unfused-decode
   step b1_bf16_autotuned 90 env XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $B1
-  step kernel_tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_rms_norm.py \
+  step kernel_tests 120 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_rms_norm.py \
     tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py
   ;;
 2)  # throughput at 128 requests with and without GEMM autotuning (the flag was set on batch-1 evidence); exactness

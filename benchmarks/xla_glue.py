@@ -1,7 +1,9 @@
 """`--xla-glue` of the engine benchmarks: the per-layer glue as XLA computes it (RMSNorm, RoPE and the K/V page
 writes as XLA fusions) instead of the GPU's Pallas kernels (`jinfer.kernels.rms_norm`, `jinfer.kernels.rope_kv`),
 for this process, so one machine can time both in the same run. `--scan-layers`: the layers scanned over
-stacked weights, as one GPU ran them before the unrolled layers (`jinfer.models.llama.ModelOps.unroll`)."""
+stacked weights, as one GPU ran them before the unrolled layers (`jinfer.models.llama.ModelOps.unroll`).
+`--unfused-decode`: a decode step's RoPE and K/V write in their own kernel before attention (`rope_and_store`),
+not inside it (`PallasBackend.rope_attend`)."""
 
 from __future__ import annotations
 
@@ -13,9 +15,11 @@ def add_flag(ap: argparse.ArgumentParser) -> None:
                     help="norms, RoPE and K/V writes through XLA, not the GPU's Pallas kernels (a before/after run)")
     ap.add_argument("--scan-layers", action="store_true",
                     help="the layers scanned over stacked weights, not unrolled on one GPU (a before/after run)")
+    ap.add_argument("--unfused-decode", action="store_true",
+                    help="a decode step's RoPE and K/V write as a kernel of their own, not inside attention")
 
 
-def apply(xla_glue: bool, scan_layers: bool = False) -> None:
+def apply(xla_glue: bool, scan_layers: bool = False, unfused_decode: bool = False) -> None:
     from jinfer.attention.pallas import PallasBackend
     from jinfer.runtime import ops, runner
 
@@ -30,3 +34,5 @@ def apply(xla_glue: bool, scan_layers: bool = False) -> None:
     runner.model_ops = chosen_ops  # the runner's own name for it
     if xla_glue:
         PallasBackend.rope_kv_kernel = False
+    if unfused_decode:
+        PallasBackend.rope_decode = False
