@@ -151,7 +151,7 @@ def _kernel(
     o, m, l = lax.fori_loop(n_full, n_iter, functools.partial(body, masked=True), carry)
     if fresh:  # the first split takes the query's own key and writes it and its value to their page
         own = (sp == 0) & (n_q > 0)
-        o, m, l = _fresh_key(q, k_new, v_new, (o, m, l), q_ok & own, sm_scale, prec)
+        o, m, l = _fresh_key(q, k_new, v_new, (o, m, l), q_ok & own, sm_scale)
 
         @pl.when(own)
         def _():
@@ -200,7 +200,7 @@ def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, 
     return q, k, qkv_ref[tok1, v_head, col]
 
 
-def _fresh_key(q, k, v, carry, use, sm_scale: float, prec):
+def _fresh_key(q, k, v, carry, use, sm_scale: float):
     """The online softmax of `carry` (o, m, l over rows) taking one more key k [H] and value v [H], for the rows
     where `use`."""
     o, m, l = carry
@@ -210,8 +210,8 @@ def _fresh_key(q, k, v, carry, use, sm_scale: float, prec):
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     p = jnp.exp(s - m_safe)
     alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
-    del prec  # an elementwise product: each term exact in float32, as the tiles' products are
-    # P is rounded to V's dtype before its product, as the tiles' P.V is.
+    # The score is an elementwise product summed in float32, as precise as the tiles' products; P is rounded
+    # to V's dtype before its product, as the tiles' P.V is.
     pv = p.astype(v.dtype).astype(jnp.float32)[:, None] * v.astype(jnp.float32)[None, :]
     return alpha[:, None] * o + pv, m_new, alpha * l + p
 
