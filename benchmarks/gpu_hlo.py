@@ -23,7 +23,6 @@ without a device: XLA takes its defaults), and any time. The flags are the CLI's
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import glob
 import os
 import re
@@ -174,9 +173,6 @@ def compile_step(args) -> str:
     runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
-    if args.short_decode:  # a short-context decode block's sizes: one context split, no combine
-        runner.attention = dataclasses.replace(
-            runner.attention, decode=dataclasses.replace(runner.attention.decode, num_splits=1))
     runner.ops, runner.plain_steps, runner.num_compilations = runner_module.model_ops("gpu", 1), True, 0
     unrolled = runner.ops.unroll
     runner.params = abstract(jax.eval_shape(lambda: llama.unstack_layers(params()) if unrolled else params()))
@@ -211,9 +207,6 @@ def main():
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
     ap.add_argument("--xla-glue", action="store_true", help="as benchmarks/xla_glue.py")
     ap.add_argument("--scan-layers", action="store_true", help="as benchmarks/xla_glue.py")
-    ap.add_argument("--short-decode", action="store_true",
-                    help="a decode block of short contexts (PallasBackend.decode_short: one split, so no combine; "
-                    "its per-token rows then come out of an XLA gather, one kernel all the same)")
     ap.add_argument("--unfused-decode", action="store_true", help="as benchmarks/xla_glue.py")
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer (of a step, unrolled)")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")

@@ -13,7 +13,7 @@ from jinfer.kernels.paged_attention.kernel import BlockSizes, rope_decode_attent
 from jinfer.kernels.paged_attention.kernel_tpu import TPUBlockSizes
 from jinfer.kernels.paged_attention.ops import ragged_paged_attention
 from jinfer.kernels.paged_attention.query_layout import query_blocks
-from jinfer.kernels.paged_attention.tuning import gpu_block_sizes, short_decode, tpu_block_sizes
+from jinfer.kernels.paged_attention.tuning import gpu_block_sizes, tpu_block_sizes
 
 
 @jax.tree_util.register_dataclass
@@ -38,22 +38,6 @@ class PallasBackend:
     decode: BlockSizes = BlockSizes(block_q=4, pages_per_block=8, num_splits=8)
     prefill: BlockSizes = BlockSizes(block_q=16, pages_per_block=4, num_splits=1)
     interpret: bool = False
-    # Decode sizes for blocks in which no context passes `short_context` tokens (the runner picks them per
-    # block, `short_variant`): one context split, so no combine kernel follows. None / 0: never.
-    decode_short: BlockSizes | None = None
-    short_context: int = 0
-
-    def __post_init__(self):
-        if (self.decode_short is None) != (self.short_context == 0) or self.short_context < 0:
-            raise ValueError(f"decode_short={self.decode_short} and short_context={self.short_context} go together "
-                             f"(sizes and a positive context limit, or neither)")
-        if self.decode_short is not None and self.decode_short.block_q != self.decode.block_q:
-            raise ValueError(f"decode_short.block_q={self.decode_short.block_q} must equal decode.block_q="
-                             f"{self.decode.block_q}: a step's query blocks are laid out before its sizes are picked")
-
-    def short_variant(self) -> "PallasBackend":
-        """This backend with `decode_short` as its decode sizes, for the blocks the runner marks short."""
-        return dataclasses.replace(self, decode=self.decode_short, decode_short=None, short_context=0)
 
     def sizes(self, width: int) -> BlockSizes:
         return self.decode if width <= 1 else self.prefill
@@ -107,8 +91,7 @@ class TPUPallasBackend(PallasBackend):
 def pallas_backend(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,
                    interpret: bool = False) -> PallasBackend:
     decode, mixed = gpu_block_sizes(num_kv_heads, num_heads, max_slots, page_size)
-    short, limit = short_decode(decode)
-    return PallasBackend(decode=decode, prefill=mixed, interpret=interpret, decode_short=short, short_context=limit)
+    return PallasBackend(decode=decode, prefill=mixed, interpret=interpret)
 
 
 def tpu_backend(page_size: int, interpret: bool = False) -> TPUPallasBackend:

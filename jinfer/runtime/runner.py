@@ -70,7 +70,6 @@ class StepShape(NamedTuple):
     verify: bool = False
     plain: str | None = None  # "greedy" / "sampled": the step without runtime branches (StepPlan.plain_sampler)
     steps: int = 0  # a decode block's most steps (0: the engine's decode_steps)
-    short: bool = False  # a decode block whose contexts all stay within the backend's `short_context`
 
 
 @dataclasses.dataclass
@@ -166,9 +165,6 @@ class Runner:
         self.attention = shard_over_heads(
             attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size), self.mesh,
             c.num_kv_heads)
-        # Decode blocks of short contexts only, where the backend has sizes for them (`PallasBackend.short_variant`).
-        self.short_attention = (self.attention.short_variant() if getattr(self.attention, "short_context", 0)
-                                else None)
         self.ops = model_ops(platform, 1 if self.mesh is None else self.mesh.size)
         if self.ops.matmul is kernel_matmul:
             self.params = kernel_layout(self.params, jax.devices()[0].device_kind)
@@ -253,16 +249,9 @@ class Runner:
             rows = _bucket(plan.num_rows, cfg.decode_buckets, "rows of a decode block", "decode_buckets")
             # A plain block computes all its steps: one that feeds a single token has a shape of its own.
             steps = 1 if plain and cfg.speculative is not None and plan.max_steps == 1 else 0
-            return StepShape(True, rows, rows, 1, plain=plain, steps=steps, short=self._short(plan))
+            return StepShape(True, rows, rows, 1, plain=plain, steps=steps)
         tokens = _bucket(plan.num_tokens, cfg.token_buckets, "tokens of a step", "token_buckets")
         return StepShape(False, tokens, cfg.max_slots, min(tokens, cfg.max_prefill_chunk), plain=plain)
-
-    def _short(self, plan: StepPlan) -> bool:
-        """Whether no context of a decode block passes the short-context limit, its last step included."""
-        if self.short_attention is None:
-            return False
-        longest = int(plan.rows.kv_len.max(initial=0)) + self.config.decode_steps - 1
-        return longest <= self.attention.short_context
 
     def all_shapes(self) -> list[StepShape]:
         cfg = self.config
@@ -275,8 +264,6 @@ class Runner:
             shapes += [s._replace(plain=p) for p in ("greedy", "sampled") for s in list(shapes)]
             if cfg.speculative is not None:
                 shapes += [s._replace(steps=1) for s in shapes if s.plain and s.decode]
-        if self.short_attention is not None:
-            shapes += [s._replace(short=True) for s in shapes if s.decode]
         return shapes
 
     # ---- the step ------------------------------------------------------------------------------
@@ -289,8 +276,7 @@ class Runner:
         draft = None if draft_params is None else DraftModel(draft_params, draft_kv)
         # A drafter that keeps no cache of its own has nothing to do outside verify steps.
         follows = isinstance(self.drafter, DraftModelDrafter)
-        kw = dict(config=self.model_config, backend=self.short_attention if shape.short else self.attention,
-                  max_logprobs=self.config.max_logprobs,
+        kw = dict(config=self.model_config, backend=self.attention, max_logprobs=self.config.max_logprobs,
                   ops=self.ops)
         if shape.verify:
             step = verify_step(params, kv, state, inputs, attn_meta, width=shape.width, drafter=self.drafter,

@@ -7,8 +7,6 @@ H200).
 
 from __future__ import annotations
 
-import dataclasses
-
 import jax
 import numpy as np
 
@@ -22,11 +20,6 @@ DECODE_STAGES = {"H200": 1}
 # Device kinds whose decode steps run the fully visible steps unmasked (`BlockSizes.unmasked_steps`): none until
 # `decode_tune.py` (which tries both) has timed it on a GPU.
 DECODE_UNMASKED: dict[str, bool] = {}
-# Device kinds whose decode blocks run without context splits (and so without the combine kernel after them)
-# while no context passes this many tokens (`PallasBackend.short_context`): at batch 1 on the H200 the combine
-# cost 2.6 us a layer, ~0.1 ms a token (RESULTS.md, session 36). None until `decode_tune.py --batch 1
-# --context 256 1024` has timed one split against many on a GPU.
-SHORT_DECODE_CONTEXT: dict[str, int] = {}
 
 
 def gpu_block_sizes(num_kv_heads: int, num_heads: int, max_slots: int, page_size: int,
@@ -51,15 +44,6 @@ def gpu_block_sizes(num_kv_heads: int, num_heads: int, max_slots: int, page_size
                         unmasked_steps=unmasked)
     mixed = BlockSizes(block_q=max(block_q, 64 // Gp), pages_per_block=ppb, num_splits=1)
     return decode, mixed
-
-
-def short_decode(decode: BlockSizes, device_kind: str | None = None) -> tuple[BlockSizes | None, int]:
-    """(decode sizes without context splits, the most context tokens they serve) on `device_kind`, or (None, 0)
-    where `SHORT_DECODE_CONTEXT` has no entry."""
-    if device_kind is None:
-        device_kind = jax.devices()[0].device_kind
-    limit = next((n for kind, n in SHORT_DECODE_CONTEXT.items() if kind in device_kind), 0)
-    return (dataclasses.replace(decode, num_splits=1), limit) if limit else (None, 0)
 
 
 def tpu_block_sizes(page_size: int) -> tuple[TPUBlockSizes, TPUBlockSizes]:
