@@ -190,7 +190,23 @@ def forward(
     inv_freq = rope_inv_freq(c)
     x = params["embed"][tokens]  # [B, T, D]
     n = c.num_layers if num_layers is None else num_layers
-    matmul = ops.matmul
+    matmul, eps = ops.matmul, c.rms_norm_eps
+
+    def run_layer(x, k_cache, v_cache, i, norm, project):
+        """One decoder layer: `norm(x, name)` is its RMSNorm with gain `name`, `project(fn, *args)` calls fn with
+        its weights first."""
+        q, k, v = project(functools.partial(_qkv, c, matmul), norm(x, "attn_norm"))
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
+        x = x + project(functools.partial(_out, matmul), attn)
+        return x + project(functools.partial(_mlp, matmul), norm(x, "mlp_norm")), k_cache, v_cache
+
+    if isinstance(params["layers"], tuple) and ops.unroll:
+        # Straight-line code over per-layer weights: no loop, so no loop counter (on one GPU a scan launches a
+        # kernel a layer for it) and every layer index a constant.
+        for i, w in enumerate(params["layers"][:n]):
+            x, *kv_cache = run_layer(x, *kv_cache, i, lambda x, name, w=w: ops.norm(x, w[name], eps),
+                                     lambda fn, *args, w=w: fn(w, *args))
+        return ops.norm(x, params["final_norm"], eps), tuple(kv_cache)
     if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every float leaf
         # The quantized weights and the norm gains stay whole, reached with the layer index.
         held = {k: w for k, w in params["layers"].items() if is_qtensor(w)}
@@ -200,8 +216,6 @@ def forward(
 
         def project(fn, p, i, *args):
             return fn({**p, **{k: LayerSlice(w, i) for k, w in held.items()}}, *args)
-    elif ops.unroll:
-        return _forward_unrolled(params, x, positions, kv_cache, attn_meta, c, attention, n, ops, inv_freq)
     else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked
         per_layer = params["layers"][:n]
         xs = {}
@@ -212,31 +226,14 @@ def forward(
 
     def layer(carry, p):
         x, k_cache, v_cache, i = carry
-        h = ops.norm(x, norms["attn_norm"], c.rms_norm_eps, layer=i)
-        q, k, v = project(functools.partial(_qkv, c, matmul), p, i, h)
-        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
-        x = x + project(functools.partial(_out, matmul), p, i, attn)
-        h = ops.norm(x, norms["mlp_norm"], c.rms_norm_eps, layer=i)
-        x = x + project(functools.partial(_mlp, matmul), p, i, h)
+        x, k_cache, v_cache = run_layer(x, k_cache, v_cache, i,
+                                        lambda x, name: ops.norm(x, norms[name], eps, layer=i),
+                                        lambda fn, *args: project(fn, p, i, *args))
         return (x, k_cache, v_cache, i + 1), None
 
     # The layer index rides in the carry: scanned over as an input, each layer would launch a kernel to read it.
     (x, *kv_cache, _), _ = jax.lax.scan(layer, (x, *kv_cache, jnp.int32(0)), xs, length=n)
-    return ops.norm(x, params["final_norm"], c.rms_norm_eps), tuple(kv_cache)
-
-
-def _forward_unrolled(params, x, positions, kv_cache, attn_meta, c: ModelConfig, attention: AttentionFn, n: int,
-                      ops: ModelOps, inv_freq):
-    """`forward` over per-layer weights as straight-line code: no loop, so no loop counter (on one GPU a scan
-    launches a kernel a layer for it) and every layer index a constant."""
-    k_cache, v_cache = kv_cache
-    for i, w in enumerate(params["layers"][:n]):
-        h = ops.norm(x, w["attn_norm"], c.rms_norm_eps)
-        q, k, v = _qkv(c, ops.matmul, w, h)
-        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
-        x = x + _out(ops.matmul, w, attn)
-        x = x + _mlp(ops.matmul, w, ops.norm(x, w["mlp_norm"], c.rms_norm_eps))
-    return ops.norm(x, params["final_norm"], c.rms_norm_eps), (k_cache, v_cache)
+    return ops.norm(x, params["final_norm"], eps), tuple(kv_cache)
 
 
 def _qkv(c: ModelConfig, matmul: MatmulFn, w, h):
