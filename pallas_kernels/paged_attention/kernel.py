@@ -128,10 +128,8 @@ def _kernel(
             k_pos = p0 * ps + lax.broadcasted_iota(jnp.int32, (rows, block_k), 1)
             visible = (k_pos <= q_pos[:, None]) & (k_pos < kv_end) & q_ok[:, None]
             s = jnp.where(visible, s, NEG_INF)
-        m_new = jnp.maximum(m, s.max(axis=-1))
-        m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)  # rows that saw no key yet keep exp(.) = 0
+        m_new, m_safe, alpha = _new_max(m, s.max(axis=-1))
         p = jnp.exp(s - m_safe[:, None])
-        alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
         l = alpha * l + p.sum(axis=-1)
         if masked:  # keys past kv_len may be stale or NaN: zero V there so 0 * NaN cannot reach the output
             v = jnp.where((p0 * ps + lax.broadcasted_iota(jnp.int32, (block_k, H), 0)) < kv_end, v, 0)
@@ -170,6 +168,15 @@ def _kernel(
     plgpu.store(l_ref, l.reshape(block_q, Gp), mask=live)
 
 
+def _new_max(m, seen):
+    """The online softmax's new running max of rows whose max was m and whose new scores peak at `seen`: (the
+    max, the max to subtract from scores (0 for rows that saw no key yet, which keep exp(.) = 0), the factor that
+    rescales what was summed so far)."""
+    m_new = jnp.maximum(m, seen)
+    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    return m_new, m_safe, jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
+
+
 def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, K: int):
     """Token `tok`'s queries of KV head kh (its `group` heads in each of the rows / Gp copies of Gp rows; padded
     heads repeat the last) and its key, rotated by RoPE at `pos`, and its value, from the fused product."""
@@ -206,10 +213,8 @@ def _fresh_key(q, k, v, carry, use, sm_scale: float):
     o, m, l = carry
     s = jnp.sum(q.astype(jnp.float32) * k.astype(jnp.float32)[None, :], axis=1) * sm_scale
     s = jnp.where(use, s, NEG_INF)
-    m_new = jnp.maximum(m, s)
-    m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
+    m_new, m_safe, alpha = _new_max(m, s)
     p = jnp.exp(s - m_safe)
-    alpha = jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
     # The score is an elementwise product summed in float32, as precise as the tiles' products; P is rounded
     # to V's dtype before its product, as the tiles' P.V is.
     pv = p.astype(v.dtype).astype(jnp.float32)[:, None] * v.astype(jnp.float32)[None, :]
