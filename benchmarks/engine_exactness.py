@@ -57,7 +57,7 @@ def main():
                                                                    "on one device (llama-3.2-1b's 8 KV heads split)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue, args.scan_layers, args.unfused_decode)
+    xla_glue.apply(args)
     config = SHAPES[args.shape]
     dtype = jnp.dtype(args.dtype)
     params = jax.jit(llama.init_params, static_argnums=(0, 2))(config, jax.random.key(1), dtype)

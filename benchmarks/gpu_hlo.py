@@ -32,6 +32,8 @@ from collections import Counter
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
+from benchmarks import xla_glue  # after the path: run as a script
+
 # The H200 as XLA's GpuTargetConfigProto describes a device (text format): the fields its compiler reads.
 H200 = """gpu_device_info {
   threads_per_block_limit: 1024 threads_per_warp: 32 shared_memory_per_block: 49152
@@ -103,7 +105,10 @@ def census(hlo: str) -> dict:
     around it per step, and of the rest per block (a prefill step: no decode loop, the rest is the step's)."""
     comps = computations(hlo)
     nest = loops(comps)
-    layer = next((b, c, p) for p, b, c in nest if any("attention" in line for line in comps[b]))
+    layer = next(((b, c, p) for p, b, c in nest if any("attention" in line for line in comps[b])), None)
+    if layer is None:  # a prefill step of unrolled layers: straight-line code, no loop at all
+        entry = re.search(r"^ENTRY %([\w.\-]+)", hlo, re.M).group(1)
+        return {"layer": [], "step": kernels(comps[entry]), "block": []}
     if sum(opcode(line) == "custom-call" and "ragged_paged_attention_q" in line for line in comps[layer[0]]) > 1:
         # Unrolled layers (`ModelOps.unroll`): the loop holding the attention is the decode loop, no layer loop.
         return {"layer": [], "step": kernels(comps[layer[0]]) + kernels(comps[layer[1]]),
@@ -133,30 +138,29 @@ def compile_step(args) -> str:
     jax.devices = jax.local_devices = lambda *a, **k: [device]
     jax.config.update("jax_default_device", device)
 
-    from benchmarks import weight_layout, xla_glue
+    from benchmarks import weight_layout
     from benchmarks.model_shapes import SHAPES
     from jinfer.attention.backend import paged_kv_cache
     from jinfer.attention.select import default_backend
     from jinfer.engine.config import EngineConfig
     from jinfer.models import llama
-    from jinfer.quant.params import cast_params, quantize_params
+    from jinfer.quant.params import cast_params
     from jinfer.runtime import runner as runner_module
     from jinfer.runtime.matmul import kernel_layout
     from jinfer.runtime.runner import Runner, StepShape
     from jinfer.runtime.step import SlotState
 
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue, args.scan_layers, args.unfused_decode)
+    xla_glue.apply(args)
     c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
                       token_buckets=(args.prefill,) if args.prefill else None,
                       quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype).resolve("gpu")
 
+    ops = runner_module.model_ops("gpu", 1)
+
     def params():  # as Runner.__init__ prepares them on one GPU
-        p = llama.fuse_projections(llama.init_params(c, jax.random.key(0), dtype))
-        if ec.quantization is not None:
-            p = quantize_params(p, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, ec.quantization,
-                                ec.quantization_group_size)
+        p = runner_module.prepare_weights(llama.init_params(c, jax.random.key(0), dtype), ec, ops, fuse=True)
         return kernel_layout(cast_params(p, dtype), device.device_kind)
 
     def state():
@@ -173,7 +177,7 @@ def compile_step(args) -> str:
     runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
-    runner.ops, runner.plain_steps, runner.num_compilations = runner_module.model_ops("gpu", 1), True, 0
+    runner.ops, runner.plain_steps, runner.num_compilations = ops, True, 0
     unrolled = runner.ops.unroll
     runner.params = abstract(jax.eval_shape(lambda: llama.unstack_layers(params()) if unrolled else params()))
     runner.kv, runner.state = abstract(jax.eval_shape(state))
@@ -205,9 +209,7 @@ def main():
     ap.add_argument("--kv-cache-dtype", default=None)
     ap.add_argument("--out-in", default=None, help="as benchmarks/weight_layout.py")
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
-    ap.add_argument("--xla-glue", action="store_true", help="as benchmarks/xla_glue.py")
-    ap.add_argument("--scan-layers", action="store_true", help="as benchmarks/xla_glue.py")
-    ap.add_argument("--unfused-decode", action="store_true", help="as benchmarks/xla_glue.py")
+    xla_glue.add_flag(ap)
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer (of a step, unrolled)")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()
@@ -228,8 +230,8 @@ def main():
     count = census(hlo)
     per_layer, per_step = len(count["layer"]), len(count.get("step", ()))
     if not count["layer"]:  # unrolled: a step's kernels are its layers'
-        print(f"unrolled layers: {per_step} kernels a decode step ({per_step / L:.2f} a layer), "
-              f"{len(count['block'])} a block outside its steps")
+        print(f"unrolled layers: {per_step} kernels a {'prefill' if args.prefill else 'decode'} step "
+              f"({per_step / L:.2f} a layer), {len(count['block'])} a block outside its steps")
         if args.list:
             for name, what in count["step"]:
                 print(f"  {name:<40} {what}")

@@ -31,20 +31,21 @@ B1="--shape llama-3.1-8b --dtype bfloat16 --num-requests 1 --input-len 128 --out
 T128="--shape llama-3.1-8b --dtype bfloat16 --buckets 512 2048 --chunk 512 --decode-steps 16 --num-requests 128 --max-slots 128 --input-len 512 --output-len 256"
 AUTOTUNED="--xla_gpu_autotune_level=4"  # XLA's default, before session 36 set 0 (jinfer/runtime/xla_flags.py)
 case "${1:-1}" in
-1)  # the ceilings; batch 1 twice (the run-to-run spread), then before/after of session 36's changes; the kernels
+1)  # the ceilings; batch 1 twice (the run-to-run spread), then before/after of sessions 36-37's changes; kernels
   step roofline 90 python benchmarks/gpu_roofline.py
   step b1_bf16 90 python benchmarks/throughput.py $B1
   step b1_bf16_again 90 python benchmarks/throughput.py $B1
-  step b1_bf16_scan_layers 90 python benchmarks/throughput.py $B1 --scan-layers
-  step b1_bf16_unfused_decode 90 python benchmarks/throughput.py $B1 --unfused-decode
+  step b1_bf16_unfolded_norms 90 python benchmarks/throughput.py $B1 --unfolded-norms
+  step b1_bf16_unfolded_again 90 python benchmarks/throughput.py $B1 --unfolded-norms
   step b1_bf16_autotuned 90 env XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $B1
-  step kernel_tests 120 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_rms_norm.py \
-    tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py
+  step kernel_tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_rms_norm.py \
+    tests/kernels/test_rope_kv.py tests/kernels/test_rope_decode_attention.py tests/kernels/test_swiglu.py
   ;;
 2)  # throughput at 128 requests with and without GEMM autotuning (the flag was set on batch-1 evidence); exactness
   step t128 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 python benchmarks/throughput.py $T128
   step t128_autotuned 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $T128
   step exactness 90 python benchmarks/engine_exactness.py
+  step b1_bf16_unfused_decode 90 python benchmarks/throughput.py $B1 --unfused-decode
   step exactness_int4 100 python benchmarks/engine_exactness.py --quantization int4
   ;;
 3)  # whether batch 1 at chat lengths pays for context splits and their combine; the split of a token; the peer

@@ -100,7 +100,7 @@ def main():
                     help="the prompt of benchmarks/spec_speed.py's grounded workload (greedy, stops at EOS)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue, args.scan_layers, args.unfused_decode)
+    xla_glue.apply(args)
     tp = args.tensor_parallel
     if args.model:
         from jinfer.checkpoints.load import load

@@ -118,7 +118,7 @@ def main():
     ap.add_argument("--hf", action="store_true", help="also time transformers generate (needs --model smollm2)")
     args = ap.parse_args()
     weight_layout.apply(args.out_in)
-    xla_glue.apply(args.xla_glue, args.scan_layers, args.unfused_decode)
+    xla_glue.apply(args)
 
     from jinfer.models import llama
 

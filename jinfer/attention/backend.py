@@ -26,7 +26,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.kernels.rope_kv import rope_and_store
-from jinfer.models.layers import apply_rope
+from jinfer.models.layers import apply_rope, scale_rows
 from jinfer.quant.kv import empty_kv, is_quantized_kv, round_trip_kv, store_tokens
 
 M = TypeVar("M")  # a backend's own per-step metadata: a pytree of arrays
@@ -55,7 +55,8 @@ class AttentionBackend(Protocol[M]):
     says the backend's pages take a step's K/V through `jinfer.kernels.rope_kv` (RoPE and the write in one
     kernel; `attend` then gets k = v = None); `rope_decode` (absent: False) that its
     `rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width)` does RoPE, the write and attention of a
-    decode step (width 1) in one. A class attribute `partitionable` says whether XLA
+    decode step (width 1) in one, and with `rows=(x [T, D], eps)` first scales q, k, v by the RMSNorm factor of
+their token's row of x (folded norms, `llama.fold_norms`). A class attribute `partitionable` says whether XLA
     can split `attend` over a mesh by itself (plain jnp); where it cannot (a kernel), the runner wraps the
     backend in `sharded.HeadShardedBackend`."""
 
@@ -98,19 +99,27 @@ def paged_kv_cache(num_layers: int, num_pages: int, page_size: int, num_kv_heads
 
 def make_paged_attention(width: int, backend: AttentionBackend):
     """The `attention` callable of `llama.forward` for one compiled step shape (`width`: the most
-    queries one row has in the step)."""
+    queries one row has in the step). It scales rows (`scales_rows`): with folded norms the kernel that rotates
+    q and k (`rope_attend`, `rope_and_store`) multiplies q, k, v by their token's norm factor itself; without one
+    XLA does it first."""
 
     @jax.named_scope("attention")  # benchmarks/step_profile.py sorts the step's time by these scopes
-    def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta, inv_freq):
-        if getattr(backend, "rope_kv_kernel", False) and not is_quantized_kv(k_pages):
+    def attention(q, k, v, k_pages, v_pages, layer, positions, meta: PagedMeta, inv_freq, rows=None):
+        kernel = getattr(backend, "rope_kv_kernel", False) and not is_quantized_kv(k_pages)
+        fused_decode = kernel and width <= 1 and getattr(backend, "rope_decode", False)
+        if rows is not None and not kernel:
+            q, k, v = (scale_rows(t, *rows) for t in (q, k, v))
+        if kernel:
             # One kernel rotates q and k and writes k and v (the concatenation of the fused product's own slices
             # is that product again to XLA); the backend reads this step's K/V from the pages.
             qkv = jnp.concatenate([q, k, v], axis=2)[0]
-            if width <= 1 and getattr(backend, "rope_decode", False):
-                out, k_pages, v_pages = backend.rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width)
+            if fused_decode:
+                out, k_pages, v_pages = backend.rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width,
+                                                            rows=None if rows is None else (rows[0][0], rows[1]))
                 return out[None], k_pages, v_pages
             q, k_pages, v_pages = rope_and_store(qkv, positions[0], inv_freq, k_pages, v_pages, layer, meta.kv_slot,
-                                                 num_heads=q.shape[2], interpret=backend.interpret)
+                                                 None if rows is None else rows[0][0], num_heads=q.shape[2],
+                                                 interpret=backend.interpret, eps=None if rows is None else rows[1])
             return backend.attend(q, None, None, k_pages, v_pages, layer, meta, width)[None], k_pages, v_pages
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         ps = page_size(k_pages)
@@ -122,4 +131,5 @@ def make_paged_attention(width: int, backend: AttentionBackend):
         out = backend.attend(q[0], k[0], v[0], k_pages, v_pages, layer, meta, width)
         return out[None], k_pages, v_pages
 
+    attention.scales_rows = True
     return attention

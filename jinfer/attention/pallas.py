@@ -63,9 +63,11 @@ class PallasBackend:
             interpret=self.interpret)
 
 
-    def rope_attend(self, qkv, inv_freq, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int):
+    def rope_attend(self, qkv, inv_freq, k_pages, v_pages, layer, meta: PagedMeta[PallasMeta], width: int,
+                    rows=None):
         """A decode step (width 1) from its fused, unrotated product qkv [T, N + 2K, H]: RoPE, the K/V write and
-        attention in one kernel (`rope_decode_attention_triton`) -> (out [T, N, H], k_pages, v_pages)."""
+        attention in one kernel (`rope_decode_attention_triton`) -> (out [T, N, H], k_pages, v_pages).
+        rows: None, or (x [T, D], eps): qkv is still to be scaled by the RMSNorm factor of x's rows."""
         if width > 1:
             raise ValueError(f"rope_attend takes decode steps (width 1), not width={width}")
         K = k_pages.shape[1]
@@ -73,7 +75,8 @@ class PallasBackend:
         m = meta.backend
         return rope_decode_attention_triton(
             qkv, inv_freq, meta.kv_slot, k_pages, v_pages, layer, meta.page_table, meta.kv_len, meta.query_len,
-            m.blocks, m.tok_block, m.tok_row, num_heads=qkv.shape[1] - 2 * K,
+            m.blocks, m.tok_block, m.tok_row, None if rows is None else rows[0], num_heads=qkv.shape[1] - 2 * K,
+            eps=None if rows is None else rows[1],
             num_blocks=self.num_blocks(num_tokens, width, num_rows), block_sizes=self.sizes(width),
             interpret=self.interpret)
 

@@ -1,9 +1,11 @@
-"""Building blocks shared by the Llama-family models: RMSNorm and rotary position embeddings."""
+"""Building blocks shared by the Llama-family models: RMSNorm, the gated MLP activation and rotary position
+embeddings."""
 
 from __future__ import annotations
 
 import math
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -18,6 +20,31 @@ def rms_norm(x: jnp.ndarray, weight: jnp.ndarray, eps: float, layer: jnp.ndarray
     x32 = x.astype(jnp.float32)
     normed = x32 * jnp.reciprocal(jnp.sqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + eps))
     return weight * normed.astype(x.dtype)
+
+
+def rms_factor(x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """f32[...]: the RMSNorm factor of each row of x [..., D], 1 / sqrt(mean(x^2) + eps)."""
+    x32 = x.astype(jnp.float32)
+    return jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1) + eps)
+
+
+def scale_rows(y: jnp.ndarray, x: jnp.ndarray, eps: float) -> jnp.ndarray:
+    """y [B, T, ...] times the RMSNorm factor of x [B, T, D] token by token, rounded once to y's dtype: the
+    product of a norm whose gain was folded into its weights (`llama.fold_norms`) made the norm's product."""
+    r = rms_factor(x, eps).reshape(*x.shape[:-1], *(1,) * (y.ndim - x.ndim + 1))
+    return (y.astype(jnp.float32) * r).astype(y.dtype)
+
+
+def swiglu(gate_up: jnp.ndarray, x: jnp.ndarray | None = None, eps: float = 0.0) -> jnp.ndarray:
+    """silu(gate) * up of the fused product gate_up [..., 2F] -> [..., F]. With x [..., D], the product read
+    x unnormalized (`llama.fold_norms`): gate and up are first scaled by x's RMSNorm factor, all in float32,
+    rounded once."""
+    gate, up = jnp.split(gate_up, 2, axis=-1)
+    if x is None:
+        return jax.nn.silu(gate) * up
+    r = rms_factor(x, eps)[..., None]
+    g, u = gate.astype(jnp.float32) * r, up.astype(jnp.float32) * r
+    return (jax.nn.silu(g) * u).astype(gate_up.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:

@@ -12,7 +12,8 @@ Params (layers stacked on a leading axis L, run with `lax.scan` so compile time 
 
 `param_axes` gives the logical axis names of every leaf; the sharding table maps them to mesh axes.
 `fuse_projections` concatenates the products that share an input (wqkv, w_gate_up), the engine's form on one
-GPU. `forward` also takes `layers` as a tuple of L per-layer dicts of the same leaves without the L axis
+GPU; `fold_norms` then multiplies each layer's two RMSNorm gains into them (`forward` tells the form by the gains'
+absence). `forward` also takes `layers` as a tuple of L per-layer dicts of the same leaves without the L axis
 (`unstack_layers`), the engine's form on the CPU, where a scanned slice of a stacked weight is a copy.
 The KV cache goes in and comes back out of `forward`; how it is laid out and read is the business of the
 attention backend passed in (`jinfer.models.attention`).
@@ -28,7 +29,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from jinfer.models.config import ModelConfig
-from jinfer.models.layers import rms_norm, rope_inv_freq
+from jinfer.models.layers import rms_norm, rope_inv_freq, scale_rows, swiglu
 from jinfer.quant.qtensor import LayerSlice, concat_outputs, is_qtensor, qeinsum
 
 Params = dict
@@ -113,6 +114,38 @@ def fuse_projections(params: Params) -> Params:
     return {**params, "layers": fuse(layers) if isinstance(layers, dict) else tuple(map(fuse, layers))}
 
 
+def fold_norms(params: Params) -> Params:
+    """The fused model (`fuse_projections`) with each layer's RMSNorm gains multiplied into the products after
+    them (attn_norm into wqkv, mlp_norm into w_gate_up) and dropped: RMSNorm(x) @ W is x @ (gain * W) times
+    x's norm factor, a scalar a token, which `forward` leaves to what reads the product (the attention, the
+    gated activation: `ModelOps.swiglu`). Each product is computed in float32 and rounded once to the weight's
+    dtype. Layers it cannot fold stay as they are: quantized or unfused weights, biased q/k/v (the bias is
+    added after the factor).
+
+    Why (the H200, Llama-3.1-8B shape, batch-1 decode; benchmarks/RESULTS.md, session 36): each of a layer's
+    two norms was a kernel launch of ~1.9 us for 8 kB, between two products; folded, the attention kernel and the
+    gated activation's kernel each reduce their token's row themselves, and a layer launches two kernels fewer."""
+    def fold(d: dict) -> dict:
+        pairs = (("attn_norm", "wqkv"), ("mlp_norm", "w_gate_up"))
+        if any(g not in d or w not in d or is_qtensor(d[w]) for g, w in pairs) or "bq" in d:
+            return d
+        out = {k: w for k, w in d.items() if k not in NORMS}
+        for g, w in pairs:
+            gain = d[g].astype(jnp.float32)
+            gain = gain.reshape(*gain.shape, *(1,) * (d[w].ndim - gain.ndim))  # over D, the input axis
+            out[w] = (d[w].astype(jnp.float32) * gain).astype(d[w].dtype)
+        return out
+
+    layers = params["layers"]
+    return {**params, "layers": fold(layers) if isinstance(layers, dict) else tuple(map(fold, layers))}
+
+
+def is_folded(params: Params) -> bool:
+    """Whether `fold_norms` folded params' layer norms into their products."""
+    layers = params["layers"]
+    return "attn_norm" not in (layers if isinstance(layers, dict) else layers[0])
+
+
 def param_axes(config: ModelConfig) -> dict:
     """The params pytree with a tuple of logical axis names at every leaf (same structure as params)."""
     shapes = param_shapes(config)
@@ -147,6 +180,7 @@ AttentionFn = Callable[..., tuple[jnp.ndarray, jnp.ndarray, jnp.ndarray]]
 NORMS = ("attn_norm", "mlp_norm")  # a layer's RMSNorm gains
 MatmulFn = Callable[[str, jnp.ndarray, object], jnp.ndarray]  # (einsum spec, x, weight | QTensor | LayerSlice)
 NormFn = Callable[..., jnp.ndarray]  # (x, gain [D] or stacked [L, D], eps, layer=None) -> RMSNorm of x
+SwigluFn = Callable[..., jnp.ndarray]  # (gate_up [..., 2F], x [..., D] | None, eps) -> [..., F] (`layers.swiglu`)
 
 
 class ModelOps(NamedTuple):
@@ -158,6 +192,12 @@ class ModelOps(NamedTuple):
     # Per-layer weights (`unstack_layers`) run as straight-line code, one copy of the layer a layer, instead
     # of a scan whose body picks the layer's weights with a `lax.switch`.
     unroll: bool = False
+    swiglu: SwigluFn = swiglu  # the fused gate/up product's activation, scaled by x's norm factor where folded
+    # The runner fuses the products that share an input (`fuse_projections`) for these ops, and folds the norm
+    # gains into the float ones (`fold_norms`): worth it where the norm factor costs no launch of its own (the
+    # attention's kernels and `swiglu` reduce the row themselves).
+    fuse: bool = False
+    fold_norms: bool = False
 
 
 def forward(
@@ -183,6 +223,9 @@ def forward(
     rotates q and k by RoPE at `positions` (`inv_freq`: the rotary frequencies, as `apply_rope` takes them),
     writes the new K/V of `layer` into the stacked caches and attends; q: [B, T, N, H], k/v: [B, T, K, H]. The
     rotation is the attention's so that a backend can fuse it with the K/V write (`jinfer.kernels.rope_kv`).
+    With folded norms (`fold_norms`), an attention callable whose attribute `scales_rows` is true also takes
+    `rows=(x, eps)`: q, k and v are yet to be multiplied by the RMSNorm factor of x [B, T, D] token by token
+    (`layers.scale_rows`), before the rotation; to any other callable the model hands them scaled.
     The whole cache rides in the scan carry (not sliced per layer as scan inputs/outputs), so XLA updates
     it in place instead of copying every layer's cache on every step.
     """
@@ -191,14 +234,23 @@ def forward(
     x = params["embed"][tokens]  # [B, T, D]
     n = c.num_layers if num_layers is None else num_layers
     matmul, eps = ops.matmul, c.rms_norm_eps
+    folded = is_folded(params)
+    mlp = functools.partial(_mlp, matmul, functools.partial(ops.swiglu, eps=eps))
 
     def run_layer(x, k_cache, v_cache, i, norm, project):
         """One decoder layer: `norm(x, name)` is its RMSNorm with gain `name`, `project(fn, *args)` calls fn with
-        its weights first."""
-        q, k, v = project(functools.partial(_qkv, c, matmul), norm(x, "attn_norm"))
-        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq)
+        its weights first. Folded (`fold_norms`), the products read x itself, and their readers scale each
+        token's row by x's norm factor: the attention where it says it can (`attention.scales_rows`)."""
+        q, k, v = project(functools.partial(_qkv, c, matmul), x if folded else norm(x, "attn_norm"))
+        rows = {}
+        if folded and getattr(attention, "scales_rows", False):
+            rows = {"rows": (x, eps)}
+        elif folded:
+            q, k, v = (scale_rows(t, x, eps) for t in (q, k, v))
+        attn, k_cache, v_cache = attention(q, k, v, k_cache, v_cache, i, positions, attn_meta, inv_freq, **rows)
         x = x + project(functools.partial(_out, matmul), attn)
-        return x + project(functools.partial(_mlp, matmul), norm(x, "mlp_norm")), k_cache, v_cache
+        h = project(mlp, x, x) if folded else project(mlp, norm(x, "mlp_norm"), None)
+        return x + h, k_cache, v_cache
 
     if isinstance(params["layers"], tuple) and ops.unroll:
         # Straight-line code over per-layer weights: no loop, so no loop counter (on one GPU a scan launches a
@@ -210,7 +262,7 @@ def forward(
     if isinstance(params["layers"], dict):  # stacked: each scan step slices its layer out of every float leaf
         # The quantized weights and the norm gains stay whole, reached with the layer index.
         held = {k: w for k, w in params["layers"].items() if is_qtensor(w)}
-        norms = {k: params["layers"][k] for k in NORMS}
+        norms = {k: params["layers"][k] for k in NORMS if not folded}
         xs = {k: w for k, w in params["layers"].items() if k not in held and k not in norms}
         xs = xs if n == c.num_layers else jax.tree_util.tree_map(lambda w: w[:n], xs)
 
@@ -219,7 +271,7 @@ def forward(
     else:  # one dict per layer (`unstack_layers`): only the small norm vectors are stacked
         per_layer = params["layers"][:n]
         xs = {}
-        norms = {name: jnp.stack([w[name] for w in per_layer]) for name in NORMS}
+        norms = {name: jnp.stack([w[name] for w in per_layer]) for name in NORMS if not folded}
 
         def project(fn, p, i, *args):
             return jax.lax.switch(i, [functools.partial(fn, w) for w in per_layer], *args)
@@ -253,13 +305,15 @@ def _out(matmul: MatmulFn, w, attn):
     return matmul("BTNH,NHD->BTD", attn, w["wo"])
 
 
-def _mlp(matmul: MatmulFn, w, h):
+def _mlp(matmul: MatmulFn, act: SwigluFn, w, h, x):
+    """x: None, or (folded norms) h itself, the rows whose norm factor the activation applies."""
     if "w_gate_up" in w:
-        gate, up = jnp.split(matmul("BTD,DF->BTF", h, w["w_gate_up"]), 2, axis=-1)
+        hidden = act(matmul("BTD,DF->BTF", h, w["w_gate_up"]), x)
     else:
         gate = matmul("BTD,DF->BTF", h, w["w_gate"])
         up = matmul("BTD,DF->BTF", h, w["w_up"])
-    return matmul("BTF,FD->BTD", jax.nn.silu(gate) * up, w["w_down"])
+        hidden = jax.nn.silu(gate) * up
+    return matmul("BTF,FD->BTD", hidden, w["w_down"])
 
 
 def unstack_layers(params: Params) -> Params:

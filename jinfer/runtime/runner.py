@@ -129,6 +129,22 @@ def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
     raise ValueError(f"{n} {what} exceed the largest of EngineConfig.{field}={buckets}")
 
 
+def prepare_weights(params, engine_config: EngineConfig, ops: llama.ModelOps, fuse: bool):
+    """The checkpoint's params as the runner's steps read them, before the cast to the engine's dtype: with `fuse`
+    (`ops.fuse`, one GPU) the products that share an input fused (five products a layer become two), their norm
+    gains folded
+    in where `ops` reduce the norm factor themselves (float weights only), then quantized as configured (from
+    the checkpoint's own precision)."""
+    if fuse:
+        params = llama.fuse_projections(params)
+        if ops.fold_norms and engine_config.quantization is None:
+            params = llama.fold_norms(params)
+    if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
+        params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, engine_config.quantization,
+                                 engine_config.quantization_group_size)
+    return params
+
+
 class Runner:
     def __init__(self, model_config: ModelConfig, engine_config: EngineConfig, params, num_pages: int,
                  attention_backend: AttentionBackend | None = None, devices=None, drafter: Drafter | None = None,
@@ -149,12 +165,8 @@ class Runner:
         tp = engine_config.tensor_parallel
         self.mesh = sharding.make_mesh(model=tp, devices=devices) if tp > 1 or devices is not None else None
         platform = jax.devices()[0].platform
-        if self.mesh is None and platform == "gpu":  # five products a layer become two (fuse_projections)
-            params = llama.fuse_projections(params)
-        if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
-            # From the checkpoint's own precision, before any cast.
-            params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, engine_config.quantization,
-                                     engine_config.quantization_group_size)
+        self.ops = model_ops(platform, 1 if self.mesh is None else self.mesh.size)
+        params = prepare_weights(params, engine_config, self.ops, fuse=self.mesh is None and self.ops.fuse)
         if self.mesh is None:
             self.params = cast_params(params, dtype)
         else:  # each device receives its shard only, then casts it
@@ -165,7 +177,6 @@ class Runner:
         self.attention = shard_over_heads(
             attention_backend or default_backend(c.num_kv_heads, c.num_heads, S, engine_config.page_size), self.mesh,
             c.num_kv_heads)
-        self.ops = model_ops(platform, 1 if self.mesh is None else self.mesh.size)
         if self.ops.matmul is kernel_matmul:
             self.params = kernel_layout(self.params, jax.devices()[0].device_kind)
         if engine_config.per_layer_weights or self.ops.unroll:

@@ -61,15 +61,18 @@ def _kernel(
     q_ref,  # [T, Gp, H] for this program's KV head; with `fresh`, the step's whole fused product [T, N + 2K, H]
     k_ref, v_ref,  # [L * K * P, page_size, H]: every page of every layer and head
     # quantized pages: ks_ref, vs_ref f32[L * K * P, page_size], their scales; with `fresh` instead
-    # freq_ref f32[H / 2], slot_ref i32[T] (`rope_decode_attention`); then the outputs, this program's
-    # block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]; with `fresh` then k_out, v_out (k_ref, v_ref
-    # aliased)
+    # freq_ref f32[H / 2], slot_ref i32[T] (`rope_decode_attention`) and with `eps` x_ref [T, D]; then the
+    # outputs, this program's block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]; with `fresh` then
+    # k_out, v_out (k_ref, v_ref aliased)
     *refs,
     num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
     sm_scale: float, group: int, quantized: bool, unmasked_steps: bool, fresh: bool = False,
+    eps: float | None = None,
 ):
     if fresh:
-        freq_ref, slot_ref, o_ref, m_ref, l_ref, k_out, v_out = refs
+        freq_ref, slot_ref, *refs = refs
+        x_ref, *refs = refs if eps is not None else (None, *refs)
+        o_ref, m_ref, l_ref, k_out, v_out = refs
         ks_ref = vs_ref = None
     else:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
@@ -100,7 +103,8 @@ def _kernel(
     base = (layer_ref[0] * num_kv_heads + kh) * num_pages
     if fresh:
         tok = jnp.minimum(blk_row0_ref[b], n_tok - 1)
-        q, k_new, v_new = _fresh_qkv(q_ref, freq_ref, tok, first_pos, kh, rows, Gp, group, num_kv_heads)
+        scale = None if x_ref is None else _norm_factor(x_ref, tok, eps)
+        q, k_new, v_new = _fresh_qkv(q_ref, freq_ref, tok, first_pos, kh, rows, Gp, group, num_kv_heads, scale)
     else:
         q_rows = jnp.minimum(blk_row0_ref[b] + lax.broadcasted_iota(jnp.int32, (block_q,), 0), n_tok - 1)
         q = q_ref[q_rows].reshape(rows, H)
@@ -177,9 +181,20 @@ def _new_max(m, seen):
     return m_new, m_safe, jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
 
 
-def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, K: int):
+def _norm_factor(x_ref, tok, eps: float):
+    """The RMSNorm factor (float32) of row `tok` of x_ref [T, D]: D rounded up to a power of two, masked."""
+    D = x_ref.shape[1]
+    block_d = 1 << (D - 1).bit_length()
+    ok = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
+    x = plgpu.load(x_ref.at[tok, pl.ds(0, block_d)], mask=ok, other=None if ok is None else 0)
+    x = x.astype(jnp.float32)
+    return lax.rsqrt(jnp.sum(x * x) / D + eps)
+
+
+def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, K: int, scale=None):
     """Token `tok`'s queries of KV head kh (its `group` heads in each of the rows / Gp copies of Gp rows; padded
-    heads repeat the last) and its key, rotated by RoPE at `pos`, and its value, from the fused product."""
+    heads repeat the last) and its key, rotated by RoPE at `pos`, and its value, from the fused product; each
+    first multiplied by `scale` (float32) and rounded back, where given (`layers.scale_rows`)."""
     H = qkv_ref.shape[-1]
     half = H // 2
     N = qkv_ref.shape[1] - 2 * K
@@ -192,6 +207,10 @@ def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, 
     cos = jnp.cos(freqs).astype(dtype)
     sin = jnp.where(col < half, -jnp.sin(freqs), jnp.sin(freqs)).astype(dtype)
 
+    def load(idx):
+        x = qkv_ref[idx]
+        return x if scale is None else (x.astype(jnp.float32) * scale).astype(dtype)
+
     def rotate(x, partner, c, s):
         return x * c + partner * s
 
@@ -199,12 +218,12 @@ def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, 
     heads = kh * group + jnp.minimum(r % Gp, group - 1)
     cols = jnp.broadcast_to(col[None, :], (rows, H))
     tok2 = jnp.full((rows, H), tok, jnp.int32)
-    q = rotate(qkv_ref[tok2, heads, cols], qkv_ref[tok2, heads, jnp.broadcast_to(other[None, :], (rows, H))],
+    q = rotate(load((tok2, heads, cols)), load((tok2, heads, jnp.broadcast_to(other[None, :], (rows, H)))),
                cos[None, :], sin[None, :])
     tok1 = jnp.full((H,), tok, jnp.int32)
     k_head, v_head = jnp.full((H,), N + kh, jnp.int32), jnp.full((H,), N + K + kh, jnp.int32)
-    k = rotate(qkv_ref[tok1, k_head, col], qkv_ref[tok1, k_head, other], cos, sin)
-    return q, k, qkv_ref[tok1, v_head, col]
+    k = rotate(load((tok1, k_head, col)), load((tok1, k_head, other)), cos, sin)
+    return q, k, load((tok1, v_head, col))
 
 
 def _fresh_key(q, k, v, carry, use, sm_scale: float):
@@ -256,8 +275,8 @@ def ragged_paged_attention_triton(
     return _rows(o, m, l, tok_block, tok_row, T, N, H, G, q.dtype, block_sizes, interpret)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_blocks", "block_sizes", "interpret", "sm_scale"),
-                   donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_blocks", "block_sizes", "interpret", "sm_scale",
+                                             "eps"), donate_argnums=(3, 4))
 def rope_decode_attention_triton(
     qkv: jax.Array,  # [T, N + 2K, H]: the fused product of a decode step (one query a slot), not yet rotated
     inv_freq: jax.Array,  # f32[H / 2]: the rotary frequencies
@@ -271,12 +290,14 @@ def rope_decode_attention_triton(
     blocks: tuple[jax.Array, ...],  # (blk_slot, blk_row0, blk_len, blk_qoff), each i32[num_blocks]
     tok_block: jax.Array,  # i32[T]
     tok_row: jax.Array,  # i32[T]
+    x: jax.Array | None = None,  # [T, D]: with eps, each token's q, k, v are first scaled by x's RMSNorm factor
     *,
     num_heads: int,
     num_blocks: int,
     block_sizes: BlockSizes,
     interpret: bool,
     sm_scale: float | None = None,
+    eps: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:  # (out [T, N, H], k_pages, v_pages)
     """RoPE of a decode step's queries and keys, the write of its keys and values into their pages, and its
     attention, in one launch (plus the split combine): `rope_and_store` then `ragged_paged_attention_triton`.
@@ -284,7 +305,11 @@ def rope_decode_attention_triton(
     Why: at batch 1 on the H200 the RoPE-and-write kernel cost 3.6 us a layer for a few kB (RESULTS.md, session
     36). Each program rotates its query rows and its KV head's key from the fused product; the one of the first
     split also attends to that key straight from registers and writes it and the value to their page, so no
-    program reads the step's own key from the pages."""
+    program reads the step's own key from the pages.
+
+    With x and eps, qkv is the product of unnormalized rows whose norm gain was folded into the weights
+    (`llama.fold_norms`): each program reduces its token's row of x to the norm factor and scales what it loads
+    of qkv by it (`layers.scale_rows` before `rope_and_store`), so the norm launches no kernel of its own."""
     T, heads, H = qkv.shape
     N = num_heads
     L, K, P, ps, _ = k_pages.shape
@@ -293,15 +318,18 @@ def rope_decode_attention_triton(
         raise ValueError(f"qkv {qkv.shape} must hold num_heads={N} query heads and K={K} key and value heads of an "
                          f"even head dim; pages float ({type(k_pages).__name__}); inv_freq {inv_freq.shape} "
                          f"[{H // 2}]; kv_slot {kv_slot.shape} [{T}]")
+    if (x is None) != (eps is None) or (x is not None and (x.ndim != 2 or x.shape[0] != T)):
+        raise ValueError(f"x of shape {None if x is None else x.shape} and eps={eps} go together (both or "
+                         f"neither), x as [T={T}, D]")
     q = jax.ShapeDtypeStruct((T, N, H), qkv.dtype)
     check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
     G, _ = _group(N, K)
     flat = [x.reshape(L * K * P, ps, H) for x in (k_pages, v_pages)]
     whole = pl.BlockSpec(qkv.shape, lambda b, h, s: (0, 0, 0))
-    extra = (jnp.asarray(inv_freq, jnp.float32), kv_slot.astype(jnp.int32))
+    extra = (jnp.asarray(inv_freq, jnp.float32), kv_slot.astype(jnp.int32), *(() if x is None else (x,)))
     o, m, l, k_flat, v_flat = _call(qkv, whole, flat, extra, layer, page_table, kv_len, query_len, blocks,
                                     num_blocks=num_blocks, K=K, P=P, G=G, block_sizes=block_sizes,
-                                    interpret=interpret, sm_scale=sm_scale, quantized=False, fresh=True)
+                                    interpret=interpret, sm_scale=sm_scale, quantized=False, fresh=True, eps=eps)
     out = _rows(o, m, l, tok_block, tok_row, T, N, H, G, qkv.dtype, block_sizes, interpret)
     return out, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
@@ -313,7 +341,8 @@ def _group(N: int, K: int) -> tuple[int, int]:
 
 
 def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, blocks, *, num_blocks: int, K: int,
-          P: int, G: int, block_sizes: BlockSizes, interpret: bool, sm_scale, quantized: bool, fresh: bool):
+          P: int, G: int, block_sizes: BlockSizes, interpret: bool, sm_scale, quantized: bool, fresh: bool,
+          eps: float | None = None):
     """The kernel's launch: (o, m, l) partials of each split, then with `fresh` the written pages."""
     H = q_in.shape[-1]
     _, Gp = _group(G * K, K)
@@ -335,7 +364,7 @@ def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, block
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
                                num_splits=splits, sm_scale=scale, group=G, quantized=quantized,
-                               unmasked_steps=bs.unmasked_steps, fresh=fresh)
+                               unmasked_steps=bs.unmasked_steps, fresh=fresh, eps=eps)
     inputs = (*scalars, q_in, *flat, *extra)
     page_outs = tuple(flat) if fresh else ()
     first_page = len(scalars) + 1
@@ -355,7 +384,7 @@ def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, block
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         # Named by its shape of work, so a profile tells decode blocks (many splits) from prefill chunks.
-        name=f"{'rope_' if fresh else ''}ragged_paged_attention_q{bq}_s{splits}{'_u' if bs.unmasked_steps else ''}",
+        name=f"{'rope_' if fresh else ''}{'norm_' if eps is not None else ''}ragged_paged_attention_q{bq}_s{splits}{'_u' if bs.unmasked_steps else ''}",
     )(*inputs)
 
 

@@ -6,6 +6,10 @@ token and a part (its q heads, its k heads, its v heads) reads that part of the 
 rotates it (q and k), and writes it: q to the output, k and v into their pages in place (the pages are aliased
 to the outputs). Heads are padded to a power of two and masked; each half of a head is its own tile, as
 Triton cannot split a loaded tile.
+
+With rows x [T, D] (a layer whose norm gain was folded into its products, `jinfer.models.llama.fold_norms`), each
+program also reduces its token's row of x to the RMSNorm factor and scales what it loads by it first, in float32
+rounded back, as `jinfer.models.layers.scale_rows` does: the norm launches no kernel of its own.
 """
 
 from __future__ import annotations
@@ -22,11 +26,25 @@ def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
 
 
-def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, q_ref, kp_ref, vp_ref, *, N: int, K: int):
+def _norm_factor(x_ref, t, eps: float):
+    """The RMSNorm factor (float32) of row t of x_ref [T, D]: D rounded up to a power of two, masked."""
     from jax.experimental.pallas import triton as plgpu
 
+    D = x_ref.shape[1]
+    block_d = _pow2(D)
+    ok = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
+    x = plgpu.load(x_ref.at[t, pl.ds(0, block_d)], mask=ok, other=None if ok is None else 0).astype(jnp.float32)
+    return lax.rsqrt(jnp.sum(x * x) / D + eps)
+
+
+def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, *refs, N: int, K: int,
+            eps: float | None):
+    from jax.experimental.pallas import triton as plgpu
+
+    x_ref, q_ref, kp_ref, vp_ref = refs if eps is not None else (None, *refs)
     del kp_in, vp_in  # aliased to kp_ref and vp_ref: written there in place
     t, part = pl.program_id(0), pl.program_id(1)
+    scale = None if x_ref is None else _norm_factor(x_ref, t, eps)
     half = qkv_ref.shape[-1] // 2
     freqs = pos_ref[t].astype(jnp.float32) * freq_ref[...]  # [H/2]
     # In the activations' dtype op by op, as the model's expression rounds it (XLA keeps that fusion's bfloat16
@@ -42,6 +60,8 @@ def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, q_ref
         first = first + 0 * t  # traced: a static start whose padded tile runs past the end is refused, masked or not
         lo = plgpu.load(qkv_ref.at[t, pl.ds(first, hp), pl.ds(0, half)], mask=ok, other=other)
         hi = plgpu.load(qkv_ref.at[t, pl.ds(first, hp), pl.ds(half, half)], mask=ok, other=other)
+        if scale is not None:
+            lo, hi = ((a.astype(jnp.float32) * scale).astype(dtype) for a in (lo, hi))
         return lo, hi, hp, ok
 
     @pl.when(part == 0)
@@ -70,11 +90,11 @@ def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, q_ref
         plgpu.store(vp_ref.at[layer, pl.ds(0, hp), page, off, pl.ds(half, half)], hi.astype(dst), mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_warps", "interpret"), donate_argnums=(5, 6))
-def rope_and_store_triton(qkv, positions, inv_freq, layer, slot, k_pages, v_pages, *, num_heads: int,
-                          num_warps: int, interpret: bool):
-    """qkv [T, N + 2K, H], positions and slot i32[T], inv_freq f32[H/2], layer i32[1], pages [L, K, P, S, H]
-    -> (q [T, N, H], k_pages, v_pages)."""
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_warps", "interpret", "eps"), donate_argnums=(5, 6))
+def rope_and_store_triton(qkv, positions, inv_freq, layer, slot, k_pages, v_pages, x=None, *, num_heads: int,
+                          num_warps: int, interpret: bool, eps: float | None = None):
+    """qkv [T, N + 2K, H], positions and slot i32[T], inv_freq f32[H/2], layer i32[1], pages [L, K, P, S, H],
+    x [T, D] with eps or neither -> (q [T, N, H], k_pages, v_pages)."""
     from jax.experimental.pallas import triton as plgpu
 
     T, _, H = qkv.shape
@@ -83,10 +103,10 @@ def rope_and_store_triton(qkv, positions, inv_freq, layer, slot, k_pages, v_page
     def whole(a):
         return pl.BlockSpec(a.shape, lambda t, p: (0,) * a.ndim)
 
-    inputs = (layer, positions, slot, inv_freq, qkv, k_pages, v_pages)
+    inputs = (layer, positions, slot, inv_freq, qkv, k_pages, v_pages, *(() if x is None else (x,)))
     outs = (jax.ShapeDtypeStruct((T, N, H), qkv.dtype), k_pages, v_pages)
     return pl.pallas_call(
-        functools.partial(_kernel, N=N, K=K),
+        functools.partial(_kernel, N=N, K=K, eps=eps),
         grid=(T, 3),
         in_specs=[whole(a) for a in inputs],
         out_specs=[whole(a) for a in outs],
@@ -94,5 +114,5 @@ def rope_and_store_triton(qkv, positions, inv_freq, layer, slot, k_pages, v_page
         input_output_aliases={5: 1, 6: 2},
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=num_warps, num_stages=1),
-        name="rope_and_store",
+        name="rope_and_store" if x is None else "rope_norm_and_store",
     )(*inputs)

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 from jinfer.kernels.rope_kv.kernel import rope_and_store_triton
 
 
-@functools.partial(jax.jit, static_argnames=("num_heads", "num_warps", "interpret"), donate_argnums=(3, 4))
+@functools.partial(jax.jit, static_argnames=("num_heads", "num_warps", "interpret", "eps"), donate_argnums=(3, 4))
 def rope_and_store(
     qkv: jax.Array,  # [T, N + 2K, H]: the step's queries' N heads, then its keys' and values' K each
     positions: jax.Array,  # i32[T]
@@ -20,12 +20,15 @@ def rope_and_store(
     v_pages: jax.Array,  # [L, K, P, S, H], donated: written in place
     layer: jax.Array | int,  # i32[]: the layer whose pages take the step's keys and values
     slot: jax.Array,  # i32[T]: token t's key and value go to (layer, every head, slot // S, slot % S)
+    x: jax.Array | None = None,  # [T, D], with eps: qkv is first scaled by each token's RMSNorm factor of x
     *,
     num_heads: int,
     num_warps: int = 4,
     interpret: bool | None = None,  # None: natively on a GPU, interpreted elsewhere
+    eps: float | None = None,
 ) -> tuple[jax.Array, jax.Array, jax.Array]:
-    """`rope_and_store_reference` in one kernel launch -> (q [T, N, H], k_pages, v_pages)."""
+    """`rope_and_store_reference` in one kernel launch -> (q [T, N, H], k_pages, v_pages); with x and eps, of
+    `jinfer.models.layers.scale_rows(qkv, x, eps)` (a product whose norm gain was folded into its weights)."""
     T, heads, H = qkv.shape
     K, Hp = k_pages.shape[1], k_pages.shape[4]
     if v_pages.shape != k_pages.shape or Hp != H or heads != num_heads + 2 * K or H % 2:
@@ -35,9 +38,12 @@ def rope_and_store(
     if positions.shape != (T,) or slot.shape != (T,) or inv_freq.shape != (H // 2,):
         raise ValueError(f"positions {positions.shape} and slot {slot.shape} must be [{T}] and inv_freq "
                          f"{inv_freq.shape} [{H // 2}]")
+    if (x is None) != (eps is None) or (x is not None and (x.ndim != 2 or x.shape[0] != T)):
+        raise ValueError(f"x of shape {None if x is None else x.shape} and eps={eps} go together (both or "
+                         f"neither), x as [T={T}, D]")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)
     return rope_and_store_triton(qkv, i32(positions), jnp.asarray(inv_freq, jnp.float32),
-                                 jnp.reshape(i32(layer), (1,)), i32(slot), k_pages, v_pages,
-                                 num_heads=num_heads, num_warps=num_warps, interpret=interpret)
+                                 jnp.reshape(i32(layer), (1,)), i32(slot), k_pages, v_pages, x,
+                                 num_heads=num_heads, num_warps=num_warps, interpret=interpret, eps=eps)

@@ -3,7 +3,9 @@ on the CPU, native on a GPU) against its two independent halves in plain jnp: `r
 `ragged_paged_attention_reference`. Fresh random inputs; each slot's new position NaN in the pages beforehand
 (the kernel must take that key from the product, not the page); float32 and bfloat16; GQA 1:1, 3:1 (padded
 to 4) and 4:1; context splits and none; the unmasked-steps variant; idle slots and padding tokens; a layer
-other than 0. Also through the engine's attention callable for a decode step, and its errors."""
+other than 0. With folded norms, the kernel scaling q, k, v by each token's RMSNorm factor against
+`layers.scale_rows` before the same halves. Also through the engine's attention callable for a decode step, and
+its errors."""
 
 from __future__ import annotations
 
@@ -20,6 +22,7 @@ from jinfer.kernels.paged_attention import ragged_paged_attention_reference
 from jinfer.kernels.paged_attention.kernel import BlockSizes, rope_decode_attention_triton
 from jinfer.kernels.paged_attention.query_layout import query_blocks
 from jinfer.kernels.rope_kv import rope_and_store_reference
+from jinfer.models.layers import scale_rows
 from tests.kernels.test_paged_attention_kernel import make_case
 from tests.kernels.test_rope_kv import inv_freq
 
@@ -49,10 +52,12 @@ def decode_case(rng, *, kv_lens, K, G, H, page_size, dtype, pad_tokens):
                 slot=jnp.asarray(slot), q_start=q_start, N=N, T=T, live=len(live))
 
 
-def expected(c, freqs):
-    """(out of the live tokens, k_pages, v_pages): rotate and write every live token, then attend."""
+def expected(c, freqs, x=None, eps=None):
+    """(out of the live tokens, k_pages, v_pages): rotate and write every live token, then attend; with x [T, D]
+    the product first scaled by its rows' RMSNorm factors."""
     n = c["live"]
-    q, kp, vp = rope_and_store_reference(c["qkv"][:n], c["pos"][:n], freqs, c["k"], c["v"], LAYER, c["slot"][:n],
+    qkv = c["qkv"] if x is None else scale_rows(c["qkv"][None], x[None], eps)[0]
+    q, kp, vp = rope_and_store_reference(qkv[:n], c["pos"][:n], freqs, c["k"], c["v"], LAYER, c["slot"][:n],
                                          num_heads=c["N"])
     with jax.default_matmul_precision("highest"):
         out = ragged_paged_attention_reference(
@@ -61,13 +66,13 @@ def expected(c, freqs):
     return out, kp, vp
 
 
-def run(c, freqs, bs):
+def run(c, freqs, bs, x=None, eps=None):
     nb = min(c["T"], len(c["kv_len"]))  # the backend's decode blocks: one a row with a token
     blocks, (tb, tr) = query_blocks(c["q_start"], c["q_len"], bs.block_q, nb, c["T"])
     fn = jax.jit(lambda qkv, kp, vp: rope_decode_attention_triton(
         qkv, freqs, c["slot"], kp, vp, jnp.int32(LAYER), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
-        jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr),
-        num_heads=c["N"], num_blocks=nb, block_sizes=bs, interpret=not NATIVE))
+        jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr), x,
+        num_heads=c["N"], num_blocks=nb, block_sizes=bs, interpret=not NATIVE, eps=eps))
     return fn(c["qkv"], c["k"], c["v"])
 
 
@@ -97,6 +102,26 @@ def test_matches_rope_and_store_then_attention(dtype, G, splits, unmasked):
     assert not np.isnan(np.asarray(out[:c["live"]], np.float32)).any()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+@pytest.mark.parametrize("D,splits", [(96, 1), (128, 4)])
+def test_folded_norm_rows_match_scaled_product(dtype, D, splits):
+    """Each token's q, k and v scaled by its row's RMSNorm factor (D a power of two and not: the row is loaded
+    masked), whatever the row's scale: the factor is not 1 anywhere."""
+    rng = np.random.default_rng(D + splits)
+    K, G, H, ps = 2, 4, 64, 8
+    c = decode_case(rng, kv_lens=[3, 9, 0, 26], K=K, G=G, H=H, page_size=ps, dtype=dtype, pad_tokens=1)
+    x = jnp.asarray(rng.normal(size=(c["T"], D)) * rng.uniform(0.2, 5.0, size=(c["T"], 1)), dtype)
+    bs = BlockSizes(block_q=4, pages_per_block=2, num_splits=splits)
+    freqs, eps = inv_freq(H), 1e-5
+    out, kp, vp = run(c, freqs, bs, x, eps)
+    want_out, want_k, want_v = expected(c, freqs, x, eps)
+    unscaled, _, _ = expected(c, freqs)
+    assert not np.allclose(np.asarray(want_out, np.float32), np.asarray(unscaled, np.float32), atol=0.05)
+    close(out[:c["live"]], want_out, dtype)
+    close(kp[:, :, 1:], want_k[:, :, 1:], dtype)
+    close(vp[:, :, 1:], want_v[:, :, 1:], dtype)
+
+
 def test_the_engines_decode_attention_takes_the_fused_kernel():
     """`make_paged_attention` at width 1 on the Pallas backend: one `rope_` attention launch and no separate
     RoPE-and-store kernel, with the outputs of the unfused path (width-1 steps through `rope_and_store`)."""
@@ -113,17 +138,22 @@ def test_the_engines_decode_attention_takes_the_fused_kernel():
     q, k, v = (c["qkv"][None, :, a:b] for a, b in ((0, N), (N, N + K), (N + K, N + 2 * K)))
     freqs = inv_freq(H)
 
-    def attend(fused: bool):
-        fn = make_paged_attention(1, dataclasses.replace(backend) if fused else _Unfused(**vars(backend)))
-        return jax.jit(lambda kp, vp: fn(q, k, v, kp, vp, jnp.int32(LAYER), c["pos"][None], meta, freqs))
+    # Folded norms: the callable takes each token's row of the layer input x and scales q, k, v by its factor.
+    x = jnp.asarray(rng.normal(size=(1, T, 48)) * 3.0, dtype)
 
-    fused = attend(True)
-    text = str(jax.make_jaxpr(fused)(c["k"], c["v"]))
-    assert "rope_ragged_paged_attention" in text and "rope_and_store" not in text
-    (out, kp, vp), (want, want_k, want_v) = fused(c["k"], c["v"]), attend(False)(c["k"], c["v"])
-    close(out[0, :c["live"]], want[0, :c["live"]], dtype)
-    close(kp[:, :, 1:], want_k[:, :, 1:], dtype)
-    close(vp[:, :, 1:], want_v[:, :, 1:], dtype)
+    def attend(fused: bool, rows):
+        fn = make_paged_attention(1, dataclasses.replace(backend) if fused else _Unfused(**vars(backend)))
+        assert fn.scales_rows
+        return jax.jit(lambda kp, vp: fn(q, k, v, kp, vp, jnp.int32(LAYER), c["pos"][None], meta, freqs, **rows))
+
+    for rows, name in (({}, "rope_ragged"), ({"rows": (x, 1e-6)}, "rope_norm_ragged")):
+        fused = attend(True, rows)
+        text = str(jax.make_jaxpr(fused)(c["k"], c["v"]))
+        assert f"{name}_paged_attention" in text and "rope_and_store" not in text
+        (out, kp, vp), (want, want_k, want_v) = fused(c["k"], c["v"]), attend(False, rows)(c["k"], c["v"])
+        close(out[0, :c["live"]], want[0, :c["live"]], dtype)
+        close(kp[:, :, 1:], want_k[:, :, 1:], dtype)
+        close(vp[:, :, 1:], want_v[:, :, 1:], dtype)
 
 
 @dataclasses.dataclass(frozen=True)

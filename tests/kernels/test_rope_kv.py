@@ -12,7 +12,7 @@ import pytest
 
 from jinfer.kernels.rope_kv import rope_and_store, rope_and_store_reference
 from jinfer.models.config import ModelConfig
-from jinfer.models.layers import apply_rope, rope_inv_freq
+from jinfer.models.layers import apply_rope, rope_inv_freq, scale_rows
 from jinfer.quant.kv import store_tokens
 
 NATIVE = jax.devices()[0].platform == "gpu"
@@ -66,6 +66,26 @@ def test_against_reference_and_the_models_ops(dtype, N, K, H, T):
     assert not np.isnan(np.asarray(v_pages, np.float32)[written]).any()
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16])
+@pytest.mark.parametrize("D", [96, 128])
+def test_folded_norm_rows_scale_the_product_first(dtype, D):
+    """With x and eps (folded norms), the reference of `scale_rows(qkv, x, eps)`: each token's row of x
+    reduced to its factor (rows of different scales; D a power of two and not)."""
+    rng = np.random.default_rng(D)
+    N, K, H, T = 8, 2, 64, 5
+    qkv, pos, (kp, vp), slot = inputs(rng, dtype, N, K, H, T)
+    x = jnp.asarray(rng.normal(size=(T, D)) * rng.uniform(0.1, 8.0, size=(T, 1)), dtype)
+    freqs, eps = inv_freq(H), 1e-6
+    run = jax.jit(lambda qkv, kp, vp: rope_and_store(qkv, pos, freqs, kp, vp, 2, slot, x, num_heads=N,
+                                                     interpret=INTERPRET, eps=eps))
+    got = run(qkv, kp, vp)
+    want = rope_and_store_reference(scale_rows(qkv[None], x[None], eps)[0], pos, freqs, kp, vp, 2, slot,
+                                    num_heads=N)
+    for g, w in zip(got, want):
+        close(g, w, dtype)
+    assert "rope_norm_and_store" in str(jax.make_jaxpr(run)(qkv, kp, vp))
+
+
 def test_errors_name_the_shapes():
     rng = np.random.default_rng(0)
     qkv, pos, (kp, vp), slot = inputs(rng, jnp.float32, 4, 2, 16, 2)
@@ -73,6 +93,8 @@ def test_errors_name_the_shapes():
         rope_and_store(qkv, pos, inv_freq(16), kp, vp, 0, slot, num_heads=5, interpret=True)
     with pytest.raises(ValueError, match=r"slot \(3,\) must be \[2\]"):
         rope_and_store(qkv, pos, inv_freq(16), kp, vp, 0, jnp.zeros(3, jnp.int32), num_heads=4, interpret=True)
+    with pytest.raises(ValueError, match=r"x of shape \(2, 8\) and eps=None go together"):
+        rope_and_store(qkv, pos, inv_freq(16), kp, vp, 0, slot, jnp.zeros((2, 8)), num_heads=4, interpret=True)
 
 
 @pytest.mark.skipif(NATIVE, reason="the CPU-only check of what interpret mode skips")

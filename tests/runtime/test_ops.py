@@ -15,7 +15,7 @@ import pytest
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
 from jinfer.runtime.matmul import kernel_matmul
-from jinfer.runtime.ops import kernel_norm, model_ops
+from jinfer.runtime.ops import kernel_norm, kernel_swiglu, model_ops
 from jinfer.testing.tiny import TINY, tiny_params
 
 
@@ -63,8 +63,77 @@ def test_norm_kernel_forward_equals_xla(layers, T):
 
 def test_model_ops_by_platform():
     assert model_ops("cpu", 1) == llama.ModelOps()
-    assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True)
+    assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True,
+                                                 swiglu=kernel_swiglu, fuse=True, fold_norms=True)
     assert model_ops("gpu", 2) == llama.ModelOps()  # over a mesh XLA partitions its own ops, not a kernel's
+
+
+@pytest.mark.parametrize("layers", ["stacked", "per_layer", "unrolled"])
+@pytest.mark.parametrize("T", [1, 9])
+def test_folded_norms_forward_equals_the_models(layers, T):
+    """`fold_norms` then the gated activation's kernel: the forward of the unfolded model, with no RMSNorm of a
+    layer left (only the final one), and each layer's gains gone from the params."""
+    params = llama.fuse_projections(tiny_params(4))
+    if layers != "stacked":
+        params = llama.unstack_layers(params)
+    unroll = layers == "unrolled"
+    folded = llama.fold_norms(params)
+    assert llama.is_folded(folded) and not llama.is_folded(params)
+    ops = llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
+                         swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=unroll)
+    ours, jaxpr = forward(folded, T, ops)
+    ref, _ = forward(params, T, llama.ModelOps(unroll=unroll))
+    assert calls(jaxpr.jaxpr, "rms_norm") == 1
+    # Once in the scan's body, or in each layer's code (unrolled, or each branch of the per-layer switch).
+    assert calls(jaxpr.jaxpr, "swiglu_rms") == (1 if layers == "stacked" else TINY.num_layers)
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
+
+
+def test_fold_norms_leaves_what_it_cannot_fold():
+    """Unfused or quantized products and biased q/k/v keep their norms (the bias comes after the factor)."""
+    from jinfer.quant.params import quantize_params
+
+    plain = tiny_params(4)
+    assert llama.fold_norms(plain) is not plain and not llama.is_folded(llama.fold_norms(plain))
+    fused = llama.fuse_projections(plain)
+    quantized = quantize_params(fused, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, "int8", None)
+    assert not llama.is_folded(llama.fold_norms(quantized))
+    biased = {**fused, "layers": {**fused["layers"], "bq": jnp.zeros((TINY.num_layers, TINY.num_heads,
+                                                                         TINY.head_dim))}}
+    assert not llama.is_folded(llama.fold_norms(biased))
+
+
+def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
+    """The one-GPU forms, interpreted on the CPU: products fused, their norm gains folded in, the Pallas attention
+    backend (its fused decode kernel and its RoPE-and-store kernel each scale q, k, v by the norm factor) and the
+    gated activation's kernel, layers unrolled; greedy tokens equal the plain engine's, through prefill chunks,
+    decode blocks and a preemption-free mix of both."""
+    from jinfer.attention.pallas import pallas_backend
+    from jinfer.engine.config import EngineConfig
+    from jinfer.inputs import SamplingParams
+    from jinfer.runtime import runner
+    from jinfer.runtime.build import build_engine
+    from jinfer.testing.tiny import tiny_tokenizer
+    from tests.engine.test_engine import run_workload
+
+    params = tiny_params(12)
+    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    gpu = llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
+                         swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=True, fuse=True,
+                         fold_norms=True)
+
+    def tokens(ops, backend):
+        monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
+        cfg = EngineConfig(max_slots=4, page_size=8, num_pages=24, token_buckets=(16,), decode_buckets=(4,),
+                           max_prefill_chunk=8, decode_steps=4, per_layer_weights=False)
+        eng = build_engine(TINY, params, tiny_tokenizer(), cfg, attention_backend=backend, seed=0)
+        assert llama.is_folded(eng.runner.params) == ops.fold_norms
+        return [o.token_ids for o in run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)]).values()]
+
+    c = TINY
+    backend = pallas_backend(c.num_kv_heads, c.num_heads, 4, 8, interpret=True)
+    assert tokens(gpu, backend) == tokens(llama.ModelOps(), None)
 
 
 def test_unrolled_layers_engine_gives_the_scanned_engines_tokens(monkeypatch):

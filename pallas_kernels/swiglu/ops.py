@@ -1,0 +1,34 @@
+"""The public kernel: the gated activation of rows whose RMSNorm gain was folded into the gate/up product, through
+the Pallas kernel of `kernel.py`."""
+
+from __future__ import annotations
+
+import functools
+import math
+
+import jax
+
+from jinfer.kernels.swiglu.kernel import SwigluBlockSizes, swiglu_triton
+
+
+@functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
+def swiglu(
+    gate_up: jax.Array,  # [..., 2F] f32 | bf16 | f16: the gate's F outputs, then the up product's
+    x: jax.Array,  # [..., D]: the unnormalized rows the product read
+    *,
+    eps: float,
+    block_sizes: SwigluBlockSizes | None = None,
+    interpret: bool | None = None,  # None: natively on a GPU, interpreted elsewhere
+) -> jax.Array:  # [..., F] in gate_up's dtype
+    """`swiglu_reference(gate_up, x, eps)` in one kernel launch."""
+    if gate_up.shape[:-1] != x.shape[:-1] or gate_up.shape[-1] % 2:
+        raise ValueError(f"gate_up {gate_up.shape} must be [..., 2F] over the rows of x {x.shape} [..., D]")
+    bs = block_sizes or SwigluBlockSizes()
+    if bs.block_f & (bs.block_f - 1):
+        raise ValueError(f"block_f={bs.block_f} must be a power of two")
+    if interpret is None:
+        interpret = jax.devices()[0].platform != "gpu"
+    M = math.prod(x.shape[:-1])
+    out = swiglu_triton(gate_up.reshape(M, gate_up.shape[-1]), x.reshape(M, x.shape[-1]), eps=eps,
+                        block_sizes=bs, interpret=interpret)
+    return out.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

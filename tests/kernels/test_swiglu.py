@@ -1,0 +1,64 @@
+"""The Pallas gated activation of a folded norm (interpret mode on the CPU, native on a GPU) against its jnp
+reference on fresh random rows: float32, bfloat16 and float16; widths D and F on and off a power of two and of
+the block; one row and several; rows of very different scales (the factor differs row to row); the model's own
+activation (`jinfer.models.layers.swiglu`) agreeing with both; and clear errors."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from jinfer.kernels.swiglu import swiglu, swiglu_reference
+from jinfer.kernels.swiglu.kernel import SwigluBlockSizes
+from jinfer.models.layers import swiglu as model_swiglu
+
+NATIVE = jax.devices()[0].platform == "gpu"
+INTERPRET = not NATIVE
+TOL = {jnp.float32: 1e-5, jnp.bfloat16: 1e-2, jnp.float16: 2e-3}
+EPS = 1e-5
+
+
+def case(rng, rows, D, F, dtype):
+    scale = rng.uniform(0.05, 20.0, size=(*rows, 1))
+    x = jnp.asarray(rng.normal(size=(*rows, D)) * scale, dtype)
+    gate_up = jnp.asarray(rng.normal(size=(*rows, 2 * F)) * scale * 2, dtype)
+    return gate_up, x
+
+
+def check(out, ref, dtype):
+    assert out.dtype == ref.dtype and out.shape == ref.shape
+    a, b = np.asarray(out, np.float32), np.asarray(ref, np.float32)
+    assert np.isfinite(a).all()
+    np.testing.assert_allclose(a, b, rtol=TOL[dtype], atol=TOL[dtype])
+
+
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16, jnp.float16])
+@pytest.mark.parametrize("D,F,block_f", [(64, 256, 64), (576, 1536, 1024), (96, 200, 64)])
+@pytest.mark.parametrize("rows", [(1,), (2, 3)])
+def test_matches_reference(dtype, D, F, block_f, rows):
+    rng = np.random.default_rng(D + F + len(rows))
+    gate_up, x = case(rng, rows, D, F, dtype)
+    out = jax.jit(lambda g, x: swiglu(g, x, eps=EPS, block_sizes=SwigluBlockSizes(block_f=block_f),
+                                      interpret=INTERPRET))(gate_up, x)
+    ref = swiglu_reference(gate_up, x, EPS)
+    check(out, ref, dtype)
+    # The factor matters: without it the numbers are others.
+    assert not np.allclose(np.asarray(ref, np.float32), np.asarray(model_swiglu(gate_up), np.float32), atol=0.1)
+
+
+def test_the_models_activation_agrees():
+    rng = np.random.default_rng(3)
+    gate_up, x = case(rng, (1, 4), 576, 1536, jnp.float32)
+    ref = swiglu_reference(gate_up, x, EPS)
+    check(model_swiglu(gate_up, x, EPS), ref, jnp.float32)
+    check(swiglu(gate_up, x, eps=EPS, interpret=INTERPRET), ref, jnp.float32)
+
+
+def test_errors_name_the_shapes():
+    with pytest.raises(ValueError, match=r"gate_up \(3, 8\)"):
+        swiglu(jnp.zeros((3, 8)), jnp.zeros((2, 4)), eps=EPS, interpret=True)
+    with pytest.raises(ValueError, match="block_f=48"):
+        swiglu(jnp.zeros((2, 8)), jnp.zeros((2, 4)), eps=EPS, block_sizes=SwigluBlockSizes(block_f=48),
+               interpret=True)
