@@ -8,7 +8,7 @@ import math
 
 import jax
 
-from jinfer.kernels.swiglu.kernel import SwigluBlockSizes, swiglu_triton
+from jinfer.kernels.swiglu.kernel import SwigluBlockSizes, default_block_sizes, swiglu_triton
 
 
 @functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
@@ -23,12 +23,12 @@ def swiglu(
     """`swiglu_reference(gate_up, x, eps)` in one kernel launch."""
     if gate_up.shape[:-1] != x.shape[:-1] or gate_up.shape[-1] % 2:
         raise ValueError(f"gate_up {gate_up.shape} must be [..., 2F] over the rows of x {x.shape} [..., D]")
-    bs = block_sizes or SwigluBlockSizes()
+    M = math.prod(x.shape[:-1])
+    bs = block_sizes or default_block_sizes(M)
     if bs.block_f & (bs.block_f - 1):
         raise ValueError(f"block_f={bs.block_f} must be a power of two")
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
-    M = math.prod(x.shape[:-1])
     out = swiglu_triton(gate_up.reshape(M, gate_up.shape[-1]), x.reshape(M, x.shape[-1]), eps=eps,
                         block_sizes=bs, interpret=interpret)
     return out.reshape(*gate_up.shape[:-1], gate_up.shape[-1] // 2)

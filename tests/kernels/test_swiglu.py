@@ -48,9 +48,10 @@ def test_matches_reference(dtype, D, F, block_f, rows):
     assert not np.allclose(np.asarray(ref, np.float32), np.asarray(model_swiglu(gate_up), np.float32), atol=0.1)
 
 
-def test_the_models_activation_agrees():
-    rng = np.random.default_rng(3)
-    gate_up, x = case(rng, (1, 4), 576, 1536, jnp.float32)
+@pytest.mark.parametrize("rows", [4, 80])  # the default block sizes of decode rows, and of a prefill chunk
+def test_the_models_activation_agrees(rows):
+    rng = np.random.default_rng(rows)
+    gate_up, x = case(rng, (1, rows), 576, 1536, jnp.float32)
     ref = swiglu_reference(gate_up, x, EPS)
     check(model_swiglu(gate_up, x, EPS), ref, jnp.float32)
     check(swiglu(gate_up, x, eps=EPS, interpret=INTERPRET), ref, jnp.float32)
