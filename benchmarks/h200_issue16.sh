@@ -3,7 +3,7 @@
 # urgent first. Each command's output goes to $OUT/<name>.log (and the tail to stdout); a failing command does
 # not stop the part. From the repository root on the device machine:
 #
-#     bash benchmarks/h200_issue16.sh 1     # then 2, 3, 4, as device time allows
+#     bash benchmarks/h200_issue16.sh 1     # then 2, 3, 4, 5, as device time allows
 #
 # The checkout's jinfer/ shadows the package mapping, so everything runs from an install in a scratch folder.
 set -u
@@ -45,7 +45,6 @@ case "${1:-1}" in
   step t128 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 python benchmarks/throughput.py $T128
   step t128_autotuned 200 env XLA_PYTHON_CLIENT_MEM_FRACTION=0.94 XLA_FLAGS=$AUTOTUNED python benchmarks/throughput.py $T128
   step exactness 90 python benchmarks/engine_exactness.py
-  step b1_bf16_unfused_decode 90 python benchmarks/throughput.py $B1 --unfused-decode
   step exactness_int4 100 python benchmarks/engine_exactness.py --quantization int4
   ;;
 3)  # whether batch 1 at chat lengths pays for context splits and their combine; the split of a token; the peer
@@ -62,8 +61,15 @@ case "${1:-1}" in
   step decode_tune 180 python benchmarks/decode_tune.py --page-size 16 --batch 64 8 --stages 1
   step paged_kernel_tests 150 env JAX_PLATFORMS=cuda python -m pytest -q -x tests/kernels/test_paged_attention_kernel.py
   ;;
+5)  # launch overheads at batch 1: XLA's programmatic dependent launch (PDL) on and off; the unfused decode kernel
+  step b1_bf16_pdl 90 env XLA_FLAGS="--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" \
+    python benchmarks/throughput.py $B1
+  step b1_bf16_no_pdl 90 env XLA_FLAGS="--xla_gpu_enable_pdl=false" python benchmarks/throughput.py $B1
+  step b1_bf16_unfused_decode 90 python benchmarks/throughput.py $B1 --unfused-decode
+  step b1_bf16_scan_layers 90 python benchmarks/throughput.py $B1 --scan-layers
+  ;;
 *)
-  echo "part must be 1, 2, 3 or 4" >&2
+  echo "part must be 1, 2, 3, 4 or 5" >&2
   exit 2
   ;;
 esac
