@@ -90,10 +90,11 @@ def main():
                 metrics[ev.request_id] = ev.output.metrics
         step += 1
     t_eng = time.perf_counter() - t
-    if args.quantization:  # the engine quantized the same float params the same way
-        from jinfer.quant.params import quantize_params
+    if args.quantization:  # the same quantized weights as the engine's (on one GPU, fused and with the norms folded)
+        from jinfer.runtime.runner import prepare_weights
 
-        params = quantize_params(params, llama.MATMUL_INPUT_AXES, args.quantization)
+        r = eng.runner
+        params = prepare_weights(params, ec, r.ops, fuse=r.mesh is None and r.ops.fuse)
     want = reference.generate(params, config, prompts, sps, kv_cache_dtype=args.kv_cache_dtype)
     same = sum(outs[ids[i]] == w.token_ids for i, w in enumerate(want))
     for i, w in enumerate(want):

@@ -132,12 +132,13 @@ def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
 def prepare_weights(params, engine_config: EngineConfig, ops: llama.ModelOps, fuse: bool):
     """The checkpoint's params as the runner's steps read them, before the cast to the engine's dtype: with `fuse`
     (`ops.fuse`, one GPU) the products that share an input fused (five products a layer become two), their norm
-    gains folded
-    in where `ops` reduce the norm factor themselves (float weights only), then quantized as configured (from
-    the checkpoint's own precision)."""
+    gains folded in where `ops` reduce the norm factor themselves, then quantized as configured, from the
+    checkpoint's own precision. Folding comes first, so a weight quantized here is rounded with its gain in it: the
+    error lands where the normalized activations weight it, as AWQ's input scales do. Weights the checkpoint
+    stored quantized (GGUF blocks, AWQ, GPTQ) cannot take the gain and keep their norms (`llama.fold_norms`)."""
     if fuse:
         params = llama.fuse_projections(params)
-        if ops.fold_norms and engine_config.quantization is None:
+        if ops.fold_norms:
             params = llama.fold_norms(params)
     if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
         params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, engine_config.quantization,

@@ -136,6 +136,39 @@ def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
     assert tokens(gpu, backend) == tokens(llama.ModelOps(), None)
 
 
+def test_weights_quantized_with_their_norm_gains_folded_in(monkeypatch):
+    """With the one-GPU ops, `prepare_weights` folds the gains before it rounds (the norms are gone, the fused
+    int8 weights hold gain x weight), and the engine's greedy tokens equal the dense reference loop's on those
+    same params (through the model's own folded path: `layers.scale_rows`, `layers.swiglu`)."""
+    from jinfer.engine.config import EngineConfig
+    from jinfer.inputs import SamplingParams
+    from jinfer.quant.qtensor import dequantize
+    from jinfer.runtime import reference, runner
+    from jinfer.runtime.build import build_engine
+    from jinfer.testing.tiny import tiny_tokenizer
+    from tests.engine.test_engine import run_workload
+
+    params = tiny_params(13)
+    ops = llama.ModelOps(unroll=True, fuse=True, fold_norms=True)
+    cfg = EngineConfig(max_slots=4, page_size=8, num_pages=24, token_buckets=(16,), decode_buckets=(4,),
+                       max_prefill_chunk=8, decode_steps=4, per_layer_weights=False, quantization="int8")
+    prepared = runner.prepare_weights(params, cfg, ops, fuse=True)
+    assert llama.is_folded(prepared)
+    gain = np.asarray(params["layers"]["mlp_norm"])[:, :, None]
+    want = gain * np.asarray(llama.fuse_projections(params)["layers"]["w_gate_up"])
+    got = np.asarray(dequantize(prepared["layers"]["w_gate_up"]))
+    np.testing.assert_allclose(got, want, atol=np.abs(want).max() / 100)  # int8: 1/127 of a channel's range
+
+    monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
+    eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
+    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
+    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
+    outs = run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)])
+    got = [outs[i].token_ids for i in range(len(prompts))]
+    want = [g.token_ids for g in reference.generate(prepared, TINY, prompts, [sp] * len(prompts))]
+    assert got == want
+
+
 def test_unrolled_layers_engine_gives_the_scanned_engines_tokens(monkeypatch):
     """The runner splits the weights per layer for `ModelOps.unroll` (one GPU) and its steps give the tokens of
     the scanned, stacked form."""
