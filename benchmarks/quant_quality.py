@@ -18,6 +18,8 @@ quantize with --calibration-tokens tokens of other license texts (--calibration,
 scored here), cut into windows of --calibration-window tokens:
 
     python benchmarks/quant_quality.py --windows 14 --formats "float32,int4 g128,gptq int4 g128,awq int4 g128"
+
+`int4 g128 folded` (also int8, fp8): rounded with the norm gains in the weights, as one GPU's runner does.
 """
 
 from __future__ import annotations
@@ -45,6 +47,9 @@ FORMATS = {  # name: (quantization, group size)
     "kv fp8": (None, None),
 }
 KV_FORMATS = {"kv int8": "int8", "kv fp8": "fp8"}  # float32 weights, the KV cache quantized
+# Rounded as one GPU's runner rounds them (`jinfer.runtime.runner.prepare_weights`): q/k/v and gate/up fused, each
+# layer's norm gains folded in first (`llama.fold_norms`); the engine here runs that form through XLA.
+FOLDED = {"int8 folded": ("int8", None), "int4 g128 folded": ("int4", 128), "fp8 folded": ("fp8", None)}
 CALIBRATED = {  # name: (jinfer.quant.calibrated method, bits, group size, options)
     "rtn int4 g128": ("rtn", 4, 128, {}),
     "gptq int4 g128": ("gptq", 4, 128, {}),
@@ -86,7 +91,7 @@ def main():
     ap.add_argument("--prompts", type=int, default=16)
     ap.add_argument("--new", type=int, default=32)
     ap.add_argument("--only", "--formats", dest="only", default=",".join(FORMATS),
-                    help=f"comma-separated, of {list(FORMATS) + list(CALIBRATED)}")
+                    help=f"comma-separated, of {list(FORMATS) + list(FOLDED) + list(CALIBRATED)}")
     ap.add_argument("--calibration", default=CALIBRATION_TEXTS, help="comma-separated texts to calibrate on")
     ap.add_argument("--calibration-tokens", type=int, default=4096)
     ap.add_argument("--calibration-window", type=int, default=512)
@@ -125,6 +130,10 @@ def main():
                                          **options)
         elif method == "gguf":
             params = load(args.model, quantization="gguf").params
+        elif name in FOLDED:
+            method, group = FOLDED[name]
+            params = quantize_params(llama.fold_norms(llama.fuse_projections(base.params)),
+                                     llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, method, group)
         elif method in (None, "bfloat16"):
             params, dtype = base.params, method or "float32"
         else:
@@ -139,7 +148,7 @@ def main():
         same = sum(a == b for a, b in zip(outs, ref_out))
         layers = llm.engine.runner.params["layers"]
         layers = layers if isinstance(layers, dict) else {n_: [w[n_] for w in layers] for n_ in layers[0]}
-        mm = param_bytes({n_: layers[n_] for n_ in llama.MATMUL_INPUT_AXES})
+        mm = param_bytes({n_: layers[n_] for n_ in llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES if n_ in layers})
         kv_bytes = kv_token_bytes(base.config.num_layers, base.config.num_kv_heads, base.config.head_dim, dtype,
                                   kv_cache_dtype)
         print(f"{name:<18} {ppl:>9.4f} {100 * (ppl / ref_ppl - 1):>+7.2f}% {same:>6}/{len(prompts):<5} "

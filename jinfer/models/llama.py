@@ -194,8 +194,8 @@ class ModelOps(NamedTuple):
     unroll: bool = False
     swiglu: SwigluFn = swiglu  # the fused gate/up product's activation, scaled by x's norm factor where folded
     # The runner fuses the products that share an input (`fuse_projections`) for these ops, and folds the norm
-    # gains into the float ones (`fold_norms`): worth it where the norm factor costs no launch of its own (the
-    # attention's kernels and `swiglu` reduce the row themselves).
+    # gains into them (`fold_norms`; before it rounds any to a quantized format): worth it where the norm factor
+    # costs no launch of its own (the attention's kernels and `swiglu` reduce the row themselves).
     fuse: bool = False
     fold_norms: bool = False
 
