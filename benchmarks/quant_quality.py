@@ -19,7 +19,7 @@ scored here), cut into windows of --calibration-window tokens:
 
     python benchmarks/quant_quality.py --windows 14 --formats "float32,int4 g128,gptq int4 g128,awq int4 g128"
 
-`int4 g128 folded` (also int8, fp8): rounded with the norm gains in the weights, as one GPU's runner does.
+`int4 g128 folded` (also int8, fp8): rounded with the norm gains in the weights (`llama.fold_norms` first).
 """
 
 from __future__ import annotations
@@ -47,8 +47,9 @@ FORMATS = {  # name: (quantization, group size)
     "kv fp8": (None, None),
 }
 KV_FORMATS = {"kv int8": "int8", "kv fp8": "fp8"}  # float32 weights, the KV cache quantized
-# Rounded as one GPU's runner rounds them (`jinfer.runtime.runner.prepare_weights`): q/k/v and gate/up fused, each
-# layer's norm gains folded in first (`llama.fold_norms`); the engine here runs that form through XLA.
+# q/k/v and gate/up fused, each layer's norm gains folded in (`llama.fold_norms`), then rounded: what one GPU's
+# runner would do if it folded quantized weights too (it does not: int4 lost twice as much; RESULTS.md, session 37).
+# The engine here runs that form through XLA.
 FOLDED = {"int8 folded": ("int8", None), "int4 g128 folded": ("int4", 128), "fp8 folded": ("fp8", None)}
 CALIBRATED = {  # name: (jinfer.quant.calibrated method, bits, group size, options)
     "rtn int4 g128": ("rtn", 4, 128, {}),

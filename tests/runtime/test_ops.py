@@ -136,59 +136,19 @@ def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
     assert tokens(gpu, backend) == tokens(llama.ModelOps(), None)
 
 
-def test_weights_quantized_with_their_norm_gains_folded_in(monkeypatch):
-    """With the one-GPU ops, `prepare_weights` folds the gains before it rounds (the norms are gone, the fused
-    int8 weights hold gain x weight), and the engine's greedy tokens equal the dense reference loop's on those
-    same params (through the model's own folded path: `layers.scale_rows`, `layers.swiglu`)."""
+def test_quantized_weights_keep_their_norms():
+    """`prepare_weights` folds the gains only into float weights: rounded with a gain in them, int4 lost twice the
+    perplexity on SmolLM2 (RESULTS.md, session 37). The fused float weights hold gain x weight."""
     from jinfer.engine.config import EngineConfig
-    from jinfer.inputs import SamplingParams
-    from jinfer.quant.qtensor import dequantize
-    from jinfer.runtime import reference, runner
-    from jinfer.runtime.build import build_engine
-    from jinfer.testing.tiny import tiny_tokenizer
-    from tests.engine.test_engine import run_workload
+    from jinfer.runtime.runner import prepare_weights
 
     params = tiny_params(13)
     ops = llama.ModelOps(unroll=True, fuse=True, fold_norms=True)
-    cfg = EngineConfig(max_slots=4, page_size=8, num_pages=24, token_buckets=(16,), decode_buckets=(4,),
-                       max_prefill_chunk=8, decode_steps=4, per_layer_weights=False, quantization="int8")
-    prepared = runner.prepare_weights(params, cfg, ops, fuse=True)
+    for quantization in ("int8", "int4"):
+        prepared = prepare_weights(params, EngineConfig(quantization=quantization), ops, fuse=True)
+        assert not llama.is_folded(prepared) and "wqkv" in prepared["layers"]
+    prepared = prepare_weights(params, EngineConfig(), ops, fuse=True)
     assert llama.is_folded(prepared)
     gain = np.asarray(params["layers"]["mlp_norm"])[:, :, None]
     want = gain * np.asarray(llama.fuse_projections(params)["layers"]["w_gate_up"])
-    got = np.asarray(dequantize(prepared["layers"]["w_gate_up"]))
-    np.testing.assert_allclose(got, want, atol=np.abs(want).max() / 100)  # int8: 1/127 of a channel's range
-
-    monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
-    eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
-    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
-    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    outs = run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)])
-    got = [outs[i].token_ids for i in range(len(prompts))]
-    want = [g.token_ids for g in reference.generate(prepared, TINY, prompts, [sp] * len(prompts))]
-    assert got == want
-
-
-def test_unrolled_layers_engine_gives_the_scanned_engines_tokens(monkeypatch):
-    """The runner splits the weights per layer for `ModelOps.unroll` (one GPU) and its steps give the tokens of
-    the scanned, stacked form."""
-    from jinfer.engine.config import EngineConfig
-    from jinfer.inputs import SamplingParams
-    from jinfer.runtime import runner
-    from jinfer.runtime.build import build_engine
-    from jinfer.testing.tiny import tiny_tokenizer
-    from tests.engine.test_engine import run_workload
-
-    params = tiny_params(11)
-    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
-    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
-
-    def tokens(unroll: bool):
-        monkeypatch.setattr(runner, "model_ops", lambda platform, n: llama.ModelOps(unroll=unroll))
-        cfg = EngineConfig(max_slots=4, page_size=4, num_pages=40, token_buckets=(16,), decode_buckets=(4,),
-                           max_prefill_chunk=8, decode_steps=4, per_layer_weights=False)
-        eng = build_engine(TINY, params, tiny_tokenizer(), cfg, seed=0)
-        assert isinstance(eng.runner.params["layers"], tuple) == unroll
-        return [o.token_ids for o in run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)]).values()]
-
-    assert tokens(True) == tokens(False)
+    np.testing.assert_allclose(np.asarray(prepared["layers"]["w_gate_up"]), want, rtol=1e-6)
