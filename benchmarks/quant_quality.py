@@ -50,7 +50,8 @@ KV_FORMATS = {"kv int8": "int8", "kv fp8": "fp8"}  # float32 weights, the KV cac
 # q/k/v and gate/up fused, each layer's norm gains folded in (`llama.fold_norms`), then rounded: what one GPU's
 # runner would do if it folded quantized weights too (it does not: int4 lost twice as much; RESULTS.md, session 37).
 # The engine here runs that form through XLA.
-FOLDED = {"int8 folded": ("int8", None), "int4 g128 folded": ("int4", 128), "fp8 folded": ("fp8", None)}
+FOLDED = {"int8 folded": ("int8", None), "int4 g128 folded": ("int4", 128), "fp8 folded": ("fp8", None),
+          "bfloat16 folded": ("bfloat16", None)}  # what one GPU runs by default: the gains folded, then cast
 CALIBRATED = {  # name: (jinfer.quant.calibrated method, bits, group size, options)
     "rtn int4 g128": ("rtn", 4, 128, {}),
     "gptq int4 g128": ("gptq", 4, 128, {}),
@@ -133,8 +134,11 @@ def main():
             params = load(args.model, quantization="gguf").params
         elif name in FOLDED:
             method, group = FOLDED[name]
-            params = quantize_params(llama.fold_norms(llama.fuse_projections(base.params)),
-                                     llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, method, group)
+            params = llama.fold_norms(llama.fuse_projections(base.params))
+            if method == "bfloat16":
+                dtype = method
+            else:
+                params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, method, group)
         elif method in (None, "bfloat16"):
             params, dtype = base.params, method or "float32"
         else:
