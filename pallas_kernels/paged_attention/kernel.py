@@ -63,23 +63,24 @@ def _kernel(
     # quantized pages: ks_ref, vs_ref f32[L * K * P, page_size], their scales; with `fresh` instead
     # freq_ref f32[H / 2], slot_ref i32[T] (`rope_decode_attention`) and with `eps` x_ref [T, D]; then the
     # outputs, this program's block: o_ref [block_q, Gp, H], m_ref, l_ref [block_q, Gp]; with `fresh` then
-    # k_out, v_out (k_ref, v_ref aliased)
+    # k_out, v_out (k_ref, v_ref aliased); with `direct` (fresh, one split, one block a token) o_ref is the
+    # whole token-major output [T, K, Gp, H] and there are no m_ref, l_ref
     *refs,
     num_kv_heads: int, num_pages: int, block_q: int, pages_per_block: int, num_splits: int,
     sm_scale: float, group: int, quantized: bool, unmasked_steps: bool, fresh: bool = False,
-    eps: float | None = None,
+    eps: float | None = None, direct: bool = False,
 ):
     if fresh:
         freq_ref, slot_ref, *refs = refs
         x_ref, *refs = refs if eps is not None else (None, *refs)
-        o_ref, m_ref, l_ref, k_out, v_out = refs
+        o_ref, m_ref, l_ref, k_out, v_out = (refs[0], None, None, *refs[1:]) if direct else refs
         ks_ref = vs_ref = None
     else:
         ks_ref, vs_ref, o_ref, m_ref, l_ref = refs if quantized else (None, None, *refs)
     b, kh, sp = pl.program_id(0), pl.program_id(1), pl.program_id(2)
     max_pages = page_table_ref.shape[1]
     H = q_ref.shape[-1]
-    Gp = o_ref.shape[1]
+    Gp = o_ref.shape[2 if direct else 1]
     ps = k_ref.shape[1]
     rows = block_q * Gp
     block_k = pages_per_block * ps
@@ -162,6 +163,10 @@ def _kernel(
             v_out[base + page, off, :] = v_new.astype(v_out.dtype)
     if num_splits == 1:  # normalize here; no combine pass follows
         o = o / jnp.where(l == 0, 1.0, l)[:, None]
+    if direct:  # the block's one query (row 0; zeros for an empty block) is token tok's row of the output
+        first = lax.broadcasted_iota(jnp.int32, (block_q, Gp, H), 0) == 0
+        plgpu.store(o_ref.at[pl.ds(tok, block_q), kh], o.reshape(block_q, Gp, H).astype(o_ref.dtype), mask=first)
+        return
     # Only the block's own rows are written (an empty block writes its first, as zeros, for the padding
     # tokens that point at it): a decode block has one query in block_q rows, and at batch 1 the idle rows'
     # float32 partials were a quarter as many bytes as the K/V the kernel reads.
@@ -327,10 +332,18 @@ def rope_decode_attention_triton(
     flat = [x.reshape(L * K * P, ps, H) for x in (k_pages, v_pages)]
     whole = pl.BlockSpec(qkv.shape, lambda b, h, s: (0, 0, 0))
     extra = (jnp.asarray(inv_freq, jnp.float32), kv_slot.astype(jnp.int32), *(() if x is None else (x,)))
-    o, m, l, k_flat, v_flat = _call(qkv, whole, flat, extra, layer, page_table, kv_len, query_len, blocks,
-                                    num_blocks=num_blocks, K=K, P=P, G=G, block_sizes=block_sizes,
-                                    interpret=interpret, sm_scale=sm_scale, quantized=False, fresh=True, eps=eps)
-    out = _rows(o, m, l, tok_block, tok_row, T, N, H, G, qkv.dtype, block_sizes, interpret)
+    # One split and a block a token (`query_blocks` gives each padding token an empty block): the kernel writes
+    # each token's row itself, normalized, and no combine or gather of the blocks' rows follows.
+    direct = block_sizes.num_splits == 1 and num_blocks == T
+    outs = _call(qkv, whole, flat, extra, layer, page_table, kv_len, query_len, blocks, num_blocks=num_blocks, K=K,
+                 P=P, G=G, block_sizes=block_sizes, interpret=interpret, sm_scale=sm_scale, quantized=False,
+                 fresh=True, eps=eps, direct=direct)
+    if direct:
+        o, k_flat, v_flat = outs
+        out = o[:, :, :G].reshape(T, N, H)
+    else:
+        o, m, l, k_flat, v_flat = outs
+        out = _rows(o, m, l, tok_block, tok_row, T, N, H, G, qkv.dtype, block_sizes, interpret)
     return out, k_flat.reshape(k_pages.shape), v_flat.reshape(v_pages.shape)
 
 
@@ -342,8 +355,9 @@ def _group(N: int, K: int) -> tuple[int, int]:
 
 def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, blocks, *, num_blocks: int, K: int,
           P: int, G: int, block_sizes: BlockSizes, interpret: bool, sm_scale, quantized: bool, fresh: bool,
-          eps: float | None = None):
-    """The kernel's launch: (o, m, l) partials of each split, then with `fresh` the written pages."""
+          eps: float | None = None, direct: bool = False):
+    """The kernel's launch: (o, m, l) partials of each split, or with `direct` the token-major output
+    [T, K, Gp, H], then with `fresh` the written pages."""
     H = q_in.shape[-1]
     _, Gp = _group(G * K, K)
     bs = block_sizes
@@ -364,23 +378,27 @@ def _call(q_in, q_spec, flat, extra, layer, page_table, kv_len, query_len, block
     scalars = (jnp.reshape(layer, (1,)).astype(jnp.int32), *blocks, kv_len, query_len, page_table)
     kernel = functools.partial(_kernel, num_kv_heads=K, num_pages=P, block_q=bq, pages_per_block=ppb,
                                num_splits=splits, sm_scale=scale, group=G, quantized=quantized,
-                               unmasked_steps=bs.unmasked_steps, fresh=fresh, eps=eps)
+                               unmasked_steps=bs.unmasked_steps, fresh=fresh, eps=eps, direct=direct)
     inputs = (*scalars, q_in, *flat, *extra)
     page_outs = tuple(flat) if fresh else ()
     first_page = len(scalars) + 1
+    if direct:  # the token-major output, written row by row by the kernel itself
+        out = jax.ShapeDtypeStruct((q_in.shape[0], K, Gp, H), q_in.dtype)
+        outs, out_specs = [out], [whole(out)]
+    else:  # each split's partials, a block of the grid each
+        outs = [jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp, H), out_dtype),
+                jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
+                jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32)]
+        out_specs = [pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
+                     pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
+                     pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0))]
     return pl.pallas_call(
         kernel,
         grid=(num_blocks, K, splits),
         in_specs=[*(whole(x) for x in scalars), q_spec, *(whole(x) for x in (*flat, *extra))],
-        out_specs=[pl.BlockSpec((None, None, bq, None, Gp, H), lambda b, h, s: (s, b, 0, h, 0, 0)),
-                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
-                   pl.BlockSpec((None, None, bq, None, Gp), lambda b, h, s: (s, b, 0, h, 0)),
-                   *(whole(x) for x in page_outs)],
-        out_shape=[jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp, H), out_dtype),
-                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
-                   jax.ShapeDtypeStruct((splits, num_blocks, bq, K, Gp), jnp.float32),
-                   *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in page_outs)],
-        input_output_aliases={first_page + i: 3 + i for i in range(len(page_outs))},
+        out_specs=[*out_specs, *(whole(x) for x in page_outs)],
+        out_shape=[*outs, *(jax.ShapeDtypeStruct(x.shape, x.dtype) for x in page_outs)],
+        input_output_aliases={first_page + i: len(outs) + i for i in range(len(page_outs))},
         interpret=interpret,
         compiler_params=None if interpret else plgpu.CompilerParams(num_warps=bs.num_warps, num_stages=bs.num_stages),
         # Named by its shape of work, so a profile tells decode blocks (many splits) from prefill chunks.

@@ -15,6 +15,12 @@ def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, n
     Returns (blk_slot, blk_row0, blk_len, blk_qoff) i32[num_blocks] — the slot, first token row, number of
     queries and offset of the first query within the slot's chunk — and (tok_block, tok_row) i32[T]
     locating each token's output (T = num_tokens, padding included). Unused blocks have length 0.
+
+    Padding tokens (rows no query block covers) each take an unused block of their own while any is left, as
+    its first row: the kernels write an empty block's first row as zeros, so that is the padding token's output.
+    In a decode step (one query a row, as many blocks as tokens) every token row is then one block's own, and a
+    kernel may write its output token-major (`rope_decode_attention_triton` with one split). Padding tokens past
+    the unused blocks point at block 0's first row.
     """
     slots = np.flatnonzero(query_len > 0)
     counts = -(-query_len[slots] // block_q)
@@ -27,6 +33,7 @@ def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, n
     blk_qoff = np.zeros(num_blocks, np.int32)
     tok_block = np.zeros(num_tokens, np.int32)
     tok_row = np.zeros(num_tokens, np.int32)
+    covered = np.zeros(num_tokens, bool)
     b = 0
     for s, n in zip(slots, counts):
         for c in range(n):
@@ -36,5 +43,9 @@ def query_blocks(query_start: np.ndarray, query_len: np.ndarray, block_q: int, n
             blk_slot[b], blk_row0[b], blk_len[b], blk_qoff[b] = s, row0, length, qoff
             tok_block[row0:row0 + length] = b
             tok_row[row0:row0 + length] = np.arange(length)
+            covered[row0:row0 + length] = True
             b += 1
+    pads = np.flatnonzero(~covered)[:num_blocks - b]
+    blk_row0[b:b + len(pads)] = pads
+    tok_block[pads] = np.arange(b, b + len(pads))
     return (blk_slot, blk_row0, blk_len, blk_qoff), (tok_block, tok_row)

@@ -122,6 +122,30 @@ def test_folded_norm_rows_match_scaled_product(dtype, D, splits):
     close(vp[:, :, 1:], want_v[:, :, 1:], dtype)
 
 
+@pytest.mark.parametrize("dtype", [jnp.float32, jnp.bfloat16], ids=["f32", "bf16"])
+def test_one_split_writes_each_tokens_row(dtype):
+    """One split and a block a token (idle slots' padding tokens take the empty blocks): the kernel writes the
+    output token-major itself, with no gather of the blocks' rows after it; padding tokens' rows are zeros."""
+    rng = np.random.default_rng(11)
+    K, G, H, ps = 2, 4, 64, 8
+    c = decode_case(rng, kv_lens=[5, 0, 12, 30, 0, 1], K=K, G=G, H=H, page_size=ps, dtype=dtype, pad_tokens=2)
+    assert c["T"] == len(c["kv_len"])  # the decode layout: as many blocks as tokens
+    bs = BlockSizes(block_q=4, pages_per_block=2, num_splits=1)
+    freqs = inv_freq(H)
+    out, kp, vp = run(c, freqs, bs)
+    want_out, want_k, want_v = expected(c, freqs)
+    close(out[:c["live"]], want_out, dtype)
+    np.testing.assert_array_equal(np.asarray(out[c["live"]:], np.float32), 0.0)
+    close(kp[:, :, 1:], want_k[:, :, 1:], dtype)
+    nb = c["T"]
+    blocks, (tb, tr) = query_blocks(c["q_start"], c["q_len"], bs.block_q, nb, c["T"])
+    jaxpr = jax.make_jaxpr(lambda qkv, kp, vp: rope_decode_attention_triton(
+        qkv, freqs, c["slot"], kp, vp, jnp.int32(LAYER), jnp.asarray(c["page_table"]), jnp.asarray(c["kv_len"]),
+        jnp.asarray(c["q_len"]), tuple(map(jnp.asarray, blocks)), jnp.asarray(tb), jnp.asarray(tr), num_heads=c["N"],
+        num_blocks=nb, block_sizes=bs, interpret=not NATIVE))(c["qkv"], c["k"], c["v"])
+    assert "gather" not in str(jaxpr).split("pallas_call")[-1]  # nothing reorders the kernel's rows after it
+
+
 def test_the_engines_decode_attention_takes_the_fused_kernel():
     """`make_paged_attention` at width 1 on the Pallas backend: one `rope_` attention launch and no separate
     RoPE-and-store kernel, with the outputs of the unfused path (width-1 steps through `rope_and_store`)."""
