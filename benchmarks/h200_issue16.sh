@@ -50,6 +50,8 @@ case "${1:-1}" in
 3)  # whether batch 1 at chat lengths pays for context splits and their combine; the split of a token
   step decode_tune_b1 150 python benchmarks/decode_tune.py --page-size 16 --batch 1 --context 256 1024 --stages 1 \
     --unmasked 0
+  # Batch 1 end to end on one context split (contexts 128-640 here): no combine after the kernel (session 37).
+  step b1_bf16_one_split 90 python benchmarks/throughput.py $B1 --decode-splits 1
   step profile_b1 120 python benchmarks/step_profile.py --shape llama-3.1-8b --dtype bfloat16 --workload decode_b1 \
     --max-slots 1 --decode-steps 32 --top 30
   # Session 36's traces caught a few percent of the kernels: those inside CUDA graphs may not be traced. Without

@@ -4,7 +4,8 @@ for this process, so one machine can time both in the same run. `--scan-layers`:
 stacked weights, as one GPU ran them before the unrolled layers (`jinfer.models.llama.ModelOps.unroll`).
 `--unfused-decode`: a decode step's RoPE and K/V write in their own kernel before attention (`rope_and_store`),
 not inside it (`PallasBackend.rope_attend`). `--unfolded-norms`: each layer's two RMSNorms as kernels of their
-own, their gains not folded into the products (`jinfer.models.llama.fold_norms`)."""
+own, their gains not folded into the products (`jinfer.models.llama.fold_norms`). `--decode-splits N`: decode
+blocks on N context splits instead of the tuning table's (with 1, no split combine follows the kernel)."""
 
 from __future__ import annotations
 
@@ -20,6 +21,8 @@ def add_flag(ap: argparse.ArgumentParser) -> None:
                     help="a decode step's RoPE and K/V write as a kernel of their own, not inside attention")
     ap.add_argument("--unfolded-norms", action="store_true",
                     help="each layer's norms as kernels of their own, not folded into the products")
+    ap.add_argument("--decode-splits", type=int, default=None,
+                    help="context splits of the decode attention kernel (default: the tuning table's)")
 
 
 def apply(args: argparse.Namespace) -> None:
@@ -39,6 +42,18 @@ def apply(args: argparse.Namespace) -> None:
         return chosen._replace(unroll=False) if args.scan_layers else chosen
 
     runner.model_ops = chosen_ops  # the runner's own name for it
+    if args.decode_splits is not None:
+        import dataclasses
+
+        from jinfer.attention import pallas
+
+        table = pallas.gpu_block_sizes
+
+        def sizes(*a, **k):
+            decode, mixed = table(*a, **k)
+            return dataclasses.replace(decode, num_splits=args.decode_splits), mixed
+
+        pallas.gpu_block_sizes = sizes  # the name `pallas_backend` reads
     if xla_glue:
         PallasBackend.rope_kv_kernel = False
     if args.unfused_decode:
