@@ -56,7 +56,7 @@ class AttentionBackend(Protocol[M]):
     kernel; `attend` then gets k = v = None); `rope_decode` (absent: False) that its
     `rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width)` does RoPE, the write and attention of a
     decode step (width 1) in one, and with `rows=(x [T, D], eps)` first scales q, k, v by the RMSNorm factor of
-their token's row of x (folded norms, `llama.fold_norms`). A class attribute `partitionable` says whether XLA
+    their token's row of x (folded norms, `llama.fold_norms`). A class attribute `partitionable` says whether XLA
     can split `attend` over a mesh by itself (plain jnp); where it cannot (a kernel), the runner wraps the
     backend in `sharded.HeadShardedBackend`."""
 
@@ -113,13 +113,13 @@ def make_paged_attention(width: int, backend: AttentionBackend):
             # One kernel rotates q and k and writes k and v (the concatenation of the fused product's own slices
             # is that product again to XLA); the backend reads this step's K/V from the pages.
             qkv = jnp.concatenate([q, k, v], axis=2)[0]
+            x, eps = (None, None) if rows is None else (rows[0][0], rows[1])  # the kernels take [T, D] rows
             if fused_decode:
                 out, k_pages, v_pages = backend.rope_attend(qkv, inv_freq, k_pages, v_pages, layer, meta, width,
-                                                            rows=None if rows is None else (rows[0][0], rows[1]))
+                                                            rows=None if x is None else (x, eps))
                 return out[None], k_pages, v_pages
             q, k_pages, v_pages = rope_and_store(qkv, positions[0], inv_freq, k_pages, v_pages, layer, meta.kv_slot,
-                                                 None if rows is None else rows[0][0], num_heads=q.shape[2],
-                                                 interpret=backend.interpret, eps=None if rows is None else rows[1])
+                                                 x, num_heads=q.shape[2], interpret=backend.interpret, eps=eps)
             return backend.attend(q, None, None, k_pages, v_pages, layer, meta, width)[None], k_pages, v_pages
         q, k = apply_rope(q, positions, inv_freq), apply_rope(k, positions, inv_freq)
         ps = page_size(k_pages)

@@ -28,6 +28,7 @@ from jax.experimental.pallas import triton as plgpu
 
 from jinfer.kernels.paged_attention.combine import combine_splits
 from jinfer.kernels.paged_attention.validate import check_inputs
+from jinfer.kernels.rms_norm.kernel import check_rows, row_factor
 from jinfer.quant.kv import is_quantized_kv
 
 NEG_INF = float("-inf")
@@ -104,7 +105,7 @@ def _kernel(
     base = (layer_ref[0] * num_kv_heads + kh) * num_pages
     if fresh:
         tok = jnp.minimum(blk_row0_ref[b], n_tok - 1)
-        scale = None if x_ref is None else _norm_factor(x_ref, tok, eps)
+        scale = None if x_ref is None else row_factor(x_ref, tok, eps)
         q, k_new, v_new = _fresh_qkv(q_ref, freq_ref, tok, first_pos, kh, rows, Gp, group, num_kv_heads, scale)
     else:
         q_rows = jnp.minimum(blk_row0_ref[b] + lax.broadcasted_iota(jnp.int32, (block_q,), 0), n_tok - 1)
@@ -184,16 +185,6 @@ def _new_max(m, seen):
     m_new = jnp.maximum(m, seen)
     m_safe = jnp.where(m_new == NEG_INF, 0.0, m_new)
     return m_new, m_safe, jnp.exp(jnp.where(m == NEG_INF, NEG_INF, m - m_safe))
-
-
-def _norm_factor(x_ref, tok, eps: float):
-    """The RMSNorm factor (float32) of row `tok` of x_ref [T, D]: D rounded up to a power of two, masked."""
-    D = x_ref.shape[1]
-    block_d = 1 << (D - 1).bit_length()
-    ok = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
-    x = plgpu.load(x_ref.at[tok, pl.ds(0, block_d)], mask=ok, other=None if ok is None else 0)
-    x = x.astype(jnp.float32)
-    return lax.rsqrt(jnp.sum(x * x) / D + eps)
 
 
 def _fresh_qkv(qkv_ref, freq_ref, tok, pos, kh, rows: int, Gp: int, group: int, K: int, scale=None):
@@ -323,13 +314,11 @@ def rope_decode_attention_triton(
         raise ValueError(f"qkv {qkv.shape} must hold num_heads={N} query heads and K={K} key and value heads of an "
                          f"even head dim; pages float ({type(k_pages).__name__}); inv_freq {inv_freq.shape} "
                          f"[{H // 2}]; kv_slot {kv_slot.shape} [{T}]")
-    if (x is None) != (eps is None) or (x is not None and (x.ndim != 2 or x.shape[0] != T)):
-        raise ValueError(f"x of shape {None if x is None else x.shape} and eps={eps} go together (both or "
-                         f"neither), x as [T={T}, D]")
+    check_rows(x, eps, T)
     q = jax.ShapeDtypeStruct((T, N, H), qkv.dtype)
     check_inputs(q, k_pages, v_pages, page_table, kv_len, query_len, blocks, tok_block, tok_row, num_blocks)
     G, _ = _group(N, K)
-    flat = [x.reshape(L * K * P, ps, H) for x in (k_pages, v_pages)]
+    flat = [pages.reshape(L * K * P, ps, H) for pages in (k_pages, v_pages)]
     whole = pl.BlockSpec(qkv.shape, lambda b, h, s: (0, 0, 0))
     extra = (jnp.asarray(inv_freq, jnp.float32), kv_slot.astype(jnp.int32), *(() if x is None else (x,)))
     # One split and a block a token (`query_blocks` gives each padding token an empty block): the kernel writes

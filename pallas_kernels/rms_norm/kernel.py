@@ -23,20 +23,40 @@ class RMSNormBlockSizes:
     num_warps: int = 4  # one row of D values over these warps; D = 4096 is 32 float32 values a thread
 
 
-def _kernel(*refs, eps: float, D: int, block_d: int):
+def load_row(ref, *index):
+    """The row ref[*index] [D] whole: D rounded up to a power of two, masked (zeros past D) -> (values
+    [block_d], the mask or None)."""
+    from jax.experimental.pallas import triton as plgpu
+
+    D = ref.shape[-1]
+    block_d = 1 << (D - 1).bit_length()
+    ok = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
+    return plgpu.load(ref.at[*index, pl.ds(0, block_d)], mask=ok, other=None if ok is None else 0), ok
+
+
+def row_factor(x_ref, row, eps: float):
+    """The RMSNorm factor (float32) of row `row` of x_ref [R, D], 1 / sqrt(mean(x^2) + eps): what the kernels
+    that read a folded norm's product (`jinfer.models.llama.fold_norms`) scale it by."""
+    x = load_row(x_ref, row)[0].astype(jnp.float32)
+    return lax.rsqrt(jnp.sum(x * x) / x_ref.shape[-1] + eps)
+
+
+def check_rows(x, eps, T: int) -> None:
+    """A folded norm's rows as a kernel takes them: x [T, D] and eps, both or neither."""
+    if (x is None) != (eps is None) or (x is not None and (x.ndim != 2 or x.shape[0] != T)):
+        raise ValueError(f"x of shape {None if x is None else x.shape} and eps={eps} go together (both or "
+                         f"neither), x as [T={T}, D]")
+
+
+def _kernel(*refs, eps: float, D: int):
     from jax.experimental.pallas import triton as plgpu
 
     # A plain [D] gain comes without a layer index: its address then waits on no load.
     layer_ref, x_ref, g_ref, o_ref = refs if len(refs) == 4 else (None, *refs)
     row = pl.program_id(0)
-    cols = lax.broadcasted_iota(jnp.int32, (block_d,), 0)
-    ok = None if block_d == D else cols < D
-    g_view = g_ref.at[pl.ds(0, block_d)] if layer_ref is None else g_ref.at[layer_ref[0], pl.ds(0, block_d)]
-    x_view = x_ref.at[row, pl.ds(0, block_d)]
-    if ok is None:
-        x, g = plgpu.load(x_view), plgpu.load(g_view)
-    else:
-        x, g = plgpu.load(x_view, mask=ok, other=0), plgpu.load(g_view, mask=ok, other=0)
+    x, ok = load_row(x_ref, row)
+    g, _ = load_row(g_ref) if layer_ref is None else load_row(g_ref, layer_ref[0])
+    block_d = x.shape[0]
     x32 = x.astype(jnp.float32)
     normed = x32 * lax.rsqrt(jnp.sum(x32 * x32) / D + eps)
     out = (g.astype(o_ref.dtype) * normed.astype(x_ref.dtype).astype(o_ref.dtype)).astype(o_ref.dtype)
@@ -58,7 +78,7 @@ def rms_norm_triton(x: jax.Array, gain: jax.Array, layer: jax.Array | None, *, e
     inputs = (x, gain) if layer is None else (layer, x, gain)
 
     return pl.pallas_call(
-        functools.partial(_kernel, eps=eps, D=D, block_d=1 << (D - 1).bit_length()),
+        functools.partial(_kernel, eps=eps, D=D),
         grid=(M,),
         in_specs=[whole(a) for a in inputs],
         out_specs=whole(jax.ShapeDtypeStruct((M, D), out_dtype)),

@@ -21,20 +21,11 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jinfer.kernels.rms_norm.kernel import row_factor
+
 
 def _pow2(n: int) -> int:
     return 1 << (n - 1).bit_length()
-
-
-def _norm_factor(x_ref, t, eps: float):
-    """The RMSNorm factor (float32) of row t of x_ref [T, D]: D rounded up to a power of two, masked."""
-    from jax.experimental.pallas import triton as plgpu
-
-    D = x_ref.shape[1]
-    block_d = _pow2(D)
-    ok = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
-    x = plgpu.load(x_ref.at[t, pl.ds(0, block_d)], mask=ok, other=None if ok is None else 0).astype(jnp.float32)
-    return lax.rsqrt(jnp.sum(x * x) / D + eps)
 
 
 def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, *refs, N: int, K: int,
@@ -44,7 +35,7 @@ def _kernel(layer_ref, pos_ref, slot_ref, freq_ref, qkv_ref, kp_in, vp_in, *refs
     x_ref, q_ref, kp_ref, vp_ref = refs if eps is not None else (None, *refs)
     del kp_in, vp_in  # aliased to kp_ref and vp_ref: written there in place
     t, part = pl.program_id(0), pl.program_id(1)
-    scale = None if x_ref is None else _norm_factor(x_ref, t, eps)
+    scale = None if x_ref is None else row_factor(x_ref, t, eps)
     half = qkv_ref.shape[-1] // 2
     freqs = pos_ref[t].astype(jnp.float32) * freq_ref[...]  # [H/2]
     # In the activations' dtype op by op, as the model's expression rounds it (XLA keeps that fusion's bfloat16

@@ -8,6 +8,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jinfer.kernels.rms_norm.kernel import check_rows
 from jinfer.kernels.rope_kv.kernel import rope_and_store_triton
 
 
@@ -38,9 +39,7 @@ def rope_and_store(
     if positions.shape != (T,) or slot.shape != (T,) or inv_freq.shape != (H // 2,):
         raise ValueError(f"positions {positions.shape} and slot {slot.shape} must be [{T}] and inv_freq "
                          f"{inv_freq.shape} [{H // 2}]")
-    if (x is None) != (eps is None) or (x is not None and (x.ndim != 2 or x.shape[0] != T)):
-        raise ValueError(f"x of shape {None if x is None else x.shape} and eps={eps} go together (both or "
-                         f"neither), x as [T={T}, D]")
+    check_rows(x, eps, T)
     if interpret is None:
         interpret = jax.devices()[0].platform != "gpu"
     i32 = functools.partial(jnp.asarray, dtype=jnp.int32)

@@ -19,6 +19,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from jinfer.kernels.rms_norm.kernel import row_factor
+
 
 @dataclasses.dataclass(frozen=True)
 class SwigluBlockSizes:
@@ -41,12 +43,7 @@ def _kernel(x_ref, gu_ref, o_ref, *, eps: float, F: int, block_f: int):
     from jax.experimental.pallas import triton as plgpu
 
     row, j = pl.program_id(0), pl.program_id(1)
-    D = x_ref.shape[1]
-    block_d = _pow2(D)
-    ok_d = None if block_d == D else lax.broadcasted_iota(jnp.int32, (block_d,), 0) < D
-    x = plgpu.load(x_ref.at[row, pl.ds(0, block_d)], mask=ok_d, other=None if ok_d is None else 0)
-    x = x.astype(jnp.float32)
-    r = lax.rsqrt(jnp.sum(x * x) / D + eps)
+    r = row_factor(x_ref, row, eps)
     f0 = j * block_f
     ok = None if F % block_f == 0 else f0 + lax.broadcasted_iota(jnp.int32, (block_f,), 0) < F
     other = None if ok is None else 0
