@@ -3,7 +3,7 @@
 # urgent first. Each command's output goes to $OUT/<name>.log (and the tail to stdout); a failing command does
 # not stop the part. From the repository root on the device machine:
 #
-#     bash benchmarks/h200_issue16.sh 1     # then 2 to 6, as device time allows
+#     bash benchmarks/h200_issue16.sh 1     # then 2 to 7, as device time allows
 #
 # The checkout's jinfer/ shadows the package mapping, so everything runs from an install in a scratch folder.
 set -u
@@ -77,8 +77,17 @@ case "${1:-1}" in
   step torch_peer_b1 330 python benchmarks/torch_peer.py --batches 1 --num-requests 0
   step b1_bf16_beside_peer 90 python benchmarks/throughput.py $B1
   ;;
+7)  # points 2, 5 and 6 again on today's step (unrolled layers, fused decode, folded norms; last timed in
+    # sessions 29-30): paged decode beside cuDNN in the same run, speculation's verify cost and replayed ceiling,
+    # exactness with speculation and with quantized KV pages
+  step kernels_decode 140 python benchmarks/kernels.py --decode-only --iters 20
+  step spec_ceiling 240 python benchmarks/spec_ceiling.py --shape llama-3.1-8b --dtype bfloat16 --ks 1,2,4,8 \
+    --output-len 128 --rounds 4
+  step exactness_ngram 100 python benchmarks/engine_exactness.py --speculative ngram
+  step exactness_int8_kv 80 python benchmarks/engine_exactness.py --kv-cache-dtype int8
+  ;;
 *)
-  echo "part must be 1 to 6" >&2
+  echo "part must be 1 to 7" >&2
   exit 2
   ;;
 esac

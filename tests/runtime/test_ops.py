@@ -103,12 +103,8 @@ def test_fold_norms_leaves_what_it_cannot_fold():
     assert not llama.is_folded(llama.fold_norms(biased))
 
 
-def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
-    """The one-GPU forms, interpreted on the CPU: products fused, their norm gains folded in, the Pallas attention
-    backend (its fused decode kernel and its RoPE-and-store kernel each scale q, k, v by the norm factor) and the
-    gated activation's kernel, layers unrolled; greedy tokens equal the plain engine's, through prefill chunks,
-    decode blocks and a preemption-free mix of both."""
-    from jinfer.attention.pallas import pallas_backend
+def _engine_tokens(monkeypatch, ops, backend, prompts, speculative=None):
+    """Greedy tokens of an engine built with `ops` as the runtime's model ops, and its verify steps."""
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
     from jinfer.runtime import runner
@@ -116,24 +112,47 @@ def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
     from jinfer.testing.tiny import tiny_tokenizer
     from tests.engine.test_engine import run_workload
 
-    params = tiny_params(12)
-    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
-    sp = SamplingParams(max_tokens=10, temperature=0, ignore_eos=True)
-    gpu = llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
+    monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
+    cfg = EngineConfig(max_slots=4, page_size=8, num_pages=32, token_buckets=(16,), decode_buckets=(4,),
+                       max_prefill_chunk=8, decode_steps=4, per_layer_weights=False, speculative=speculative)
+    eng = build_engine(TINY, tiny_params(12), tiny_tokenizer(), cfg, attention_backend=backend, seed=0)
+    assert llama.is_folded(eng.runner.params) == ops.fold_norms
+    sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
+    outs = run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)]).values()
+    return [o.token_ids for o in outs], sum(o.metrics.spec_verify_steps for o in outs)
+
+
+def _one_gpu_forms():
+    """The one-GPU model ops and attention backend, interpreted."""
+    from jinfer.attention.pallas import pallas_backend
+
+    ops = llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
                          swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=True, fuse=True,
                          fold_norms=True)
+    return ops, pallas_backend(TINY.num_kv_heads, TINY.num_heads, 4, 8, interpret=True)
 
-    def tokens(ops, backend):
-        monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
-        cfg = EngineConfig(max_slots=4, page_size=8, num_pages=24, token_buckets=(16,), decode_buckets=(4,),
-                           max_prefill_chunk=8, decode_steps=4, per_layer_weights=False)
-        eng = build_engine(TINY, params, tiny_tokenizer(), cfg, attention_backend=backend, seed=0)
-        assert llama.is_folded(eng.runner.params) == ops.fold_norms
-        return [o.token_ids for o in run_workload(eng, [(i, p, sp) for i, p in enumerate(prompts)]).values()]
 
-    c = TINY
-    backend = pallas_backend(c.num_kv_heads, c.num_heads, 4, 8, interpret=True)
-    assert tokens(gpu, backend) == tokens(llama.ModelOps(), None)
+def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
+    """The one-GPU forms, interpreted on the CPU: products fused, their norm gains folded in, the Pallas attention
+    backend (its fused decode kernel and its RoPE-and-store kernel each scale q, k, v by the norm factor) and the
+    gated activation's kernel, layers unrolled; greedy tokens equal the plain engine's, through prefill chunks,
+    decode blocks and a preemption-free mix of both."""
+    prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
+    assert (_engine_tokens(monkeypatch, *_one_gpu_forms(), prompts)
+            == _engine_tokens(monkeypatch, llama.ModelOps(), None, prompts))
+
+
+@pytest.mark.parametrize("method", ["ngram", "early_exit"])
+def test_folded_norms_engine_speculates_exactly(monkeypatch, method):
+    """Verify steps (k + 1 rows a request through RoPE-and-store, folded norms) and the early-exit drafter (the
+    target's first layer, unrolled and folded) on the one-GPU forms: greedy tokens equal the plain engine's
+    without speculation, with verify steps taken."""
+    prompts = [[5, 9, 5, 17, 33, 5, 9, 5, 17, 33, 5, 9], [1, 2, 3, 1, 2, 3, 1, 2], list(range(40, 59))]
+    spec = dict(method=method, num_speculative_tokens=3, adaptive=False, disable_by_batch_size=8,
+                **({"prompt_lookup_min": 1} if method == "ngram" else {"early_exit_layers": 1}))
+    tokens, verify_steps = _engine_tokens(monkeypatch, *_one_gpu_forms(), prompts, spec)
+    assert verify_steps > 0
+    assert tokens == _engine_tokens(monkeypatch, llama.ModelOps(), None, prompts)[0]
 
 
 def test_quantized_weights_keep_their_norms():
