@@ -92,6 +92,9 @@ def main():
             results.append((us, bs, launches))
         results.sort(key=lambda r: r[0])
         print(f"decode B={B} ctx={ctx} page={ps}:")
+        if not results:
+            print("  no variant ran (each failure above)")
+            continue
         for us, bs, _ in results[:8]:
             print(f"  {us:8.1f} us device  {bytes_kv / us / 1e6:5.2f} TB/s  splits={bs.num_splits} "
                   f"ppb={bs.pages_per_block} warps={bs.num_warps} stages={bs.num_stages} unmasked={int(bs.unmasked_steps)}")

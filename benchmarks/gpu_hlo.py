@@ -123,9 +123,10 @@ def census(hlo: str) -> dict:
     return count
 
 
-def compile_step(args) -> str:
-    """The optimized HLO of one plain greedy decode block of `args.rows` rows, or with `args.prefill` a prefill
-    step of that many tokens, compiled for the H200."""
+def build_runner(args, shape_of_step: bool = True):
+    """A Runner of the engine's step functions over abstract arrays on a compile-only H200 (its __init__ would place
+    real ones on a real device), configured as `args` say, and the XLA dump folder. shape_of_step: the one step of
+    `args.rows` / `args.prefill`; else the buckets and speculation of `--all-shapes`."""
     import jax
     import jax.numpy as jnp
     from jax.experimental import topologies
@@ -147,15 +148,23 @@ def compile_step(args) -> str:
     from jinfer.quant.params import cast_params
     from jinfer.runtime import runner as runner_module
     from jinfer.runtime.matmul import kernel_layout
-    from jinfer.runtime.runner import Runner, StepShape
+    from jinfer.runtime.runner import Runner
+    from jinfer.runtime.spec.drafters import EarlyExitDrafter
     from jinfer.runtime.step import SlotState
 
     weight_layout.apply(args.out_in)
     xla_glue.apply(args)
-    c, R, dtype = SHAPES[args.shape], args.rows, jnp.dtype(args.dtype)
+    c, dtype = SHAPES[args.shape], jnp.dtype(args.dtype)
+    R = args.rows
+    spec = None if shape_of_step or not args.speculative else {"method": args.speculative,
+                                                                  "num_speculative_tokens": args.k}
+    buckets = ((args.prefill,) if args.prefill else None) if shape_of_step else tuple(args.token_buckets)
     ec = EngineConfig(max_slots=R, dtype=args.dtype, num_pages=args.pages, decode_steps=args.decode_steps,
-                      token_buckets=(args.prefill,) if args.prefill else None,
-                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype).resolve("gpu")
+                      token_buckets=buckets, decode_buckets=None if shape_of_step or not args.decode_buckets
+                      else tuple(args.decode_buckets), **({} if shape_of_step or not args.chunk
+                                                          else {"max_prefill_chunk": args.chunk}),
+                      quantization=args.quantization, kv_cache_dtype=args.kv_cache_dtype,
+                      speculative=spec).resolve("gpu")
 
     ops = runner_module.model_ops("gpu", 1)
 
@@ -172,19 +181,28 @@ def compile_step(args) -> str:
     def abstract(tree):
         return jax.tree_util.tree_map(lambda x: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=on_device), tree)
 
-    # A Runner's step functions over abstract arrays: its __init__ would place real ones on a real device.
     runner = object.__new__(Runner)
-    runner.model_config, runner.config, runner.mesh, runner.drafter = c, ec, None, None
+    runner.model_config, runner.config, runner.mesh, runner.draft_params, runner.draft_kv = c, ec, None, None, None
+    runner.drafter = (EarlyExitDrafter(ec.speculative.draft_layers(c.num_layers))
+                      if spec and spec["method"] == "early_exit" else None)
     runner.max_pages_per_seq = -(-ec.context_len(c.max_position_embeddings) // ec.page_size)
     runner.attention = default_backend(c.num_kv_heads, c.num_heads, R, ec.page_size)
     runner.ops, runner.plain_steps, runner.num_compilations = ops, True, 0
     unrolled = runner.ops.unroll
     runner.params = abstract(jax.eval_shape(lambda: llama.unstack_layers(params()) if unrolled else params()))
     runner.kv, runner.state = abstract(jax.eval_shape(state))
-    runner.draft_params = runner.draft_kv = None
     runner._step = jax.jit(runner._step_impl, static_argnames=("shape",), donate_argnums=(1, 2, 4))
-    T = args.prefill
-    shape = (StepShape(False, T, R, min(T, ec.max_prefill_chunk), plain="greedy") if T
+    return runner, dump
+
+
+def compile_step(args) -> str:
+    """The optimized HLO of one plain greedy decode block of `args.rows` rows, or with `args.prefill` a prefill
+    step of that many tokens, compiled for the H200."""
+    from jinfer.runtime.runner import StepShape
+
+    runner, dump = build_runner(args)
+    T, R = args.prefill, args.rows
+    shape = (StepShape(False, T, R, min(T, runner.config.max_prefill_chunk), plain="greedy") if T
              else StepShape(True, R, R, 1, plain="greedy"))
     lowered = runner.lowered(shape, 1)
     try:
@@ -197,11 +215,36 @@ def compile_step(args) -> str:
         return open(found[0]).read()
 
 
+def compile_all_shapes(args) -> int:
+    """Compiles every step shape the engine warms up (`Runner.all_shapes`) for the H200, as the engine configured
+    by `args` would on one: the dry run of a GPU benchmark's warm-up, the Pallas kernels' Triton compile
+    included. Prints each shape's kernels and compile time; returns the number of shapes that failed."""
+    import time
+
+    runner, _ = build_runner(args, shape_of_step=False)
+    failed = 0
+    shapes = runner.all_shapes()
+    print(f"{args.shape} {args.dtype} quantization={args.quantization} kv={args.kv_cache_dtype} "
+          f"speculative={args.speculative}: {len(shapes)} step shapes")
+    for shape in shapes:
+        t0 = time.perf_counter()
+        try:
+            hlo = runner.lowered(shape, 1).compile().as_text()
+        except Exception as e:  # reported; the other shapes still compile
+            failed += 1
+            print(f"  FAILED {shape}: {type(e).__name__}: {str(e)[:300]}")
+            continue
+        count = census(hlo)
+        n = sum(len(v) for v in count.values())
+        print(f"  ok {shape}: {n} kernels in its computations, {time.perf_counter() - t0:.1f} s")
+    return failed
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="llama-3.1-8b", help="benchmarks/model_shapes.py")
     ap.add_argument("--dtype", default="bfloat16")
-    ap.add_argument("--rows", type=int, default=1, help="the decode block's rows (max_slots)")
+    ap.add_argument("--rows", type=int, default=1, help="the decode block's rows (max_slots; with --all-shapes too)")
     ap.add_argument("--prefill", type=int, default=0, metavar="T", help="a prefill step of T tokens instead")
     ap.add_argument("--decode-steps", type=int, default=16)
     ap.add_argument("--pages", type=int, default=1024)
@@ -211,6 +254,13 @@ def main():
     ap.add_argument("--xla-flags", default="", help="more XLA flags, after the CLI's")
     xla_glue.add_flag(ap)
     ap.add_argument("--list", action="store_true", help="name every kernel of a layer (of a step, unrolled)")
+    ap.add_argument("--all-shapes", action="store_true",
+                    help="compile every step shape the engine warms up (needs jax 0.11.2's plugin), with:")
+    ap.add_argument("--decode-buckets", type=int, nargs="+", default=None, help="default: the engine's for --rows")
+    ap.add_argument("--token-buckets", type=int, nargs="+", default=[16, 128])
+    ap.add_argument("--chunk", type=int, default=None, help="max_prefill_chunk (default: the engine's)")
+    ap.add_argument("--speculative", default=None, choices=("ngram", "early_exit"))
+    ap.add_argument("--k", type=int, default=4, help="speculative tokens")
     ap.add_argument("--hlo-out", default=None, help="also write the optimized HLO there")
     args = ap.parse_args()
 
@@ -218,6 +268,8 @@ def main():
 
     apply_gpu_flags()
     os.environ["XLA_FLAGS"] += " " + args.xla_flags
+    if args.all_shapes:
+        sys.exit(1 if compile_all_shapes(args) else 0)
     hlo = compile_step(args)
     if args.hlo_out:
         with open(args.hlo_out, "w") as f:

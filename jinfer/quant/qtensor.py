@@ -178,6 +178,17 @@ def to_out_in(w: QTensor) -> QTensor:
     return dataclasses.replace(w, values=pack_int4(t) if w.fmt == "int4" else t, layout="out_in")
 
 
+def times_input_gain(w: QTensor, gain: jax.Array) -> QTensor:
+    """w with each input row multiplied by gain (diag(gain) @ W, gain f32[..., *in] like `input_scale`), carried
+    as the input scale 1 / gain that the matmul divides x by: the stored numbers and their rounding stay as
+    they are. A zero gain gives an infinite scale, so its input contributes 0, as diag(gain) @ W's zero row."""
+    if tuple(gain.shape) != tuple(w.shape[:len(w.shape) - w.n_out]):
+        raise ValueError(f"gain of shape {list(gain.shape)} must match the weight's stacked and input axes "
+                         f"{list(w.shape[:len(w.shape) - w.n_out])} (weight shape {list(w.shape)})")
+    s = jnp.ones(gain.shape, jnp.float32) if w.input_scale is None else w.input_scale.astype(jnp.float32)
+    return dataclasses.replace(w, input_scale=s / gain.astype(jnp.float32))
+
+
 def concat_outputs(ws: list[QTensor], axis: int) -> QTensor | None:
     """QTensors that read the same input, joined along output axis `axis` (negative: counted from the end) into
     one, or None where they cannot be: another format, group size, axis count or layout, or per-input scales

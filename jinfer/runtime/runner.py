@@ -131,21 +131,16 @@ def _bucket(n: int, buckets: tuple[int, ...], what: str, field: str) -> int:
 
 def prepare_weights(params, engine_config: EngineConfig, ops: llama.ModelOps, fuse: bool):
     """The checkpoint's params as the runner's steps read them, before the cast to the engine's dtype: with `fuse`
-    (`ops.fuse`, one GPU) the products that share an input fused (five products a layer become two), their norm
-    gains folded in where `ops` reduce the norm factor themselves and the weights stay float, then quantized as
-    configured, from the checkpoint's own precision.
-
-    Why not fold before rounding: a gain's outlier channels then set the scale of every weight in their groups.
-    SmolLM2 (benchmarks/quant_quality.py, RESULTS.md session 37): int4 g128 perplexity +203% over float32 folded,
-    +58.5% not; int8 +0.95% against +0.46%. Weights stored quantized (GGUF blocks, AWQ, GPTQ) cannot take the gain
-    either (`llama.fold_norms` leaves them)."""
+    (`ops.fuse`, one GPU) the products that share an input fused (five products a layer become two), quantized as
+    configured from the checkpoint's own precision, then their norm gains folded in where `ops` reduce the norm
+    factor themselves (`llama.fold_norms`: into a float weight's numbers, a quantized one's input scale)."""
     if fuse:
         params = llama.fuse_projections(params)
-        if ops.fold_norms and engine_config.quantization is None:
-            params = llama.fold_norms(params)
     if engine_config.quantization not in (None, "gguf"):  # "gguf": the loader kept the file's blocks
         params = quantize_params(params, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, engine_config.quantization,
                                  engine_config.quantization_group_size)
+    if fuse and ops.fold_norms:
+        params = llama.fold_norms(params)
     return params
 
 

@@ -89,21 +89,40 @@ def test_folded_norms_forward_equals_the_models(layers, T):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=1e-5, atol=1e-5)
 
 
-def test_fold_norms_leaves_what_it_cannot_fold():
-    """Unfused or quantized products and biased q/k/v keep their norms (the bias comes after the factor)."""
+@pytest.mark.parametrize("quantization", ["int4", "int8"])
+@pytest.mark.parametrize("layers", ["stacked", "unrolled"])
+def test_folded_quantized_forward_equals_the_unfolded(quantization, layers):
+    """Quantized products take their gains as input scales: the forward through the quantized matmul kernel
+    (interpreted) and the gated activation's kernel equals the unfolded quantized model's through XLA."""
     from jinfer.quant.params import quantize_params
 
+    params = quantize_params(llama.fuse_projections(tiny_params(5)), llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES,
+                             quantization, None)
+    if layers != "stacked":
+        params = llama.unstack_layers(params)
+    unroll = layers == "unrolled"
+    folded = llama.fold_norms(params)
+    assert llama.is_folded(folded)
+    ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True),
+                         norm=functools.partial(kernel_norm, interpret=True),
+                         swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=unroll)
+    ours, jaxpr = forward(folded, 1, ops)
+    ref, _ = forward(params, 1, llama.ModelOps(unroll=unroll))
+    assert calls(jaxpr.jaxpr, "rms_norm") == 1
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
+def test_fold_norms_leaves_what_it_cannot_fold():
+    """Unfused products and biased q/k/v keep their norms (the bias comes after the factor)."""
     plain = tiny_params(4)
     assert llama.fold_norms(plain) is not plain and not llama.is_folded(llama.fold_norms(plain))
     fused = llama.fuse_projections(plain)
-    quantized = quantize_params(fused, llama.MATMUL_INPUT_AXES | llama.FUSED_INPUT_AXES, "int8", None)
-    assert not llama.is_folded(llama.fold_norms(quantized))
     biased = {**fused, "layers": {**fused["layers"], "bq": jnp.zeros((TINY.num_layers, TINY.num_heads,
                                                                          TINY.head_dim))}}
     assert not llama.is_folded(llama.fold_norms(biased))
 
 
-def _engine_tokens(monkeypatch, ops, backend, prompts, speculative=None):
+def _engine_tokens(monkeypatch, ops, backend, prompts, speculative=None, quantization=None):
     """Greedy tokens of an engine built with `ops` as the runtime's model ops, and its verify steps."""
     from jinfer.engine.config import EngineConfig
     from jinfer.inputs import SamplingParams
@@ -114,7 +133,8 @@ def _engine_tokens(monkeypatch, ops, backend, prompts, speculative=None):
 
     monkeypatch.setattr(runner, "model_ops", lambda platform, n: ops)
     cfg = EngineConfig(max_slots=4, page_size=8, num_pages=32, token_buckets=(16,), decode_buckets=(4,),
-                       max_prefill_chunk=8, decode_steps=4, per_layer_weights=False, speculative=speculative)
+                       max_prefill_chunk=8, decode_steps=4, per_layer_weights=False, speculative=speculative,
+                       quantization=quantization)
     eng = build_engine(TINY, tiny_params(12), tiny_tokenizer(), cfg, attention_backend=backend, seed=0)
     assert llama.is_folded(eng.runner.params) == ops.fold_norms
     sp = SamplingParams(max_tokens=12, temperature=0, ignore_eos=True)
@@ -126,20 +146,22 @@ def _one_gpu_forms():
     """The one-GPU model ops and attention backend, interpreted."""
     from jinfer.attention.pallas import pallas_backend
 
-    ops = llama.ModelOps(norm=functools.partial(kernel_norm, interpret=True),
+    ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True), norm=functools.partial(kernel_norm, interpret=True),
                          swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=True, fuse=True,
                          fold_norms=True)
     return ops, pallas_backend(TINY.num_kv_heads, TINY.num_heads, 4, 8, interpret=True)
 
 
-def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch):
+@pytest.mark.parametrize("quantization", [None, "int4"])
+def test_folded_norms_engine_gives_the_plain_engines_tokens(monkeypatch, quantization):
     """The one-GPU forms, interpreted on the CPU: products fused, their norm gains folded in, the Pallas attention
     backend (its fused decode kernel and its RoPE-and-store kernel each scale q, k, v by the norm factor) and the
     gated activation's kernel, layers unrolled; greedy tokens equal the plain engine's, through prefill chunks,
-    decode blocks and a preemption-free mix of both."""
+    decode blocks and a preemption-free mix of both. int4: the fused products quantized, the gains their input
+    scales, decode products through the quantized matmul kernel."""
     prompts = [[5, 9, 5, 17, 33], [1, 2, 3], list(range(40, 59))]
-    assert (_engine_tokens(monkeypatch, *_one_gpu_forms(), prompts)
-            == _engine_tokens(monkeypatch, llama.ModelOps(), None, prompts))
+    assert (_engine_tokens(monkeypatch, *_one_gpu_forms(), prompts, quantization=quantization)
+            == _engine_tokens(monkeypatch, llama.ModelOps(), None, prompts, quantization=quantization))
 
 
 @pytest.mark.parametrize("method", ["ngram", "early_exit"])
@@ -155,17 +177,28 @@ def test_folded_norms_engine_speculates_exactly(monkeypatch, method):
     assert tokens == _engine_tokens(monkeypatch, llama.ModelOps(), None, prompts)[0]
 
 
-def test_quantized_weights_keep_their_norms():
-    """`prepare_weights` folds the gains only into float weights: rounded with a gain in them, int4 lost twice the
-    perplexity on SmolLM2 (RESULTS.md, session 37). The fused float weights hold gain x weight."""
+def test_quantized_weights_take_their_gains_as_input_scales():
+    """`prepare_weights` quantizes the fused weights first, then folds the gains: into a float weight's numbers,
+    into a quantized one's input scale (its stored numbers those of the unfolded quantization: rounded with a gain
+    in them, int4 lost twice the perplexity on SmolLM2, RESULTS.md session 37)."""
     from jinfer.engine.config import EngineConfig
+    from jinfer.quant.qtensor import dequantize
     from jinfer.runtime.runner import prepare_weights
 
     params = tiny_params(13)
     ops = llama.ModelOps(unroll=True, fuse=True, fold_norms=True)
-    for quantization in ("int8", "int4"):
-        prepared = prepare_weights(params, EngineConfig(quantization=quantization), ops, fuse=True)
-        assert not llama.is_folded(prepared) and "wqkv" in prepared["layers"]
+    fused = llama.fuse_projections(params)["layers"]
+    for quantization in ("int8", "int4", "fp8"):
+        kept = prepare_weights(params, EngineConfig(quantization=quantization), ops._replace(fold_norms=False), True)
+        folded = prepare_weights(params, EngineConfig(quantization=quantization), ops, fuse=True)
+        assert llama.is_folded(folded) and not llama.is_folded(kept)
+        for name, norm in (("wqkv", "attn_norm"), ("w_gate_up", "mlp_norm")):
+            w, q = folded["layers"][name], kept["layers"][name]
+            np.testing.assert_array_equal(np.asarray(w.values), np.asarray(q.values))
+            gain = np.asarray(fused[norm], np.float32)
+            np.testing.assert_allclose(np.asarray(w.input_scale), 1 / gain, rtol=1e-7)
+            want = gain.reshape(*gain.shape, *(1,) * (q.values.ndim - gain.ndim)) * np.asarray(dequantize(q))
+            np.testing.assert_allclose(np.asarray(dequantize(w)), want, rtol=1e-5, atol=1e-6)
     prepared = prepare_weights(params, EngineConfig(), ops, fuse=True)
     assert llama.is_folded(prepared)
     gain = np.asarray(params["layers"]["mlp_norm"])[:, :, None]
