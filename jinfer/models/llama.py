@@ -191,6 +191,7 @@ NORMS = ("attn_norm", "mlp_norm")  # a layer's RMSNorm gains
 MatmulFn = Callable[[str, jnp.ndarray, object], jnp.ndarray]  # (einsum spec, x, weight | QTensor | LayerSlice)
 NormFn = Callable[..., jnp.ndarray]  # (x, gain [D] or stacked [L, D], eps, layer=None) -> RMSNorm of x
 SwigluFn = Callable[..., jnp.ndarray]  # (gate_up [..., 2F], x [..., D] | None, eps) -> [..., F] (`layers.swiglu`)
+#   With `ModelOps.split_parts`, gate_up may also be a split-K product's partials [S, ..., 2F], to sum.
 
 
 class ModelOps(NamedTuple):
@@ -208,6 +209,10 @@ class ModelOps(NamedTuple):
     # attention's kernels and `swiglu` reduce the row themselves).
     fuse: bool = False
     fold_norms: bool = False
+    # With folded norms, the gate/up product is asked for its split-K partials unsummed (`matmul(..., parts=True)`)
+    # and `swiglu` sums them: a quantized product's sum would otherwise be an XLA launch of its own before the
+    # activation's kernel (on one GPU, int4 at batch 1: a kernel a layer).
+    split_parts: bool = False
 
 
 def forward(
@@ -245,7 +250,7 @@ def forward(
     n = c.num_layers if num_layers is None else num_layers
     matmul, eps = ops.matmul, c.rms_norm_eps
     folded = is_folded(params)
-    mlp = functools.partial(_mlp, matmul, functools.partial(ops.swiglu, eps=eps))
+    mlp = functools.partial(_mlp, matmul, functools.partial(ops.swiglu, eps=eps), ops.split_parts)
 
     def run_layer(x, k_cache, v_cache, i, norm, project):
         """One decoder layer: `norm(x, name)` is its RMSNorm with gain `name`, `project(fn, *args)` calls fn with
@@ -315,10 +320,11 @@ def _out(matmul: MatmulFn, w, attn):
     return matmul("BTNH,NHD->BTD", attn, w["wo"])
 
 
-def _mlp(matmul: MatmulFn, act: SwigluFn, w, h, x):
+def _mlp(matmul: MatmulFn, act: SwigluFn, split_parts: bool, w, h, x):
     """x: None, or (folded norms) h itself, the rows whose norm factor the activation applies."""
     if "w_gate_up" in w:
-        hidden = act(matmul("BTD,DF->BTF", h, w["w_gate_up"]), x)
+        parts = {"parts": True} if split_parts and x is not None else {}
+        hidden = act(matmul("BTD,DF->BTF", h, w["w_gate_up"], **parts), x)
     else:
         gate = matmul("BTD,DF->BTF", h, w["w_gate"])
         up = matmul("BTD,DF->BTF", h, w["w_up"])

@@ -23,12 +23,15 @@ from jinfer.quant.qtensor import LayerSlice, QTensor, is_plain_spec, is_qtensor,
 KERNEL_MAX_ROWS = 64  # the H200 (RESULTS.md): 1.8-6x faster than XLA up to 64 rows; level for int8 / fp8 at 256
 
 
-def kernel_matmul(spec: str, x, w, *, interpret: bool | None = None):
-    """`qeinsum` with quantized weights at decode sizes computed by the Pallas kernel."""
+def kernel_matmul(spec: str, x, w, *, interpret: bool | None = None, parts: bool = False):
+    """`qeinsum` with quantized weights at decode sizes computed by the Pallas kernel. parts: where the kernel
+    runs, its split-K partial products unsummed, [S, ...] (`quantized_matmul(sum_splits=False)`), for a reader
+    that sums them in its own launch (`ModelOps.split_parts`); elsewhere the product as always."""
     qt = w.stacked if isinstance(w, LayerSlice) else w
     if (isinstance(qt, QTensor) and qt.act is None and is_plain_spec(spec, qt.n_in)
             and math.prod(x.shape[:x.ndim - qt.n_in]) <= KERNEL_MAX_ROWS):
-        return quantized_matmul(x, qt, layer=w.layer if isinstance(w, LayerSlice) else None, interpret=interpret)
+        return quantized_matmul(x, qt, layer=w.layer if isinstance(w, LayerSlice) else None, interpret=interpret,
+                                sum_splits=not parts)
     return qeinsum(spec, x, w)
 
 

@@ -32,7 +32,8 @@ def kernel_norm(x: jax.Array, gain: jax.Array, eps: float, layer: jax.Array | No
 def kernel_swiglu(gate_up: jax.Array, x: jax.Array | None = None, eps: float = 0.0, *,
                   interpret: bool | None = None) -> jax.Array:
     """`jinfer.models.layers.swiglu`, in one kernel launch where it scales rows by their norm factor (XLA makes
-    that three: the reduction, the reciprocal square root, the activation)."""
+    that three: the reduction, the reciprocal square root, the activation); there gate_up may be a split-K
+    product's partials [S, ..., 2F] (`ModelOps.split_parts`), which the kernel sums as it loads them."""
     if x is None:
         return swiglu(gate_up)
     return swiglu_kernel(gate_up, x, eps=eps, interpret=interpret)
@@ -42,5 +43,5 @@ def model_ops(platform: str, num_devices: int) -> ModelOps:
     """The ops the runner hands the model on `platform` over a mesh of `num_devices`."""
     if platform == "gpu" and num_devices == 1:
         return ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True, swiglu=kernel_swiglu, fuse=True,
-                        fold_norms=True)
+                        fold_norms=True, split_parts=True)
     return ModelOps()

@@ -275,7 +275,7 @@ def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
             f"c{'n' if bs.prescale is None else int(bs.prescale)}x{splits}")
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret", "sum_splits"))
 def quantized_matmul_triton(
     x: jax.Array,  # [M, K] f32 | bf16 | f16
     values: jax.Array,  # [L, K, N] int8 | float8_e4m3fn; int4: u8[L, K, N // 2]
@@ -287,7 +287,8 @@ def quantized_matmul_triton(
     group_size: int,
     block_sizes: QuantMatmulBlockSizes,
     interpret: bool,
-) -> jax.Array:  # [M, N] in x's dtype
+    sum_splits: bool = True,
+) -> jax.Array:  # [M, N] in x's dtype; sum_splits=False: the splits' partials [S, M, N] (float32 where S > 1)
     check_inputs(x, values, scale, offset, layer, fmt=fmt, group_size=group_size)
     check_block_sizes(block_sizes, fmt=fmt, group_size=group_size, m=x.shape[0])
     bs = block_sizes
@@ -324,6 +325,8 @@ def quantized_matmul_triton(
         grid = (pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits)
     out = launch(kernel, operands, jax.ShapeDtypeStruct((splits, M, *out_cols), out_dtype), grid, bs,
                  interpret=interpret, name=kernel_name(fmt, bs, splits))
+    if not sum_splits:
+        return out.reshape(splits, M, N)
     if splits > 1:
         out = out.sum(axis=0)
     return out.reshape(M, N).astype(x.dtype)

@@ -26,7 +26,7 @@ from jinfer.kernels.quant_matmul.tuning import QuantMatmulBlockSizes, block_size
 from jinfer.quant.qtensor import QTensor
 
 
-@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("block_sizes", "interpret", "sum_splits"))
 def quantized_matmul(
     x: jax.Array,  # [..., *in] f32 | bf16 | f16
     w: QTensor,  # [*in, *out], or stacked [L, *in, *out] with `layer`
@@ -34,9 +34,12 @@ def quantized_matmul(
     layer: jax.Array | int | None = None,  # i32[]: the layer of a stacked w (traced; must lie in [0, L))
     block_sizes: QuantMatmulBlockSizes | None = None,  # None: tuning.block_sizes_for this shape and device
     interpret: bool | None = None,  # None: natively on a GPU, interpreted elsewhere
-) -> jax.Array:  # [..., *out] in x's dtype
+    sum_splits: bool = True,
+) -> jax.Array:  # [..., *out] in x's dtype; sum_splits=False: [S, ..., *out], float32 where S > 1
     """x @ dequantize(w) without dequantizing w in memory. An `input_scale` divides x first (as `qeinsum`
-    does); W8A8 (act="int8") is not this kernel's: it stays on XLA's int8 dot."""
+    does); W8A8 (act="int8") is not this kernel's: it stays on XLA's int8 dot. sum_splits=False: the split_k
+    programs' partial products unsummed (S = 1 without splits), for a reader that sums them itself where XLA's
+    sum would be a kernel launch of its own (`jinfer.kernels.swiglu` takes them)."""
     if not isinstance(w, QTensor):
         raise ValueError(f"w must be a QTensor; got {type(w).__name__}")
     if w.act is not None:
@@ -60,7 +63,7 @@ def quantized_matmul(
     x2 = x.reshape(-1, K)
     M = x2.shape[0]
     if M == 0:
-        return jnp.zeros((*batch, *out_shape), x.dtype)
+        return jnp.zeros((*(() if sum_splits else (1,)), *batch, *out_shape), x.dtype)
 
     L = shape[0] if lead else 1
     scale = w.scale.reshape(L, -1, N)
@@ -71,8 +74,10 @@ def quantized_matmul(
         interpret = jax.devices()[0].platform != "gpu"
     if w.layout == "out_in":  # [L, *out, *in] (int4: pairs along the last input axis, flat byte j = inputs 2j, 2j + 1)
         out = out_in_matmul_triton(x2, w.values.reshape(L, N, -1), scale, offset, layer, fmt=w.fmt,
-                                   group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
+                                   group_size=w.group_size, block_sizes=block_sizes, interpret=interpret,
+                                   sum_splits=sum_splits)
     else:
         out = quantized_matmul_triton(x2, w.values.reshape(L, K, -1), scale, offset, layer, fmt=w.fmt,
-                                      group_size=w.group_size, block_sizes=block_sizes, interpret=interpret)
-    return out.reshape(*batch, *out_shape)
+                                      group_size=w.group_size, block_sizes=block_sizes, interpret=interpret,
+                                      sum_splits=sum_splits)
+    return out.reshape(*batch, *out_shape) if sum_splits else out.reshape(out.shape[0], *batch, *out_shape)

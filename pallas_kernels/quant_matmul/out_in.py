@@ -106,7 +106,7 @@ def kernel_name(fmt: str, bs: QuantMatmulBlockSizes, splits: int) -> str:
             f"a{int(bs.ptx)}x{splits}")
 
 
-@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("fmt", "group_size", "block_sizes", "interpret", "sum_splits"))
 def out_in_matmul_triton(
     x: jax.Array,  # [M, K] f32 | bf16 | f16 (int4: K even)
     values: jax.Array,  # int4: u8[L, N, K // 2]; int8: i8[L, N, K]
@@ -118,7 +118,8 @@ def out_in_matmul_triton(
     group_size: int,
     block_sizes: QuantMatmulBlockSizes,
     interpret: bool,
-) -> jax.Array:  # [M, N] in x's dtype
+    sum_splits: bool = True,
+) -> jax.Array:  # [M, N] in x's dtype; sum_splits=False: the splits' partials [S, M, N] (float32 where S > 1)
     check_out_in_inputs(x, values, scale, offset, layer, fmt=fmt, group_size=group_size)
     check_block_sizes(block_sizes, fmt=fmt, group_size=group_size)
     bs = block_sizes
@@ -137,4 +138,6 @@ def out_in_matmul_triton(
     out = launch(kernel, operands, jax.ShapeDtypeStruct((splits, M, N), out_dtype),
                  (pl.cdiv(M, bs.block_m), pl.cdiv(N, bs.block_n), splits), bs, interpret=interpret,
                  name=kernel_name(fmt, bs, splits))
+    if not sum_splits:
+        return out
     return (out.sum(axis=0) if splits > 1 else out[0]).astype(x.dtype)

@@ -6,7 +6,9 @@ reads the layer's unnormalized rows, and the norm is a factor a row that its rea
 the activation, which was a kernel launch anyway: the MLP's RMSNorm costs no launch (at batch 1 on the H200 it
 was ~1.9 us a layer for 8 kB; RESULTS.md, session 36). Grid (rows, F / block_f): each program loads its row of x
 whole (D rounded up to a power of two, masked), reduces its mean square in float32, then scales, activates and
-multiplies its block_f columns of the gate and up halves.
+multiplies its block_f columns of the gate and up halves. The gate/up product may come as the partial products
+of a split-K quantized matmul, which the kernel sums in float32 as it loads them: XLA's sum of them would be a
+launch of its own between the two kernels.
 """
 
 from __future__ import annotations
@@ -47,26 +49,31 @@ def _kernel(x_ref, gu_ref, o_ref, *, eps: float, F: int, block_f: int):
     f0 = j * block_f
     ok = None if F % block_f == 0 else f0 + lax.broadcasted_iota(jnp.int32, (block_f,), 0) < F
     other = None if ok is None else 0
-    gate = plgpu.load(gu_ref.at[row, pl.ds(f0, block_f)], mask=ok, other=other).astype(jnp.float32) * r
-    up = plgpu.load(gu_ref.at[row, pl.ds(F + f0, block_f)], mask=ok, other=other).astype(jnp.float32) * r
+
+    def summed(c0):  # the gate's or the up product's block, its partials summed in float32
+        parts = [plgpu.load(gu_ref.at[jnp.int32(p), row, pl.ds(c0, block_f)], mask=ok, other=other).astype(jnp.float32)
+                 for p in range(gu_ref.shape[0])]
+        return functools.reduce(lambda a, b: a + b, parts)
+
+    gate, up = summed(f0) * r, summed(F + f0) * r
     out = gate / (1.0 + jnp.exp(-gate)) * up
     plgpu.store(o_ref.at[row, pl.ds(f0, block_f)], out.astype(o_ref.dtype), mask=ok)
 
 
-@functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret"))
+@functools.partial(jax.jit, static_argnames=("eps", "block_sizes", "interpret", "out_dtype"))
 def swiglu_triton(gate_up: jax.Array, x: jax.Array, *, eps: float, block_sizes: SwigluBlockSizes,
-                  interpret: bool) -> jax.Array:
-    """gate_up [M, 2F], x [M, D] -> [M, F] in gate_up's dtype."""
+                  interpret: bool, out_dtype=None) -> jax.Array:
+    """gate_up [S, M, 2F] (S partial products, summed), x [M, D] -> [M, F] in out_dtype (None: gate_up's)."""
     from jax.experimental.pallas import triton as plgpu
 
-    M, F2 = gate_up.shape
+    _, M, F2 = gate_up.shape
     F = F2 // 2
     block_f = min(block_sizes.block_f, _pow2(F))
 
     def whole(a):
         return pl.BlockSpec(a.shape, lambda i, j: (0,) * a.ndim)
 
-    out = jax.ShapeDtypeStruct((M, F), gate_up.dtype)
+    out = jax.ShapeDtypeStruct((M, F), out_dtype or gate_up.dtype)
     return pl.pallas_call(
         functools.partial(_kernel, eps=eps, F=F, block_f=block_f),
         grid=(M, pl.cdiv(F, block_f)),

@@ -159,6 +159,24 @@ def test_multi_axis_weight_and_input_scale():
     assert got.shape == (5, 3, 64) and rel(got, want) < TOL_DEQUANTIZED[jnp.bfloat16]
 
 
+@pytest.mark.parametrize("layout", ["in_out", "out_in"])
+@pytest.mark.parametrize("split_k", [1, 3])
+def test_unsummed_splits_sum_to_the_product(layout, split_k):
+    """sum_splits=False: the split_k programs' partial products [S, ..., N], which sum to the product (float32
+    partials where S > 1), for a reader that sums them itself."""
+    rng = np.random.default_rng(split_k)
+    stored = make_weight(rng, "int4", 32)
+    w = to_out_in(stored) if layout == "out_in" else stored
+    x = jnp.asarray(rng.normal(size=(2, 1, K)), jnp.float32)
+    path = "mma" if layout == "out_in" else "fma"
+    bs = QuantMatmulBlockSizes(block_n=128, block_k=32, split_k=split_k, path=path, num_stages=1)
+    parts = quantized_matmul(x, w, block_sizes=bs, interpret=INTERPRET, sum_splits=False)
+    assert parts.shape == (split_k, 2, 1, N) and parts.dtype == jnp.float32
+    check(parts.sum(axis=0).reshape(2, N), x.reshape(2, K), stored)
+    whole = quantized_matmul(x, w, block_sizes=bs, interpret=INTERPRET)
+    np.testing.assert_allclose(np.asarray(parts.sum(axis=0)), np.asarray(whole), rtol=1e-6, atol=1e-5)
+
+
 def test_no_rows():
     w = make_weight(np.random.default_rng(0), "int8", 0, k=64, n=32)
     assert quantized_matmul(jnp.zeros((0, 64), jnp.bfloat16), w, interpret=INTERPRET).shape == (0, 32)

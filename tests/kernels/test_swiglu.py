@@ -48,9 +48,23 @@ def test_the_models_activation_agrees(rows):
     check(swiglu(gate_up, x, eps=EPS, interpret=INTERPRET), ref, jnp.float32)
 
 
+@pytest.mark.parametrize("splits", [1, 3])
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float32])
+def test_partial_products_are_summed(splits, dtype):
+    """A split-K matmul's float32 partials [S, ..., 2F]: their sum's activation, in x's dtype."""
+    rng = np.random.default_rng(splits)
+    gate_up, x = case(rng, (2, 3), 96, 200, dtype)
+    parts = jnp.asarray(rng.normal(size=(splits, *gate_up.shape)) * 3, jnp.float32)
+    out = swiglu(parts, x, eps=EPS, block_sizes=SwigluBlockSizes(block_f=64), interpret=INTERPRET)
+    assert out.dtype == dtype and out.shape == (2, 3, 200)
+    check(out, swiglu_reference(parts.sum(axis=0), x, EPS).astype(dtype), dtype)
+
+
 def test_errors_name_the_shapes():
     with pytest.raises(ValueError, match=r"gate_up \(3, 8\)"):
         swiglu(jnp.zeros((3, 8)), jnp.zeros((2, 4)), eps=EPS, interpret=True)
+    with pytest.raises(ValueError, match=r"gate_up \(2, 3, 8\)"):
+        swiglu(jnp.zeros((2, 3, 8)), jnp.zeros((2, 4)), eps=EPS, interpret=True)
     with pytest.raises(ValueError, match="block_f=48"):
         swiglu(jnp.zeros((2, 8)), jnp.zeros((2, 4)), eps=EPS, block_sizes=SwigluBlockSizes(block_f=48),
                interpret=True)

@@ -14,6 +14,7 @@ import pytest
 
 from jinfer.models import llama
 from jinfer.models.attention import dense_cache_attention, dense_kv_cache
+from jinfer.quant.qtensor import LayerSlice
 from jinfer.runtime.matmul import kernel_matmul
 from jinfer.runtime.ops import kernel_norm, kernel_swiglu, model_ops
 from jinfer.testing.tiny import TINY, tiny_params
@@ -64,7 +65,7 @@ def test_norm_kernel_forward_equals_xla(layers, T):
 def test_model_ops_by_platform():
     assert model_ops("cpu", 1) == llama.ModelOps()
     assert model_ops("gpu", 1) == llama.ModelOps(matmul=kernel_matmul, norm=kernel_norm, unroll=True,
-                                                 swiglu=kernel_swiglu, fuse=True, fold_norms=True)
+                                                 swiglu=kernel_swiglu, fuse=True, fold_norms=True, split_parts=True)
     assert model_ops("gpu", 2) == llama.ModelOps()  # over a mesh XLA partitions its own ops, not a kernel's
 
 
@@ -105,10 +106,17 @@ def test_folded_quantized_forward_equals_the_unfolded(quantization, layers):
     assert llama.is_folded(folded)
     ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True),
                          norm=functools.partial(kernel_norm, interpret=True),
-                         swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=unroll)
+                         swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=unroll, split_parts=True)
     ours, jaxpr = forward(folded, 1, ops)
     ref, _ = forward(params, 1, llama.ModelOps(unroll=unroll))
     assert calls(jaxpr.jaxpr, "rms_norm") == 1
+    # The gate/up product's partials reach the activation's kernel unsummed (one split at this K; the kernels'
+    # own tests sum several).
+    w = folded["layers"]["w_gate_up"] if layers == "stacked" else folded["layers"][0]["w_gate_up"]
+    x = jnp.ones((1, 1, TINY.hidden_size), jnp.float32)
+    parts = kernel_matmul("BTD,DF->BTF", x, w if layers != "stacked" else LayerSlice(w, jnp.int32(0)),
+                          interpret=True, parts=True)
+    assert parts.shape == (1, 1, 1, 2 * TINY.intermediate_size)
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
@@ -146,9 +154,10 @@ def _one_gpu_forms():
     """The one-GPU model ops and attention backend, interpreted."""
     from jinfer.attention.pallas import pallas_backend
 
-    ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True), norm=functools.partial(kernel_norm, interpret=True),
+    ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True),
+                         norm=functools.partial(kernel_norm, interpret=True),
                          swiglu=functools.partial(kernel_swiglu, interpret=True), unroll=True, fuse=True,
-                         fold_norms=True)
+                         fold_norms=True, split_parts=True)
     return ops, pallas_backend(TINY.num_kv_heads, TINY.num_heads, 4, 8, interpret=True)
 
 
