@@ -120,6 +120,32 @@ def test_folded_quantized_forward_equals_the_unfolded(quantization, layers):
     np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-5)
 
 
+def test_split_gate_up_partials_reach_the_activation():
+    """At a width where the gate/up product runs split-K at one row (K = 576: five groups of 128, so five
+    programs share K), the folded int4 forward with the partials summed by the activation's kernel equals the
+    unfolded model's through XLA."""
+    import dataclasses
+
+    from jinfer.quant.params import quantize_params
+
+    c = dataclasses.replace(TINY, hidden_size=576, intermediate_size=1536, num_heads=4, head_dim=144)
+    params = quantize_params(llama.fuse_projections(tiny_params(6, c)), llama.MATMUL_INPUT_AXES
+                             | llama.FUSED_INPUT_AXES, "int4", None)
+    folded = llama.fold_norms(params)
+    ops = llama.ModelOps(matmul=functools.partial(kernel_matmul, interpret=True),
+                         swiglu=functools.partial(kernel_swiglu, interpret=True), split_parts=True)
+    x = jax.random.normal(jax.random.key(1), (1, 1, c.hidden_size))
+    parts = kernel_matmul("BTD,DF->BTF", x, LayerSlice(folded["layers"]["w_gate_up"], jnp.int32(0)), interpret=True,
+                          parts=True)
+    assert parts.shape[0] > 1
+    tokens, positions = jnp.array([[7]]), jnp.zeros((1, 1), jnp.int32)
+    cache = dense_kv_cache(c.num_layers, 1, 1, c.num_kv_heads, c.head_dim, jnp.float32)
+    run = functools.partial(llama.forward, config=c, attention=dense_cache_attention)
+    ours = run(folded, tokens, positions, cache, None, ops=ops)[0]
+    ref = run(params, tokens, positions, cache, None)[0]
+    np.testing.assert_allclose(np.asarray(ours), np.asarray(ref), rtol=2e-5, atol=2e-5)
+
+
 def test_fold_norms_leaves_what_it_cannot_fold():
     """Unfused products and biased q/k/v keep their norms (the bias comes after the factor)."""
     plain = tiny_params(4)
