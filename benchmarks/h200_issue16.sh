@@ -64,6 +64,8 @@ case "${1:-1}" in
     --shapes 4096x14336,14336x4096,4096x4096 --rounds 3
   step b1_int4_out_in 100 python benchmarks/throughput.py $B1 --quantization int4 --out-in int4
   step b1_int4 100 python benchmarks/throughput.py $B1 --quantization int4
+  # Before session 38's two launches fewer a layer (gains as input scales, partials summed by the activation).
+  step b1_int4_unfolded 100 python benchmarks/throughput.py $B1 --quantization int4 --unfolded-norms
   ;;
 5)  # launch overheads at batch 1: XLA's programmatic dependent launch (PDL) on and off; the unfused decode kernel
   step b1_bf16_pdl 90 env XLA_FLAGS="--xla_gpu_enable_pdl=true --xla_gpu_enable_pdl_launch=true" \
