@@ -47,9 +47,10 @@ FORMATS = {  # name: (quantization, group size)
     "kv fp8": (None, None),
 }
 KV_FORMATS = {"kv int8": "int8", "kv fp8": "fp8"}  # float32 weights, the KV cache quantized
-# q/k/v and gate/up fused, each layer's norm gains folded in (`llama.fold_norms`), then rounded: what one GPU's
-# runner would do if it folded quantized weights too (it does not: int4 lost twice as much; RESULTS.md, session 37).
-# The engine here runs that form through XLA.
+# q/k/v and gate/up fused, each layer's norm gains multiplied into the float weights, then rounded: what one GPU's
+# runner would do if it rounded the gains into quantized weights (it does not: int4 lost twice as much, RESULTS.md
+# session 37; it carries them as the weights' input scales, `qtensor.times_input_gain`, which leaves the rounded
+# numbers as they are). The engine here runs that form through XLA.
 FOLDED = {"int8 folded": ("int8", None), "int4 g128 folded": ("int4", 128), "fp8 folded": ("fp8", None),
           "bfloat16 folded": ("bfloat16", None)}  # what one GPU runs by default: the gains folded, then cast
 CALIBRATED = {  # name: (jinfer.quant.calibrated method, bits, group size, options)

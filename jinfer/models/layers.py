@@ -38,17 +38,13 @@ def scale_rows(y: jnp.ndarray, x: jnp.ndarray, eps: float) -> jnp.ndarray:
 def swiglu(gate_up: jnp.ndarray, x: jnp.ndarray | None = None, eps: float = 0.0) -> jnp.ndarray:
     """silu(gate) * up of the fused product gate_up [..., 2F] -> [..., F]. With x [..., D], the product read
     x unnormalized (`llama.fold_norms`): gate and up are first scaled by x's RMSNorm factor, all in float32,
-    rounded once; gate_up [S, ..., 2F] is then a split-K product's partials (`ModelOps.split_parts`), summed
-    first, and the result is in x's dtype."""
-    dtype = gate_up.dtype
-    if x is not None and gate_up.ndim == x.ndim + 1:
-        gate_up, dtype = gate_up.astype(jnp.float32).sum(axis=0), x.dtype
+    rounded once."""
     gate, up = jnp.split(gate_up, 2, axis=-1)
     if x is None:
         return jax.nn.silu(gate) * up
     r = rms_factor(x, eps)[..., None]
     g, u = gate.astype(jnp.float32) * r, up.astype(jnp.float32) * r
-    return (jax.nn.silu(g) * u).astype(dtype)
+    return (jax.nn.silu(g) * u).astype(gate_up.dtype)
 
 
 def rope_inv_freq(config: ModelConfig) -> np.ndarray:

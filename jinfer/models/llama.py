@@ -191,7 +191,8 @@ NORMS = ("attn_norm", "mlp_norm")  # a layer's RMSNorm gains
 MatmulFn = Callable[[str, jnp.ndarray, object], jnp.ndarray]  # (einsum spec, x, weight | QTensor | LayerSlice)
 NormFn = Callable[..., jnp.ndarray]  # (x, gain [D] or stacked [L, D], eps, layer=None) -> RMSNorm of x
 SwigluFn = Callable[..., jnp.ndarray]  # (gate_up [..., 2F], x [..., D] | None, eps) -> [..., F] (`layers.swiglu`)
-#   With `ModelOps.split_parts`, gate_up may also be a split-K product's partials [S, ..., 2F], to sum.
+#   With `ModelOps.split_parts` and x given, gate_up may also be a split-K product's partials [S, ..., 2F], to sum
+#   (`jinfer.runtime.ops.kernel_swiglu`; XLA's `layers.swiglu` takes no partials).
 
 
 class ModelOps(NamedTuple):
@@ -205,8 +206,8 @@ class ModelOps(NamedTuple):
     unroll: bool = False
     swiglu: SwigluFn = swiglu  # the fused gate/up product's activation, scaled by x's norm factor where folded
     # The runner fuses the products that share an input (`fuse_projections`) for these ops, and folds the norm
-    # gains into the float ones (`fold_norms`): worth it where the norm factor costs no launch of its own (the
-    # attention's kernels and `swiglu` reduce the row themselves).
+    # gains into them (`fold_norms`: a float weight's numbers, a quantized one's input scale): worth it where the
+    # norm factor costs no launch of its own (the attention's kernels and `swiglu` reduce the row themselves).
     fuse: bool = False
     fold_norms: bool = False
     # With folded norms, the gate/up product is asked for its split-K partials unsummed (`matmul(..., parts=True)`)
